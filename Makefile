@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   venv + install, then train a tiny Aquila2 on the bundled corpus (CPU)
+#   make test         venv + install, then ruff and the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+RUN_DIR ?= runs/quickstart
+STORE   ?= $(RUN_DIR)/corpus.zarr
+DOMAINS := $(notdir $(patsubst %/,%,$(wildcard corpus/*/)))
+
+.PHONY: install test quickstart docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+quickstart: $(STAMP)
+	@for d in $(DOMAINS); do \
+	  $(BIN)/lightning-aquila prepare --input "corpus/$$d/*.jsonl" --domain $$d \
+	    --output $(STORE) || exit 1; \
+	done
+	$(BIN)/lightning-aquila inspect $(STORE)
+	$(BIN)/lightning-aquila fit --config configs/quickstart.yaml \
+	  --trainer.default_root_dir $(RUN_DIR) --data.init_args.store $(STORE)
+	$(BIN)/lightning-aquila report $(RUN_DIR)
+
+docs: $(STAMP)
+	$(BIN)/pip install -q -e ".[docs]"
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) runs site

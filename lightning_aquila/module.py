@@ -1,0 +1,198 @@
+"""AquilaLM: the LightningModule that trains an Aquila2 decoder on domain-tagged batches.
+
+It returns per-sample losses with every step (the Step output contract) so the TSM can
+account loss per domain without a second forward pass, in this module or anyone else's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy in fp32 (B, T) and the mask of counted tokens."""
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(labels)
+    return loss, labels != -100
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup from 0, cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AquilaLM(LightningModule):
+    """Next-token pretraining of an Aquila2 decoder.
+
+    Args:
+        preset: a name from ``AquilaConfig.from_name`` (``aquila2-7b``, ``aquila2-mini``, ...).
+        config: overrides of ``AquilaConfig`` fields, e.g. ``{max_seq_len: 256}``.
+        init_from: a Hugging Face Llama/Aquila2 directory to start from instead of random init.
+        tokenizer: the tokenizer the data must have been prepared with (checked by the DMU).
+        learning_rate, min_lr_ratio, warmup_steps, decay_steps: linear warmup then cosine
+            decay to ``min_lr_ratio · learning_rate`` at ``decay_steps`` (default: the
+            trainer's ``max_steps``). Defaults follow Aquila2/Llama-2 pretraining.
+        weight_decay, betas, eps: AdamW; norms and other 1-D parameters are not decayed.
+        activation_checkpointing: recompute each decoder block in the backward pass.
+        compile: ``torch.compile`` each decoder block.
+    """
+
+    def __init__(
+        self,
+        preset: str = "aquila2-tiny",
+        config: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        tokenizer: str | None = None,
+        learning_rate: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 2000,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = AquilaConfig.from_name(preset, **(config or {}))
+        self.tokenizer = tokenizer
+        self.model: AquilaModel | None = None
+        self._throughput_mark: tuple[float, int] | None = None
+        self._tokens_since_mark = 0
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Builds the decoder here, not in ``__init__``, so sharding strategies can create it
+        on the meta device and materialise only each rank's shard."""
+        if self.model is not None:
+            return
+        if self.hparams.init_from:
+            self.model = import_hf(self.hparams.init_from)
+            self.config = self.model.config
+        else:
+            self.model = AquilaModel(self.config)
+        from lightning_aquila.strategies.parallelize import prepare_model
+
+        prepare_model(self, self.model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The resolved architecture (an init_from import included), so exports and tools
+        # need neither the YAML nor the original Hugging Face directory.
+        checkpoint["aquila_config"] = self.config.to_dict()
+
+    # -- steps -------------------------------------------------------------------------------
+    def _check_vocabulary(self, ids: torch.Tensor) -> None:
+        """Token ids past the vocabulary would index out of the embedding. On the host the
+        check is free and names the id; on a GPU an async assert avoids a sync every step.
+        (The DMU also checks its stores against the vocabulary before training starts.)"""
+        if ids.device.type != "cpu":
+            torch._assert_async((ids.max() < self.config.vocab_size) & (ids.min() >= 0))
+            return
+        high, low = int(ids.max()), int(ids.min())
+        if high >= self.config.vocab_size or low < 0:
+            bad = high if high >= self.config.vocab_size else low
+            raise ValueError(
+                f"batch holds token id {bad}, outside the model's vocabulary "
+                f"[0, {self.config.vocab_size}) of {self.config.name!r}; was the data prepared "
+                "with another tokenizer?"
+            )
+
+    def _losses(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample loss sums, per-sample token counts, and the token-mean batch loss."""
+        self._check_vocabulary(batch["input_ids"])
+        logits = self.model(batch["input_ids"])
+        per_token, mask = token_losses(logits, batch["labels"])
+        per_token = per_token * mask
+        counts = mask.sum(1)
+        return per_token.sum(1), counts, per_token.sum() / counts.sum().clamp(min=1)
+
+    def training_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        sums, counts, loss = self._losses(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self._tokens_since_mark += batch["input_ids"].numel()
+        return {"loss": loss, "sample_loss": (sums / counts.clamp(min=1)).detach()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._throughput_mark is None:
+            self._throughput_mark = (now, self.global_step)
+            self._tokens_since_mark = 0
+            return
+        since, step = self._throughput_mark
+        if self.global_step - step >= self.trainer.log_every_n_steps and now > since:
+            self.log("train/tokens_per_sec", self._tokens_since_mark / (now - since))
+            self._throughput_mark = (now, self.global_step)
+            self._tokens_since_mark = 0
+        if self.lr_schedulers() is not None:
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+
+    def _domain_names(self, count: int) -> list[str]:
+        mixture = getattr(getattr(self.trainer, "datamodule", None), "mixture", None)
+        names = list(getattr(mixture, "domains", []))
+        return names if len(names) >= count else [f"domain_{i}" for i in range(count)]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[int, torch.Tensor] = {}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        sums, counts, _ = self._losses(batch)
+        for domain in batch["domain"].unique().tolist():
+            picked = batch["domain"] == domain
+            pair = torch.stack([sums[picked].sum(), counts[picked].sum().to(sums.dtype)])
+            self._val_sums[domain] = self._val_sums.get(domain, 0) + pair.detach()
+
+    def on_validation_epoch_end(self) -> None:
+        """Token-weighted loss per domain and overall, summed over ranks before dividing."""
+        size = max(self._val_sums, default=-1) + 1
+        table = torch.zeros(size, 2, device=self.device)
+        for domain, pair in self._val_sums.items():
+            table[domain] = pair
+        if self.trainer.world_size > 1:
+            table = self.trainer.strategy.reduce(table, reduce_op="sum")
+        names = self._domain_names(size)
+        for domain in range(size):
+            if table[domain, 1] > 0:
+                self.log(f"val/loss/{names[domain]}", table[domain, 0] / table[domain, 1])
+        if size:
+            self.log("val/loss", table[:, 0].sum() / table[:, 1].sum().clamp(min=1),
+                     prog_bar=True)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
+            lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        decay_steps = hp.decay_steps or self.trainer.max_steps
+        if decay_steps is None or decay_steps <= 0:
+            raise ValueError("AquilaLM needs decay_steps or trainer.max_steps for its LR schedule")
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(
+            step, hp.warmup_steps, decay_steps, hp.min_lr_ratio))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}

@@ -1,0 +1,1 @@
+"""Named training strategies for Aquila2 models (FSDP2, DeepSpeed ZeRO, tensor parallel)."""

@@ -1,0 +1,131 @@
+"""The Aquila2 decoder: presets, shapes, causality, GQA, meta-device init, attention paths."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_aquila.model import PRESETS, AquilaConfig, AquilaModel
+from lightning_aquila.model.hf import hf_config_dict
+
+# Published sizes of BAAI's Aquila2 models, in billions of parameters.
+PUBLISHED_BILLIONS = {"aquila2-7b": 7, "aquila2-34b": 34, "aquila2-70b": 70}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
+def test_published_preset_parameter_count_matches_published_size(name):
+    config = AquilaConfig.from_name(name)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in AquilaModel(config).parameters())
+    assert ours == config.num_params
+    # A nominal "7B" is 7.3B (the 100k vocabulary's untied embeddings add 0.8B), so the
+    # published size is matched to 5% ...
+    assert ours / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
+def test_published_preset_parameter_count_equals_transformers_llama(name):
+    # ... and exactly the count of the same architecture built by transformers.
+    config = AquilaConfig.from_name(name)
+    hf_config = LlamaConfig(**{k: v for k, v in hf_config_dict(config, torch.bfloat16).items()
+                               if k not in ("architectures", "torch_dtype", "dtype")})
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in LlamaForCausalLM(hf_config).parameters())
+    assert config.num_params == theirs
+
+
+def test_aquila2_presets_share_vocabulary_and_special_tokens():
+    for name in PUBLISHED_BILLIONS:
+        config = AquilaConfig.from_name(name)
+        special = (config.vocab_size, config.bos_token_id, config.eos_token_id)
+        assert special == (100008, 100006, 100007)
+    assert AquilaConfig.from_name("aquila2-34b").num_kv_heads == 8
+    assert AquilaConfig.from_name("aquila2-7b").num_kv_heads == 32
+
+
+def test_one_billion_benchmark_preset_is_about_one_billion():
+    assert 0.9e9 < AquilaConfig.from_name("aquila2-1b").num_params < 1.3e9
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ValueError, match="aquila2-7b"):
+        AquilaConfig.from_name("aquila2-8b")
+
+
+def test_config_rejects_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        AquilaConfig(hidden_size=64, num_heads=4, num_kv_heads=3)
+
+
+def test_forward_gives_logits_over_the_vocabulary():
+    config = AquilaConfig.from_name("aquila2-tiny")
+    model = AquilaModel(config)
+    logits = model(torch.randint(0, config.vocab_size, (3, 17)))
+    assert logits.shape == (3, 17, config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = AquilaModel(AquilaConfig.from_name("aquila2-tiny")).eval()
+    ids = torch.randint(0, 8000, (1, 24))
+    changed = ids.clone()
+    changed[0, 15:] = (changed[0, 15:] + 1) % 8000
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+def test_grouped_query_attention_has_fewer_kv_projections():
+    config = AquilaConfig.from_name("aquila2-tiny")
+    attention = AquilaModel(config).layers[0].attention
+    assert attention.k_proj.out_features == config.num_kv_heads * config.head_dim
+    assert attention.q_proj.out_features == config.num_heads * config.head_dim
+    assert config.num_kv_heads < config.num_heads
+
+
+def test_sequence_longer_than_context_is_rejected():
+    config = AquilaConfig.from_name("aquila2-tiny", max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        AquilaModel(config)(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_meta_device_model_materialises_and_initialises():
+    config = AquilaConfig.from_name("aquila2-tiny")
+    with torch.device("meta"):
+        model = AquilaModel(config)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    std = model.layers[0].mlp.gate_proj.weight.std().item()
+    assert std == pytest.approx(config.init_std, rel=0.1)
+    residual = model.layers[0].mlp.down_proj.weight.std().item()
+    assert residual == pytest.approx(config.init_std / (2 * config.num_layers) ** 0.5, rel=0.1)
+    assert torch.equal(model.norm.weight, torch.ones(config.hidden_size))
+    assert torch.isfinite(model(torch.randint(0, 100, (1, 8)))).all()
+
+
+def test_all_presets_build_on_meta():
+    for name in PRESETS:
+        with torch.device("meta"):
+            AquilaModel(AquilaConfig.from_name(name))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_attention_equals_sdpa():
+    from lightning_aquila.model import model as model_module
+
+    if model_module.flash_attn_func is None:
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    model = AquilaModel(AquilaConfig.from_name("aquila2-tiny")).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 8000, (2, 128), device="cuda")
+    with torch.no_grad():
+        flash = model(ids).float()
+        saved, model_module.flash_attn_func = model_module.flash_attn_func, None
+        try:
+            sdpa = model(ids).float()
+        finally:
+            model_module.flash_attn_func = saved
+    assert (flash - sdpa).abs().max().item() < 5e-2

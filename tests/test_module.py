@@ -1,0 +1,170 @@
+"""AquilaLM: the step-output contract, per-domain validation, optimiser and schedule."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_aquila import AquilaLM
+from lightning_aquila.module import token_losses, warmup_cosine
+
+
+class CountingSequences(Dataset):
+    """Windows of an arithmetic sequence mod 97 per domain: learnable within a few steps."""
+
+    def __init__(self, n: int, seq_len: int, num_domains: int = 2, offset: int = 0):
+        self.n, self.seq_len, self.num_domains, self.offset = n, seq_len, num_domains, offset
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        domain = i % self.num_domains
+        start = (i * 7 + self.offset) % 97
+        window = (torch.arange(start, start + self.seq_len + 1) * (domain + 1)) % 97 + 100 * domain
+        return {"input_ids": window[:-1], "labels": window[1:], "domain": torch.tensor(domain)}
+
+
+class CountingData(LightningDataModule):
+    def __init__(self, seq_len=32, batch_size=8):
+        super().__init__()
+        self.seq_len, self.batch_size = seq_len, batch_size
+
+    def train_dataloader(self):
+        return DataLoader(CountingSequences(4096, self.seq_len), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(CountingSequences(16, self.seq_len, offset=3), batch_size=5)
+
+
+def _batch(b=4, t=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 8000, (b, t + 1), generator=g)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone(),
+            "domain": torch.arange(b) % 2}
+
+
+def _built(**kwargs) -> AquilaLM:
+    torch.manual_seed(0)
+    lm = AquilaLM(preset="aquila2-tiny", **kwargs)
+    lm.configure_model()
+    return lm
+
+
+def test_training_step_returns_loss_and_detached_per_sample_loss():
+    lm = _built()
+    batch = _batch()
+    out = lm.training_step(batch, 0)
+    assert out["loss"].requires_grad and out["loss"].ndim == 0
+    assert out["sample_loss"].shape == (4,) and not out["sample_loss"].requires_grad
+    # every token counts, so the batch loss is the mean of the per-sample means
+    torch.testing.assert_close(out["sample_loss"].mean(), out["loss"].detach())
+
+
+def test_ignored_labels_do_not_count_in_sample_loss():
+    lm = _built()
+    batch = _batch()
+    batch["labels"][0, 8:] = -100
+    out = lm.training_step(batch, 0)
+    logits = lm(batch["input_ids"])
+    expected = torch.nn.functional.cross_entropy(logits[0, :8], batch["labels"][0, :8])
+    torch.testing.assert_close(out["sample_loss"][0], expected.detach())
+    per_token, mask = token_losses(logits, batch["labels"])
+    torch.testing.assert_close(out["loss"], (per_token * mask).sum() / mask.sum())
+
+
+def test_initial_loss_is_near_uniform_over_the_vocabulary():
+    out = _built().training_step(_batch(), 0)
+    assert out["loss"].item() == pytest.approx(math.log(8192), rel=0.02)
+
+
+def test_token_ids_past_the_vocabulary_are_rejected_naming_the_id():
+    lm = _built()
+    batch = _batch()
+    batch["input_ids"][1, 3] = 8192
+    with pytest.raises(ValueError, match=r"token id 8192.*vocabulary \[0, 8192\)"):
+        lm.training_step(batch, 0)
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_norms_are_not_weight_decayed():
+    lm = _built(weight_decay=0.1)
+    lm.trainer = Trainer(max_steps=10, logger=False, enable_checkpointing=False)
+    optimizer = lm.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    norms = sum(1 for n, _ in lm.model.named_parameters() if "norm" in n)
+    assert len(no_decay["params"]) == norms
+
+
+def _trainer(tmp_path, **kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path,
+                    enable_checkpointing=False)
+    return Trainer(**{**defaults, **kwargs})
+
+
+def test_short_fit_drives_the_loss_down(tmp_path):
+    torch.manual_seed(0)
+    lm = AquilaLM(preset="aquila2-tiny", learning_rate=3e-3, warmup_steps=5)
+    trainer = _trainer(tmp_path, max_steps=60, limit_val_batches=0)
+    trainer.fit(lm, CountingData())
+    assert trainer.callback_metrics["train/loss"].item() < 0.3 * math.log(8192)
+
+
+def test_validation_logs_token_weighted_loss_per_domain(tmp_path):
+    lm = _built()
+    data = CountingData()
+    trainer = _trainer(tmp_path)
+    metrics = trainer.validate(lm, data, verbose=False)[0]
+    sums, counts = torch.zeros(2), torch.zeros(2)
+    lm.eval()
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            per_token, mask = token_losses(lm(batch["input_ids"]), batch["labels"])
+            for d in range(2):
+                sums[d] += (per_token * mask)[batch["domain"] == d].sum()
+                counts[d] += mask[batch["domain"] == d].sum()
+    for d in range(2):
+        expected = (sums[d] / counts[d]).item()
+        assert metrics[f"val/loss/domain_{d}"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx((sums.sum() / counts.sum()).item(), rel=1e-5)
+
+
+def test_learning_rate_follows_the_schedule_during_fit(tmp_path):
+    lm = AquilaLM(preset="aquila2-tiny", learning_rate=1e-3, warmup_steps=4, decay_steps=12,
+                  min_lr_ratio=0.1)
+    trainer = _trainer(tmp_path, max_steps=12, limit_val_batches=0)
+    trainer.fit(lm, CountingData())
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-4)
+
+
+def test_checkpoint_carries_the_resolved_config_and_exports_to_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_aquila.export import main as export_main
+
+    lm = AquilaLM(preset="aquila2-tiny", config={"rope_theta": 20000.0}, warmup_steps=1)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(lm, CountingData())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    ckpt = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    assert ckpt["aquila_config"]["rope_theta"] == 20000.0
+    assert export_main([str(tmp_path / "model.ckpt"), "--output", str(tmp_path / "hf"),
+                        "--dtype", "fp32"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = _batch()["input_ids"]
+    lm.eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - lm(ids)).abs().max().item() < 1e-4
