@@ -1,0 +1,209 @@
+"""Byte-level BPE tokenizer: train one, load one, and tell two apart.
+
+Aquila2 uses a BPE vocabulary of 100008 ids whose last two are its special tokens (bos 100006,
+eos 100007). We keep that layout at any size: ``vocab_size - 2`` learned tokens, then ``<s>``
+and ``</s>`` as the two highest ids, so a model's embedding size and its bos/eos ids follow
+from one number. Byte-level pre-tokenization with the full 256-byte alphabet means every
+UTF-8 string encodes without an unknown token, and without a normaliser ``decode(encode(s))``
+gives ``s`` back exactly, whatever its Unicode form (the bundled corpus is NFC already).
+
+A data store records :func:`tokenizer_hash` of the tokenizer that produced it, so training can
+refuse token ids that mean something else to the model. The hash covers what fixes the ids
+(vocabulary, merges, special tokens), not the JSON layout, which differs between library
+versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+#: The tokenizer shipped with the package, trained on the bundled corpus (vocab 8192).
+DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
+BOS, EOS = "<s>", "</s>"
+TOKENIZER_FILE = "tokenizer.json"
+#: Plain-text files are handed to the trainer in pieces of about this many characters, so a
+#: large .txt never has to fit in memory (pieces end at line breaks).
+TXT_PIECE_CHARS = 1 << 20
+
+PathLike = str | os.PathLike[str]
+
+
+def _open_text(path: str) -> IO[str]:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_documents(files: Iterable[str], text_field: str = "text") -> Iterator[str]:
+    """Texts of ``.jsonl`` records (their ``text_field``) and of ``.txt`` files, one at a time:
+    the trainer only counts words, so nothing needs to be held in memory."""
+    for path in files:
+        name = path.removesuffix(".gz")
+        with _open_text(path) as handle:
+            if name.endswith(".jsonl"):
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    text = record.get(text_field) if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}:{number}: no string field {text_field!r}")
+                    if text:
+                        yield text
+            else:
+                piece: list[str] = []
+                size = 0
+                for line in handle:
+                    piece.append(line)
+                    size += len(line)
+                    if size >= TXT_PIECE_CHARS:
+                        yield "".join(piece)
+                        piece, size = [], 0
+                if piece:
+                    yield "".join(piece)
+
+
+def _new_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
+                    text_field: str = "text") -> Path:
+    """Train a byte-level BPE tokenizer on ``files`` (.jsonl, .txt, optionally .gz) and write
+    ``output/tokenizer.json``; returns its path.
+
+    ``vocab_size - 2`` tokens are learned (the 256 byte symbols included) and ``<s>``/``</s>``
+    take ids ``vocab_size - 2`` and ``vocab_size - 1``. Raises ``ValueError`` when the text is
+    too small to learn that many tokens, since the special ids would then move. The file is
+    written to a temporary name and renamed, so a reader never sees half a tokenizer.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    learned = vocab_size - 2
+    if learned <= len(alphabet):
+        raise ValueError(f"vocab_size must exceed {len(alphabet) + 2} (256 bytes + bos + eos), "
+                         f"got {vocab_size}")
+    if not files:
+        raise ValueError("no input files to train the tokenizer on")
+    tokenizer = _new_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=learned, initial_alphabet=alphabet,
+                                  special_tokens=[], show_progress=False)
+    tokenizer.train_from_iterator(iter_documents(files, text_field), trainer)
+    if tokenizer.get_vocab_size() != learned:
+        raise ValueError(f"the input only supports {tokenizer.get_vocab_size()} tokens, not "
+                         f"{learned}: give more text or a smaller vocab_size")
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in (BOS, EOS)])
+
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / TOKENIZER_FILE
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TOKENIZER_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        tokenizer.save(tmp, pretty=True)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the shipped asset private
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_tokenizer(path: PathLike = DEFAULT_TOKENIZER) -> Tokenizer:
+    """Load a ``tokenizer.json``, given as the file or the directory holding it."""
+    where = Path(path)
+    file = where / TOKENIZER_FILE if where.is_dir() else where
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {os.fspath(path)!s} (expected a "
+                                f"{TOKENIZER_FILE} file or a directory holding one)")
+    return Tokenizer.from_file(str(file))
+
+
+def _as_tokenizer(tokenizer_or_path: Tokenizer | PathLike) -> Tokenizer:
+    if isinstance(tokenizer_or_path, Tokenizer):
+        return tokenizer_or_path
+    return load_tokenizer(tokenizer_or_path)
+
+
+def tokenizer_hash(tokenizer_or_path: Tokenizer | PathLike) -> str:
+    """SHA-256 (hex) of what decides the token ids: the vocabulary as sorted (token, id)
+    pairs, the merges in order, and the special tokens. Equal for the same tokenizer however
+    it was loaded or serialised; different as soon as any id would mean something else."""
+    tokenizer = _as_tokenizer(tokenizer_or_path)
+    model = json.loads(tokenizer.to_str())["model"]
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    special = sorted((t.content, i) for i, t in tokenizer.get_added_tokens_decoder().items()
+                     if t.special)
+    payload = {
+        "model": model.get("type"),
+        "vocab": sorted(tokenizer.get_vocab(with_added_tokens=True).items()),
+        "merges": merges,
+        "special_tokens": special,
+    }
+    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def special_token_ids(tokenizer: Tokenizer | PathLike) -> tuple[int | None, int | None]:
+    """``(bos, eos)`` ids, ``None`` for one the tokenizer lacks (a foreign tokenizer may)."""
+    tokenizer = _as_tokenizer(tokenizer)
+    return tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) or (
+            [pattern] if os.path.isfile(pattern) else [])
+        if not matches:
+            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lightning-aquila train-tokenizer --input GLOB [--input GLOB ...] --output DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-aquila train-tokenizer",
+        description="Train a byte-level BPE tokenizer (bos/eos as the two highest ids) on "
+                    ".jsonl/.txt files and write DIR/tokenizer.json.")
+    parser.add_argument("--input", action="append", required=True, metavar="GLOB",
+                        help="input files (.jsonl, .txt, optionally .gz); repeatable")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="directory to write tokenizer.json into")
+    parser.add_argument("--vocab-size", type=int, default=8192,
+                        help="total ids, bos and eos included (default: 8192)")
+    parser.add_argument("--text-field", default="text",
+                        help="field holding the text in .jsonl records (default: text)")
+    args = parser.parse_args(argv)
+    try:
+        files = _expand(args.input)
+        path = train_tokenizer(files, args.output, args.vocab_size, args.text_field)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    tokenizer = load_tokenizer(path)
+    bos, eos = special_token_ids(tokenizer)
+    print(f"trained on {len(files)} file(s)")
+    print(f"vocab size: {tokenizer.get_vocab_size()}")
+    print(f"bos: {BOS} = {bos}, eos: {EOS} = {eos}")
+    print(f"hash: {tokenizer_hash(tokenizer)}")
+    print(f"wrote: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
