@@ -30,7 +30,7 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	@for d in $(DOMAINS); do \
 	  $(BIN)/lightning-aquila prepare --input "corpus/$$d/*.jsonl" --domain $$d \
-	    --output $(STORE) || exit 1; \
+	    --output $(STORE) --held-out-fraction 0.05 || exit 1; \
 	done
 	$(BIN)/lightning-aquila inspect $(STORE)
 	$(BIN)/lightning-aquila fit --config configs/quickstart.yaml \

@@ -1,0 +1,338 @@
+"""DomainDataModule: the DMU as a LightningDataModule.
+
+It serves packed training windows drawn by ``MixtureSampler`` from a shard store, one
+validation loader per domain from the held-out split, and ``mixture`` (the contract the TSM
+and ATE use). Its ``state_dict`` is the sampler's *consumed* position plus the mixture
+history, which is what Lightning puts into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_aquila.datamodules.dataset import HeldOutWindows, TrainWindows, spread_windows
+from lightning_aquila.datamodules.mixture import DomainMixture
+from lightning_aquila.datamodules.sampler import MixtureSampler
+from lightning_aquila.datamodules.store import DataError, ShardStore
+
+STATE_VERSION = 1
+
+
+class DomainDataModule(LightningDataModule):
+    """Domain-mixture pretraining data from a shard store built by ``lightning-aquila prepare``.
+
+    Args:
+        store: URL of the shard store (local path, ``file://``, ``memory://``, ``s3://``...).
+        seq_len: tokens per training sample; windows of ``seq_len + 1`` tokens are packed from
+            each domain's stream (documents separated by eos) with stride ``seq_len``.
+        weights: initial mixture: a mapping ``domain -> weight`` (rescaled to sum to 1; left
+            out domains get 0), ``"natural"`` (proportional to training tokens) or
+            ``"uniform"``.
+        batch_size: samples per batch per data-parallel rank.
+        num_workers: DataLoader worker processes for training (they only read windows; the
+            sampler stays in the main process). Validation loaders read in the main process.
+        seed: seeds every draw; the sample sequence is a function of (seed, world size, rank,
+            mixture history).
+        tokenizer: the tokenizer the store must have been prepared with (checked in
+            ``setup``, as is the model's ``tokenizer`` attribute when it has one).
+        val_windows_per_domain: held-out windows per domain, spread over the split (0: no
+            validation loaders).
+        val_batch_size: batch size of the validation loaders (default: ``batch_size``).
+        domains: the store's domains to use (default: all, sorted by name).
+        prefetch_factor: batches each worker reads ahead (see docs/data.md: this bounds how
+            many batches a weight change waits for).
+        pin_memory: pin training batches for faster host-to-GPU copies.
+        shuffle_blocks: storage blocks whose windows are shuffled together; larger mixes
+            better, smaller needs fewer cached chunks per worker.
+        epoch_batches: batches per Lightning epoch (default: enough global batches to cover
+            every training window once).
+        verify: ``"chunks"`` checks in ``setup`` that every chunk exists; ``"full"`` also
+            decodes them all (catches corruption up front); ``"none"`` skips both.
+        storage_options: fsspec options for remote stores (credentials, endpoints).
+    """
+
+    def __init__(
+        self,
+        store: str,
+        seq_len: int = 2048,
+        weights: Mapping[str, float] | Literal["natural", "uniform"] = "natural",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer: str | None = None,
+        val_windows_per_domain: int = 32,
+        val_batch_size: int | None = None,
+        domains: Sequence[str] | None = None,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        shuffle_blocks: int = 8,
+        epoch_batches: int | None = None,
+        verify: Literal["chunks", "full", "none"] = "chunks",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                 ("num_workers", num_workers, 0), ("seed", seed, 0),
+                                 ("val_windows_per_domain", val_windows_per_domain, 0),
+                                 ("prefetch_factor", prefetch_factor, 1),
+                                 ("shuffle_blocks", shuffle_blocks, 1)):
+            if not isinstance(value, int) or value < low:
+                raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(weights, str) and weights not in ("natural", "uniform"):
+            raise DataError(f"weights must be a mapping, 'natural' or 'uniform', got {weights!r}")
+        if verify not in ("chunks", "full", "none"):
+            raise DataError(f"verify must be 'chunks', 'full' or 'none', got {verify!r}")
+        self.store_url = str(store)
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.seed, self.tokenizer = seed, tokenizer
+        self.weights_config = weights
+        self.val_windows_per_domain = val_windows_per_domain
+        self.val_batch_size = val_batch_size or batch_size
+        self.domain_selection = list(domains) if domains is not None else None
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.shuffle_blocks, self.epoch_batches = shuffle_blocks, epoch_batches
+        self.verify, self.storage_options = verify, dict(storage_options or {})
+        self._store: ShardStore | None = None
+        self._mixture: DomainMixture | None = None
+        self.sampler: MixtureSampler | None = None
+        self._checked = False
+        self._pending_state: Mapping[str, Any] | None = None
+        self.num_replicas, self.rank = 1, 0
+
+    # -- the store and the mixture (available before setup, for callbacks) --------------------
+    @property
+    def store(self) -> ShardStore:
+        if self._store is None:
+            self._store = ShardStore(self.store_url, self.storage_options)
+        return self._store
+
+    @property
+    def domains(self) -> list[str]:
+        return self.mixture.domains
+
+    @property
+    def mixture(self) -> DomainMixture:
+        """The Mixture contract object (``domains``, ``weights``, ``set_weights``, history)."""
+        if self._mixture is None:
+            self._mixture = self._build_mixture()
+        return self._mixture
+
+    def _build_mixture(self) -> DomainMixture:
+        store = self.store
+        if not store.domains:
+            raise DataError(f"shard store {store.url!r} has no domains")
+        if self.domain_selection is not None:
+            for name in self.domain_selection:
+                store.info(name)
+            domains = list(self.domain_selection)
+        else:
+            domains = sorted(store.domains)
+        for name in domains:
+            if store.info(name).tokens("train") == 0:
+                raise DataError(f"{store.where(name, 'train')} is empty: it has no training "
+                                "tokens")
+        if self.weights_config == "natural":
+            weights = {d: float(store.info(d).tokens("train")) for d in domains}
+        elif self.weights_config == "uniform":
+            weights = dict.fromkeys(domains, 1.0)
+        else:
+            weights = dict(self.weights_config)
+        try:
+            return DomainMixture(domains, weights, normalize=True,
+                                 reason=f"initial ({self.weights_config})"
+                                 if isinstance(self.weights_config, str) else "initial")
+        except ValueError as exc:
+            raise DataError(f"shard store {store.url!r}: {exc}") from None
+
+    # -- checks ------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Everything that can be wrong with the data, raised before training starts."""
+        store, domains = self.store, self.mixture.domains
+        hashes = {d: store.info(d).tokenizer_hash for d in domains}
+        if len(set(hashes.values())) > 1:
+            raise DataError(f"shard store {store.url!r}: domains were prepared with different "
+                            f"tokenizers: {hashes}")
+        for label, tokenizer in self._expected_tokenizers():
+            from lightning_aquila.tokenizer import tokenizer_hash
+
+            expected = tokenizer_hash(tokenizer)
+            for name, found in hashes.items():
+                if found != expected:
+                    raise DataError(
+                        f"{store.where(name)} was prepared with tokenizer {found}, but "
+                        f"{label} ({tokenizer}) has hash {expected}; re-run prepare with it, "
+                        "or use the tokenizer the store was made with"
+                    )
+        config = getattr(self._module(), "config", None)
+        vocab_size = getattr(config, "vocab_size", None)
+        if vocab_size is not None:
+            for name in domains:
+                high = store.info(name).max_token_id
+                if high >= vocab_size:
+                    raise DataError(f"{store.where(name)} holds token id {high}, outside the "
+                                    f"model's vocabulary of {vocab_size}")
+        max_seq_len = getattr(config, "max_seq_len", None)
+        if max_seq_len is not None and self.seq_len > max_seq_len:
+            raise DataError(f"seq_len {self.seq_len} is longer than the model's max_seq_len "
+                            f"{max_seq_len}")
+        for name in domains:
+            tokens = store.info(name).tokens("train")
+            if tokens < self.seq_len + 1:
+                raise DataError(
+                    f"seq_len {self.seq_len} is too long for {store.where(name, 'train')}: its "
+                    f"token stream has {tokens} tokens, a window needs {self.seq_len + 1}"
+                )
+            if self.val_windows_per_domain:
+                held = store.info(name).tokens("heldout")
+                if held < self.seq_len + 1:
+                    raise DataError(
+                        f"{store.where(name, 'heldout')} has {held} tokens, too few for one "
+                        f"window of seq_len {self.seq_len}; prepare with a larger "
+                        "--held-out-fraction, or set val_windows_per_domain=0"
+                    )
+        if self.verify != "none":
+            store.verify(domains, full=self.verify == "full")
+
+    def _module(self) -> Any:
+        trainer = getattr(self, "trainer", None)
+        return getattr(trainer, "lightning_module", None) if trainer is not None else None
+
+    def _expected_tokenizers(self) -> list[tuple[str, Any]]:
+        found = []
+        if self.tokenizer:
+            found.append(("the datamodule's tokenizer", self.tokenizer))
+        model_tokenizer = getattr(self._module(), "tokenizer", None)
+        # A path (AquilaLM's convention) or a tokenizers.Tokenizer; other objects (an HF
+        # PreTrainedTokenizer, say) are not ours to hash.
+        if isinstance(model_tokenizer, (str, os.PathLike, Tokenizer)):
+            found.append(("the model's tokenizer", model_tokenizer))
+        return found
+
+    def _world(self) -> tuple[int, int]:
+        """Data-parallel (num_replicas, rank): tensor-parallel peers share a data rank."""
+        trainer = getattr(self, "trainer", None)
+        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) if strategy else None
+        if kwargs:
+            return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+        return 1, 0
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if not self._checked:
+            self.check()
+            self._checked = True
+        if self.sampler is None:
+            self.num_replicas, self.rank = self._world()
+            windows = {d: self.store.stream(d).windows(self.seq_len) for d in self.domains}
+            chunk = min(self.store.array(d, "train", s.id, "tokens").chunks[0]
+                        for d in self.domains for s in self.store.info(d).segments["train"])
+            self.sampler = MixtureSampler(
+                self.mixture, windows, batch_size=self.batch_size,
+                num_replicas=self.num_replicas, rank=self.rank, seed=self.seed,
+                block_windows=max(1, chunk // self.seq_len), shuffle_blocks=self.shuffle_blocks,
+                epoch_batches=self.epoch_batches,
+            )
+            if self._pending_state is not None:
+                state, self._pending_state = self._pending_state, None
+                self.load_state_dict(state)
+        # Lightning warns on every mid-epoch resume unless the *dataloader* is stateful; ours
+        # resumes exactly through this datamodule's state_dict, so that warning is wrong here.
+        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+
+    def train_dataloader(self) -> DataLoader:
+        if self.sampler is None:
+            self.setup("fit")
+        # Outside Lightning nothing reports consumption: count a batch when it is drawn.
+        self.sampler.consume_on_yield = self.trainer is None
+        # Chunks one epoch group can touch per domain (a block spans at most two chunks).
+        cache_chunks = 2 * (self.shuffle_blocks + 1)
+        dataset = TrainWindows(self.store_url, self.domains, self.seq_len,
+                               storage_options=self.storage_options, cache_chunks=cache_chunks)
+        workers = self.num_workers
+        return DataLoader(
+            dataset, batch_size=None, sampler=self.sampler, num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            persistent_workers=workers > 0, pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.val_windows_per_domain:
+            return []
+        if self.sampler is None:
+            self.setup("validate")
+        loaders = []
+        for index, name in enumerate(self.domains):
+            available = self.store.stream(name, "heldout").windows(self.seq_len)
+            wanted = self.val_windows_per_domain
+            if self.num_replicas > 1:
+                wanted = max(self.num_replicas, wanted - wanted % self.num_replicas)
+            ids = spread_windows(available, wanted)
+            if len(ids) < self.num_replicas:
+                raise DataError(f"{self.store.where(name, 'heldout')} has {len(ids)} windows, "
+                                f"fewer than the {self.num_replicas} data-parallel ranks")
+            dataset = HeldOutWindows(self.store_url, name, index, self.seq_len, ids,
+                                     storage_options=self.storage_options)
+            sampler = (DistributedSampler(dataset, num_replicas=self.num_replicas,
+                                          rank=self.rank, shuffle=False, drop_last=True)
+                       if self.num_replicas > 1 else None)
+            loaders.append(DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler,
+                                      shuffle=False))
+        return loaders
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Counts the training batches the loop actually takes: the sampler has drawn ahead
+        (prefetching), and a checkpoint must record what was consumed, not what was drawn."""
+        trainer = getattr(self, "trainer", None)
+        if self.sampler is not None and trainer is not None and trainer.training:
+            self.sampler.mark_consumed()
+        return batch
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        return {
+            "version": STATE_VERSION,
+            "seq_len": self.seq_len,
+            "sampler": self.sampler.state_dict(),
+            "mixture": self.mixture.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint; see docs/data.md for what may change across a resume
+        (domains, configured weights, world size) and how."""
+        if not state_dict:
+            return
+        if int(state_dict.get("version", 0)) > STATE_VERSION:
+            raise DataError(f"datamodule state version {state_dict['version']} is newer than "
+                            f"this lightning-aquila understands ({STATE_VERSION})")
+        if self.sampler is None:  # Lightning calls setup first; a manual call may not
+            self._pending_state = state_dict
+            return
+        self.sampler.load_state_dict(state_dict["sampler"],
+                                     same_windows=state_dict["seq_len"] == self.seq_len)
+        self.mixture.load_state_dict(state_dict["mixture"],
+                                     next_batch_index=self.sampler.next_batch)
+
+    # -- conveniences ------------------------------------------------------------------------
+    def natural_weights(self) -> dict[str, float]:
+        """Weights proportional to each domain's training tokens (the "natural" mixture)."""
+        tokens = {d: self.store.info(d).tokens("train") for d in self.domains}
+        total = sum(tokens.values())
+        return {d: n / total for d, n in tokens.items()}
+
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(store={self.store_url!r}, seq_len={self.seq_len}, "
+                f"batch_size={self.batch_size}, num_workers={self.num_workers})")

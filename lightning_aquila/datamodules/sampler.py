@@ -1,0 +1,300 @@
+"""The domain-mixture sampler: which window of which domain each sample of each batch is.
+
+Everything is a pure function of (seed, world size, rank, mixture history), so a resume can
+continue the exact sequence:
+
+* **Global batch b** holds ``batch_size * world_size`` samples; rank r takes samples
+  ``[r * batch_size, (r + 1) * batch_size)``. Each sample's domain is drawn from the weights in
+  force at b, with a generator seeded by ``(seed, b)`` (no state carried between batches, no
+  wall clock).
+* **Per-domain cursors** count the windows the whole job has drawn from each domain; the
+  samples of a domain in batch b take the next positions of that domain's epoch order, in
+  sample order. Cursors are global, not per rank, so one rank's checkpoint restores every
+  rank, and the world size may change across a resume without repeating or skipping data.
+* **Epoch order** of a domain is a seeded permutation of its windows, built lazily and
+  locality-friendly: windows are grouped into blocks of about one storage chunk, the blocks
+  are permuted, and windows are shuffled within groups of ``shuffle_blocks`` consecutive
+  blocks. A reader then needs only a few decompressed chunks per domain at a time.
+
+The sampler runs in the main process (DataLoader workers only fetch the windows), so it sees
+a weight change as soon as it is made; it applies from the first batch not yet drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+from torch.utils.data import DistributedSampler, Sampler
+
+from lightning_aquila.datamodules.mixture import DomainMixture
+
+_DRAW = 0x6D6978  # tags keep the generator streams of different purposes apart
+_BLOCKS = 0x626C6B
+_GROUP = 0x677270
+
+
+def domain_key(name: str) -> int:
+    """A stable 64-bit key per domain name, so a domain's order does not depend on which
+    other domains are present."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+class Cursor(NamedTuple):
+    """Position of the next window to draw from a domain: ``position`` in the order of
+    ``epoch``, which covers ``windows`` windows (fixed for the epoch, so data appended to the
+    store mid-epoch joins at the next epoch instead of shifting this one)."""
+
+    epoch: int
+    position: int
+    windows: int
+
+
+class EpochOrder:
+    """The order in which one domain's windows are visited in each epoch."""
+
+    def __init__(self, domain: str, seed: int, block_windows: int, shuffle_blocks: int) -> None:
+        self.key = domain_key(domain)
+        self.seed = int(seed)
+        self.block_windows = max(1, int(block_windows))
+        self.shuffle_blocks = max(1, int(shuffle_blocks))
+        self._epochs: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+
+    def _layout(self, epoch: int, windows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The permuted blocks of an epoch and where each group starts (in positions)."""
+        key = (epoch, windows)
+        if key not in self._epochs:
+            n_blocks = math.ceil(windows / self.block_windows)
+            rng = np.random.default_rng([self.seed, _BLOCKS, self.key, epoch])
+            blocks = rng.permutation(n_blocks)
+            sizes = np.minimum(self.block_windows, windows - blocks * self.block_windows)
+            group_sizes = np.add.reduceat(sizes, np.arange(0, n_blocks, self.shuffle_blocks))
+            starts = np.concatenate([[0], np.cumsum(group_sizes)])
+            self._epochs[key] = (blocks, starts)
+            if len(self._epochs) > 4:
+                self._epochs.popitem(last=False)
+        return self._epochs[key]
+
+    def _group(self, epoch: int, windows: int, group: int) -> np.ndarray:
+        key = (epoch, windows, group)
+        if key not in self._groups:
+            blocks, _ = self._layout(epoch, windows)
+            mine = blocks[group * self.shuffle_blocks:(group + 1) * self.shuffle_blocks]
+            ids = np.concatenate([
+                np.arange(b * self.block_windows, min((b + 1) * self.block_windows, windows))
+                for b in mine
+            ])
+            rng = np.random.default_rng([self.seed, _GROUP, self.key, epoch, group])
+            self._groups[key] = rng.permutation(ids)
+            if len(self._groups) > 64:
+                self._groups.popitem(last=False)
+        return self._groups[key]
+
+    def windows(self, epoch: int, windows: int, positions: np.ndarray) -> np.ndarray:
+        """Window ids at ``positions`` (each < ``windows``) of ``epoch``'s order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        _, starts = self._layout(epoch, windows)
+        groups = np.searchsorted(starts, positions, side="right") - 1
+        out = np.empty_like(positions)
+        for group in np.unique(groups):
+            picked = groups == group
+            out[picked] = self._group(epoch, windows, int(group))[positions[picked]
+                                                                   - starts[group]]
+        return out
+
+
+class MixtureSampler(DistributedSampler):
+    """Yields one batch spec per step: an int64 array ``(batch_size, 2)`` of
+    ``(domain index, window index)`` rows for this rank.
+
+    It subclasses ``DistributedSampler`` only so that Lightning recognises it as already
+    rank-aware and does not wrap it in a ``DistributedSamplerWrapper`` (which would re-split
+    the stream). ``set_epoch`` is accepted and ignored: the sequence continues across
+    Lightning's epochs by batch index.
+
+    A "nominal epoch" of ``epoch_batches`` batches is what ``len()`` reports and where an
+    iterator stops; each new iterator continues from the first batch not yet consumed.
+    """
+
+    def __init__(self, mixture: DomainMixture, windows: Mapping[str, int], *, batch_size: int,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, block_windows: int = 128,
+                 shuffle_blocks: int = 8, epoch_batches: int | None = None,
+                 consume_on_yield: bool = False) -> None:
+        Sampler.__init__(self)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside the world of {num_replicas}")
+        missing = [d for d in mixture.domains if windows.get(d, 0) <= 0]
+        if missing:
+            raise ValueError(f"domain(s) {missing} have no training windows")
+        self.mixture = mixture
+        self.batch_size = int(batch_size)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.seed = int(seed)
+        self.block_windows, self.shuffle_blocks = int(block_windows), int(shuffle_blocks)
+        self.global_batch = self.batch_size * self.num_replicas
+        self.available = {d: int(windows[d]) for d in mixture.domains}
+        self.epoch_batches = int(epoch_batches or max(
+            1, math.ceil(sum(self.available.values()) / self.global_batch)))
+        # DistributedSampler attributes that Lightning and users may read.
+        self.epoch, self.shuffle, self.drop_last = 0, True, True
+        self.num_samples, self.total_size = self.batch_size, self.global_batch
+        self._orders = {d: EpochOrder(d, self.seed, self.block_windows, self.shuffle_blocks)
+                        for d in mixture.domains}
+        # Consumed position: the next batch training will take, and the cursors before it.
+        self._next_batch = 0
+        self._cursors = {d: Cursor(0, 0, n) for d, n in self.available.items()}
+        # Yielded but not yet consumed: (batch index, cursors after drawing it).
+        self._pending: deque[tuple[int, dict[str, Cursor]]] = deque()
+        self._drawn = 0  # first batch index not yet drawn
+        #: Without a trainer to report consumption (a plain loop over the loader), treat each
+        #: batch as consumed when yielded, so nothing accumulates.
+        self.consume_on_yield = consume_on_yield
+        mixture.bind(lambda: self._drawn, lambda: self._next_batch)
+
+    # -- drawing -----------------------------------------------------------------------------
+    def domains_of_batch(self, batch_index: int) -> np.ndarray:
+        """Domain index of every sample of global batch ``batch_index`` (all ranks)."""
+        weights = self.mixture.weights_at(batch_index)
+        cdf = np.cumsum(weights)
+        if not cdf[-1] > 0:
+            raise ValueError(f"the mixture has no positive weight at batch {batch_index} for "
+                             f"domains {self.mixture.domains}")
+        u = np.random.default_rng([self.seed, _DRAW, batch_index]).random(self.global_batch)
+        choice = np.searchsorted(cdf, u * cdf[-1], side="right")
+        return np.minimum(choice, len(weights) - 1)
+
+    def _locate(self, domain: str, cursor: Cursor, ahead: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(epoch, position, windows) of the windows ``ahead`` places past ``cursor``;
+        epochs after the cursor's use the domain's current window count."""
+        ahead = cursor.position + np.asarray(ahead, dtype=np.int64)
+        epoch = np.full_like(ahead, cursor.epoch)
+        windows = np.full_like(ahead, cursor.windows)
+        later = ahead >= cursor.windows
+        if later.any():
+            n = self.available[domain]
+            rest = ahead[later] - cursor.windows
+            epoch[later] = cursor.epoch + 1 + rest // n
+            ahead[later] = rest % n
+            windows[later] = n
+        return epoch, ahead, windows
+
+    def _draw(self, batch_index: int, cursors: dict[str, Cursor]) -> np.ndarray:
+        choice = self.domains_of_batch(batch_index)
+        lo = self.rank * self.batch_size
+        spec = np.empty((self.batch_size, 2), dtype=np.int64)
+        spec[:, 0] = choice[lo:lo + self.batch_size]
+        for index in np.unique(choice):
+            name = self.mixture.domains[index]
+            members = np.flatnonzero(choice == index)
+            mine = members[(members >= lo) & (members < lo + self.batch_size)]
+            cursor = cursors[name]
+            if len(mine):
+                epochs, positions, windows = self._locate(name, cursor,
+                                                          np.searchsorted(members, mine))
+                ids = np.empty(len(mine), dtype=np.int64)
+                for epoch in np.unique(epochs):
+                    at = epochs == epoch
+                    ids[at] = self._orders[name].windows(int(epoch), int(windows[at][0]),
+                                                         positions[at])
+                spec[mine - lo, 1] = ids
+            epoch, position, windows = self._locate(name, cursor, np.array([len(members)]))
+            cursors[name] = Cursor(int(epoch[0]), int(position[0]), int(windows[0]))
+        return spec
+
+    def __len__(self) -> int:
+        return self.epoch_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        start = self._next_batch
+        stop = (start // self.epoch_batches + 1) * self.epoch_batches
+        self._pending.clear()
+        self._drawn = start
+        return self._generate(start, stop, dict(self._cursors))
+
+    def _generate(self, start: int, stop: int,
+                  cursors: dict[str, Cursor]) -> Iterator[np.ndarray]:
+        for batch_index in range(start, stop):
+            spec = self._draw(batch_index, cursors)
+            self._drawn = batch_index + 1
+            if self.mixture.is_skipped(batch_index):
+                continue
+            if self.consume_on_yield:
+                self._next_batch, self._cursors = batch_index + 1, dict(cursors)
+            else:
+                self._pending.append((batch_index, dict(cursors)))
+            yield spec
+
+    # -- consumption and state ---------------------------------------------------------------
+    @property
+    def next_batch(self) -> int:
+        """The global index of the next batch training will take."""
+        return self._next_batch
+
+    def mark_consumed(self) -> int:
+        """Training took the oldest batch yielded; returns its global index."""
+        if not self._pending:
+            raise RuntimeError(
+                "a training batch was reported consumed but the sampler has none outstanding; "
+                "is the train dataloader built by this datamodule?"
+            )
+        batch_index, cursors = self._pending.popleft()
+        self._next_batch, self._cursors = batch_index + 1, cursors
+        return batch_index
+
+    def state_dict(self) -> dict[str, Any]:
+        """The consumed position (not the drawn one: batches in the prefetch queue are drawn
+        again after a resume)."""
+        return {
+            "next_batch": self._next_batch,
+            "cursors": {d: c._asdict() for d, c in self._cursors.items()},
+            "order": {"seed": self.seed, "block_windows": self.block_windows,
+                      "shuffle_blocks": self.shuffle_blocks},
+            "global_batch": self.global_batch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, same_windows: bool = True) -> None:
+        """Continue from a checkpoint's consumed position.
+
+        Domains that stayed keep their cursors; new domains start at their first epoch;
+        removed ones are dropped. A domain starts a fresh epoch instead of continuing (with a
+        warning) when the checkpoint's epoch order cannot be reproduced: the order parameters
+        changed, ``same_windows`` is False (``seq_len`` changed), or it has fewer windows than
+        the checkpoint's epoch covered.
+        """
+        order = {"seed": self.seed, "block_windows": self.block_windows,
+                 "shuffle_blocks": self.shuffle_blocks}
+        reorder = dict(state.get("order", order)) != order or not same_windows
+        cursors: dict[str, Cursor] = {}
+        restarted: list[str] = []
+        for name, n in self.available.items():
+            saved = state["cursors"].get(name)
+            if saved is None:
+                cursors[name] = Cursor(0, 0, n)
+                continue
+            cursor = Cursor(int(saved["epoch"]), int(saved["position"]), int(saved["windows"]))
+            if reorder or cursor.windows > n:
+                restarted.append(name)
+                cursor = Cursor(cursor.epoch + 1, 0, n)
+            cursors[name] = cursor
+        if restarted:
+            warnings.warn(
+                f"resuming: domain(s) {restarted} start a new epoch because their epoch order "
+                "changed since the checkpoint (seed, seq_len, block or shuffle settings, or "
+                "fewer windows in the store)",
+                stacklevel=2,
+            )
+        self._next_batch = int(state["next_batch"])
+        self._cursors = cursors
+        self._pending.clear()
+        self._drawn = self._next_batch

@@ -1,0 +1,556 @@
+"""The shard store: a zarr v3 hierarchy holding each domain's token stream.
+
+Layout (the full description is ``docs/data-format.md``)::
+
+    STORE/zarr.json                    root group; attrs["lightning_aquila"] is the manifest
+    STORE/<domain>/zarr.json           domain group; its attrs are the domain's committed state
+    STORE/<domain>/<split>/<segment>/  one immutable segment per ``prepare`` run and split
+        tokens   uint32 [tokens]       documents' token ids, eos after each document
+        offsets  int64  [documents+1]  where each document starts inside the segment
+        quality  float32 [documents]   optional score per document (NaN where unknown)
+
+Segments exist so that nothing committed is ever rewritten: a ``prepare`` run writes new
+segments, then commits them by rewriting the domain's attributes (one metadata object, which
+zarr's local store writes by rename and object stores write in one PUT). A crash before that
+leaves segments no attribute lists; readers never see them and the next writer deletes them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+FORMAT_NAME = "lightning-aquila-shards"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "lightning_aquila"
+SPLITS = ("train", "heldout")
+#: 256 Ki tokens = 1 MiB per decompressed chunk: large enough that decompression runs at
+#: >100 M tokens/s, small enough that the loader's chunk cache holds a few per domain.
+DEFAULT_CHUNK_TOKENS = 1 << 18
+OFFSETS_CHUNK = 1 << 16
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class DataError(ValueError):
+    """Bad data or a bad data request; the message names the store, domain, file or value."""
+
+
+def codecs() -> list[Any]:
+    """Compression for token arrays: byte-shuffled zstd (small ids leave high bytes empty),
+    then a CRC32C so that a corrupt chunk fails loudly instead of decoding into wrong ids."""
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
+
+
+def check_domain_name(name: str) -> str:
+    if not isinstance(name, str) or not _DOMAIN_NAME.match(name) or name in SPLITS:
+        raise DataError(
+            f"invalid domain name {name!r}: use letters, digits, '_', '-', '.' "
+            f"(at most 128 characters, not {SPLITS})"
+        )
+    return name
+
+
+def zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] | None = None):
+    """The zarr store behind a URL: a local path or ``file://`` URL becomes a ``LocalStore``
+    (atomic writes by rename, which the commit relies on); anything else (``memory://``,
+    ``s3://``, ``gs://``, ...) goes through fsspec."""
+    url = str(url)
+    if "://" not in url or url.startswith("file://"):
+        return LocalStore(url.removeprefix("file://"), read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
+                                read_only=read_only)
+
+
+# -- metadata -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """One committed, immutable piece of a split."""
+
+    id: str
+    tokens: int
+    documents: int
+    max_token_id: int
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain's committed metadata (its group's attributes)."""
+
+    name: str
+    language: str
+    tokenizer: dict[str, Any]
+    sources: tuple[dict[str, Any], ...]
+    segments: dict[str, tuple[Segment, ...]]
+    has_quality: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def tokens(self, split: str = "train") -> int:
+        return sum(s.tokens for s in self.segments.get(split, ()))
+
+    def documents(self, split: str = "train") -> int:
+        return sum(s.documents for s in self.segments.get(split, ()))
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens(split) for split in SPLITS)
+
+    @property
+    def total_documents(self) -> int:
+        return sum(self.documents(split) for split in SPLITS)
+
+    @property
+    def max_token_id(self) -> int:
+        return max((s.max_token_id for split in SPLITS for s in self.segments.get(split, ())),
+                   default=-1)
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return str(self.tokenizer.get("hash", ""))
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "domain": self.name,
+            "language": self.language,
+            "tokenizer": dict(self.tokenizer),
+            "sources": [dict(s) for s in self.sources],
+            "segments": {split: [asdict(s) for s in segs] for split, segs in self.segments.items()},
+            "has_quality": self.has_quality,
+            # Summaries for people and tools reading zarr.json directly; readers recompute.
+            "tokens": {split: self.tokens(split) for split in SPLITS},
+            "documents": {split: self.documents(split) for split in SPLITS},
+            "max_token_id": self.max_token_id,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_attrs(cls, where: str, attrs: Mapping[str, Any]) -> DomainInfo:
+        try:
+            segments = {
+                split: tuple(Segment(**s) for s in attrs["segments"].get(split, []))
+                for split in SPLITS
+            }
+            known = {"domain", "language", "tokenizer", "sources", "segments", "has_quality",
+                     "tokens", "documents", "max_token_id"}
+            return cls(
+                name=str(attrs["domain"]),
+                language=str(attrs["language"]),
+                tokenizer=dict(attrs["tokenizer"]),
+                sources=tuple(dict(s) for s in attrs["sources"]),
+                segments=segments,
+                has_quality=bool(attrs.get("has_quality", False)),
+                extra={k: v for k, v in attrs.items() if k not in known},
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DataError(
+                f"{where}: domain metadata is incomplete or malformed ({exc!r})"
+            ) from None
+
+
+# -- reading --------------------------------------------------------------------------------
+class ShardStore:
+    """A shard store opened for reading: the manifest and each domain's committed metadata.
+
+    Opening reads metadata only (a few small JSON objects); token chunks are read by
+    ``TokenStream`` on demand, so this is cheap enough to do in every process.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        try:
+            self._root = zarr.open_group(
+                zarr_store(self.url, read_only=True, storage_options=self.storage_options),
+                mode="r",
+            )
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+            raise DataError(f"no shard store at {self.url!r} ({type(exc).__name__}); "
+                            "build one with `lightning-aquila prepare`") from None
+        manifest = self._root.attrs.get(MANIFEST_KEY)
+        if not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT_NAME:
+            raise DataError(f"{self.url!r} is a zarr group but not a lightning-aquila shard "
+                            "store (no manifest in its attributes)")
+        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+            raise DataError(f"shard store {self.url!r} has format version {manifest['version']}; "
+                            f"this lightning-aquila reads up to {FORMAT_VERSION}")
+        self.domains: dict[str, DomainInfo] = {}
+        for name in manifest.get("domains", []):
+            try:
+                group = self._root[name]
+            except KeyError:
+                raise DataError(f"shard store {self.url!r}: the manifest lists domain {name!r} "
+                                "but its group is missing") from None
+            self.domains[name] = DomainInfo.from_attrs(
+                f"shard store {self.url!r}, domain {name!r}", group.attrs.asdict())
+
+    def where(self, domain: str, split: str | None = None, segment: str | None = None) -> str:
+        parts = [f"shard store {self.url!r}", f"domain {domain!r}"]
+        if split:
+            parts.append(f"split {split!r}")
+        if segment:
+            parts.append(f"segment {segment!r}")
+        return ", ".join(parts)
+
+    def info(self, domain: str) -> DomainInfo:
+        if domain not in self.domains:
+            raise DataError(f"shard store {self.url!r} has no domain {domain!r}; "
+                            f"it has {sorted(self.domains)}")
+        return self.domains[domain]
+
+    def array(self, domain: str, split: str, segment: str, name: str) -> zarr.Array:
+        try:
+            node = self._root[f"{domain}/{split}/{segment}/{name}"]
+        except KeyError:
+            raise DataError(f"{self.where(domain, split, segment)}: array {name!r} is "
+                            "missing") from None
+        if not isinstance(node, zarr.Array):
+            raise DataError(f"{self.where(domain, split, segment)}: {name!r} is not an array")
+        return node
+
+    def stream(self, domain: str, split: str = "train", *, cache_chunks: int = 16) -> TokenStream:
+        info = self.info(domain)
+        segments = info.segments.get(split, ())
+        arrays = [self.array(domain, split, s.id, "tokens") for s in segments]
+        return TokenStream(self, domain, split, segments, arrays, cache_chunks=cache_chunks)
+
+    def verify(self, domains: Sequence[str] | None = None, *, full: bool = False) -> None:
+        """Check that every array a reader needs exists with its committed length and that
+        every chunk is in storage (zarr would silently read a missing chunk as zeros).
+        ``full`` also decodes every chunk, which catches corruption (CRC) up front."""
+        for name in domains if domains is not None else list(self.domains):
+            info = self.info(name)
+            for split in SPLITS:
+                for seg in info.segments.get(split, ()):
+                    where = self.where(name, split, seg.id)
+                    tokens = self.array(name, split, seg.id, "tokens")
+                    offsets = self.array(name, split, seg.id, "offsets")
+                    if tokens.shape != (seg.tokens,):
+                        raise DataError(f"{where}: tokens array has shape {tokens.shape}, "
+                                        f"the metadata says {seg.tokens} tokens")
+                    if offsets.shape != (seg.documents + 1,):
+                        raise DataError(f"{where}: offsets array has shape {offsets.shape}, "
+                                        f"the metadata says {seg.documents} documents")
+                    for array in (tokens, offsets):
+                        missing = missing_chunks(array)
+                        if missing:
+                            raise DataError(
+                                f"{where}: {len(missing)} chunk(s) of {array.basename!r} are "
+                                f"missing from storage: {missing[:5]}"
+                            )
+                    if full:
+                        stream = TokenStream(self, name, split, (seg,), [tokens], cache_chunks=1)
+                        for index in range(tokens.nchunks):
+                            stream.chunk(0, index)
+
+
+def missing_chunks(array: zarr.Array) -> list[str]:
+    """Keys of the chunks of ``array`` that are not in storage."""
+    expected = [f"c/{i}" for i in range(math.ceil(array.shape[0] / array.chunks[0]))]
+    if not expected:
+        return []
+    store_path = array.store_path
+
+    async def listing() -> set[str]:
+        prefix = f"{store_path.path}/" if store_path.path else ""
+        return {key[len(prefix):] async for key in store_path.store.list_prefix(prefix)}
+
+    present = sync(listing())
+    return [key for key in expected if key not in present]
+
+
+class TokenStream:
+    """One split of one domain as a single flat sequence of token ids.
+
+    Reads go through an LRU cache of decompressed chunks: training windows are small next to
+    a chunk, and the sampler's draw order visits a few chunks at a time, so each chunk is
+    decompressed about once per visit instead of once per window.
+    """
+
+    def __init__(self, store: ShardStore, domain: str, split: str,
+                 segments: Sequence[Segment], arrays: Sequence[zarr.Array], *,
+                 cache_chunks: int = 16) -> None:
+        self.store, self.domain, self.split = store, domain, split
+        self.segments = tuple(segments)
+        self.arrays = list(arrays)
+        lengths = np.array([s.tokens for s in self.segments], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.n_tokens = int(self.starts[-1])
+        self.cache_chunks = max(1, int(cache_chunks))
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        for seg, array in zip(self.segments, self.arrays):
+            if array.shape[0] < seg.tokens:
+                raise DataError(f"{store.where(domain, split, seg.id)}: tokens array holds "
+                                f"{array.shape[0]} tokens, the metadata says {seg.tokens}")
+
+    def windows(self, seq_len: int) -> int:
+        """How many training windows of ``seq_len + 1`` tokens (stride ``seq_len``) fit."""
+        return max(0, (self.n_tokens - 1) // seq_len)
+
+    def chunk(self, segment: int, index: int) -> np.ndarray:
+        key = (segment, index)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        array, seg = self.arrays[segment], self.segments[segment]
+        size = array.chunks[0]
+        stop = min((index + 1) * size, seg.tokens)
+        try:
+            data = np.asarray(array[index * size:stop])
+        except Exception as exc:  # zarr raises codec/IO-specific types; name the chunk
+            raise DataError(
+                f"{self.store.where(self.domain, self.split, seg.id)}: chunk c/{index} of "
+                f"'tokens' could not be read ({type(exc).__name__}: {exc}); the store is corrupt "
+                "- rebuild this domain with `lightning-aquila prepare`"
+            ) from exc
+        self._cache[key] = data
+        if len(self._cache) > self.cache_chunks:
+            self._cache.popitem(last=False)
+        return data
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the stream, written into ``out`` if given."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise DataError(f"{self.store.where(self.domain, self.split)}: read [{start}, {stop}) "
+                            f"outside the stream of {self.n_tokens} tokens")
+        if out is None:
+            out = np.empty(stop - start, dtype=np.uint32)
+        pos, filled = start, 0
+        while pos < stop:
+            segment = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            local = pos - int(self.starts[segment])
+            size = self.arrays[segment].chunks[0]
+            index, offset = divmod(local, size)
+            data = self.chunk(segment, index)
+            take = min(len(data) - offset, stop - pos)
+            out[filled:filled + take] = data[offset:offset + take]
+            pos += take
+            filled += take
+        return out
+
+
+# -- writing --------------------------------------------------------------------------------
+class _ArrayAppender:
+    """Buffers values and appends them to a 1-D zarr array one whole chunk at a time, so
+    no chunk is written twice."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.chunk = array.chunks[0]
+        self.buffer = np.empty(self.chunk, dtype=array.dtype)
+        self.filled = 0
+        self.count = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=self.array.dtype)
+        while len(values):
+            take = min(self.chunk - self.filled, len(values))
+            self.buffer[self.filled:self.filled + take] = values[:take]
+            self.filled += take
+            self.count += take
+            values = values[take:]
+            if self.filled == self.chunk:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            self.array.append(self.buffer[:self.filled])
+            self.filled = 0
+
+
+class SegmentWriter:
+    """Writes one new segment of one split; documents are appended, then ``close``d."""
+
+    def __init__(self, group: zarr.Group, *, chunk_tokens: int, with_quality: bool) -> None:
+        self.group = group
+        config = {"write_empty_chunks": True}  # a missing chunk must always mean damage
+        self.tokens = _ArrayAppender(group.create_array(
+            "tokens", shape=(0,), chunks=(chunk_tokens,), dtype="uint32",
+            compressors=codecs(), config=config))
+        self.offsets = _ArrayAppender(group.create_array(
+            "offsets", shape=(0,), chunks=(OFFSETS_CHUNK,), dtype="int64",
+            compressors=codecs(), config=config))
+        self.quality = _ArrayAppender(group.create_array(
+            "quality", shape=(0,), chunks=(OFFSETS_CHUNK,), dtype="float32",
+            compressors=codecs(), config=config)) if with_quality else None
+        self.offsets.extend(np.zeros(1, dtype=np.int64))
+        self.documents = 0
+        self.max_token_id = -1
+
+    def extend(self, tokens: np.ndarray) -> None:
+        """Tokens of the current document (a document may arrive in several parts)."""
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+            self.tokens.extend(tokens)
+
+    def end_document(self, quality: float | None = None) -> None:
+        self.documents += 1
+        self.offsets.extend(np.array([self.tokens.count], dtype=np.int64))
+        if self.quality is not None:
+            self.quality.extend(np.array([np.nan if quality is None else quality]))
+
+    def close(self) -> Segment:
+        for appender in (self.tokens, self.offsets, self.quality):
+            if appender is not None:
+                appender.flush()
+        return Segment(self.group.basename, self.tokens.count, self.documents, self.max_token_id)
+
+
+class DomainWriter:
+    """Adds sources to one domain of a store: new segments, then one commit.
+
+    Use as a context manager; leaving it with an exception (or without ``commit``) deletes the
+    segments it wrote, so a failed run leaves the store as it was. One writer per store at a
+    time: the manifest update is a read-modify-write.
+    """
+
+    def __init__(self, url: str, domain: str, *, tokenizer: Mapping[str, Any], language: str,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, with_quality: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url, self.domain = str(url), check_domain_name(domain)
+        self.chunk_tokens = int(chunk_tokens)
+        if self.chunk_tokens <= 0:
+            raise DataError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.root = zarr.open_group(
+            zarr_store(self.url, read_only=False, storage_options=storage_options), mode="a")
+        manifest = self.root.attrs.get(MANIFEST_KEY)
+        if manifest is None:
+            if any(True for _ in self.root.members()):
+                raise DataError(f"{self.url!r} is a non-empty zarr group that is not a "
+                                "lightning-aquila shard store; choose another --output")
+            self.root.attrs[MANIFEST_KEY] = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                                             "domains": []}
+        elif manifest.get("format") != FORMAT_NAME:
+            raise DataError(f"{self.url!r} is not a lightning-aquila shard store")
+        where = f"shard store {self.url!r}, domain {self.domain!r}"
+        listed = self.domain in self._manifest()["domains"]
+        if listed:
+            self.group = self.root[self.domain]
+            self.info: DomainInfo | None = DomainInfo.from_attrs(where, self.group.attrs.asdict())
+            if self.info.tokenizer_hash != tokenizer.get("hash"):
+                raise DataError(
+                    f"{where} was prepared with tokenizer {self.info.tokenizer_hash}, not "
+                    f"{tokenizer.get('hash')}; a domain's tokens must all come from one tokenizer"
+                )
+            if language and language != self.info.language:
+                raise DataError(f"{where} has language {self.info.language!r}, not {language!r}")
+            self._delete_uncommitted()
+        else:
+            if self.domain in self.root:  # left by a run that crashed before its commit
+                del self.root[self.domain]
+            self.group = self.root.create_group(self.domain)
+            self.info = None
+        self.tokenizer = dict(tokenizer)
+        self.language = language or (self.info.language if self.info else "unknown")
+        self.with_quality = with_quality or bool(self.info and self.info.has_quality)
+        self.sources: list[dict[str, Any]] = []
+        self._writers: dict[str, SegmentWriter] = {}
+        self._segment_id = f"{self._next_segment_number():06d}-{uuid.uuid4().hex[:8]}"
+        self._done = False
+
+    # The manifest is re-read before each use: another domain may have been committed since.
+    def _manifest(self) -> dict[str, Any]:
+        return dict(zarr.open_group(self.root.store, mode="r").attrs[MANIFEST_KEY])
+
+    def _next_segment_number(self) -> int:
+        if self.info is None:
+            return 0
+        return sum(len(segs) for segs in self.info.segments.values())
+
+    def _delete_uncommitted(self) -> None:
+        assert self.info is not None
+        for split in SPLITS:
+            if split not in self.group:
+                continue
+            committed = {s.id for s in self.info.segments.get(split, ())}
+            split_group = self.group[split]
+            for name in list(split_group.keys()):
+                if name not in committed:
+                    del split_group[name]
+
+    @property
+    def known_hashes(self) -> set[str]:
+        return {str(s.get("sha256")) for s in self.info.sources} if self.info else set()
+
+    def writer(self, split: str) -> SegmentWriter:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; splits are {SPLITS}")
+        if split not in self._writers:
+            group = self.group.require_group(split).create_group(self._segment_id)
+            self._writers[split] = SegmentWriter(group, chunk_tokens=self.chunk_tokens,
+                                                 with_quality=self.with_quality)
+        return self._writers[split]
+
+    def extend(self, split: str, tokens: np.ndarray) -> None:
+        self.writer(split).extend(tokens)
+
+    def end_document(self, split: str, quality: float | None = None) -> None:
+        self.writer(split).end_document(quality)
+
+    def add_document(self, split: str, tokens: np.ndarray, quality: float | None = None) -> None:
+        """A whole document (its tokens should end with eos)."""
+        self.extend(split, tokens)
+        self.end_document(split, quality)
+
+    def add_source(self, record: Mapping[str, Any]) -> None:
+        self.sources.append(dict(record))
+
+    def commit(self) -> DomainInfo:
+        """Make the new segments visible: domain attributes first, then the manifest."""
+        segments = {split: list(self.info.segments.get(split, ())) if self.info else []
+                    for split in SPLITS}
+        for split, writer in self._writers.items():
+            segment = writer.close()
+            if segment.documents:
+                segments[split].append(segment)
+        info = DomainInfo(
+            name=self.domain,
+            language=self.language,
+            tokenizer=self.tokenizer,
+            sources=(self.info.sources if self.info else ()) + tuple(self.sources),
+            segments={split: tuple(segs) for split, segs in segments.items()},
+            has_quality=self.with_quality,
+            extra=self.info.extra if self.info else {},
+        )
+        self.group.attrs.put(info.to_attrs())
+        manifest = self._manifest()
+        if self.domain not in manifest["domains"]:
+            manifest["domains"] = [*manifest["domains"], self.domain]
+            self.root.attrs[MANIFEST_KEY] = manifest
+        self._done = True
+        return info
+
+    def abort(self) -> None:
+        for split, writer in self._writers.items():
+            del self.group[split][writer.group.basename]
+        if self.info is None and self.domain in self.root:
+            del self.root[self.domain]
+        self._done = True
+
+    def __enter__(self) -> DomainWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iterator[np.ndarray]:
+    """Each document's tokens (eos included), in store order; for tools and tests."""
+    stream = store.stream(domain, split)
+    for seg_index, seg in enumerate(store.info(domain).segments.get(split, ())):
+        offsets = np.asarray(store.array(domain, split, seg.id, "offsets")[:])
+        base = int(stream.starts[seg_index])
+        for begin, end in itertools.pairwise(offsets):
+            yield stream.read(base + int(begin), base + int(end))

@@ -1,0 +1,74 @@
+"""Shared fixtures. DMU fixtures are prefixed ``dmu_``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Synthetic token streams encode where each token came from: domain i, position p of its
+#: split holds ``i * DMU_DOMAIN_STRIDE + p`` (held-out tokens add DMU_HELDOUT_OFFSET), so a
+#: test can tell from a window alone which domain and which window it is.
+DMU_DOMAIN_STRIDE = 10_000_000
+DMU_HELDOUT_OFFSET = 5_000_000
+
+
+@pytest.fixture
+def dmu_make_store(tmp_path: Path) -> Callable[..., str]:
+    """Writes a synthetic shard store: ``make({"a": 5000, "b": 3000}) -> url``."""
+    from lightning_aquila.datamodules.store import DomainWriter
+
+    counter = iter(range(1000))
+
+    def make(domains: Mapping[str, int], *, heldout: int = 400, chunk_tokens: int = 1024,
+             url: str | None = None, tokenizer_hash: str = "synthetic",
+             documents: int = 1) -> str:
+        url = url or str(tmp_path / f"synthetic{next(counter)}.zarr")
+        for index, (name, tokens) in enumerate(domains.items()):
+            with DomainWriter(url, name, tokenizer={"hash": tokenizer_hash}, language="xx",
+                              chunk_tokens=chunk_tokens) as writer:
+                base = index * DMU_DOMAIN_STRIDE
+                for part in np.array_split(np.arange(tokens), documents):
+                    if len(part):
+                        writer.add_document("train", (base + part).astype(np.uint32))
+                if heldout:
+                    held = base + DMU_HELDOUT_OFFSET + np.arange(heldout)
+                    writer.add_document("heldout", held.astype(np.uint32))
+                writer.add_source({"path": f"synthetic-{name}", "sha256": f"{name}-{tokens}"})
+                writer.commit()
+        return url
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dmu_tokenizer() -> str:
+    """The bundled tokenizer (what ``prepare`` uses by default)."""
+    from lightning_aquila.tokenizer import DEFAULT_TOKENIZER
+
+    return str(DEFAULT_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def dmu_other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second, tiny tokenizer whose vocabulary (hence hash) differs from the bundled one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 20, trainer)
+    path = tmp_path_factory.mktemp("other_tokenizer") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def dmu_corpus() -> Path:
+    """The bundled multi-domain corpus: ``corpus/<domain>/*.jsonl``."""
+    return REPO / "corpus"
