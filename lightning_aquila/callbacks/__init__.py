@@ -1,6 +1,34 @@
 """HeuriMentor callbacks: the Training State Monitor (observes) and the Adaptive Training
 Engine (decides); reusable in any Lightning project whose batches carry a ``domain``."""
 
+from lightning_aquila.callbacks.engine import (
+    AdaptiveTrainingEngine,
+    EngineOrderError,
+    RollbackError,
+)
+from lightning_aquila.callbacks.monitor import TrainingStateMonitor
+from lightning_aquila.callbacks.policies import (
+    BanditMixture,
+    ExcessLossMixture,
+    MixturePolicy,
+    StagedMixture,
+    StaticMixture,
+)
+from lightning_aquila.callbacks.probes import MultipleChoiceProbe, Probe
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 
-__all__ = ["Anomaly", "TrainingState"]
+__all__ = [
+    "AdaptiveTrainingEngine",
+    "Anomaly",
+    "BanditMixture",
+    "EngineOrderError",
+    "ExcessLossMixture",
+    "MixturePolicy",
+    "MultipleChoiceProbe",
+    "Probe",
+    "RollbackError",
+    "StagedMixture",
+    "StaticMixture",
+    "TrainingState",
+    "TrainingStateMonitor",
+]

@@ -1,0 +1,550 @@
+"""The Adaptive Training Engine (ATE): changes the data mixture while the model trains.
+
+It only decides. What it reads is the ``TrainingState`` that the Training State Monitor
+publishes (reduced across ranks, so every rank takes the same decision without talking to
+the others); what it changes goes through the Mixture contract
+(``trainer.datamodule.mixture.set_weights``); how it decides is a
+:class:`~lightning_aquila.callbacks.policies.MixturePolicy`.
+
+**Ordering rule.** The engine acts in ``on_train_batch_end``, once per optimizer step, on the
+state the monitor updated in its own ``on_train_batch_end`` of the same step. Lightning runs
+callbacks in list order, so the monitor must be listed before the engine; the engine checks
+this when training starts and, at every step, that the state it reads is the current step's.
+Either failure raises :class:`EngineOrderError` naming what to fix.
+
+**Rollback.** On a loss spike or a non-finite loss that the monitor flags, the engine can
+restore the model and optimizer from the newest checkpoint written before the anomaly and go
+on. The data position, step counter, learning-rate schedule, loggers and checkpoint names
+keep counting forward; see ``docs/engine.md`` for why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _load as pl_load
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_aquila.callbacks.policies import MixturePolicy, project_to_bounds
+from lightning_aquila.callbacks.state import Anomaly, TrainingState
+
+#: Weights closer than this to the current ones are not a change.
+WEIGHT_TOLERANCE = 1e-9
+#: Anomaly kinds the engine knows how to roll back from.
+ROLLBACK_KINDS = ("spike", "nonfinite_loss", "nonfinite_grad")
+
+
+class EngineOrderError(RuntimeError):
+    """The engine cannot read a current ``TrainingState``: no monitor, or it runs too late."""
+
+
+class RollbackError(RuntimeError):
+    """A rollback was needed but is impossible or has been tried too often."""
+
+
+class AdaptiveTrainingEngine(Callback):
+    """Applies a mixture policy's weights, runs data stages, rolls back from loss spikes.
+
+    Args:
+        policy: the :class:`MixturePolicy` (``StaticMixture``, ``StagedMixture``,
+            ``ExcessLossMixture``, ``BanditMixture``, or your own); ``None`` leaves the mixture
+            to the datamodule (useful for rollback alone).
+        monitor: the Training State Monitor to read; default: the first callback in
+            ``trainer.callbacks`` that has a ``TrainingState`` as ``state``.
+        rollback: restore model and optimizer from the last good checkpoint when the monitor
+            flags one of ``rollback_on`` at the current step.
+        rollback_on: anomaly kinds that trigger a rollback (``"spike"``, ``"nonfinite_loss"``,
+            ``"nonfinite_grad"``). Under fp16 the grad scaler already skips steps with
+            non-finite gradients, hence the default leaves ``"nonfinite_grad"`` out.
+        max_rollbacks: rollbacks allowed within ``rollback_window`` steps; one more anomaly in
+            that window stops training with :class:`RollbackError`.
+        rollback_window: the window, in optimizer steps, that ``max_rollbacks`` counts in.
+        min_checkpoint_age: the checkpoint restored is the newest one at a step at most
+            ``anomaly step - min_checkpoint_age``.
+        skip_batches: batches after the spike to skip as well, through the mixture's
+            ``skip_batches`` (recorded, so a resume skips them too). The batches between the
+            checkpoint and the spike are never replayed in any case.
+        downweight_factor: multiply the weight of the domains in the offending batches by this
+            factor (cumulative over rollbacks, kept for the rest of the run and applied on top
+            of every policy proposal, within the policy's bounds); ``None``: leave them.
+    """
+
+    def __init__(
+        self,
+        policy: MixturePolicy | None = None,
+        monitor: Callback | None = None,
+        rollback: bool = False,
+        rollback_on: Sequence[str] = ("spike", "nonfinite_loss"),
+        max_rollbacks: int = 3,
+        rollback_window: int = 1000,
+        min_checkpoint_age: int = 1,
+        skip_batches: int = 0,
+        downweight_factor: float | None = None,
+    ) -> None:
+        unknown = [k for k in rollback_on if k not in ROLLBACK_KINDS]
+        if unknown:
+            raise ValueError(f"AdaptiveTrainingEngine(rollback_on={list(rollback_on)!r}): "
+                             f"unknown kind(s) {unknown}; use {list(ROLLBACK_KINDS)}")
+        for name, value, low in (("max_rollbacks", max_rollbacks, 0),
+                                 ("rollback_window", rollback_window, 1),
+                                 ("min_checkpoint_age", min_checkpoint_age, 1),
+                                 ("skip_batches", skip_batches, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"AdaptiveTrainingEngine({name}={value!r}) must be an integer "
+                                 f">= {low}")
+        if downweight_factor is not None and not 0.0 < downweight_factor <= 1.0:
+            raise ValueError(f"AdaptiveTrainingEngine(downweight_factor={downweight_factor!r}) "
+                             "must be in (0, 1]")
+        self.policy = policy
+        self.monitor = monitor
+        self.rollback = rollback
+        self.rollback_on = tuple(rollback_on)
+        self.max_rollbacks = max_rollbacks
+        self.rollback_window = rollback_window
+        self.min_checkpoint_age = min_checkpoint_age
+        self.skip_batches = skip_batches
+        self.downweight_factor = downweight_factor
+
+        #: Every change this engine made: {step, batch_index, weights, reason, policy, stage}.
+        self.changes: list[dict[str, Any]] = []
+        #: Every rollback: {step, anomaly, loss, domains, checkpoint, restored_step, skipped...}.
+        self.rollbacks: list[dict[str, Any]] = []
+        #: Stages entered: {name, step, reason}.
+        self.stages: list[dict[str, Any]] = []
+        self.penalties: dict[str, float] = {}  # domain -> multiplier (downweight_factor ** n)
+        self._last_step: int | None = None
+        self._resume_reasons: list[str] = []  # why a resume starts a new stage
+        self._saved_history_length: int | None = None
+        self._checkpoint_steps: dict[tuple[str, float], int | None] = {}
+        self._base: dict[str, float] | None = None  # the last weights before penalties
+        self._trainer: Trainer | None = None
+
+    # -- finding the parts -------------------------------------------------------------------
+    def _find_monitor(self, trainer: Trainer) -> Callback:
+        if self.monitor is not None:
+            return self.monitor
+        for callback in trainer.callbacks:
+            if callback is not self and isinstance(getattr(callback, "state", None),
+                                                   TrainingState):
+                return callback
+        raise EngineOrderError(
+            "AdaptiveTrainingEngine needs a TrainingStateMonitor in trainer.callbacks, listed "
+            "before the engine (it reads the TrainingState the monitor publishes); none found "
+            f"among {[type(c).__name__ for c in trainer.callbacks]}"
+        )
+
+    @staticmethod
+    def _mixture(trainer: Trainer) -> Any:
+        mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
+        if mixture is None or not hasattr(mixture, "set_weights"):
+            raise ValueError(
+                "AdaptiveTrainingEngine changes the data through trainer.datamodule.mixture "
+                "(domains, weights, set_weights); the datamodule "
+                f"{type(getattr(trainer, 'datamodule', None)).__name__} has none"
+            )
+        return mixture
+
+    def _state(self) -> TrainingState:
+        if self.monitor is None:
+            raise EngineOrderError("AdaptiveTrainingEngine has no monitor yet (before fit)")
+        return self.monitor.state
+
+    # -- start -------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage != "fit":
+            return
+        self.monitor = self._find_monitor(trainer)
+        callbacks = list(trainer.callbacks)
+        if self.monitor in callbacks and self in callbacks and (
+                callbacks.index(self.monitor) > callbacks.index(self)):
+            raise EngineOrderError(
+                f"AdaptiveTrainingEngine is listed at position {callbacks.index(self)} of "
+                f"trainer.callbacks but its {type(self.monitor).__name__} at position "
+                f"{callbacks.index(self.monitor)}: list the monitor first, so that the state "
+                "the engine reads in on_train_batch_end is the one of the same step"
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the policy's weights before the first batch is drawn, and name the stage: the
+        policy's first one on a fresh run, a new one on a resume whose policy or mixture
+        configuration changed (see ``load_state_dict``)."""
+        mixture = self._mixture(trainer)
+        step = trainer.global_step
+        self._last_step = step
+        if self._saved_history_length is not None:  # resumed: did the datamodule's YAML move?
+            history = list(getattr(mixture, "history", []))
+            self._resume_reasons += [str(c.reason) for c in history[self._saved_history_length:]
+                                     if str(getattr(c, "reason", "")).startswith("resume:")]
+        reason = "; ".join(self._resume_reasons) or (None if self.stages else "start")
+        if self._resume_reasons:
+            self._base = None  # penalties now apply to the new configuration
+        self._resume_reasons = []
+        if self.policy is not None:
+            self.policy.setup(list(mixture.domains), _natural_weights(trainer))
+            self._update(trainer, "start", stage_reason=reason)
+        elif reason is not None:
+            self._enter_stage(trainer, "initial" if reason == "start" else f"resume@{step}",
+                              reason)
+
+    # -- every optimizer step ----------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # accumulating gradients: no optimizer step yet
+        self._last_step = step
+        state = self._state()
+        if state.step != step:
+            raise EngineOrderError(
+                f"AdaptiveTrainingEngine at step {step} reads a TrainingState of step "
+                f"{state.step}: the {type(self.monitor).__name__} must run its "
+                "on_train_batch_end before the engine (list it first in trainer.callbacks)"
+            )
+        if self.rollback:
+            offending = [a for a in state.anomalies
+                         if a.step == step and a.kind in self.rollback_on]
+            if offending:
+                self._roll_back(trainer, pl_module, offending[0])
+                return
+        if self.policy is not None and self.policy.due(step):
+            self._update(trainer, "update")
+
+    def _update(self, trainer: Trainer, why: str, stage_reason: str | None = None) -> None:
+        """Ask the policy; record a stage when it enters one (or ``stage_reason`` says the run
+        starts one), then apply its weights when they differ from the mixture's."""
+        mixture = self._mixture(trainer)
+        before = self.policy.stage
+        proposal = self.policy.propose(self._state(), dict(mixture.weights))
+        stage = self.policy.stage
+        if stage_reason is not None:
+            name = stage or (self.policy.name if stage_reason == "start"
+                             else f"resume@{trainer.global_step}")
+            if self.stages and self.stages[-1]["name"] == name:
+                name = f"{name} (resumed@{trainer.global_step})"
+            self._enter_stage(trainer, name, stage_reason)
+        elif stage is not None and stage != before:
+            self._enter_stage(trainer, stage, f"{self.policy.name}: stage {stage}")
+        if proposal is not None:
+            self._apply(trainer, proposal, f"{self.policy.name}: "
+                        + (f"stage {stage}" if stage else why))
+
+    def _apply(self, trainer: Trainer, weights: Mapping[str, float], reason: str,
+               **extra: Any) -> dict[str, Any] | None:
+        """Set ``weights`` (times the rollback penalties, within the policy's bounds) on the
+        mixture, unless they are the current ones; log and record the change."""
+        mixture = self._mixture(trainer)
+        self._base = dict(weights)
+        if self.penalties:
+            weights = {d: w * self.penalties.get(d, 1.0) for d, w in weights.items()}
+            total = sum(weights.values())
+            weights = {d: w / total for d, w in weights.items()}
+            if self.policy is not None:
+                weights = project_to_bounds(weights, self.policy.min_weight,
+                                            self.policy.max_weight)
+        current = mixture.weights
+        if all(abs(weights.get(d, 0.0) - current.get(d, 0.0)) <= WEIGHT_TOLERANCE
+               for d in set(weights) | set(current)):
+            return None
+        step = trainer.global_step
+        policy = self.policy.name if self.policy is not None else None
+        change = mixture.set_weights(dict(weights), reason=reason, normalize=True, step=step,
+                                     policy=policy, stage=self._stage_name(), **extra)
+        record = {"step": step, "batch_index": getattr(change, "batch_index", None),
+                  "weights": dict(getattr(change, "weights", weights)), "reason": reason,
+                  "policy": policy, "stage": self._stage_name(), **extra}
+        self.changes.append(record)
+        self._log(trainer, {f"ate/weight/{d}": float(w) for d, w in record["weights"].items()}
+                  | {"ate/changes": float(len(self.changes))}, step)
+        if not hasattr(mixture, "add_listener"):  # else the monitor logs it as "mixture"
+            self._event("mixture", **{k: v for k, v in record.items() if k != "step"},
+                        step=step)
+        return record
+
+    def _enter_stage(self, trainer: Trainer, name: str, reason: str) -> None:
+        step = trainer.global_step
+        self.stages.append({"name": name, "step": step, "reason": reason})
+        self._event("stage", name=name, reason=reason,
+                    policy=self.policy.name if self.policy is not None else None, step=step)
+        self._log(trainer, {"ate/stage": float(len(self.stages) - 1)}, step)
+        rank_zero_info(f"AdaptiveTrainingEngine: stage {name!r} from step {step} ({reason})")
+
+    def _stage_name(self) -> str | None:
+        return self.stages[-1]["name"] if self.stages else None
+
+    # -- rollback ----------------------------------------------------------------------------
+    def _roll_back(self, trainer: Trainer, pl_module: LightningModule, anomaly: Anomaly) -> None:
+        recent = [r for r in self.rollbacks if r["step"] > anomaly.step - self.rollback_window]
+        what = (f"{anomaly.kind} at step {anomaly.step} (loss {anomaly.value:.6g}, domains "
+                f"{anomaly.domains})")
+        if len(recent) >= self.max_rollbacks:
+            last = recent[-1] if recent else None
+            raise RollbackError(
+                f"{what} after {len(recent)} rollback(s) within the last {self.rollback_window} "
+                f"steps (max_rollbacks={self.max_rollbacks})"
+                + (f"; the last one restored {last['checkpoint']} (step {last['restored_step']})"
+                   if last else "")
+                + ". Stopping: lower the learning rate, inspect the data of those domains, or "
+                "raise max_rollbacks"
+            )
+        found = self._last_good_checkpoint(trainer, anomaly.step - self.min_checkpoint_age)
+        if found is None:
+            message = (f"{what}: no checkpoint at step <= {anomaly.step - self.min_checkpoint_age}"
+                       f" to roll back to in {self._checkpoint_dirs(trainer)}")
+            if anomaly.kind != "spike":
+                raise RollbackError(message + "; save checkpoints more often "
+                                    "(ModelCheckpoint(every_n_train_steps=...))")
+            rank_zero_warn(f"AdaptiveTrainingEngine: {message}; training goes on")
+            return
+        path, restored_step = found
+        position = _data_position(trainer, self._state())
+        checkpoint = self._restore(trainer, pl_module, path)
+        saved = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        # Trained on by the abandoned steps, never by the restored model: [start, stop).
+        replaced = {"start": saved.get("data_position"), "stop": position}
+        record: dict[str, Any] = {
+            "step": anomaly.step, "anomaly": anomaly.kind, "loss": anomaly.value,
+            "zscore": anomaly.zscore, "domains": list(anomaly.domains),
+            "checkpoint": path, "restored_step": restored_step,
+            "undone_steps": {"start": restored_step + 1, "stop": anomaly.step + 1},
+            "skipped_batches": replaced, "skipped_ahead": None,
+        }
+        mixture = self._mixture(trainer)
+        if self.skip_batches and hasattr(mixture, "skip_batches"):
+            skip = mixture.skip_batches(self.skip_batches, reason=f"rollback: {anomaly.kind}",
+                                        step=anomaly.step)
+            record["skipped_ahead"] = {"start": skip.batch_index,
+                                       "stop": skip.batch_index + skip.count}
+        elif self.skip_batches:
+            rank_zero_warn("AdaptiveTrainingEngine(skip_batches=...): the mixture has no "
+                           "skip_batches(); only the batches since the checkpoint are skipped")
+        self.rollbacks.append(record)
+        self._event("rollback", **{k: v for k, v in record.items() if k != "step"},
+                    step=anomaly.step)
+        self._log(trainer, {"ate/rollbacks": float(len(self.rollbacks))}, anomaly.step)
+        rank_zero_warn(
+            f"AdaptiveTrainingEngine: {what}: restored model and optimizer from {path} (step "
+            f"{restored_step}); batches [{replaced['start']}, {replaced['stop']}) are not replayed"
+            + (f", [{record['skipped_ahead']['start']}, {record['skipped_ahead']['stop']}) "
+               "skipped" if record["skipped_ahead"] else "")
+        )
+        if self.downweight_factor is not None and self.downweight_factor < 1.0 and (
+                anomaly.domains):
+            for domain in anomaly.domains:
+                self.penalties[domain] = self.penalties.get(domain, 1.0) * self.downweight_factor
+            self._apply(trainer, self._base or mixture.weights,
+                        f"rollback: down-weight {anomaly.domains}", rollback=len(self.rollbacks))
+
+    def _restore(self, trainer: Trainer, pl_module: LightningModule, path: str
+                 ) -> dict[str, Any]:
+        """Model, optimizer (and precision-plugin) state from ``path``, the way Lightning's
+        checkpoint connector restores them, but nothing else: the optimizer's
+        hyper-parameters (the learning rate the schedule set for this step) stay as they are,
+        as do the scheduler, loops, datamodule and callbacks."""
+        hyper = [[{k: v for k, v in group.items() if k != "params"}
+                  for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+        # The run's own checkpoint (hyper-parameters included), so a full unpickle, as a resume
+        # of the same run would need.
+        checkpoint = trainer.strategy.load_checkpoint(path, weights_only=False)
+        pl_module.on_load_checkpoint(checkpoint)
+        trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
+        if trainer.strategy.lightning_restore_optimizer:
+            if "optimizer_states" not in checkpoint:
+                raise RollbackError(f"checkpoint {path} holds no optimizer state "
+                                    "(ModelCheckpoint(save_weights_only=True)?); cannot roll back")
+            trainer.strategy.load_optimizer_state_dict(checkpoint)
+        for optimizer, groups in zip(trainer.optimizers, hyper):
+            for group, values in zip(optimizer.param_groups, groups):
+                group.update(values)
+        precision = trainer.precision_plugin
+        if type(precision).__qualname__ in checkpoint:
+            precision.load_state_dict(checkpoint[type(precision).__qualname__])
+        return checkpoint
+
+    @staticmethod
+    def _checkpoint_dirs(trainer: Trainer) -> list[str]:
+        return [str(cb.dirpath) for cb in trainer.checkpoint_callbacks
+                if getattr(cb, "dirpath", None)]
+
+    def _last_good_checkpoint(self, trainer: Trainer, max_step: int) -> tuple[str, int] | None:
+        """The newest checkpoint at a step <= ``max_step``: among the files (or sharded
+        checkpoint folders) in every ``ModelCheckpoint``'s ``dirpath``, the paths those
+        callbacks remember, and the checkpoint this fit resumed from. Rank 0 chooses; the
+        others follow (they may not see the same listing on a non-shared filesystem)."""
+        best: tuple[int, str] | None = None
+        if trainer.is_global_zero:
+            for path in self._candidates(trainer):
+                step = self._step_of(path)
+                if step is not None and step <= max_step and (best is None or step > best[0]):
+                    best = (step, path)
+        best = trainer.strategy.broadcast(best, src=0)
+        return None if best is None else (best[1], best[0])
+
+    @staticmethod
+    def _candidates(trainer: Trainer) -> list[str]:
+        paths: list[str] = []
+        for callback in trainer.checkpoint_callbacks:
+            extension = getattr(callback, "FILE_EXTENSION", ".ckpt")
+            dirpath = getattr(callback, "dirpath", None)
+            if dirpath:
+                fs = get_filesystem(dirpath)
+                if fs.isdir(dirpath):
+                    remote = "://" in str(dirpath)
+                    paths += [fs.unstrip_protocol(p) if remote else p
+                              for p in sorted(fs.ls(dirpath, detail=False))
+                              if str(p).endswith(extension)]
+            for attr in ("last_model_path", "best_model_path"):
+                if getattr(callback, attr, ""):
+                    paths.append(getattr(callback, attr))
+            paths += list(getattr(callback, "best_k_models", {}) or {})
+        if trainer.ckpt_path:
+            paths.append(str(trainer.ckpt_path))
+        return list(dict.fromkeys(str(p) for p in paths))
+
+    def _step_of(self, path: str) -> int | None:
+        """The ``global_step`` a checkpoint was saved at (cached by path and mtime)."""
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            return None
+        info = fs.info(path)
+        key = (path, float(info.get("mtime", info.get("created", 0)) or 0))
+        if key not in self._checkpoint_steps:
+            self._checkpoint_steps[key] = _read_step(path, fs.isdir(path))
+        return self._checkpoint_steps[key]
+
+    # -- logging -----------------------------------------------------------------------------
+    def _event(self, kind: str, **fields: Any) -> None:
+        record = getattr(self.monitor, "record_event", None)
+        if callable(record):
+            record(kind, **_jsonable(fields))
+
+    @staticmethod
+    def _log(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
+        policy = None
+        if self.policy is not None:
+            policy = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config()),
+                      "state": self.policy.state_dict()}
+        return {
+            "policy": policy,
+            "changes": [dict(c) for c in self.changes],
+            "rollbacks": [dict(r) for r in self.rollbacks],
+            "stages": [dict(s) for s in self.stages],
+            "penalties": dict(self.penalties),
+            "base_weights": None if self._base is None else dict(self._base),
+            "data_position": (_data_position(trainer, self.monitor.state)
+                              if trainer is not None and self.monitor is not None else None),
+            "mixture_history_length": len(getattr(mixture, "history", []) or []),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume. The same policy (class and arguments) continues from its saved state; a
+        different one starts fresh, and the run enters a new stage when training starts."""
+        self.changes = [dict(c) for c in state_dict.get("changes", [])]
+        self.rollbacks = [dict(r) for r in state_dict.get("rollbacks", [])]
+        self.stages = [dict(s) for s in state_dict.get("stages", [])]
+        self.penalties = dict(state_dict.get("penalties", {}))
+        self._base = state_dict.get("base_weights")
+        self._saved_history_length = state_dict.get("mixture_history_length")
+        saved = state_dict.get("policy")
+        if self.policy is None:
+            if saved is not None:
+                self._resume_reasons.append(f"policy removed (was {saved['class']})")
+            return
+        mine = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config())}
+        if saved is not None and saved["class"] == mine["class"] and (
+                _canonical(saved["config"]) == _canonical(mine["config"])):
+            self.policy.load_state_dict(saved["state"])
+        elif saved is None:
+            self._resume_reasons.append(f"policy {self.policy!r} added")
+        else:
+            self._resume_reasons.append(
+                f"policy changed from {saved['class'].rsplit('.', 1)[-1]}"
+                f"({_brief(saved['config'])}) to {self.policy!r}")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _data_position(trainer: Trainer | None, state: TrainingState) -> int:
+    """Batches consumed so far: the mixture's own count when it has one (``DomainMixture``:
+    the sampler's global batch index, skips included), else the monitor's per-rank count."""
+    mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
+    consumed = getattr(mixture, "consumed_batches", None)
+    return int(consumed) if consumed is not None else int(state.batch_index)
+
+
+def _natural_weights(trainer: Trainer) -> dict[str, float] | None:
+    """Corpus proportions by training tokens, when the datamodule can tell them."""
+    natural = getattr(getattr(trainer, "datamodule", None), "natural_weights", None)
+    if callable(natural):
+        try:
+            return dict(natural())
+        except Exception as error:  # a datamodule that cannot tell: natural falls back
+            rank_zero_warn(f"AdaptiveTrainingEngine: datamodule.natural_weights() failed: "
+                           f"{error!r}; 'natural' weights use the tokens seen instead")
+    return None
+
+
+def _read_step(path: str, is_dir: bool) -> int | None:
+    try:
+        if is_dir:
+            meta = Path(path) / "meta.pt"  # Lightning's sharded (distributed) checkpoints
+            if meta.is_file():
+                return int(torch.load(meta, map_location="cpu", weights_only=False)
+                           ["global_step"])
+        elif "://" not in path:
+            # mmap: only the pickled structure is read, not the tensors
+            return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+                       ["global_step"])
+        else:
+            return int(pl_load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # unreadable here: fall back to the step in its name
+        pass
+    found = re.search(r"step=(\d+)", Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Anomaly):
+        return _jsonable(asdict(value))
+    return str(value)
+
+
+def _canonical(config: Any) -> str:
+    return json.dumps(_jsonable(config), sort_keys=True)
+
+
+def _brief(config: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in config.items())
+
+
+__all__ = ["AdaptiveTrainingEngine", "EngineOrderError", "RollbackError"]

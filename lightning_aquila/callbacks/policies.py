@@ -1,0 +1,604 @@
+"""Mixture policies: how the Adaptive Training Engine turns a ``TrainingState`` into weights.
+
+A policy is a small object behind one interface (:class:`MixturePolicy`): every
+``update_every`` optimizer steps the engine calls ``propose(state, current)`` with the TSM's
+rank-reduced state and the mixture's current weights, and the policy returns new weights or
+``None`` (keep them). Policies never touch the data or the trainer, so they are tested on a
+constructed ``TrainingState`` and the same decision is taken on every rank.
+
+Every policy is deterministic given the states it has been shown (none draws random
+numbers: the sampler does the sampling), keeps its internal state in ``state_dict`` (the
+engine puts it into every checkpoint), and keeps each weight within ``[min_weight,
+max_weight]`` by a Euclidean projection onto the bounded simplex. Constructor arguments are
+plain types, so each policy is selectable from YAML as ``class_path``/``init_args``.
+
+The update rules, with formulas, are in ``docs/engine.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lightning_aquila.callbacks.state import TrainingState
+
+Bound = float | Mapping[str, float]
+
+
+# -- the shared helpers ------------------------------------------------------------------------
+def _per_domain(bound: Bound, domains: Sequence[str], default: float, what: str) -> np.ndarray:
+    if isinstance(bound, Mapping):
+        unknown = [d for d in bound if d not in domains]
+        if unknown:
+            raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
+        values = [float(bound.get(d, default)) for d in domains]
+    else:
+        values = [float(bound)] * len(domains)
+    for domain, value in zip(domains, values):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{what} for domain {domain!r} must be in [0, 1], got {value}")
+    return np.array(values, dtype=np.float64)
+
+
+def project_to_bounds(weights: Mapping[str, float], min_weight: Bound = 0.0,
+                      max_weight: Bound = 1.0) -> dict[str, float]:
+    """The weights closest (in Euclidean distance) to ``weights`` that sum to 1 and keep every
+    domain within ``[min_weight, max_weight]``.
+
+    The solution is ``w_i = clip(v_i - tau, lo_i, hi_i)`` for the one ``tau`` at which the
+    clipped values sum to 1; their sum is piecewise linear in ``tau`` with breakpoints at
+    ``v_i - lo_i`` and ``v_i - hi_i``, so ``tau`` is found exactly between two breakpoints
+    (no iteration, no tolerance). Weights already on the bounded simplex come back unchanged.
+    """
+    domains = list(weights)
+    if not domains:
+        raise ValueError("no weights to bound")
+    v = np.array([float(weights[d]) for d in domains], dtype=np.float64)
+    bad = [d for d, x in zip(domains, v) if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"weights of domain(s) {bad} are not finite: {dict(weights)}")
+    lo = _per_domain(min_weight, domains, 0.0, "min_weight")
+    hi = _per_domain(max_weight, domains, 1.0, "max_weight")
+    if (lo > hi).any():
+        domain = domains[int(np.argmax(lo > hi))]
+        raise ValueError(f"min_weight exceeds max_weight for domain {domain!r}")
+    if lo.sum() > 1.0 + 1e-12 or hi.sum() < 1.0 - 1e-12:
+        raise ValueError(
+            f"no weights can satisfy the bounds: the min_weights sum to {lo.sum():.6g} and the "
+            f"max_weights to {hi.sum():.6g} over {len(domains)} domains (need <= 1 <= sum)"
+        )
+    if (v >= lo).all() and (v <= hi).all() and abs(v.sum() - 1.0) <= 1e-12:
+        return {d: float(x) for d, x in zip(domains, v)}
+    points = np.unique(np.concatenate([v - lo, v - hi]))
+
+    def total(tau: float) -> float:
+        return float(np.clip(v - tau, lo, hi).sum())
+
+    sums = [total(p) for p in points]  # non-increasing in tau
+    tau = float(points[-1])
+    for k in range(len(points) - 1):
+        if sums[k] >= 1.0 >= sums[k + 1]:
+            a, b = float(points[k]), float(points[k + 1])
+            tau = a if sums[k] == sums[k + 1] else a + (sums[k] - 1.0) * (b - a) / (
+                sums[k] - sums[k + 1])
+            break
+    else:
+        if sums[0] <= 1.0:
+            tau = float(points[0])
+    w = np.clip(v - tau, lo, hi)
+    return {d: float(x) for d, x in zip(domains, w)}
+
+
+def resolve_weights(spec: Mapping[str, float] | str, domains: Sequence[str],
+                    natural: Mapping[str, float] | None, what: str) -> dict[str, float] | None:
+    """A weight spec (mapping, ``"uniform"`` or ``"natural"``) as normalised weights over
+    ``domains``; ``None`` when ``"natural"`` is asked and no token counts are known."""
+    if isinstance(spec, str):
+        if spec == "uniform":
+            return dict.fromkeys(domains, 1.0 / len(domains))
+        if spec == "natural":
+            if not natural:
+                return None
+            counts = {d: float(natural.get(d, 0.0)) for d in domains}
+            total = sum(counts.values())
+            return {d: c / total for d, c in counts.items()} if total > 0 else None
+        raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
+    unknown = [d for d in spec if d not in domains]
+    if unknown:
+        raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
+    return normalized({d: spec.get(d, 0.0) for d in domains}, what)
+
+
+def normalized(weights: Mapping[str, Any], what: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for domain, raw in weights.items():
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: weight of {domain!r} is not a number: {raw!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{what}: weight of {domain!r} must be finite and >= 0, got {value}")
+        values[domain] = value
+    total = sum(values.values())
+    if total <= 0:
+        raise ValueError(f"{what}: weights are all zero: {dict(weights)}")
+    return {d: v / total for d, v in values.items()}
+
+
+def _check_weight_spec(spec: Any, what: str) -> None:
+    if isinstance(spec, str):
+        if spec not in ("uniform", "natural"):
+            raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
+    elif isinstance(spec, Mapping):
+        normalized(spec, what)
+    else:
+        raise ValueError(f"{what} must be a mapping of domain -> weight, got {spec!r}")
+
+
+# -- the interface -----------------------------------------------------------------------------
+class MixturePolicy(ABC):
+    """Decides the domain weights from the training state.
+
+    Args:
+        update_every: optimizer steps between two ``propose`` calls by the engine (it also
+            asks once when training starts, so a policy's weights hold from the first batch).
+        min_weight, max_weight: bounds on each domain's weight, one number for all domains
+            or a mapping ``domain -> bound`` (unlisted domains: 0 and 1).
+    """
+
+    def __init__(self, update_every: int = 1, min_weight: Bound = 0.0,
+                 max_weight: Bound = 1.0) -> None:
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"{type(self).__name__}(update_every={update_every!r}) must be a "
+                             "positive number of steps")
+        for what, bound in (("min_weight", min_weight), ("max_weight", max_weight)):
+            values = bound.values() if isinstance(bound, Mapping) else [bound]
+            if any(not 0.0 <= float(b) <= 1.0 for b in values):
+                raise ValueError(f"{type(self).__name__}({what}={bound!r}) must lie in [0, 1]")
+        self.update_every = update_every
+        self.min_weight = dict(min_weight) if isinstance(min_weight, Mapping) else min_weight
+        self.max_weight = dict(max_weight) if isinstance(max_weight, Mapping) else max_weight
+        self.domains: list[str] | None = None
+        self.natural: dict[str, float] | None = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def stage(self) -> str | None:
+        """The name of the data stage in force, for policies that have stages."""
+        return None
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        """Called by the engine when training starts: the mixture's domains and, when the
+        datamodule knows them, each domain's training tokens in the corpus. Also checks the
+        bounds can be met. Subclasses extend it to check their domain names."""
+        self.domains = list(domains)
+        self.natural = dict(natural) if natural else None
+        project_to_bounds(dict.fromkeys(self.domains, 1.0 / len(self.domains)),
+                          self.min_weight, self.max_weight)
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.update_every == 0
+
+    def propose(self, state: TrainingState, current: Mapping[str, float]
+                ) -> dict[str, float] | None:
+        """New weights within the bounds (summing to 1), or ``None`` to keep ``current``."""
+        if self.domains is None or set(self.domains) != set(current):
+            self.setup(list(current), self.natural)
+        weights = self._propose(state, {d: float(current[d]) for d in self.domains})
+        return None if weights is None else self.bounded(weights)
+
+    @abstractmethod
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        """The policy's rule; its result is normalised and bounded by ``propose``."""
+
+    def bounded(self, weights: Mapping[str, float]) -> dict[str, float]:
+        return project_to_bounds(normalized(weights, self.name), self.min_weight,
+                                 self.max_weight)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments: a resume compares them to tell a changed policy."""
+        return {"update_every": self.update_every, "min_weight": self.min_weight,
+                "max_weight": self.max_weight}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 (stateless)
+        pass
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{self.name}({args})"
+
+
+# -- the policies ------------------------------------------------------------------------------
+class StaticMixture(MixturePolicy):
+    """Fixed weights: the baseline.
+
+    Args:
+        weights: a mapping ``domain -> weight`` (rescaled to sum to 1, unlisted domains 0),
+            ``"uniform"``, or ``"natural"``: proportional to each domain's training tokens in
+            the corpus, which the engine reads from the datamodule (``natural_weights()``, as
+            ``DomainDataModule`` offers from its store's metadata). Without those counts it
+            falls back to ``state.tokens_per_domain``, the tokens seen so far (the natural
+            proportions only when training started from them), and keeps the current weights
+            until the monitor has counted some.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | str = "natural", update_every: int = 1,
+                 min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
+        super().__init__(update_every, min_weight, max_weight)
+        _check_weight_spec(weights, "StaticMixture(weights)")
+        self.weights = dict(weights) if isinstance(weights, Mapping) else weights
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        super().setup(domains, natural)
+        resolve_weights(self.weights, self.domains, None, "StaticMixture(weights)")
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        counts = self.natural or {d: float(n) for d, n in state.tokens_per_domain.items()
+                                  if d in current}
+        return resolve_weights(self.weights, self.domains, counts, "StaticMixture(weights)")
+
+    def config(self) -> dict[str, Any]:
+        return {"weights": self.weights, **super().config()}
+
+
+class StagedMixture(MixturePolicy):
+    """The Aquila2 report's data stages (K6 → K61 → … → K65): a list of mixtures, each in
+    force until a token count or a step.
+
+    Args:
+        stages: ``[{name, weights, until_tokens | until_step}, ...]`` in order. ``weights`` as
+            for :class:`StaticMixture`. A stage ends once ``state.tokens >= until_tokens``
+            (training tokens over all ranks, as the TSM counts them every
+            ``train_loss_every_n_steps``) or ``state.step >= until_step``; the last stage may
+            leave both out and runs to the end. Stages only move forward.
+    """
+
+    def __init__(self, stages: Sequence[Mapping[str, Any]], update_every: int = 1,
+                 min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
+        super().__init__(update_every, min_weight, max_weight)
+        if not stages:
+            raise ValueError("StagedMixture(stages) needs at least one stage")
+        self.stages = [self._checked(i, stage, last=i == len(stages) - 1)
+                       for i, stage in enumerate(stages)]
+        names = [s["name"] for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StagedMixture(stages): stage names repeat: {names}")
+        for kind in ("until_tokens", "until_step"):
+            ends = [s[kind] for s in self.stages if s.get(kind) is not None]
+            if ends != sorted(ends) or len(set(ends)) != len(ends):
+                raise ValueError(f"StagedMixture(stages): {kind} must increase from stage to "
+                                 f"stage, got {ends}")
+        self.index = 0
+        self.switches: list[dict[str, Any]] = []  # {stage, step, tokens}, one per stage entered
+
+    @staticmethod
+    def _checked(index: int, stage: Mapping[str, Any], last: bool) -> dict[str, Any]:
+        where = f"StagedMixture(stages[{index}])"
+        if not isinstance(stage, Mapping):
+            raise ValueError(f"{where} must be a mapping with name, weights and until_tokens "
+                             f"or until_step, got {stage!r}")
+        unknown = set(stage) - {"name", "weights", "until_tokens", "until_step"}
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use name, "
+                             "weights, until_tokens, until_step")
+        if "weights" not in stage:
+            raise ValueError(f"{where} has no weights")
+        _check_weight_spec(stage["weights"], f"{where}.weights")
+        ends = [k for k in ("until_tokens", "until_step") if stage.get(k) is not None]
+        if len(ends) > 1:
+            raise ValueError(f"{where} gives both until_tokens and until_step; give one")
+        if not ends and not last:
+            raise ValueError(f"{where} needs until_tokens or until_step (only the last stage "
+                             "may run to the end)")
+        for key in ends:
+            if not isinstance(stage[key], int) or stage[key] <= 0:
+                raise ValueError(f"{where}.{key} must be a positive integer, got "
+                                 f"{stage[key]!r}")
+        weights = stage["weights"]
+        return {"name": str(stage.get("name", f"stage{index}")),
+                "weights": dict(weights) if isinstance(weights, Mapping) else weights,
+                **{k: int(stage[k]) for k in ends}}
+
+    @property
+    def stage(self) -> str:
+        return self.stages[self.index]["name"]
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        super().setup(domains, natural)
+        for i, stage in enumerate(self.stages):
+            resolve_weights(stage["weights"], self.domains, None,
+                            f"StagedMixture(stages[{i}].weights)")
+
+    def stage_at(self, state: TrainingState) -> int:
+        """The index of the stage in force for ``state`` (never before the current one)."""
+        index = self.index
+        while index < len(self.stages) - 1 and self._ended(self.stages[index], state):
+            index += 1
+        return index
+
+    @staticmethod
+    def _ended(stage: Mapping[str, Any], state: TrainingState) -> bool:
+        if stage.get("until_tokens") is not None:
+            return state.tokens >= stage["until_tokens"]
+        if stage.get("until_step") is not None:
+            return state.step >= stage["until_step"]
+        return False
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        index = self.stage_at(state)
+        if index != self.index or not self.switches:
+            self.index = index
+            self.switches.append({"stage": self.stage, "step": state.step,
+                                  "tokens": state.tokens})
+        counts = self.natural or {d: float(n) for d, n in state.tokens_per_domain.items()
+                                  if d in current}
+        return resolve_weights(self.stages[self.index]["weights"], self.domains, counts,
+                               f"StagedMixture(stages[{self.index}].weights)")
+
+    def config(self) -> dict[str, Any]:
+        return {"stages": self.stages, **super().config()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "switches": [dict(s) for s in self.switches]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.index = int(state["index"])
+        self.switches = [dict(s) for s in state["switches"]]
+
+
+def load_reference_losses(reference: Mapping[str, float] | str,
+                          signal: Literal["train", "val"] = "train") -> dict[str, float]:
+    """Per-domain reference losses from a mapping, or from a file:
+
+    * ``*.json`` / ``*.yaml`` / ``*.yml``: a mapping ``domain -> loss``;
+    * ``*.jsonl``: a TSM ``metrics.jsonl`` of a reference run; the last finite
+      ``tsm/val_loss/<domain>`` (``signal="val"``) or ``tsm/train_loss/<domain>``
+      (``signal="train"``) of each domain.
+    """
+    if isinstance(reference, Mapping):
+        source, raw = "ExcessLossMixture(reference)", dict(reference)
+    else:
+        path = Path(reference)
+        source = str(path)
+        if not path.is_file():
+            raise ValueError(f"ExcessLossMixture: reference file {source} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            prefix = "tsm/val_loss/" if signal == "val" else "tsm/train_loss/"
+            raw = {}
+            for number, line in enumerate(text.splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line of a killed run
+                if not isinstance(row, dict):
+                    raise ValueError(f"{source}:{number}: expected a JSON object per line")
+                for key, value in row.items():
+                    name = key[len(prefix):]
+                    if (key.startswith(prefix) and "/" not in name
+                            and isinstance(value, (int, float)) and math.isfinite(value)):
+                        raw[name] = float(value)
+            if not raw:
+                raise ValueError(f"{source} holds no {prefix}<domain> values")
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{source} must hold a mapping domain -> loss, got "
+                             f"{type(raw).__name__}")
+    losses: dict[str, float] = {}
+    for domain, value in raw.items():
+        try:
+            loss = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: reference loss of {domain!r} is not a number: "
+                             f"{value!r}") from None
+        if not math.isfinite(loss):
+            raise ValueError(f"{source}: reference loss of {domain!r} is not finite: {loss}")
+        losses[str(domain)] = loss
+    return losses
+
+
+class ExcessLossMixture(MixturePolicy):
+    r"""DoReMi-style online reweighting (Xie et al. 2023) by excess loss over a reference.
+
+    At each update with a fresh loss signal, per domain ``i``:
+    ``delta_i = max(loss_i - reference_i, 0)``, ``a_i <- a_i * exp(step_size * delta_i)``,
+    normalise, then ``a <- (1 - smoothing) * a + smoothing / K``. The weights are ``a``,
+    projected onto the bounds (``min_weight`` is the per-domain floor). ``a`` starts from the
+    mixture's weights at the first update and lives in the checkpoint.
+
+    Args:
+        reference: per-domain reference losses: a mapping (loss targets), or a file
+            (see :func:`load_reference_losses`): JSON/YAML mapping or a reference run's TSM
+            ``metrics.jsonl``. It must cover every domain of the mixture.
+        signal: ``"train"``: the TSM's per-domain training-loss EMA (``state.train_loss``,
+            fresh when ``state.train_step`` moves); ``"val"``: the held-out loss
+            (``state.val_loss``, fresh when ``state.val_step`` moves).
+        step_size: the exponentiated-gradient step ``eta`` per nat of excess loss.
+        smoothing: the mass ``c`` mixed in from the uniform distribution at every update.
+    """
+
+    def __init__(self, reference: Mapping[str, float] | str,
+                 signal: Literal["train", "val"] = "train", step_size: float = 1.0,
+                 smoothing: float = 1e-3, update_every: int = 10, min_weight: Bound = 0.0,
+                 max_weight: Bound = 1.0) -> None:
+        super().__init__(update_every, min_weight, max_weight)
+        if signal not in ("train", "val"):
+            raise ValueError(f"ExcessLossMixture(signal={signal!r}) must be 'train' or 'val'")
+        if not step_size > 0:
+            raise ValueError(f"ExcessLossMixture(step_size={step_size!r}) must be positive")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"ExcessLossMixture(smoothing={smoothing!r}) must be in [0, 1]")
+        self.reference = dict(reference) if isinstance(reference, Mapping) else reference
+        self.signal, self.step_size, self.smoothing = signal, float(step_size), float(smoothing)
+        self.reference_losses = load_reference_losses(reference, signal)
+        self.alpha: dict[str, float] | None = None
+        self.last_signal_step: int | None = None
+        self.updates = 0
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        super().setup(domains, natural)
+        missing = [d for d in self.domains if d not in self.reference_losses]
+        if missing:
+            raise ValueError(f"ExcessLossMixture: the reference ({self.reference!r}) has no "
+                             f"loss for domain(s) {missing}")
+        if self.alpha is not None:  # a resume with other domains: keep the ones that stayed
+            kept = {d: self.alpha[d] for d in self.domains if d in self.alpha}
+            fresh = 1.0 / len(self.domains)
+            self.alpha = normalized({d: kept.get(d, fresh) for d in self.domains}, self.name)
+
+    def excess(self, losses: Mapping[str, float]) -> dict[str, float]:
+        """``max(loss - reference, 0)`` per domain; 0 where the loss is unknown or not
+        finite (a spike's NaN must not steer the mixture)."""
+        out = {}
+        for d in self.domains:
+            loss = losses.get(d)
+            ok = loss is not None and math.isfinite(loss)
+            out[d] = max(loss - self.reference_losses[d], 0.0) if ok else 0.0
+        return out
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        signal_step = state.train_step if self.signal == "train" else state.val_step
+        losses = state.train_loss if self.signal == "train" else state.val_loss
+        if signal_step is None or signal_step == self.last_signal_step or not losses:
+            return None
+        self.last_signal_step = signal_step
+        alpha = self.alpha or normalized(current, self.name)
+        delta = self.excess(losses)
+        # log-space update: exp of a large excess must not overflow
+        logits = {d: math.log(max(alpha[d], 1e-300)) + self.step_size * delta[d]
+                  for d in self.domains}
+        top = max(logits.values())
+        raw = {d: math.exp(v - top) for d, v in logits.items()}
+        total = sum(raw.values())
+        k = len(self.domains)
+        self.alpha = {d: (1 - self.smoothing) * raw[d] / total + self.smoothing / k
+                      for d in self.domains}
+        self.updates += 1
+        return dict(self.alpha)
+
+    def config(self) -> dict[str, Any]:
+        return {"reference": self.reference, "signal": self.signal,
+                "step_size": self.step_size, "smoothing": self.smoothing, **super().config()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": None if self.alpha is None else dict(self.alpha),
+                "last_signal_step": self.last_signal_step, "updates": self.updates}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.alpha = None if state["alpha"] is None else dict(state["alpha"])
+        self.last_signal_step = state["last_signal_step"]
+        self.updates = int(state["updates"])
+
+
+class BanditMixture(MixturePolicy):
+    r"""Online Data Mixing (Albalak et al. 2023): the domains are the arms of an EXP3 bandit
+    whose reward is the per-domain training loss (a domain with more left to learn pays more).
+
+    At an update at step ``t`` with a fresh loss signal, every domain ``i`` sampled since the
+    last update (its token count moved) with mean loss ``l_i`` over that interval updates its
+    smoothed reward ``R_i <- smoothing * R_i + (1 - smoothing) * l_i / p_i``, ``p_i`` being its
+    weight while the losses were gathered (``importance_weighted=False`` drops ``/ p_i``).
+    Then ``eps_t = min(1/K, sqrt(ln K / (K t)))`` and
+    ``p_i = (1 - K eps_t) * softmax(eps_prev * R)_i + eps_t``, ``eps_prev`` being the
+    previous update's ``eps`` (``1/K`` at the first), projected onto the bounds.
+
+    As in ODM, ``t`` counts training steps, so exploration decays with training whatever
+    ``update_every`` is. In ODM each minibatch comes from one arm; here a batch mixes domains,
+    so every arm observed in the interval is updated. No randomness is needed: the sampler
+    draws the domains from ``p``.
+
+    Args:
+        smoothing: the moving-average weight ``alpha`` of the reward (ODM: 0.9).
+        importance_weighted: divide each observed loss by the domain's probability (ODM).
+        warmup_steps: keep the current weights until this step.
+    """
+
+    def __init__(self, smoothing: float = 0.9, importance_weighted: bool = True,
+                 warmup_steps: int = 0, update_every: int = 10, min_weight: Bound = 0.0,
+                 max_weight: Bound = 1.0) -> None:
+        super().__init__(update_every, min_weight, max_weight)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"BanditMixture(smoothing={smoothing!r}) must be in [0, 1)")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"BanditMixture(warmup_steps={warmup_steps!r}) must be >= 0")
+        self.smoothing, self.importance_weighted = float(smoothing), bool(importance_weighted)
+        self.warmup_steps = warmup_steps
+        self.rewards: dict[str, float] = {}
+        self.tokens_seen: dict[str, int] = {}  # state.tokens_per_domain at the last update
+        self.updates = 0
+        self.epsilon: float | None = None  # the last update's eps: the next one's temperature
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        super().setup(domains, natural)
+        self.rewards = {d: self.rewards.get(d, 0.0) for d in self.domains}
+
+    def exploration(self, t: int) -> float:
+        k = len(self.domains)
+        if t <= 0 or k == 1:
+            return 1.0 / k
+        return min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        if state.step < self.warmup_steps:
+            return None
+        observed = [d for d in self.domains
+                    if state.tokens_per_domain.get(d, 0) > self.tokens_seen.get(d, 0)
+                    and d in state.train_loss_last and math.isfinite(state.train_loss_last[d])
+                    and current[d] > 0]
+        self.tokens_seen = {d: int(state.tokens_per_domain.get(d, 0)) for d in self.domains}
+        if not observed:
+            return None
+        for d in observed:
+            reward = state.train_loss_last[d]
+            if self.importance_weighted:
+                reward /= current[d]
+            self.rewards[d] = self.smoothing * self.rewards[d] + (1 - self.smoothing) * reward
+        k = len(self.domains)
+        temperature = self.exploration(0) if self.epsilon is None else self.epsilon
+        self.updates += 1
+        self.epsilon = self.exploration(state.step)
+        scores = {d: temperature * self.rewards[d] for d in self.domains}
+        top = max(scores.values())
+        raw = {d: math.exp(s - top) for d, s in scores.items()}
+        total = sum(raw.values())
+        return {d: (1 - k * self.epsilon) * raw[d] / total + self.epsilon for d in self.domains}
+
+    def config(self) -> dict[str, Any]:
+        return {"smoothing": self.smoothing, "importance_weighted": self.importance_weighted,
+                "warmup_steps": self.warmup_steps, **super().config()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rewards": dict(self.rewards), "tokens_seen": dict(self.tokens_seen),
+                "updates": self.updates, "epsilon": self.epsilon}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rewards = {d: float(r) for d, r in state["rewards"].items()}
+        self.tokens_seen = {d: int(n) for d, n in state["tokens_seen"].items()}
+        self.updates = int(state["updates"])
+        self.epsilon = state["epsilon"]
+
+
+__all__ = ["BanditMixture", "ExcessLossMixture", "MixturePolicy", "StagedMixture",
+           "StaticMixture", "load_reference_losses", "project_to_bounds", "resolve_weights"]

@@ -1,0 +1,374 @@
+"""Mixture policies on constructed TrainingStates: each moves the weights the way its rule
+says, keeps them within bounds, is deterministic, survives a state_dict round trip exactly,
+and can be chosen from YAML."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_aquila.callbacks.policies import (
+    BanditMixture,
+    ExcessLossMixture,
+    MixturePolicy,
+    StagedMixture,
+    StaticMixture,
+    load_reference_losses,
+    project_to_bounds,
+)
+from lightning_aquila.callbacks.state import TrainingState
+
+DOMAINS = ["code", "web", "books"]
+UNIFORM = dict.fromkeys(DOMAINS, 1 / 3)
+
+
+def state(step: int, losses: dict[str, float] | None = None, tokens: int | None = None,
+          per_domain_tokens: dict[str, int] | None = None) -> TrainingState:
+    """A state as the TSM publishes it after a training-loss interval at ``step``."""
+    losses = losses or {}
+    per_domain = per_domain_tokens or dict.fromkeys(DOMAINS, 100 * step)
+    return TrainingState(step=step, tokens=sum(per_domain.values()) if tokens is None else tokens,
+                         tokens_per_domain=per_domain, train_loss=dict(losses),
+                         train_loss_last=dict(losses), train_step=step)
+
+
+def loss_stream(n: int, seed: int = 0) -> list[TrainingState]:
+    """n fresh training-loss intervals with domain losses that drift differently."""
+    import random
+
+    rng = random.Random(seed)
+    return [state(10 * (i + 1), {"code": 4 + rng.random(), "web": 3 + rng.random(),
+                                 "books": 2 + rng.random()}) for i in range(n)]
+
+
+def drive(policy: MixturePolicy, states: list[TrainingState],
+          current: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """Feed states in order, carrying the proposed weights forward as the mixture would."""
+    current = dict(current or UNIFORM)
+    seen = []
+    for s in states:
+        proposal = policy.propose(s, current)
+        if proposal is not None:
+            current = proposal
+        seen.append(dict(current))
+    return seen
+
+
+def make_policies() -> list[MixturePolicy]:
+    return [
+        StaticMixture({"code": 2, "web": 1, "books": 1}, min_weight=0.1, max_weight=0.45),
+        StagedMixture([{"name": "K6", "weights": {"code": 1, "web": 1}, "until_tokens": 1500},
+                       {"name": "K61", "weights": "uniform"}], min_weight=0.1, max_weight=0.45),
+        ExcessLossMixture({"code": 3.0, "web": 3.0, "books": 3.0}, step_size=2.0,
+                          min_weight=0.1, max_weight=0.45),
+        BanditMixture(update_every=1, min_weight=0.1, max_weight=0.45),
+    ]
+
+
+# -- the bounded simplex ----------------------------------------------------------------------
+def test_weights_within_bounds_come_back_unchanged():
+    weights = {"code": 0.5, "web": 0.3, "books": 0.2}
+    assert project_to_bounds(weights, 0.1, 0.6) == weights
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 10), min_size=2, max_size=6), st.floats(0, 0.15),
+       st.floats(0.5, 1.0))
+def test_projection_is_the_nearest_point_of_the_bounded_simplex(raw, low, high):
+    weights = {f"d{i}": v for i, v in enumerate(raw)}
+    out = project_to_bounds(weights, low, high)
+    assert math.isclose(sum(out.values()), 1.0, abs_tol=1e-9)
+    assert all(low - 1e-12 <= w <= high + 1e-12 for w in out.values())
+    # Optimality (KKT): out = clip(v - tau, low, high) for one tau.
+    free = [weights[d] - out[d] for d in out if low + 1e-9 < out[d] < high - 1e-9]
+    if free:
+        tau = free[0]
+        assert all(math.isclose(t, tau, abs_tol=1e-9) for t in free)
+        for d in out:
+            expected = min(max(weights[d] - tau, low), high)
+            assert math.isclose(out[d], expected, abs_tol=1e-9)
+
+
+def test_bounds_no_weights_can_meet_are_refused_naming_the_sums():
+    with pytest.raises(ValueError, match=r"min_weights sum to 1\.2"):
+        project_to_bounds(UNIFORM, 0.4, 1.0)
+    with pytest.raises(ValueError, match=r"max_weights to 0\.6"):
+        project_to_bounds(UNIFORM, 0.0, 0.2)
+
+
+def test_per_domain_bounds_apply_to_their_domain_only():
+    out = project_to_bounds({"code": 0.8, "web": 0.1, "books": 0.1}, {"books": 0.3},
+                            {"code": 0.5})
+    assert out["code"] == pytest.approx(0.5) and out["books"] == pytest.approx(0.3)
+
+
+# -- StaticMixture ----------------------------------------------------------------------------
+def test_static_mixture_proposes_its_weights_normalised():
+    policy = StaticMixture({"code": 2, "web": 1})
+    assert policy.propose(state(1), UNIFORM) == {"code": 2 / 3, "web": 1 / 3, "books": 0.0}
+
+
+def test_static_natural_weights_follow_the_corpus_token_counts():
+    policy = StaticMixture("natural")
+    policy.setup(DOMAINS, {"code": 600, "web": 300, "books": 100})
+    assert policy.propose(state(1), UNIFORM) == pytest.approx(
+        {"code": 0.6, "web": 0.3, "books": 0.1})
+
+
+def test_static_natural_without_corpus_counts_uses_the_tokens_seen_or_waits():
+    policy = StaticMixture("natural")
+    assert policy.propose(TrainingState(), UNIFORM) is None  # nothing counted yet
+    seen = state(5, per_domain_tokens={"code": 100, "web": 300, "books": 600})
+    assert policy.propose(seen, UNIFORM) == pytest.approx({"code": 0.1, "web": 0.3, "books": 0.6})
+
+
+def test_static_weights_for_an_unknown_domain_are_refused_naming_it():
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['news'\]"):
+        StaticMixture({"news": 1.0}).setup(DOMAINS)
+
+
+@pytest.mark.parametrize("weights", [{"code": -1.0}, {"code": float("nan")}, {"code": 0.0},
+                                     "natura1"])
+def test_static_weights_that_are_not_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="StaticMixture"):
+        StaticMixture(weights)
+
+
+# -- StagedMixture ----------------------------------------------------------------------------
+STAGES = [
+    {"name": "K6", "weights": {"code": 1, "web": 1}, "until_tokens": 1000},
+    {"name": "K61", "weights": {"web": 1, "books": 3}, "until_tokens": 5000},
+    {"name": "K62", "weights": "uniform"},
+]
+
+
+def test_staged_mixture_switches_at_the_token_count():
+    policy = StagedMixture(STAGES)
+    before = policy.propose(state(9, tokens=999), UNIFORM)
+    assert policy.stage == "K6" and before == {"code": 0.5, "web": 0.5, "books": 0.0}
+    at = policy.propose(state(10, tokens=1000), before)
+    assert policy.stage == "K61" and at == {"code": 0.0, "web": 0.25, "books": 0.75}
+    assert policy.propose(state(40, tokens=4999), at) == at and policy.stage == "K61"
+    assert policy.propose(state(41, tokens=5000), at) == pytest.approx(UNIFORM)
+    assert policy.stage == "K62"
+    assert policy.switches == [{"stage": "K6", "step": 9, "tokens": 999},
+                               {"stage": "K61", "step": 10, "tokens": 1000},
+                               {"stage": "K62", "step": 41, "tokens": 5000}]
+
+
+def test_staged_mixture_switches_at_the_step():
+    policy = StagedMixture([{"name": "warm", "weights": {"code": 1}, "until_step": 50},
+                            {"name": "main", "weights": {"web": 1}}])
+    assert policy.propose(state(49), UNIFORM)["code"] == 1.0 and policy.stage == "warm"
+    assert policy.propose(state(50), UNIFORM)["web"] == 1.0 and policy.stage == "main"
+
+
+def test_staged_mixture_skips_stages_passed_at_once_and_never_goes_back():
+    policy = StagedMixture(STAGES)
+    policy.propose(state(1, tokens=6000), UNIFORM)
+    assert policy.stage == "K62"
+    policy.propose(state(2, tokens=10), UNIFORM)  # a token count that went back (a new TSM)
+    assert policy.stage == "K62"
+
+
+@pytest.mark.parametrize(("stages", "match"), [
+    ([{"name": "a", "weights": {"code": 1}}, {"name": "b", "weights": {"web": 1}}],
+     r"stages\[0\]\) needs until_tokens or until_step"),
+    ([{"name": "a", "weights": {"code": 1}, "until_tokens": 9, "until_step": 3}],
+     "both until_tokens and until_step"),
+    ([{"name": "a", "weights": {"code": 1}, "until_tokens": 9},
+      {"name": "b", "weights": {"code": 1}, "until_tokens": 5},
+      {"name": "c", "weights": "uniform"}],
+     "until_tokens must increase"),
+    ([{"name": "a", "weight": {"code": 1}}], r"unknown key\(s\) \['weight'\]"),
+    ([{"name": "a", "weights": {"code": 1}, "until_step": 5},
+      {"name": "a", "weights": {"web": 1}}], "stage names repeat"),
+    ([], "at least one stage"),
+])
+def test_malformed_stages_are_refused_naming_the_stage(stages, match):
+    with pytest.raises(ValueError, match=match):
+        StagedMixture(stages)
+
+
+# -- ExcessLossMixture ------------------------------------------------------------------------
+REFERENCE = {"code": 2.0, "web": 2.0, "books": 2.0}
+
+
+def test_excess_loss_moves_weight_to_the_domains_furthest_above_their_reference():
+    policy = ExcessLossMixture(REFERENCE, step_size=1.0, smoothing=0.01)
+    losses = {"code": 3.0, "web": 2.5, "books": 1.5}  # excess 1.0, 0.5, 0 (below reference)
+    out = policy.propose(state(10, losses), UNIFORM)
+    raw = {"code": math.exp(1.0), "web": math.exp(0.5), "books": 1.0}
+    total = sum(raw.values())
+    expected = {d: 0.99 * raw[d] / total + 0.01 / 3 for d in DOMAINS}
+    assert out == pytest.approx(expected, rel=1e-12)
+    assert out["code"] > out["web"] > out["books"]
+
+
+def test_excess_loss_waits_for_a_fresh_loss_signal():
+    policy = ExcessLossMixture(REFERENCE)
+    s = state(10, {"code": 3.0, "web": 2.0, "books": 2.0})
+    first = policy.propose(s, UNIFORM)
+    assert first is not None
+    assert policy.propose(s, first) is None  # same train_step: the same evidence again
+
+
+def test_excess_loss_on_held_out_loss_uses_the_val_step():
+    policy = ExcessLossMixture(REFERENCE, signal="val")
+    s = state(10)
+    assert policy.propose(s, UNIFORM) is None  # no validation yet
+    s.val_loss, s.val_step = {"code": 2.0, "web": 4.0, "books": 2.0}, 10
+    out = policy.propose(s, UNIFORM)
+    assert out["web"] > out["code"] == pytest.approx(out["books"])
+
+
+def test_excess_loss_ignores_non_finite_losses():
+    policy = ExcessLossMixture(REFERENCE, smoothing=0.0)
+    out = policy.propose(state(10, {"code": float("nan"), "web": 2.0, "books": 2.0}), UNIFORM)
+    assert out == pytest.approx(UNIFORM)
+
+
+def test_excess_loss_floor_keeps_every_domain_at_min_weight():
+    policy = ExcessLossMixture(REFERENCE, step_size=50.0, smoothing=0.0, min_weight=0.05)
+    out = policy.propose(state(10, {"code": 9.0, "web": 2.0, "books": 2.0}), UNIFORM)
+    assert out["web"] == pytest.approx(0.05) and out["books"] == pytest.approx(0.05)
+
+
+def test_reference_losses_are_read_from_a_monitor_metrics_file(tmp_path):
+    rows = [{"step": 10, "tsm/train_loss/code": 5.0, "tsm/val_loss/code": 5.5},
+            {"step": 20, "tsm/train_loss/code": 4.0, "tsm/train_loss/web": 3.0,
+             "tsm/train_loss_ema/web": 9.0, "tsm/val_loss/code": None}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 3")  # torn line
+    assert load_reference_losses(str(path), "train") == {"code": 4.0, "web": 3.0}
+    assert load_reference_losses(str(path), "val") == {"code": 5.5}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_reference_losses_are_read_from_a_mapping_file(tmp_path, suffix):
+    path = tmp_path / f"reference{suffix}"
+    path.write_text(json.dumps(REFERENCE) if suffix == ".json" else yaml.safe_dump(REFERENCE))
+    assert load_reference_losses(str(path)) == REFERENCE
+
+
+def test_a_reference_without_a_mixture_domain_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"no loss for domain\(s\) \['books'\]"):
+        ExcessLossMixture({"code": 1.0, "web": 1.0}).setup(DOMAINS)
+
+
+def test_a_missing_reference_file_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"reference file .*nope\.json does not exist"):
+        ExcessLossMixture(str(tmp_path / "nope.json"))
+
+
+# -- BanditMixture ----------------------------------------------------------------------------
+def test_bandit_explores_uniformly_while_epsilon_is_one_over_k():
+    policy = BanditMixture(update_every=1)
+    # eps_t = min(1/K, sqrt(ln K / (K t))) stays 1/3 while step t <= 3 ln 3 (~3.3)
+    early = [state(t, {"code": 9.0, "web": 3.0, "books": 2.0}) for t in (1, 2, 3)]
+    out = drive(policy, early)
+    assert all(w == pytest.approx(UNIFORM) for w in out)
+    assert drive(policy, [state(4, {"code": 9.0, "web": 3.0, "books": 2.0})],
+                 current=out[-1])[0]["code"] > 1 / 3
+
+
+def test_bandit_moves_weight_to_the_domain_with_the_highest_loss():
+    policy = BanditMixture(update_every=1)
+    out = drive(policy, loss_stream(12))[-1]
+    assert out["code"] > out["web"] > out["books"]  # losses ~4.5 > ~3.5 > ~2.5
+
+
+def test_bandit_follows_the_exp3_update():
+    policy = BanditMixture(smoothing=0.9, update_every=1)
+    losses = {"code": 4.0, "web": 3.0, "books": 2.0}
+    current = {"code": 0.5, "web": 0.3, "books": 0.2}
+    policy.setup(DOMAINS)
+    eps_prev = policy.epsilon = math.sqrt(math.log(3) / (3 * 10))  # an update at step 10
+    out = policy.propose(state(20, losses), current)
+    rewards = {d: 0.1 * losses[d] / current[d] for d in DOMAINS}  # R: 0.9 * 0 + 0.1 * l / p
+    eps = math.sqrt(math.log(3) / (3 * 20))
+    raw = {d: math.exp(eps_prev * rewards[d]) for d in DOMAINS}
+    total = sum(raw.values())
+    assert out == pytest.approx({d: (1 - 3 * eps) * raw[d] / total + eps for d in DOMAINS},
+                                rel=1e-12)
+
+
+def test_bandit_rewards_only_the_domains_sampled_since_its_last_update():
+    policy = BanditMixture(update_every=1, importance_weighted=False)
+    policy.propose(state(10, {"code": 4.0, "web": 3.0, "books": 2.0}), UNIFORM)
+    stale = state(20, {"code": 4.0, "web": 3.0, "books": 2.0},
+                  per_domain_tokens={"code": 2000, "web": 1000, "books": 1000})
+    before = dict(policy.rewards)
+    policy.propose(stale, UNIFORM)
+    assert policy.rewards["web"] == before["web"] and policy.rewards["books"] == before["books"]
+    assert policy.rewards["code"] == pytest.approx(0.9 * before["code"] + 0.1 * 4.0)
+
+
+def test_bandit_importance_weighting_favours_a_rarely_sampled_domain_at_equal_loss():
+    policy = BanditMixture(update_every=1)
+    equal = {"code": 3.0, "web": 3.0, "books": 3.0}
+    current = {"code": 0.6, "web": 0.3, "books": 0.1}
+    policy.propose(state(10, equal), current)
+    assert policy.rewards["books"] > policy.rewards["web"] > policy.rewards["code"]
+
+
+# -- every policy ------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", range(4))
+def test_policies_keep_every_weight_within_bounds(index):
+    policy = make_policies()[index]
+    for weights in drive(policy, loss_stream(30, seed=index)):
+        assert all(0.1 - 1e-12 <= w <= 0.45 + 1e-12 for w in weights.values())
+        assert sum(weights.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_policies_are_deterministic_given_the_states(index):
+    first = drive(make_policies()[index], loss_stream(20, seed=3))
+    second = drive(make_policies()[index], loss_stream(20, seed=3))
+    assert first == second
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_policy_state_dict_round_trip_is_exact(index):
+    states = loss_stream(20, seed=5)
+    whole = make_policies()[index]
+    expected = drive(whole, states)
+    first = make_policies()[index]
+    head = drive(first, states[:8])
+    saved = json.loads(json.dumps(first.state_dict()))  # what a checkpoint can hold
+    second = make_policies()[index]
+    second.load_state_dict(saved)
+    assert second.state_dict() == first.state_dict()
+    assert head + drive(second, states[8:], current=head[-1]) == expected
+
+
+def test_policies_are_chosen_from_yaml_by_class_path():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--policy", type=MixturePolicy)
+    config = yaml.safe_load("""
+policy:
+  class_path: lightning_aquila.callbacks.policies.StagedMixture
+  init_args:
+    update_every: 5
+    min_weight: 0.01
+    stages:
+      - {name: K6, weights: {code: 0.7, web: 0.3}, until_tokens: 1000}
+      - {name: K61, weights: uniform}
+""")
+    policy = parser.instantiate_classes(parser.parse_object(config)).policy
+    assert isinstance(policy, StagedMixture) and policy.update_every == 5
+    assert [s["name"] for s in policy.stages] == ["K6", "K61"]
+    for path, args in [("StaticMixture", {"weights": "natural"}),
+                       ("ExcessLossMixture", {"reference": {"code": 2.0}, "signal": "val"}),
+                       ("BanditMixture", {"smoothing": 0.8})]:
+        config = {"policy": {"class_path": f"lightning_aquila.callbacks.policies.{path}",
+                             "init_args": args}}
+        built = parser.instantiate_classes(parser.parse_object(config)).policy
+        assert type(built).__name__ == path
