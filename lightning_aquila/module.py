@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
 
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy in fp32 (B, T) and the mask of counted tokens."""
-    loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
-    ).view_as(labels)
-    return loss, labels != -100
+# Handles plain and vocabulary-sharded (tensor-parallel) logits alike; re-exported here.
+from lightning_aquila.strategies.loss import token_losses
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -84,7 +79,11 @@ class AquilaLM(LightningModule):
             self.model = import_hf(self.hparams.init_from)
             self.config = self.model.config
         else:
-            self.model = AquilaModel(self.config)
+            # Under ModelParallelStrategy build on meta: prepare_model materialises only each
+            # rank's shard, so a 70B model never exists whole on one host.
+            meta = self.device_mesh is not None
+            with torch.device("meta") if meta else nullcontext():
+                self.model = AquilaModel(self.config)
         from lightning_aquila.strategies.parallelize import prepare_model
 
         prepare_model(self, self.model)
@@ -174,7 +173,7 @@ class AquilaLM(LightningModule):
         names = self._domain_names(size)
         for domain in range(size):
             if table[domain, 1] > 0:
-                self.log(f"val/loss/{names[domain]}", table[domain, 0] / table[domain, 1])
+                self.log(f"val/domain_loss/{names[domain]}", table[domain, 0] / table[domain, 1])
         if size:
             self.log("val/loss", table[:, 0].sum() / table[:, 1].sum().clamp(min=1),
                      prog_bar=True)
@@ -182,8 +181,10 @@ class AquilaLM(LightningModule):
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        # DeepSpeed ZeRO-3 partitions parameters to empty tensors; ds_shape keeps the real one.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],

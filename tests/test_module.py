@@ -137,7 +137,7 @@ def test_validation_logs_token_weighted_loss_per_domain(tmp_path):
                 counts[d] += mask[batch["domain"] == d].sum()
     for d in range(2):
         expected = (sums[d] / counts[d]).item()
-        assert metrics[f"val/loss/domain_{d}"] == pytest.approx(expected, rel=1e-5)
+        assert metrics[f"val/domain_loss/domain_{d}"] == pytest.approx(expected, rel=1e-5)
     assert metrics["val/loss"] == pytest.approx((sums.sum() / counts.sum()).item(), rel=1e-5)
 
 

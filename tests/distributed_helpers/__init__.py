@@ -1,0 +1,1 @@
+"""Scripts and launchers for the multi-process strategy tests."""

@@ -1,0 +1,162 @@
+"""Named strategies, their plans and the pieces that run in one process (the multi-process
+runs are in test_strategies_*.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+from lightning_aquila import AquilaConfig, AquilaLM, AquilaModel
+from lightning_aquila.strategies import AquilaParallelStrategy, ParallelPlan
+from lightning_aquila.strategies.consolidate import main as consolidate_main
+from lightning_aquila.strategies.loss import token_cross_entropy
+from lightning_aquila.strategies.model_parallel import resolve_mesh_sizes
+from lightning_aquila.strategies.parallelize import init_module
+
+
+def test_importing_lightning_aquila_registers_the_named_strategies():
+    code = ("import lightning_aquila\n"
+            "from lightning.pytorch.strategies import StrategyRegistry\n"
+            "print(sorted(n for n in StrategyRegistry if n.startswith('aquila_')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == str(["aquila_fsdp", "aquila_fsdp_offload", "aquila_tp",
+                               "aquila_tp_fsdp", "aquila_zero2", "aquila_zero3"])
+
+
+def test_benchmark_script_runs_without_zarr_neptune_or_jsonargparse():
+    """The GPU machine has none of them: the benchmark imports must not need them."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "strategies.py"
+    code = ("import runpy, sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('zarr', 'neptune', 'jsonargparse'):\n"
+            "            raise ImportError(f'{name} is not installed here')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            f"sys.argv = [{str(script)!r}, '--help']\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "aquila_fsdp" in result.stdout
+
+
+@pytest.mark.parametrize(("name", "sizes", "fsdp", "offload"), [
+    ("aquila_fsdp", ("auto", 1), True, False),
+    ("aquila_fsdp_offload", ("auto", 1), True, True),
+    ("aquila_tp", (1, "auto"), False, False),
+    ("aquila_tp_fsdp", ("auto", "auto"), True, False),
+])
+def test_named_model_parallel_strategies_carry_their_plan(name, sizes, fsdp, offload):
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, AquilaParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == sizes
+    assert (strategy.parallel_plan.fsdp, strategy.parallel_plan.cpu_offload) == (fsdp, offload)
+    assert strategy.parallel_plan.loss_parallel and strategy.parallel_plan.sequence_parallel
+
+
+@pytest.mark.parametrize(("name", "stage"), [("aquila_zero2", 2), ("aquila_zero3", 3)])
+def test_zero_strategies_are_deepspeed_at_their_stage(name, stage):
+    entry = StrategyRegistry[name]
+    assert entry["strategy"] is DeepSpeedStrategy
+    assert entry["init_params"]["stage"] == stage
+    assert entry["init_params"]["overlap_comm"] and entry["init_params"]["contiguous_gradients"]
+
+
+@pytest.mark.parametrize(("dp", "tp", "nodes", "devices", "expected"), [
+    ("auto", 1, 1, 8, (8, 1)),
+    ("auto", 2, 1, 8, (4, 2)),
+    (1, "auto", 1, 8, (1, 8)),
+    ("auto", "auto", 4, 8, (4, 8)),
+    (16, "auto", 4, 8, (16, 2)),
+    (2, 4, 1, 8, (2, 4)),
+])
+def test_auto_mesh_size_is_what_the_other_size_leaves(dp, tp, nodes, devices, expected):
+    assert resolve_mesh_sizes(dp, tp, nodes, devices) == expected
+
+
+def test_mesh_size_that_does_not_divide_the_world_is_rejected_by_name():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide the world "
+                                         r"size 8"):
+        resolve_mesh_sizes("auto", 3, 1, 8)
+    with pytest.raises(ValueError, match=r"data_parallel_size=2 × tensor_parallel_size=2 must "
+                                         r"equal the world size 8"):
+        resolve_mesh_sizes(2, 2, 1, 8)
+
+
+def test_strategy_rejects_a_size_that_is_neither_auto_nor_positive():
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 'auto' or a positive"):
+        AquilaParallelStrategy(tensor_parallel_size=0)
+
+
+def test_parallel_plan_rejects_an_unknown_dtype_by_field_name():
+    with pytest.raises(ValueError, match=r"param_dtype must be one of .* got 'bf8'"):
+        ParallelPlan(param_dtype="bf8")
+
+
+def test_auto_param_dtype_is_bf16_on_gpu_and_the_parameters_own_elsewhere():
+    plan = ParallelPlan()
+    assert plan.dtype("param_dtype", torch.device("cuda", 0)) is torch.bfloat16
+    assert plan.dtype("param_dtype", torch.device("cpu")) is None
+    assert plan.dtype("reduce_dtype", torch.device("cuda", 0)) is torch.float32
+
+
+def test_piecewise_init_reproduces_the_models_own_init_weights():
+    config = AquilaConfig.from_name("aquila2-tiny")
+    whole, piecewise = AquilaModel(config), AquilaModel(config)
+    torch.manual_seed(3)
+    whole.init_weights()
+    torch.manual_seed(3)
+    for name, module in piecewise.named_modules():
+        init_module(piecewise, name, module)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), piecewise.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_activation_checkpointing_wraps_each_block_and_keeps_parameter_names():
+    plain = AquilaLM(preset="aquila2-tiny")
+    plain.configure_model()
+    checkpointed = AquilaLM(preset="aquila2-tiny", activation_checkpointing=True)
+    checkpointed.configure_model()
+    assert all(isinstance(block, CheckpointWrapper) for block in checkpointed.model.layers)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+
+
+def test_compile_keeps_parameter_names():
+    plain = AquilaLM(preset="aquila2-tiny")
+    plain.configure_model()
+    compiled = AquilaLM(preset="aquila2-tiny", compile=True)
+    compiled.configure_model()
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+def test_token_cross_entropy_of_plain_logits_is_torchs_with_ignored_labels_zero():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 5), generator=generator)
+    labels[1, 3] = -100
+    loss = token_cross_entropy(logits, labels)
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                                 ignore_index=-100, reduction="none")
+    assert loss.shape == (2, 5) and loss[1, 3] == 0
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+def test_consolidate_names_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "not_a_checkpoint").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        consolidate_main([str(tmp_path / "not_a_checkpoint"), "--output",
+                          str(tmp_path / "out.ckpt")])
+    assert exit_info.value.code == 2
+    assert "not_a_checkpoint is neither a sharded Lightning checkpoint" in capsys.readouterr().err
+
+
+def test_consolidate_needs_an_output_or_a_hugging_face_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        consolidate_main([str(tmp_path)])
+    assert "give --output FILE, --hf-dir DIR or both" in capsys.readouterr().err
