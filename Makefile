@@ -8,8 +8,10 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-RUN_DIR ?= runs/quickstart
-STORE   ?= $(RUN_DIR)/corpus.zarr
+# Where configs/quickstart.yaml writes (its monitor, checkpoints and Neptune run); a run
+# elsewhere is `lightning-aquila fit --config ...` with its paths changed, not RUN_DIR=.
+RUN_DIR := runs/quickstart
+STORE   := $(RUN_DIR)/corpus.zarr
 DOMAINS := $(notdir $(patsubst %/,%,$(wildcard corpus/*/)))
 
 .PHONY: install test quickstart docs clean

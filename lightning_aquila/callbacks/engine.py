@@ -20,6 +20,7 @@ keep counting forward; see ``docs/engine.md`` for why.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -36,6 +37,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_aquila.callbacks.policies import MixturePolicy, project_to_bounds
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
+
+def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
+    """The Mixture contract is ``set_weights(weights, reason=...)``; a mixture that takes more
+    keywords (ours records ``step``, ``policy`` and ``stage`` in its history) gets those too,
+    so a user's own datamodule needs only what the contract names."""
+    try:
+        params = inspect.signature(mixture.set_weights).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return mixture.set_weights(weights, reason=reason, **{
+        k: v for k, v in metadata.items() if takes_any or k in params})
+
 
 #: Weights closer than this to the current ones are not a change.
 WEIGHT_TOLERANCE = 1e-9
@@ -257,8 +271,11 @@ class AdaptiveTrainingEngine(Callback):
             return None
         step = trainer.global_step
         policy = self.policy.name if self.policy is not None else None
-        change = mixture.set_weights(dict(weights), reason=reason, normalize=True, step=step,
-                                     policy=policy, stage=self._stage_name(), **extra)
+        total = sum(weights.values())
+        if math.isfinite(total) and total > 0:  # else the mixture raises, naming the values
+            weights = {d: w / total for d, w in weights.items()}
+        change = set_weights(mixture, dict(weights), reason, step=step, policy=policy,
+                             stage=self._stage_name(), **extra)
         record = {"step": step, "batch_index": getattr(change, "batch_index", None),
                   "weights": dict(getattr(change, "weights", weights)), "reason": reason,
                   "policy": policy, "stage": self._stage_name(), **extra}

@@ -117,10 +117,11 @@ PRESETS: dict[str, AquilaConfig] = {
         name="aquila2-1b", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4,
         intermediate_size=5632, max_seq_len=2048,
     ),
-    # ~6M parameters on the bundled tokenizer: trains in minutes on two CPU cores.
+    # ~2.8M parameters on the bundled tokenizer: the CPU quickstart's few hundred steps
+    # take minutes on two cores.
     "aquila2-mini": AquilaConfig(
-        name="aquila2-mini", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-        intermediate_size=688, max_seq_len=512, **BUNDLED_VOCAB,
+        name="aquila2-mini", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        intermediate_size=352, max_seq_len=512, **BUNDLED_VOCAB,
     ),
     # ~1M parameters: unit and multi-process tests.
     "aquila2-tiny": AquilaConfig(
