@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_aquila.callbacks.policies import MixturePolicy, project_to_bounds
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 
+
 def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
     """The Mixture contract is ``set_weights(weights, reason=...)``; a mixture that takes more
     keywords (ours records ``step``, ``policy`` and ``stage`` in its history) gets those too,
