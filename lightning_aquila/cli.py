@@ -4,17 +4,25 @@
 all come from YAML and ``--print_config`` works. The data tools (``prepare``, ``inspect``,
 ``train-tokenizer``), ``report``, ``consolidate`` and ``export-hf`` are plain argparse
 commands dispatched before LightningCLI sees the arguments.
+
+Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
+another ``CheckpointIO``; see ``docs/crash-safety.md``.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 import lightning_aquila  # noqa: F401  (registers our named strategies)
+from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.module import AquilaLM
 
 #: name -> (module, function taking argv and returning an exit code, one-line help)
@@ -43,6 +51,49 @@ class AquilaCLI(LightningCLI):
         parser.epilog = f"other commands (lightning-aquila COMMAND --help):\n{tools}"
         return parser
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand)) if self.subcommand else self.config
+        try:
+            check_config_groups(config)
+        except ValueError as error:
+            self._parser(self.subcommand).error(str(error))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with ``AtomicCheckpointIO`` unless the configuration chose a
+        ``CheckpointIO`` (a plugin, or a strategy instance given one)."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins = with_atomic_checkpoint_io(config.get("plugins"), config.get("strategy"))
+        if plugins is not None:
+            kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+
+def check_config_groups(config: Namespace) -> None:
+    """``trainer:``, ``model:`` and ``data:`` hold mappings. jsonargparse lets a list or a
+    number through there (a stray ``- `` in YAML), which then fails deep inside Lightning
+    with a ``TypeError`` that names no field."""
+    for group in ("trainer", "model", "data"):
+        value = config.get(group)
+        if value is not None and not isinstance(value, Namespace):
+            raise ValueError(f"config field {group!r} must be a mapping of its settings, got "
+                             f"a {type(value).__name__}: {value!r:.200}")
+
+
+def with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any] | None:
+    """``plugins`` plus an ``AtomicCheckpointIO`` when neither they nor ``strategy`` name a
+    ``CheckpointIO``; a wrapping one without a base (``AsyncCheckpointIO()``) gets it as its
+    base. ``None`` when there is nothing to change."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    given = [p for p in plugins if isinstance(p, CheckpointIO)]
+    if getattr(strategy, "_checkpoint_io", None) is not None:
+        given.append(strategy._checkpoint_io)
+    if not given:
+        return [*plugins, AtomicCheckpointIO()]
+    for io in given:
+        if isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is None:
+            io.checkpoint_io = AtomicCheckpointIO()
+    return None
+
 
 def run_cli(args: list[str] | None = None) -> AquilaCLI:
     return AquilaCLI(
@@ -56,11 +107,13 @@ def run_cli(args: list[str] | None = None) -> AquilaCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        module, function, _ = TOOLS[argv[0]]
-        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
-    run_cli(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in TOOLS:
+        module, function, _ = TOOLS[words[0]]
+        return int(getattr(importlib.import_module(module), function)(words[1:]) or 0)
+    # From the console script, let LightningCLI read sys.argv itself (passing it again as
+    # ``args`` makes Lightning warn that both were given).
+    run_cli(None if argv is None else words)
     return 0
 
 

@@ -22,13 +22,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightning_aquila.atomic import write_bytes_atomically
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -335,15 +336,7 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
 
 # -- writing -----------------------------------------------------------------------------------
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, data)
 
 
 def write_report(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None,
@@ -374,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write the PNG + HTML report of a run directory (its TSM run files).")
     parser.add_argument("run_dir", help="the trainer's default_root_dir / log_dir of the run")
     parser.add_argument("--output-dir", default=None,
-                        help="where to write report.png/report.html (default: the run dir)")
+                        help="where to write report.png/report.html (default: the folder that "
+                             "holds the run's tsm/ files)")
     parser.add_argument("--title", default=None, help="title of the figure and page")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

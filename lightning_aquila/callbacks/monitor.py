@@ -381,6 +381,7 @@ class TrainingStateMonitor(Callback):
         self._grad_groups: dict[str, float] = {}
         # per interval
         self._domain_table: torch.Tensor | None = None  # (domains, [loss sum, samples, tokens])
+        self._restored_tables: list[Any] | None = None  # per rank, from a checkpoint
         self._mark_time = 0.0
         self._mark_tokens = 0
         self._paused = 0.0
@@ -465,6 +466,7 @@ class TrainingStateMonitor(Callback):
             self._mixture_listened = mixture
         self._last_step = trainer.global_step
         self._reset_step()
+        self._restore_domain_table(trainer, pl_module)
         self._mark_time, self._mark_tokens, self._paused = time.perf_counter(), 0, 0.0
         history = [_change_dict(c) for c in getattr(mixture, "history", [])]
         self._write_event({"kind": "session_start", "step": trainer.global_step,
@@ -822,7 +824,8 @@ class TrainingStateMonitor(Callback):
         return {"format": RUN_FILES_FORMAT, "state": self.state.to_dict(),
                 "spike_window": list(self.spikes.window), "anomaly_count": self.anomaly_count,
                 "stage_reference_step": self._stage_reference_step,
-                "stage_reference_pending": self._stage_reference_pending, "snapshots": snapshots}
+                "stage_reference_pending": self._stage_reference_pending, "snapshots": snapshots,
+                "domain_tables": self._gathered_domain_tables()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = TrainingState.from_dict(state_dict["state"])
@@ -831,6 +834,7 @@ class TrainingStateMonitor(Callback):
         self.anomaly_count = state_dict["anomaly_count"]
         snapshots = state_dict.get("snapshots")
         self._stage_reference_step = state_dict["stage_reference_step"]
+        self._restored_tables = state_dict.get("domain_tables")  # applied in on_train_start
         if snapshots is not None:
             self._previous = dict(snapshots["previous"])
             self._stage_reference = dict(snapshots["stage"])
@@ -841,6 +845,40 @@ class TrainingStateMonitor(Callback):
             # stage's stage_change waits for the next stage boundary.
             self._previous, self._stage_reference = {}, {}
             self._stage_reference_pending = self.state.stage is None
+
+    def _gathered_domain_tables(self) -> list[list[list[float]]] | None:
+        """Every rank's per-domain table of the current train-loss interval (its own samples
+        since the last emission), rank 0's first, as exact float64 values. A checkpoint
+        falls anywhere inside an interval; restoring each rank's own part makes the
+        interval's losses, and so every policy decision taken on them, bitwise those of an
+        uninterrupted run. Collective under several processes: Lightning builds a
+        checkpoint's callback state on every rank."""
+        if self._domain_table is None:
+            return None
+        trainer = getattr(self._module, "_trainer", None) if self._module is not None else None
+        table = self._domain_table.detach()
+        if trainer is None or trainer.world_size == 1:
+            return [table.tolist()]
+        size = torch.tensor([float(table.shape[0])], device=table.device)
+        size = int(trainer.strategy.reduce(size, reduce_op="max").item())
+        gathered = trainer.strategy.all_gather(_grown(table.clone(), size, 3, table.device))
+        return [part.tolist() for part in gathered]
+
+    def _restore_domain_table(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Each rank takes back its own part of the interval's table; on another world size
+        (the parts cannot be reassigned) rank 0 takes their sum, so the interval's totals
+        still hold."""
+        tables, self._restored_tables = self._restored_tables, None
+        if not tables:
+            return
+        parts = torch.tensor(tables, dtype=torch.float64)  # (ranks, domains, 3)
+        if len(parts) == trainer.world_size:
+            table = parts[trainer.global_rank]
+        elif trainer.global_rank == 0:
+            table = parts.sum(0)
+        else:
+            table = torch.zeros_like(parts[0])
+        self._domain_table = table.to(pl_module.device)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _reset_step(self) -> None:

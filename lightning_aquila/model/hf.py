@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lightning_aquila.atomic import replace_directory
 from lightning_aquila.model.config import AquilaConfig
 from lightning_aquila.model.model import AquilaModel
 
@@ -201,9 +202,8 @@ def export_hf(
             source = Path(tokenizer)
             source = source / "tokenizer.json" if source.is_dir() else source
             shutil.copyfile(source, tmp / "tokenizer.json")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        # swapped in whole: a kill never leaves half an export, nor none in place of the old
+        replace_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

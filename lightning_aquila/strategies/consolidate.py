@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lightning_aquila.atomic import atomic_file
 from lightning_aquila.export import model_from_checkpoint
 from lightning_aquila.model import export_hf
 
@@ -105,15 +106,9 @@ def consolidate(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_atomically(checkpoint: dict[str, Any], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Temporary sibling, fsync, rename: a killed consolidation leaves no truncated file."""
+    with atomic_file(output, "wb") as handle:
+        torch.save(checkpoint, handle)
 
 
 def main(argv: list[str] | None = None) -> int:

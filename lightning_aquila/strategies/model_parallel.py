@@ -9,12 +9,12 @@ parallelisation to ``configure_model`` and saves sharded checkpoints. Ours adds 
   ``data_parallel_size=4`` (Lightning's own ``"auto"`` means nodes × devices per node);
 * the steps and backward passes run inside ``loss_parallel()`` when the logits are sharded on
   the vocabulary, as ``loss_parallel`` requires of both;
-* sharded checkpoint directories are written under a temporary name and renamed into place.
+* sharded checkpoint directories are written under a temporary name and renamed into place,
+  and single-file ones through ``AtomicCheckpointIO`` unless another ``CheckpointIO`` is given.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lightning_aquila.atomic import replace_directory
+from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.strategies.parallelize import ParallelPlan
 
 Size = Literal["auto"] | int
@@ -171,6 +175,21 @@ class AquilaParallelStrategy(ModelParallelStrategy):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """Single-file checkpoints (``save_distributed_checkpoint=False``) go through
+        ``AtomicCheckpointIO`` unless a ``CheckpointIO`` was given (Lightning's default would
+        be ``TorchCheckpointIO``)."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        elif isinstance(self._checkpoint_io, _WrappingCheckpointIO):
+            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()  # only when it has none
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
                         storage_options: Any | None = None) -> None:
         """A sharded checkpoint is written to a hidden sibling directory and renamed into
@@ -187,12 +206,5 @@ class AquilaParallelStrategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier()
         if self.is_global_zero:
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(path, old)
-            os.replace(staging, path)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            replace_directory(staging, path)
         self.barrier()
