@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -9,6 +10,23 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:  # hypothesis is in the dev extra; tests that use it skip without it
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover
+    pass
+else:
+    # "ci" (default): a fixed, modest set of cases per property test, the same on every run;
+    # "nightly" (HYPOTHESIS_PROFILE=nightly): many more, freshly random each time.
+    from hypothesis import Phase
+
+    _hypothesis_settings.register_profile("ci", max_examples=60, deadline=None,
+                                          derandomize=True, database=None,
+                                          print_blob=True,
+                                          phases=[p for p in Phase if p != Phase.explain])
+    _hypothesis_settings.register_profile("nightly", max_examples=2000, deadline=None,
+                                          print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: Synthetic token streams encode where each token came from: domain i, position p of its
 #: split holds ``i * DMU_DOMAIN_STRIDE + p`` (held-out tokens add DMU_HELDOUT_OFFSET), so a

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,14 +33,34 @@ Bound = float | Mapping[str, float]
 
 
 # -- the shared helpers ------------------------------------------------------------------------
+def _number(value: Any, what: str) -> float:
+    """``value`` as a float, or a ``ValueError`` naming it: YAML's ``yes``, a quoted
+    ``"0.5"``, ``null`` or a list are not numbers."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{what} is not a number: {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
+
+
+def _check_bound(bound: Any, what: str) -> None:
+    """A bound is a number in [0, 1] or a mapping ``domain -> number in [0, 1]``."""
+    items = bound.items() if isinstance(bound, Mapping) else [(None, bound)]
+    for domain, value in items:
+        where = what if domain is None else f"{what}[{domain!r}]"
+        if not 0.0 <= _number(value, where) <= 1.0:
+            raise ValueError(f"{where} must lie in [0, 1], got {value!r}")
+
+
 def _per_domain(bound: Bound, domains: Sequence[str], default: float, what: str) -> np.ndarray:
     if isinstance(bound, Mapping):
         unknown = [d for d in bound if d not in domains]
         if unknown:
             raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
-        values = [float(bound.get(d, default)) for d in domains]
+        values = [_number(bound.get(d, default), f"{what}[{d!r}]") for d in domains]
     else:
-        values = [float(bound)] * len(domains)
+        values = [_number(bound, what)] * len(domains)
     for domain, value in zip(domains, values):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{what} for domain {domain!r} must be in [0, 1], got {value}")
@@ -118,16 +139,17 @@ def resolve_weights(spec: Mapping[str, float] | str, domains: Sequence[str],
 def normalized(weights: Mapping[str, Any], what: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for domain, raw in weights.items():
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: weight of {domain!r} is not a number: {raw!r}") from None
+        value = _number(raw, f"{what}: weight of {domain!r}")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{what}: weight of {domain!r} must be finite and >= 0, got {value}")
         values[domain] = value
-    total = sum(values.values())
-    if total <= 0:
+    top = max(values.values(), default=0.0)
+    if top <= 0:
         raise ValueError(f"{what}: weights are all zero: {dict(weights)}")
+    total = sum(values.values())
+    if not math.isfinite(total):  # finite weights near the float maximum: rescale first
+        top_total = math.fsum(v / top for v in values.values())
+        return {d: v / top / top_total for d, v in values.items()}
     return {d: v / total for d, v in values.items()}
 
 
@@ -154,13 +176,12 @@ class MixturePolicy(ABC):
 
     def __init__(self, update_every: int = 1, min_weight: Bound = 0.0,
                  max_weight: Bound = 1.0) -> None:
-        if not isinstance(update_every, int) or update_every < 1:
+        if not isinstance(update_every, int) or isinstance(update_every, bool) or (
+                update_every < 1):
             raise ValueError(f"{type(self).__name__}(update_every={update_every!r}) must be a "
                              "positive number of steps")
         for what, bound in (("min_weight", min_weight), ("max_weight", max_weight)):
-            values = bound.values() if isinstance(bound, Mapping) else [bound]
-            if any(not 0.0 <= float(b) <= 1.0 for b in values):
-                raise ValueError(f"{type(self).__name__}({what}={bound!r}) must lie in [0, 1]")
+            _check_bound(bound, f"{type(self).__name__}({what})")
         self.update_every = update_every
         self.min_weight = dict(min_weight) if isinstance(min_weight, Mapping) else min_weight
         self.max_weight = dict(max_weight) if isinstance(max_weight, Mapping) else max_weight
@@ -182,8 +203,12 @@ class MixturePolicy(ABC):
         bounds can be met. Subclasses extend it to check their domain names."""
         self.domains = list(domains)
         self.natural = dict(natural) if natural else None
-        project_to_bounds(dict.fromkeys(self.domains, 1.0 / len(self.domains)),
-                          self.min_weight, self.max_weight)
+        try:
+            project_to_bounds(dict.fromkeys(self.domains, 1.0 / len(self.domains)),
+                              self.min_weight, self.max_weight)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}(min_weight={self.min_weight!r}, max_weight="
+                             f"{self.max_weight!r}) over domains {self.domains}: {exc}") from None
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.update_every == 0
@@ -270,6 +295,8 @@ class StagedMixture(MixturePolicy):
     def __init__(self, stages: Sequence[Mapping[str, Any]], update_every: int = 1,
                  min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)
+        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
+            raise ValueError(f"StagedMixture(stages) must be a list of stages, got {stages!r}")
         if not stages:
             raise ValueError("StagedMixture(stages) needs at least one stage")
         self.stages = [self._checked(i, stage, last=i == len(stages) - 1)
@@ -305,7 +332,7 @@ class StagedMixture(MixturePolicy):
             raise ValueError(f"{where} needs until_tokens or until_step (only the last stage "
                              "may run to the end)")
         for key in ends:
-            if not isinstance(stage[key], int) or stage[key] <= 0:
+            if not isinstance(stage[key], int) or isinstance(stage[key], bool) or stage[key] <= 0:
                 raise ValueError(f"{where}.{key} must be a positive integer, got "
                                  f"{stage[key]!r}")
         weights = stage["weights"]
@@ -372,6 +399,9 @@ def load_reference_losses(reference: Mapping[str, float] | str,
     """
     if isinstance(reference, Mapping):
         source, raw = "ExcessLossMixture(reference)", dict(reference)
+    elif not isinstance(reference, (str, os.PathLike)):
+        raise ValueError(f"ExcessLossMixture(reference={reference!r}) must be a mapping "
+                         "domain -> loss or the path of a .json/.yaml/.jsonl file")
     else:
         path = Path(reference)
         source = str(path)
@@ -444,9 +474,9 @@ class ExcessLossMixture(MixturePolicy):
         super().__init__(update_every, min_weight, max_weight)
         if signal not in ("train", "val"):
             raise ValueError(f"ExcessLossMixture(signal={signal!r}) must be 'train' or 'val'")
-        if not step_size > 0:
+        if not _number(step_size, "ExcessLossMixture(step_size)") > 0:
             raise ValueError(f"ExcessLossMixture(step_size={step_size!r}) must be positive")
-        if not 0.0 <= smoothing <= 1.0:
+        if not 0.0 <= _number(smoothing, "ExcessLossMixture(smoothing)") <= 1.0:
             raise ValueError(f"ExcessLossMixture(smoothing={smoothing!r}) must be in [0, 1]")
         self.reference = dict(reference) if isinstance(reference, Mapping) else reference
         self.signal, self.step_size, self.smoothing = signal, float(step_size), float(smoothing)
@@ -538,9 +568,10 @@ class BanditMixture(MixturePolicy):
                  warmup_steps: int = 0, update_every: int = 10, min_weight: Bound = 0.0,
                  max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)
-        if not 0.0 <= smoothing < 1.0:
+        if not 0.0 <= _number(smoothing, "BanditMixture(smoothing)") < 1.0:
             raise ValueError(f"BanditMixture(smoothing={smoothing!r}) must be in [0, 1)")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or (
+                warmup_steps < 0):
             raise ValueError(f"BanditMixture(warmup_steps={warmup_steps!r}) must be >= 0")
         self.smoothing, self.importance_weighted = float(smoothing), bool(importance_weighted)
         self.warmup_steps = warmup_steps

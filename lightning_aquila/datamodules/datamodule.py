@@ -84,10 +84,19 @@ class DomainDataModule(LightningDataModule):
                                  ("val_windows_per_domain", val_windows_per_domain, 0),
                                  ("prefetch_factor", prefetch_factor, 1),
                                  ("shuffle_blocks", shuffle_blocks, 1)):
-            if not isinstance(value, int) or value < low:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(weights, str) and weights not in ("natural", "uniform"):
+        for name, value in (("val_batch_size", val_batch_size), ("epoch_batches", epoch_batches)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise DataError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if not isinstance(weights, Mapping) and weights not in ("natural", "uniform"):
             raise DataError(f"weights must be a mapping, 'natural' or 'uniform', got {weights!r}")
+        if domains is not None and (not isinstance(domains, (list, tuple)) or not all(
+                isinstance(d, str) for d in domains)):
+            raise DataError(f"domains must be a list of domain names, got {domains!r}")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise DataError(f"storage_options must be a mapping, got {storage_options!r}")
         if verify not in ("chunks", "full", "none"):
             raise DataError(f"verify must be 'chunks', 'full' or 'none', got {verify!r}")
         self.store_url = str(store)

@@ -71,22 +71,30 @@ def validate_weights(
     for name in domains:
         raw = weights.get(name, 0.0)
         try:
+            if isinstance(raw, (bool, str, bytes)):  # YAML's `yes` or "0.5": not a weight
+                raise TypeError
             value = float(raw)
         except (TypeError, ValueError):
             raise ValueError(f"weight for domain {name!r} is not a number: {raw!r}") from None
+        except OverflowError:  # an int beyond the float range
+            value = math.inf
         if math.isnan(value) or math.isinf(value):
             raise ValueError(f"weight for domain {name!r} is not finite: {value}")
         if value < 0:
             raise ValueError(f"weight for domain {name!r} is negative: {value}")
         full[name] = value
-    total = sum(full.values())
-    if total <= 0:
+    top = max(full.values())
+    if top <= 0:
         raise ValueError(f"mixture weights are all zero: {dict(weights)}")
+    total = sum(full.values())
     if not normalize and abs(total - 1.0) > SUM_TOLERANCE:
         raise ValueError(
             f"mixture weights sum to {total:.6g}, not 1: {dict(weights)} "
             "(pass normalize=True to rescale them)"
         )
+    if not math.isfinite(total):  # finite weights near the float maximum: rescale first
+        top_total = math.fsum(value / top for value in full.values())
+        return {name: value / top / top_total for name, value in full.items()}
     return {name: value / total for name, value in full.items()}
 
 

@@ -12,12 +12,16 @@ split does not depend on batch sizes, thread timing or which other files are in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
+import lzma
+import math
 import os
 import re
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +47,10 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt
 #: characters, cut at line ends, so a large file never sits in memory whole.
 TXT_PIECE_CHARS = 1 << 20
 HASH_BLOCK = 1 << 20
+#: What a damaged or truncated (compressed) source raises while it is read.
+READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+#: A quality score is stored as float32.
+MAX_QUALITY = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -151,6 +159,29 @@ def hash_source(source: SourceFile) -> None:
     source.sha256, source.size = digest.hexdigest(), size
 
 
+@contextlib.contextmanager
+def _reading(source: SourceFile) -> Iterator[None]:
+    """Turns the errors of a source that cannot be read (a damaged gzip/bz2/xz stream, a
+    truncated file, an unreadable parquet file) into a ``DataError`` naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except READ_ERRORS as exc:
+        how = f"{source.format}" + (f" ({source.compression})" if source.compression else "")
+        raise DataError(f"{source.url}: cannot be read as {how}: {type(exc).__name__}: "
+                        f"{exc}") from None
+
+
+def _open_parquet(source: SourceFile, stream: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(stream)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{source.url}: not a readable parquet file ({exc})") from None
+
+
 class _Reader:
     """Reads one source into pieces, reporting progress in raw bytes and naming bad records."""
 
@@ -180,7 +211,7 @@ class _Reader:
 
     def pieces(self) -> Iterator[Piece]:
         source = self.source
-        with source.fs.open(source.path, "rb") as raw:
+        with _reading(source), source.fs.open(source.path, "rb") as raw:
             stream = compr[source.compression](raw, mode="rb") if source.compression else raw
             if source.format == "jsonl":
                 yield from self._jsonl(stream, raw)
@@ -198,7 +229,15 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.bad(where, f"field {self.quality_field!r} is {value!r}, not a number")
             return False, None
-        return True, float(value)
+        try:
+            score = float(value)
+        except OverflowError:  # an int beyond the float range
+            score = math.inf
+        if not abs(score) <= MAX_QUALITY:  # NaN, inf, or beyond float32
+            self.bad(where, f"field {self.quality_field!r} is {value!r}, not a finite "
+                     "float32 number")
+            return False, None
+        return True, score
 
     def _jsonl(self, stream: Any, raw: Any) -> Iterator[Piece]:
         for number, line in enumerate(stream, 1):
@@ -215,6 +254,12 @@ class _Reader:
             except json.JSONDecodeError as exc:
                 self.bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})")
                 continue
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                self.bad(where, f"invalid JSON ({exc})")
+                continue
+            except RecursionError:
+                self.bad(where, "invalid JSON (nested too deeply)")
+                continue
             if not isinstance(record, dict):
                 self.bad(where, f"expected a JSON object, got {type(record).__name__}")
                 continue
@@ -225,6 +270,10 @@ class _Reader:
             if not isinstance(text, str):
                 self.bad(where, f"field {self.text_field!r} is {type(text).__name__}, not a "
                          "string")
+                continue
+            if not _is_unicode(text):
+                self.bad(where, f"field {self.text_field!r} holds a lone surrogate "
+                         "(\\ud800-\\udfff escape), which is not Unicode text")
                 continue
             ok, quality = (self._quality(record.get(self.quality_field), where)
                            if self.quality_field else (True, None))
@@ -248,12 +297,7 @@ class _Reader:
         yield Piece(pending, 0, end=True)
 
     def _parquet(self, stream: Any) -> Iterator[Piece]:
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(stream)
-        except Exception as exc:  # pyarrow raises ArrowInvalid and friends
-            raise DataError(f"{self.source.url}: not a readable parquet file ({exc})") from None
+        parquet = _open_parquet(self.source, stream)
         columns = [self.text_field] + ([self.quality_field] if self.quality_field else [])
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
@@ -261,10 +305,7 @@ class _Reader:
                             f"{parquet.schema_arrow.names})")
         rows = max(1, parquet.metadata.num_rows)
         row = 0
-        for batch in parquet.iter_batches(batch_size=1024, columns=columns):
-            texts = batch.column(self.text_field).to_pylist()
-            qualities = (batch.column(self.quality_field).to_pylist() if self.quality_field
-                         else [None] * len(texts))
+        for texts, qualities in self._parquet_batches(parquet, columns):
             for text, quality in zip(texts, qualities):
                 row += 1
                 where = f"row {row}"
@@ -274,9 +315,39 @@ class _Reader:
                 ok, value = self._quality(quality, where)
                 if ok:
                     yield Piece(text, row, True, value)
-            done = int(self.source.size * row / rows)
+            done = int(self.source.size * min(row, rows) / rows)
             self.progress.update(max(0, done - self._reported))
             self._reported = max(self._reported, done)
+
+    def _parquet_batches(self, parquet: Any, columns: list[str]
+                         ) -> Iterator[tuple[list[Any], list[Any]]]:
+        """The text (and quality) values, batch by batch; damage found while decoding a
+        page (pyarrow raises many types) is a ``DataError`` naming the file."""
+        batches = parquet.iter_batches(batch_size=1024, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                texts = batch.column(self.text_field).to_pylist()
+                qualities = (batch.column(self.quality_field).to_pylist()
+                             if self.quality_field else [None] * len(texts))
+            except Exception as exc:
+                raise DataError(f"{self.source.url}: damaged parquet data ({type(exc).__name__}:"
+                                f" {exc})") from None
+            yield texts, qualities
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is encodable as UTF-8: JSON's \\uXXXX escapes can make lone
+    surrogates, which no tokenizer accepts."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- tokenizing and writing -----------------------------------------------------------------
@@ -295,12 +366,10 @@ def _records(source: SourceFile) -> Iterator[int]:
     if source.format == "txt":
         yield 0
         return
-    with source.fs.open(source.path, "rb") as raw:
+    with _reading(source), source.fs.open(source.path, "rb") as raw:
         stream = compr[source.compression](raw, mode="rb") if source.compression else raw
         if source.format == "parquet":
-            import pyarrow.parquet as pq
-
-            yield from range(1, pq.ParquetFile(stream).metadata.num_rows + 1)
+            yield from range(1, _open_parquet(source, stream).metadata.num_rows + 1)
             return
         for number, line in enumerate(stream, 1):
             if line.strip():

@@ -138,7 +138,7 @@ class DomainInfo:
     def from_attrs(cls, where: str, attrs: Mapping[str, Any]) -> DomainInfo:
         try:
             segments = {
-                split: tuple(Segment(**s) for s in attrs["segments"].get(split, []))
+                split: tuple(_segment(s) for s in attrs["segments"].get(split, []))
                 for split in SPLITS
             }
             known = {"domain", "language", "tokenizer", "sources", "segments", "has_quality",
@@ -152,10 +152,40 @@ class DomainInfo:
                 has_quality=bool(attrs.get("has_quality", False)),
                 extra={k: v for k, v in attrs.items() if k not in known},
             )
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise DataError(
                 f"{where}: domain metadata is incomplete or malformed ({exc!r})"
             ) from None
+
+
+def _segment(entry: Mapping[str, Any]) -> Segment:
+    """A segment from its attribute entry; wrong types are a ``TypeError`` (-> DataError)."""
+    segment = Segment(**entry)
+    if not isinstance(segment.id, str) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= low
+            for n, low in ((segment.tokens, 0), (segment.documents, 0),
+                           (segment.max_token_id, -1))):
+        raise TypeError(f"segment entry {dict(entry)!r} does not hold an id and counts")
+    return segment
+
+
+def checked_manifest(url: str, manifest: Mapping[str, Any], verb: str) -> dict[str, Any]:
+    """The manifest with ``version`` and ``domains`` checked (metadata has no checksum, so a
+    damaged one must fail here, naming the store, not later as a ``TypeError``)."""
+    version, names = manifest.get("version", 0), manifest.get("domains", [])
+    if not isinstance(version, int) or not isinstance(names, list) or not all(
+            isinstance(name, str) for name in names):
+        raise DataError(f"shard store {url!r}: the manifest is malformed "
+                        f"(version {version!r}, domains {names!r})")
+    if version > FORMAT_VERSION:
+        raise DataError(f"shard store {url!r} has format version {version}; this "
+                        f"lightning-aquila {verb} up to {FORMAT_VERSION}")
+    return {**manifest, "version": version, "domains": names}
+
+
+def _damaged(where: str, what: str, exc: Exception) -> DataError:
+    return DataError(f"{where}: the metadata of {what} cannot be read ({type(exc).__name__}: "
+                     f"{exc}); the store is damaged")
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -177,22 +207,27 @@ class ShardStore:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
             raise DataError(f"no shard store at {self.url!r} ({type(exc).__name__}); "
                             "build one with `lightning-aquila prepare`") from None
+        except Exception as exc:  # zarr raises JSON, codec and validation errors of many types
+            raise _damaged(f"shard store {self.url!r}", "the root group (zarr.json)",
+                           exc) from None
         manifest = self._root.attrs.get(MANIFEST_KEY)
         if not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT_NAME:
             raise DataError(f"{self.url!r} is a zarr group but not a lightning-aquila shard "
                             "store (no manifest in its attributes)")
-        if int(manifest.get("version", 0)) > FORMAT_VERSION:
-            raise DataError(f"shard store {self.url!r} has format version {manifest['version']}; "
-                            f"this lightning-aquila reads up to {FORMAT_VERSION}")
+        names = checked_manifest(self.url, manifest, "reads")["domains"]
         self.domains: dict[str, DomainInfo] = {}
-        for name in manifest.get("domains", []):
+        for name in names:
+            where = f"shard store {self.url!r}, domain {name!r}"
             try:
                 group = self._root[name]
             except KeyError:
                 raise DataError(f"shard store {self.url!r}: the manifest lists domain {name!r} "
                                 "but its group is missing") from None
-            self.domains[name] = DomainInfo.from_attrs(
-                f"shard store {self.url!r}, domain {name!r}", group.attrs.asdict())
+            except Exception as exc:
+                raise _damaged(where, "its group", exc) from None
+            if not isinstance(group, zarr.Group):
+                raise DataError(f"{where}: {name!r} is not a group")
+            self.domains[name] = DomainInfo.from_attrs(where, group.attrs.asdict())
 
     def where(self, domain: str, split: str | None = None, segment: str | None = None) -> str:
         parts = [f"shard store {self.url!r}", f"domain {domain!r}"]
@@ -209,13 +244,26 @@ class ShardStore:
         return self.domains[domain]
 
     def array(self, domain: str, split: str, segment: str, name: str) -> zarr.Array:
+        node = self._array(domain, split, segment, name)
+        if node is None:
+            raise DataError(f"{self.where(domain, split, segment)}: array {name!r} is "
+                            "missing")
+        return node
+
+    def _array(self, domain: str, split: str, segment: str, name: str) -> zarr.Array | None:
+        """The array, or ``None`` when it does not exist; damaged metadata is a DataError."""
+        where = self.where(domain, split, segment)
         try:
             node = self._root[f"{domain}/{split}/{segment}/{name}"]
         except KeyError:
-            raise DataError(f"{self.where(domain, split, segment)}: array {name!r} is "
-                            "missing") from None
+            return None
+        except Exception as exc:
+            raise _damaged(where, f"array {name!r}", exc) from None
         if not isinstance(node, zarr.Array):
-            raise DataError(f"{self.where(domain, split, segment)}: {name!r} is not an array")
+            raise DataError(f"{where}: {name!r} is not an array")
+        if len(node.shape) != 1 or len(node.chunks) != 1 or node.chunks[0] < 1:
+            raise DataError(f"{where}: array {name!r} has shape {node.shape} in chunks "
+                            f"{node.chunks}, not one dimension")
         return node
 
     def stream(self, domain: str, split: str = "train", *, cache_chunks: int = 16) -> TokenStream:
@@ -227,7 +275,8 @@ class ShardStore:
     def verify(self, domains: Sequence[str] | None = None, *, full: bool = False) -> None:
         """Check that every array a reader needs exists with its committed length and that
         every chunk is in storage (zarr would silently read a missing chunk as zeros).
-        ``full`` also decodes every chunk, which catches corruption (CRC) up front."""
+        ``full`` also decodes every chunk of every array (tokens, offsets, quality), which
+        catches corruption (CRC32C) up front."""
         for name in domains if domains is not None else list(self.domains):
             info = self.info(name)
             for split in SPLITS:
@@ -241,7 +290,11 @@ class ShardStore:
                     if offsets.shape != (seg.documents + 1,):
                         raise DataError(f"{where}: offsets array has shape {offsets.shape}, "
                                         f"the metadata says {seg.documents} documents")
-                    for array in (tokens, offsets):
+                    arrays = [tokens, offsets]
+                    quality = self._array(name, split, seg.id, "quality")
+                    if quality is not None:  # segments written before quality was on lack it
+                        arrays.append(quality)
+                    for array in arrays:
                         missing = missing_chunks(array)
                         if missing:
                             raise DataError(
@@ -249,9 +302,24 @@ class ShardStore:
                                 f"missing from storage: {missing[:5]}"
                             )
                     if full:
-                        stream = TokenStream(self, name, split, (seg,), [tokens], cache_chunks=1)
-                        for index in range(tokens.nchunks):
-                            stream.chunk(0, index)
+                        for array in arrays:
+                            for index in range(array.nchunks):
+                                read_chunk(array, index, where)
+
+
+def read_chunk(array: zarr.Array, index: int, where: str, stop: int | None = None) -> np.ndarray:
+    """Chunk ``index`` of a 1-D array (up to element ``stop``), decoded; any failure (a
+    CRC32C mismatch, a chunk that does not decompress) is a ``DataError`` naming it."""
+    size = array.chunks[0]
+    end = min((index + 1) * size, array.shape[0] if stop is None else stop)
+    try:
+        return np.asarray(array[index * size:end])
+    except Exception as exc:  # zarr raises codec/IO-specific types; name the chunk
+        raise DataError(
+            f"{where}: chunk c/{index} of {array.basename!r} could not be read "
+            f"({type(exc).__name__}: {exc}); the store is corrupt - rebuild this domain with "
+            "`lightning-aquila prepare`"
+        ) from exc
 
 
 def missing_chunks(array: zarr.Array) -> list[str]:
@@ -304,16 +372,8 @@ class TokenStream:
             self._cache.move_to_end(key)
             return cached
         array, seg = self.arrays[segment], self.segments[segment]
-        size = array.chunks[0]
-        stop = min((index + 1) * size, seg.tokens)
-        try:
-            data = np.asarray(array[index * size:stop])
-        except Exception as exc:  # zarr raises codec/IO-specific types; name the chunk
-            raise DataError(
-                f"{self.store.where(self.domain, self.split, seg.id)}: chunk c/{index} of "
-                f"'tokens' could not be read ({type(exc).__name__}: {exc}); the store is corrupt "
-                "- rebuild this domain with `lightning-aquila prepare`"
-            ) from exc
+        data = read_chunk(array, index, self.store.where(self.domain, self.split, seg.id),
+                          stop=seg.tokens)
         self._cache[key] = data
         if len(self._cache) > self.cache_chunks:
             self._cache.popitem(last=False)
@@ -422,6 +482,24 @@ class DomainWriter:
         self.chunk_tokens = int(chunk_tokens)
         if self.chunk_tokens <= 0:
             raise DataError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        where = f"shard store {self.url!r}, domain {self.domain!r}"
+        try:
+            self._open(where, tokenizer, language, storage_options)
+        except DataError:
+            raise
+        except Exception as exc:  # zarr's JSON, codec and validation errors of many types
+            raise _damaged(where, "the store or the domain", exc) from None
+        self.tokenizer = dict(tokenizer)
+        self.language = language or (self.info.language if self.info else "unknown")
+        self.with_quality = with_quality or bool(self.info and self.info.has_quality)
+        self.sources: list[dict[str, Any]] = []
+        self._writers: dict[str, SegmentWriter] = {}
+        self._segment_id = f"{self._next_segment_number():06d}-{uuid.uuid4().hex[:8]}"
+        self._done = False
+
+    def _open(self, where: str, tokenizer: Mapping[str, Any], language: str,
+              storage_options: Mapping[str, Any] | None) -> None:
+        """Open (or create) the store and the domain; checks before anything is changed."""
         self.root = zarr.open_group(
             zarr_store(self.url, read_only=False, storage_options=storage_options), mode="a")
         manifest = self.root.attrs.get(MANIFEST_KEY)
@@ -431,9 +509,8 @@ class DomainWriter:
                                 "lightning-aquila shard store; choose another --output")
             self.root.attrs[MANIFEST_KEY] = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                              "domains": []}
-        elif manifest.get("format") != FORMAT_NAME:
+        elif not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT_NAME:
             raise DataError(f"{self.url!r} is not a lightning-aquila shard store")
-        where = f"shard store {self.url!r}, domain {self.domain!r}"
         listed = self.domain in self._manifest()["domains"]
         if listed:
             self.group = self.root[self.domain]
@@ -445,39 +522,39 @@ class DomainWriter:
                 )
             if language and language != self.info.language:
                 raise DataError(f"{where} has language {self.info.language!r}, not {language!r}")
-            self._delete_uncommitted()
+            self._delete_uncommitted(where)
         else:
             if self.domain in self.root:  # left by a run that crashed before its commit
                 del self.root[self.domain]
             self.group = self.root.create_group(self.domain)
             self.info = None
-        self.tokenizer = dict(tokenizer)
-        self.language = language or (self.info.language if self.info else "unknown")
-        self.with_quality = with_quality or bool(self.info and self.info.has_quality)
-        self.sources: list[dict[str, Any]] = []
-        self._writers: dict[str, SegmentWriter] = {}
-        self._segment_id = f"{self._next_segment_number():06d}-{uuid.uuid4().hex[:8]}"
-        self._done = False
 
     # The manifest is re-read before each use: another domain may have been committed since.
     def _manifest(self) -> dict[str, Any]:
-        return dict(zarr.open_group(self.root.store, mode="r").attrs[MANIFEST_KEY])
+        return checked_manifest(
+            self.url, zarr.open_group(self.root.store, mode="r").attrs[MANIFEST_KEY], "writes")
 
     def _next_segment_number(self) -> int:
         if self.info is None:
             return 0
         return sum(len(segs) for segs in self.info.segments.values())
 
-    def _delete_uncommitted(self) -> None:
+    def _delete_uncommitted(self, where: str) -> None:
+        """Delete the segments of runs that crashed before their commit. Only when every
+        committed segment is there: damaged metadata that names segments wrongly must not
+        make a writer delete data."""
         assert self.info is not None
+        present = {split: set(self.group[split].keys()) if split in self.group else set()
+                   for split in SPLITS}
         for split in SPLITS:
-            if split not in self.group:
-                continue
+            lost = [s.id for s in self.info.segments.get(split, ()) if s.id not in present[split]]
+            if lost:
+                raise DataError(f"{where}: committed segment(s) {lost} of split {split!r} are "
+                                "missing; the store is damaged, so nothing is written to it")
+        for split in SPLITS:
             committed = {s.id for s in self.info.segments.get(split, ())}
-            split_group = self.group[split]
-            for name in list(split_group.keys()):
-                if name not in committed:
-                    del split_group[name]
+            for name in sorted(present[split] - committed):
+                del self.group[split][name]
 
     @property
     def known_hashes(self) -> set[str]:
@@ -550,7 +627,10 @@ def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iter
     """Each document's tokens (eos included), in store order; for tools and tests."""
     stream = store.stream(domain, split)
     for seg_index, seg in enumerate(store.info(domain).segments.get(split, ())):
-        offsets = np.asarray(store.array(domain, split, seg.id, "offsets")[:])
+        array = store.array(domain, split, seg.id, "offsets")
+        where = store.where(domain, split, seg.id)
+        offsets = np.concatenate([read_chunk(array, i, where) for i in range(array.nchunks)]
+                                 or [np.zeros(0, dtype=np.int64)])
         base = int(stream.starts[seg_index])
         for begin, end in itertools.pairwise(offsets):
             yield stream.read(base + int(begin), base + int(end))
