@@ -398,10 +398,11 @@ def chunk_files(store: Path) -> list[str]:
 def damage(draw: st.DrawFn, data: bytes) -> bytes:
     how = draw(st.sampled_from(["flip", "flip", "flip", "truncate", "append", "empty",
                                 "replace"]))
-    if how == "flip" and data:
+    if how == "flip" and data:  # distinct positions: two flips of one byte could cancel out
         flipped = bytearray(data)
-        for _ in range(draw(st.integers(1, 8))):
-            flipped[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+        for at in draw(st.lists(st.integers(0, len(data) - 1), min_size=1, max_size=8,
+                                unique=True)):
+            flipped[at] ^= draw(st.integers(1, 255))
         return bytes(flipped)
     if how == "truncate" and data:
         return data[:draw(st.integers(0, len(data) - 1))]

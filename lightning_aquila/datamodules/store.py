@@ -137,13 +137,15 @@ class DomainInfo:
     @classmethod
     def from_attrs(cls, where: str, attrs: Mapping[str, Any]) -> DomainInfo:
         try:
+            if sorted(attrs["segments"]) != sorted(SPLITS):
+                raise ValueError(f"segments are listed for splits {sorted(attrs['segments'])}, "
+                                 f"not {list(SPLITS)}")
             segments = {
-                split: tuple(_segment(s) for s in attrs["segments"].get(split, []))
-                for split in SPLITS
+                split: tuple(_segment(s) for s in attrs["segments"][split]) for split in SPLITS
             }
             known = {"domain", "language", "tokenizer", "sources", "segments", "has_quality",
                      "tokens", "documents", "max_token_id"}
-            return cls(
+            info = cls(
                 name=str(attrs["domain"]),
                 language=str(attrs["language"]),
                 tokenizer=dict(attrs["tokenizer"]),
@@ -152,6 +154,14 @@ class DomainInfo:
                 has_quality=bool(attrs.get("has_quality", False)),
                 extra={k: v for k, v in attrs.items() if k not in known},
             )
+            # The summaries are written with the segment list: a disagreement is damage (a
+            # flipped count, a dropped segment), which the chunk checksums cannot see.
+            for key, count in (("tokens", info.tokens), ("documents", info.documents)):
+                summary = {split: count(split) for split in SPLITS}
+                if key in attrs and attrs[key] != summary:
+                    raise ValueError(f"the {key} summary {attrs[key]!r} disagrees with the "
+                                     f"segment list ({summary})")
+            return info
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise DataError(
                 f"{where}: domain metadata is incomplete or malformed ({exc!r})"
@@ -172,7 +182,7 @@ def _segment(entry: Mapping[str, Any]) -> Segment:
 def checked_manifest(url: str, manifest: Mapping[str, Any], verb: str) -> dict[str, Any]:
     """The manifest with ``version`` and ``domains`` checked (metadata has no checksum, so a
     damaged one must fail here, naming the store, not later as a ``TypeError``)."""
-    version, names = manifest.get("version", 0), manifest.get("domains", [])
+    version, names = manifest.get("version"), manifest.get("domains")
     if not isinstance(version, int) or not isinstance(names, list) or not all(
             isinstance(name, str) for name in names):
         raise DataError(f"shard store {url!r}: the manifest is malformed "
@@ -500,8 +510,15 @@ class DomainWriter:
     def _open(self, where: str, tokenizer: Mapping[str, Any], language: str,
               storage_options: Mapping[str, Any] | None) -> None:
         """Open (or create) the store and the domain; checks before anything is changed."""
-        self.root = zarr.open_group(
-            zarr_store(self.url, read_only=False, storage_options=storage_options), mode="a")
+        store = zarr_store(self.url, read_only=False, storage_options=storage_options)
+        try:  # not mode="a": zarr would write a new, empty group over an unreadable one
+            self.root = zarr.open_group(store, mode="r+")
+        except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError):
+            if not sync(store.is_empty("")):
+                raise DataError(f"{where}: the store's root group (zarr.json) is missing or "
+                                "unreadable but the store holds data; it is damaged or not a "
+                                "shard store, so nothing is written to it") from None
+            self.root = zarr.open_group(store, mode="w-")
         manifest = self.root.attrs.get(MANIFEST_KEY)
         if manifest is None:
             if any(True for _ in self.root.members()):
