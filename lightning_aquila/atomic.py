@@ -123,18 +123,20 @@ def replace_directory(staging: str | os.PathLike[str], path: str | os.PathLike[s
         fsync_directory(path.parent)
         return
     old = path.with_name(f".{path.name}.old")
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
+    _remove(old)
     if path.exists() or path.is_symlink():
         os.replace(path, old)
     os.replace(staging, path)
     fsync_directory(path.parent)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, a file or a link, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _read_umask() -> int:

@@ -335,10 +335,6 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
 
 
 # -- writing -----------------------------------------------------------------------------------
-def _write_atomically(path: Path, data: bytes) -> None:
-    write_bytes_atomically(path, data)
-
-
 def write_report(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None,
                  title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.html`` (default: next to the run's ``tsm`` folder);
@@ -356,8 +352,8 @@ def write_report(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[
     plt.close(figure)
     png = buffer.getvalue()
     png_path, html_path = out / "report.png", out / "report.html"
-    _write_atomically(png_path, png)
-    _write_atomically(html_path, render_html(record, png, title).encode("utf-8"))
+    write_bytes_atomically(png_path, png)
+    write_bytes_atomically(html_path, render_html(record, png, title).encode("utf-8"))
     return png_path, html_path
 
 

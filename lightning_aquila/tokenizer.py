@@ -21,12 +21,13 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lightning_aquila.atomic import atomic_file
 
 #: The tokenizer shipped with the package, trained on the bundled corpus (vocab 8192).
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
@@ -108,18 +109,9 @@ def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t in (BOS, EOS)])
 
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / TOKENIZER_FILE
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TOKENIZER_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tokenizer.save(tmp, pretty=True)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the shipped asset private
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = Path(output) / TOKENIZER_FILE
+    with atomic_file(target, "w", encoding="utf-8") as handle:  # the bytes save() writes
+        handle.write(tokenizer.to_str(pretty=True))
     return target
 
 

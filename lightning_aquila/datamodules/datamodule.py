@@ -339,9 +339,6 @@ class DomainDataModule(LightningDataModule):
         total = sum(tokens.values())
         return {d: n / total for d, n in tokens.items()}
 
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(store={self.store_url!r}, seq_len={self.seq_len}, "
                 f"batch_size={self.batch_size}, num_workers={self.num_workers})")

@@ -179,9 +179,13 @@ def _segment(entry: Mapping[str, Any]) -> Segment:
     return segment
 
 
-def checked_manifest(url: str, manifest: Mapping[str, Any], verb: str) -> dict[str, Any]:
-    """The manifest with ``version`` and ``domains`` checked (metadata has no checksum, so a
-    damaged one must fail here, naming the store, not later as a ``TypeError``)."""
+def checked_manifest(url: str, manifest: Any, verb: str) -> dict[str, Any]:
+    """The manifest with ``format``, ``version`` and ``domains`` checked (metadata has no
+    checksum, so a damaged one must fail here, naming the store, not later as a
+    ``TypeError``)."""
+    if not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT_NAME:
+        raise DataError(f"{url!r} is a zarr group but not a lightning-aquila shard store (no "
+                        "manifest in its attributes)")
     version, names = manifest.get("version"), manifest.get("domains")
     if not isinstance(version, int) or not isinstance(names, list) or not all(
             isinstance(name, str) for name in names):
@@ -220,11 +224,7 @@ class ShardStore:
         except Exception as exc:  # zarr raises JSON, codec and validation errors of many types
             raise _damaged(f"shard store {self.url!r}", "the root group (zarr.json)",
                            exc) from None
-        manifest = self._root.attrs.get(MANIFEST_KEY)
-        if not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT_NAME:
-            raise DataError(f"{self.url!r} is a zarr group but not a lightning-aquila shard "
-                            "store (no manifest in its attributes)")
-        names = checked_manifest(self.url, manifest, "reads")["domains"]
+        names = checked_manifest(self.url, self._root.attrs.get(MANIFEST_KEY), "reads")["domains"]
         self.domains: dict[str, DomainInfo] = {}
         for name in names:
             where = f"shard store {self.url!r}, domain {name!r}"
@@ -526,9 +526,8 @@ class DomainWriter:
                                 "lightning-aquila shard store; choose another --output")
             self.root.attrs[MANIFEST_KEY] = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                              "domains": []}
-        elif not isinstance(manifest, Mapping) or manifest.get("format") != FORMAT_NAME:
-            raise DataError(f"{self.url!r} is not a lightning-aquila shard store")
-        listed = self.domain in self._manifest()["domains"]
+            manifest = self.root.attrs[MANIFEST_KEY]
+        listed = self.domain in checked_manifest(self.url, manifest, "writes")["domains"]
         if listed:
             self.group = self.root[self.domain]
             self.info: DomainInfo | None = DomainInfo.from_attrs(where, self.group.attrs.asdict())

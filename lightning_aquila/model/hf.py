@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_aquila.atomic import replace_directory
+from lightning_aquila.atomic import PARTIAL_SUFFIX, replace_directory
 from lightning_aquila.model.config import AquilaConfig
 from lightning_aquila.model.model import AquilaModel
 
@@ -179,7 +179,7 @@ def export_hf(
     dtype = dtype or next(iter(state.values())).dtype
     hf_state = to_hf_state_dict(state)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent))
     try:
         shards = list(_shards(hf_state, max_shard_bytes))
         if len(shards) == 1:

@@ -105,12 +105,6 @@ def consolidate(path: str | os.PathLike) -> dict[str, Any]:
                      f"{_META_FILE}) nor a DeepSpeed one (*/..model_states.pt)")
 
 
-def save_atomically(checkpoint: dict[str, Any], output: Path) -> None:
-    """Temporary sibling, fsync, rename: a killed consolidation leaves no truncated file."""
-    with atomic_file(output, "wb") as handle:
-        torch.save(checkpoint, handle)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-aquila consolidate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         if args.weights_only:
             checkpoint = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
-        save_atomically(checkpoint, args.output)
+        with atomic_file(args.output, "wb") as handle:  # no truncated file if killed
+            torch.save(checkpoint, handle)
         print(f"wrote {args.output}")
     if args.hf_dir is not None:
         model = model_from_checkpoint(checkpoint)

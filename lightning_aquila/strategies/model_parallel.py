@@ -29,7 +29,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_aquila.atomic import replace_directory
+from lightning_aquila.atomic import PARTIAL_SUFFIX, replace_directory
 from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.strategies.parallelize import ParallelPlan
 
@@ -199,7 +199,7 @@ class AquilaParallelStrategy(ModelParallelStrategy):
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         path = Path(self.broadcast(filepath))
-        staging = path.with_name(f".{path.name}.partial")
+        staging = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
         if self.is_global_zero and staging.exists():
             shutil.rmtree(staging)
         self.barrier()
