@@ -119,8 +119,7 @@ class AquilaLM(LightningModule):
         """Per-sample loss sums, per-sample token counts, and the token-mean batch loss."""
         self._check_vocabulary(batch["input_ids"])
         logits = self.model(batch["input_ids"])
-        per_token, mask = token_losses(logits, batch["labels"])
-        per_token = per_token * mask
+        per_token, mask = token_losses(logits, batch["labels"])  # 0 where the label is -100
         counts = mask.sum(1)
         return per_token.sum(1), counts, per_token.sum() / counts.sum().clamp(min=1)
 
@@ -155,12 +154,14 @@ class AquilaLM(LightningModule):
         self._val_sums: dict[int, torch.Tensor] = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
-                        dataloader_idx: int = 0) -> None:
+                        dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         sums, counts, _ = self._losses(batch)
         for domain in batch["domain"].unique().tolist():
             picked = batch["domain"] == domain
             pair = torch.stack([sums[picked].sum(), counts[picked].sum().to(sums.dtype)])
             self._val_sums[domain] = self._val_sums.get(domain, 0) + pair.detach()
+        # the monitor's held-out loss reads these instead of running the batch again
+        return {"sample_loss_sum": sums.detach(), "sample_tokens": counts}
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted loss per domain and overall, summed over ranks before dividing."""

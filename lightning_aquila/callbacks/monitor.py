@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -40,6 +39,7 @@ from torchmetrics import Metric
 
 from lightning_aquila.callbacks.probes import Probe
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
+from lightning_aquila.strategies.loss import token_losses
 
 #: Version of the run-file format written under ``<run_dir>/tsm/``.
 RUN_FILES_FORMAT = 1
@@ -57,7 +57,7 @@ def layer_of(parameter_name: str) -> str:
     """The layer a parameter belongs to: its path up to the first numeric index
     (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else its module path
     (``model.embed_tokens.weight`` -> ``model.embed_tokens``)."""
-    parts = [p for p in parameter_name.split(".") if p not in _WRAPPER_NAMES]
+    parts = clean_name(parameter_name).split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
             return ".".join(parts[: i + 1])
@@ -203,12 +203,8 @@ def next_token_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss sums and counted tokens of ``pl_module(input_ids)`` against ``labels``
     (already shifted, -100 ignored): the default held-out measurement."""
-    logits = pl_module(batch["input_ids"])
-    labels = batch["labels"]
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                ignore_index=-100, reduction="none").view_as(labels)
-    mask = labels != -100
-    return (per_token * mask).sum(1), mask.sum(1)
+    per_token, mask = token_losses(pl_module(batch["input_ids"]), batch["labels"])
+    return per_token.sum(1), mask.sum(1)  # ignored tokens already hold 0
 
 
 def _jsonable(value: Any) -> Any:
@@ -390,7 +386,6 @@ class TrainingStateMonitor(Callback):
         # weight snapshots: parameter name -> local shard; and their bookkeeping
         self._previous: dict[str, torch.Tensor] = {}
         self._stage_reference: dict[str, torch.Tensor] = {}
-        self._stage_reference_step: int | None = None
         self._stage_reference_pending = True  # take the reference at the next weight check
         self._pending_events: list[dict[str, Any]] = []  # recorded before the files opened
 
@@ -414,7 +409,6 @@ class TrainingStateMonitor(Callback):
             self._stage_reference_pending = True  # before training: the first check's weights
             if self._module is not None and self.weight_stats_every_n_steps is not None:
                 self._stage_reference = self._snapshot(self._module)
-                self._stage_reference_step = event["step"]
                 self._stage_reference_pending = False
         self._write_event(event)
         return event
@@ -749,7 +743,6 @@ class TrainingStateMonitor(Callback):
         self._previous = self._snapshot(pl_module)
         if self._stage_reference_pending:
             self._stage_reference = self._previous
-            self._stage_reference_step = self.state.step
             self._stage_reference_pending = False
         return {f"tsm/weights/{layer}/{stat}": value
                 for layer, values in stats.items() for stat, value in values.items()}
@@ -780,16 +773,23 @@ class TrainingStateMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
-        """The held-out loss is measured here with a no-grad forward of its own
-        (``val_loss_fn``), because a module's ``validation_step`` need not return anything."""
+        """The held-out loss: what ``validation_step`` returned as ``sample_loss_sum`` and
+        ``sample_tokens`` (``AquilaLM`` does), else a no-grad forward of its own
+        (``val_loss_fn``), since a module's ``validation_step`` need not return anything. A
+        ``val_loss_fn`` given explicitly always runs."""
         if not self.val_loss or trainer.sanity_checking or not isinstance(batch, dict):
             return
         if "domain" not in batch:
             self._warn_once("val_domain", "TrainingStateMonitor: validation batches have no "
                             "'domain'; held-out loss per domain is off.")
             return
-        with torch.no_grad():
-            loss_sum, tokens = self.val_loss_fn(pl_module, batch)
+        returned = (self.val_loss_fn is next_token_loss and isinstance(outputs, dict)
+                    and "sample_loss_sum" in outputs and "sample_tokens" in outputs)
+        if returned:
+            loss_sum, tokens = outputs["sample_loss_sum"], outputs["sample_tokens"]
+        else:
+            with torch.no_grad():
+                loss_sum, tokens = self.val_loss_fn(pl_module, batch)
         self._held_out.update(batch["domain"], loss_sum, tokens)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -823,7 +823,6 @@ class TrainingStateMonitor(Callback):
             snapshots = {"previous": self._previous, "stage": self._stage_reference}
         return {"format": RUN_FILES_FORMAT, "state": self.state.to_dict(),
                 "spike_window": list(self.spikes.window), "anomaly_count": self.anomaly_count,
-                "stage_reference_step": self._stage_reference_step,
                 "stage_reference_pending": self._stage_reference_pending, "snapshots": snapshots,
                 "domain_tables": self._gathered_domain_tables()}
 
@@ -833,7 +832,6 @@ class TrainingStateMonitor(Callback):
         self.spikes.window.extend(state_dict["spike_window"])
         self.anomaly_count = state_dict["anomaly_count"]
         snapshots = state_dict.get("snapshots")
-        self._stage_reference_step = state_dict["stage_reference_step"]
         self._restored_tables = state_dict.get("domain_tables")  # applied in on_train_start
         if snapshots is not None:
             self._previous = dict(snapshots["previous"])

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+
+from lightning_aquila.strategies.loss import token_losses
 
 #: The bundled task: hand-written English and Chinese cloze items with one right completion.
 BUNDLED_TASK = Path(__file__).resolve().parents[1] / "assets" / "probes" / "cloze_bilingual.jsonl"
@@ -150,11 +151,9 @@ class MultipleChoiceProbe(Probe):
             input_ids[row, : len(ids) - 1] = ids[:-1]
             # labels[t] is the target of position t: only the choice's tokens are scored
             labels[row, len(context) - 1 : len(ids) - 1] = ids[len(context):]
-        logits = pl_module(input_ids.to(pl_module.device)).float()
-        labels = labels.to(logits.device)
-        token_ll = -F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                    reduction="none").view_as(labels)
-        return (token_ll * (labels != -100)).sum(1).tolist()
+        logits = pl_module(input_ids.to(pl_module.device))
+        per_token, _ = token_losses(logits, labels.to(logits.device))  # 0 where not scored
+        return (-per_token.sum(1)).tolist()
 
     def _accuracy(self, scores: list[float]) -> dict[str, float]:
         right, right_norm = 0, 0

@@ -43,10 +43,9 @@ class _LazyStreams:
 def _batch(windows: np.ndarray, domains: np.ndarray) -> dict[str, torch.Tensor]:
     """The Batch contract from packed windows of ``seq_len + 1`` tokens: labels are the
     inputs shifted by one, so every position has a target and none is ignored."""
-    windows = windows.astype(np.int64)
-    return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(windows[..., :-1])),
-        "labels": torch.from_numpy(np.ascontiguousarray(windows[..., 1:])),
+    return {  # astype copies each slice once, contiguous and int64
+        "input_ids": torch.from_numpy(windows[..., :-1].astype(np.int64)),
+        "labels": torch.from_numpy(windows[..., 1:].astype(np.int64)),
         "domain": torch.from_numpy(np.array(domains, dtype=np.int64)),  # 0-d stays 0-d
     }
 

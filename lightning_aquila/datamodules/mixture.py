@@ -15,6 +15,7 @@ at the same training step (the TSM's state is already reduced across ranks for t
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -202,12 +203,9 @@ class DomainMixture:
 
     def weights_at(self, batch_index: int) -> np.ndarray:
         """Weights (in ``domains`` order) in force for batch ``batch_index``."""
-        current = self.history[0]
-        for change in self.history:
-            if change.batch_index <= batch_index:
-                current = change
-            else:
-                break
+        # The history is ordered by batch_index (_record keeps it so); called for every batch.
+        found = bisect.bisect_right(self.history, batch_index, key=lambda c: c.batch_index)
+        current = self.history[max(found - 1, 0)]
         return np.array([current.weights.get(name, 0.0) for name in self.domains],
                         dtype=np.float64)
 
