@@ -214,7 +214,7 @@ def test_jsonl_records_of_every_kind_are_prepared_or_named_and_the_store_is_kept
         check_existing_domain(store, before, failed=False)
         [added] = report.added
         assert added["bad_records"] == len(bad)
-        assert added["bad_examples"] == [e for e in added["bad_examples"]]
+        assert len(added["bad_examples"]) == min(len(bad), 5)
         assert [e.split(":line ")[1].split(":")[0] for e in added["bad_examples"]] == [
             str(n) for n in bad[:5]]
         tok = load_tokenizer(dmu_tokenizer)
@@ -266,7 +266,7 @@ def raw_source(draw: st.DrawFn) -> tuple[str, bytes, bool]:
        domain=st.sampled_from(["base", "fresh"]))
 def test_arbitrary_bytes_in_any_format_and_compression_are_prepared_or_named(
         source, on_error, domain, work, base_store):
-    name, data, damaged = source
+    name, data, _ = source
     with copy_of(base_store, work) as store, scratch(work) as inputs:
         path = inputs / name
         path.write_bytes(data)
@@ -281,9 +281,7 @@ def test_arbitrary_bytes_in_any_format_and_compression_are_prepared_or_named(
             return
         check_existing_domain(store, before, failed=False)
         if name.endswith(".txt"):  # uncompressed: a txt file is prepared iff it is UTF-8
-            plain = gzip.decompress(data) if name.endswith(".gz") else data
-            if not name.endswith((".bz2", ".xz")) and not damaged:
-                plain.decode("utf-8")  # it did not fail, so this must not either
+            data.decode("utf-8")  # it did not fail, so this must not either
         assert len(report.added) == 1
 
 
