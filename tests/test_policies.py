@@ -284,7 +284,7 @@ def test_bandit_moves_weight_to_the_domain_with_the_highest_loss():
 
 
 def test_bandit_follows_the_exp3_update():
-    policy = BanditMixture(smoothing=0.9, update_every=1)
+    policy = BanditMixture(smoothing=0.9, importance_weighted=True, update_every=1)
     losses = {"code": 4.0, "web": 3.0, "books": 2.0}
     current = {"code": 0.5, "web": 0.3, "books": 0.2}
     policy.setup(DOMAINS)
@@ -310,11 +310,22 @@ def test_bandit_rewards_only_the_domains_sampled_since_its_last_update():
 
 
 def test_bandit_importance_weighting_favours_a_rarely_sampled_domain_at_equal_loss():
-    policy = BanditMixture(update_every=1)
+    policy = BanditMixture(update_every=1, importance_weighted=True)
     equal = {"code": 3.0, "web": 3.0, "books": 3.0}
     current = {"code": 0.6, "web": 0.3, "books": 0.1}
     policy.propose(state(10, equal), current)
     assert policy.rewards["books"] > policy.rewards["web"] > policy.rewards["code"]
+
+
+def test_bandit_on_mixed_batches_does_not_favour_a_rare_domain_at_equal_loss():
+    """Every domain is observed in every interval of mixed batches (full information), so by
+    default the reward is the loss itself and equal losses give equal rewards."""
+    policy = BanditMixture(update_every=1)
+    equal = {"code": 3.0, "web": 3.0, "books": 3.0}
+    current = {"code": 0.6, "web": 0.3, "books": 0.1}
+    out = policy.propose(state(10, equal), current)
+    assert policy.rewards == {d: pytest.approx(0.1 * 3.0) for d in DOMAINS}
+    assert out == pytest.approx(UNIFORM)
 
 
 # -- every policy ------------------------------------------------------------------------------

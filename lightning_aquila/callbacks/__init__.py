@@ -1,6 +1,7 @@
 """HeuriMentor callbacks: the Training State Monitor (observes) and the Adaptive Training
 Engine (decides); reusable in any Lightning project whose batches carry a ``domain``."""
 
+from lightning_aquila.callbacks.aioli import AioliMixture
 from lightning_aquila.callbacks.engine import (
     AdaptiveTrainingEngine,
     EngineOrderError,
@@ -19,6 +20,7 @@ from lightning_aquila.callbacks.state import Anomaly, TrainingState
 
 __all__ = [
     "AdaptiveTrainingEngine",
+    "AioliMixture",
     "Anomaly",
     "BanditMixture",
     "EngineOrderError",

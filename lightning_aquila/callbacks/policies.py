@@ -554,17 +554,32 @@ class BanditMixture(MixturePolicy):
     previous update's ``eps`` (``1/K`` at the first), projected onto the bounds.
 
     As in ODM, ``t`` counts training steps, so exploration decays with training whatever
-    ``update_every`` is. In ODM each minibatch comes from one arm; here a batch mixes domains,
-    so every arm observed in the interval is updated. No randomness is needed: the sampler
-    draws the domains from ``p``.
+    ``update_every`` is. No randomness is needed: the sampler draws the domains from ``p``.
+
+    Checked against the paper and its code (``megatron/data/data_sampling_utils.py``,
+    ``Exp3WeightUpdater`` of github.com/alon-albalak/online-data-mixing); deliberate
+    differences:
+
+    * **Mixed batches, so no importance weighting by default.** In ODM each minibatch comes
+      from one arm, so only that arm's loss is seen and ``loss / p_i`` is the unbiased
+      estimate of the full reward vector (EXP3's bandit feedback). Here a batch mixes domains
+      and every arm with a non-zero weight is observed in every update interval: that is full
+      information, where dividing by ``p_i`` is a bias toward rare domains, not a correction.
+      Measured (issue 11): starting from natural weights, the first update put the maximum
+      weight on the smallest domain (1.5% of the tokens) and the run lost to uniform in every
+      seed. ``importance_weighted=True`` keeps ODM's estimator for one-domain batches.
+    * The reward is an exponential moving average of the observed losses (the paper's
+      smoothed reward, ``smoothing`` = its ``alpha``); the code's variant sums ``loss / 10``.
+    * ``warmup_steps`` as in the code's ``UpdateScheduler``: no update before that step.
 
     Args:
         smoothing: the moving-average weight ``alpha`` of the reward (ODM: 0.9).
-        importance_weighted: divide each observed loss by the domain's probability (ODM).
+        importance_weighted: divide each observed loss by the domain's probability (ODM's
+            estimator, right only when a batch holds one domain).
         warmup_steps: keep the current weights until this step.
     """
 
-    def __init__(self, smoothing: float = 0.9, importance_weighted: bool = True,
+    def __init__(self, smoothing: float = 0.9, importance_weighted: bool = False,
                  warmup_steps: int = 0, update_every: int = 10, min_weight: Bound = 0.0,
                  max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)

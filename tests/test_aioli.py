@@ -1,0 +1,196 @@
+"""AioliMixture on constructed TrainingStates from a simulated run whose held-out losses follow
+a known linear mixing law: the policy probes every domain, recovers the law, exploits it,
+resumes exactly from its state_dict, and says what is wrong with bad settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from lightning_aquila.callbacks.aioli import AioliMixture
+from lightning_aquila.callbacks.policies import MixturePolicy
+from lightning_aquila.callbacks.state import TrainingState
+
+DOMAINS = ["code", "web", "books"]
+V = 10  # steps per interval = the trainer's val_check_interval
+
+
+class LinearRun:
+    """A run whose held-out loss drops by ``A @ p + common`` over every interval trained on
+    mixture ``p``; its evaluations reach the policy one interval late, as in Lightning, where
+    validation at step s runs after the engine's update at step s."""
+
+    def __init__(self, a: np.ndarray, common: float = 0.05, interval: int = V) -> None:
+        self.a, self.common, self.interval = a, common, interval
+        self.loss = np.full(len(DOMAINS), 5.0)
+        self.vals: dict[int, dict[str, float]] = {}
+
+    def state(self, step: int) -> TrainingState:
+        seen = [s for s in self.vals if s < step]
+        if not seen:
+            return TrainingState(step=step)
+        last = max(seen)
+        return TrainingState(step=step, val_loss=dict(self.vals[last]), val_step=last)
+
+    def train(self, step: int, weights: dict[str, float]) -> None:
+        """The interval (step, step + interval] on ``weights``, then its evaluation."""
+        p = np.array([weights[d] for d in DOMAINS])
+        self.loss = self.loss - self.a @ p - self.common
+        self.vals[step + self.interval] = dict(zip(DOMAINS, self.loss.tolist()))
+
+
+def drive(policy: MixturePolicy, run: LinearRun, intervals: int,
+          current: dict[str, float] | None = None, start: int = 0) -> list[dict[str, float]]:
+    current = dict(current or dict.fromkeys(DOMAINS, 1 / 3))
+    seen = []
+    for i in range(start, start + intervals):
+        step = i * run.interval
+        proposal = policy.propose(run.state(step), current)
+        if proposal is not None:
+            current = proposal
+        seen.append(dict(current))
+        run.train(step, current)
+    return seen
+
+
+# A[i, j]: how much training on domain j lowers domain i's held-out loss. Training on "books"
+# helps everyone; "web" helps itself a little; "code" helps code only.
+A = np.array([[0.03, 0.00, 0.02],
+              [0.00, 0.01, 0.02],
+              [0.00, 0.00, 0.04]])
+
+
+def test_aioli_probes_each_domain_once_per_sweep_with_the_one_hot_factor():
+    policy = AioliMixture(one_hot_factor=0.8, lp_rounds=2, update_every=V, seed=3)
+    seen = drive(policy, LinearRun(A), 7)[1:]  # step 0 keeps the mixture: nothing to probe from
+    probed = [max(w, key=w.get) for w in seen]
+    assert sorted(probed[:3]) == sorted(DOMAINS) and sorted(probed[3:]) == sorted(DOMAINS)
+    assert probed == policy.probe_order(0)
+    for w, domain in zip(seen, probed):
+        assert w == pytest.approx({d: 0.8 if d == domain else 0.1 for d in DOMAINS})
+
+
+def test_aioli_probe_order_is_seeded_and_differs_between_rounds():
+    domains = [f"d{i}" for i in range(8)]
+    policy, same, other = AioliMixture(seed=7), AioliMixture(seed=7), AioliMixture(seed=8)
+    for p in (policy, same, other):
+        p.setup(domains)
+    assert sorted(policy.probe_order(0)) == domains
+    assert policy.probe_order(0) == same.probe_order(0)
+    assert policy.probe_order(0) != policy.probe_order(1)
+    assert other.probe_order(0) != policy.probe_order(0)
+
+
+def test_aioli_recovers_the_mixing_law_from_the_held_out_losses():
+    """With an exactly linear run the fitted matrix is A plus the drop every domain has
+    anyway (which the probes cannot tell apart from A and which changes no weight), shifted
+    to be non-negative and normalised, as the paper's code does."""
+    common = 0.05
+    policy = AioliMixture(ema=0.0, eta=1.0, update_every=V, exploit_updates=3)
+    drive(policy, LinearRun(A, common=common), len(DOMAINS) + 3)
+    assert policy.matrices == 1
+    expected = A + common
+    expected = (expected - min(expected.min(), 0)) / expected.sum()
+    assert np.array(policy.a_ema) == pytest.approx(expected, abs=1e-9)
+
+
+def test_aioli_exploits_the_domain_that_lowers_the_held_out_loss_most():
+    policy = AioliMixture(eta=20.0, update_every=V, exploit_updates=3)
+    seen = drive(policy, LinearRun(A), len(DOMAINS) + 3)
+    exploit = seen[-1]
+    assert exploit["books"] > exploit["code"] > exploit["web"]  # column sums .08 > .03 > .01
+    column = A.sum(axis=0) + 3 * 0.05
+    column = column / (A + 0.05).sum()
+    expected = np.exp(20.0 * (column - column.max()))
+    assert [exploit[d] for d in DOMAINS] == pytest.approx(expected / expected.sum(), rel=1e-9)
+
+
+def test_aioli_turns_away_from_a_domain_whose_held_out_loss_rises_when_trained_on():
+    """A small domain repeated many times: training on it lowers its training loss but raises
+    its held-out loss (negative diagonal); the exploit weight of that domain falls below the
+    uniform prior."""
+    overfit = np.array([[0.03, 0.0, 0.0],
+                        [0.0, 0.03, 0.0],
+                        [0.0, 0.0, -0.02]])
+    policy = AioliMixture(eta=10.0, update_every=V, exploit_updates=3)
+    seen = drive(policy, LinearRun(overfit), len(DOMAINS) + 3)
+    assert seen[-1]["books"] < 1 / 3 < seen[-1]["code"]
+
+
+def test_aioli_keeps_the_prior_until_its_first_law_and_during_warmup():
+    policy = AioliMixture(update_every=V, warmup_steps=2 * V, prior="uniform")
+    start = {"code": 0.5, "web": 0.3, "books": 0.2}
+    seen = drive(policy, LinearRun(A), 2 + len(DOMAINS) + 1, current=start)
+    assert seen[:2] == [start, start]  # warm-up: the mixture's own weights
+    assert seen[2 + len(DOMAINS)] == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3))
+
+
+def test_aioli_drops_an_evaluation_whose_interval_spans_two_mixtures():
+    """update_every unequal to the evaluation interval: no probe is measured cleanly, so the
+    policy warns, names the setting and keeps its weights."""
+    policy = AioliMixture(update_every=V, exploit_updates=3)
+    with pytest.warns(UserWarning, match="val_check_interval"):
+        for i in range(len(DOMAINS) + 3):
+            step = i * V
+            # evaluations land mid-interval (every V, offset by V // 2)
+            state = TrainingState(step=step)
+            if i:
+                state.val_loss = dict(zip(DOMAINS, (5.0 - 0.01 * i,) * 3))
+                state.val_step = step - V // 2
+            policy.propose(state, dict.fromkeys(DOMAINS, 1 / 3))
+    assert policy.matrices == 0 and policy.exploit is None
+
+
+def test_aioli_state_dict_round_trip_resumes_exactly():
+    whole = AioliMixture(update_every=V, exploit_updates=3, lp_rounds=1, seed=1)
+    expected = drive(whole, LinearRun(A), 14)
+    first = AioliMixture(update_every=V, exploit_updates=3, lp_rounds=1, seed=1)
+    run = LinearRun(A)
+    head = drive(first, run, 4)  # mid-round: one probe left
+    saved = json.loads(json.dumps(first.state_dict()))
+    second = AioliMixture(update_every=V, exploit_updates=3, lp_rounds=1, seed=1)
+    second.load_state_dict(saved)
+    assert second.state_dict() == first.state_dict()
+    assert head + drive(second, run, 10, current=head[-1], start=4) == expected
+
+
+def test_aioli_weights_stay_within_bounds():
+    policy = AioliMixture(update_every=V, exploit_updates=2, eta=50.0, min_weight=0.1,
+                          max_weight=0.8)
+    for weights in drive(policy, LinearRun(A), 20):
+        assert all(0.1 - 1e-12 <= w <= 0.8 + 1e-12 for w in weights.values())
+        assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_aioli_warns_when_max_weight_caps_the_probes():
+    policy = AioliMixture(one_hot_factor=0.75, max_weight=0.5)
+    with pytest.warns(UserWarning, match="max_weight"):
+        policy.setup(DOMAINS)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"eta": 0}, "eta"), ({"one_hot_factor": 1.5}, "one_hot_factor"), ({"ema": 1.0}, "ema"),
+    ({"lp_rounds": 0}, "lp_rounds"), ({"exploit_updates": 1}, "exploit_updates"),
+    ({"prior": "stratified"}, "prior"), ({"warmup_steps": -1}, "warmup_steps"),
+])
+def test_aioli_bad_settings_are_refused_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AioliMixture(**kwargs)
+
+
+def test_aioli_is_chosen_from_yaml_by_class_path():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--policy", type=MixturePolicy)
+    config = yaml.safe_load("""
+policy:
+  class_path: lightning_aquila.callbacks.AioliMixture
+  init_args: {update_every: 50, eta: 2.0, prior: natural}
+""")
+    policy = parser.instantiate_classes(parser.parse_object(config)).policy
+    assert isinstance(policy, AioliMixture)
+    assert (policy.update_every, policy.eta, policy.prior) == (50, 2.0, "natural")
