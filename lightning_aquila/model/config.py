@@ -117,6 +117,13 @@ PRESETS: dict[str, AquilaConfig] = {
         name="aquila2-1b", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4,
         intermediate_size=5632, max_seq_len=2048,
     ),
+    # ~125M parameters at a 32k vocabulary (GPT-3 Small's shape with GQA): the mixing
+    # benchmark's model (configs/benchmarks/mixing). Give vocab_size/bos/eos of the store's
+    # tokenizer in the config.
+    "aquila2-125m": AquilaConfig(
+        name="aquila2-125m", hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+        intermediate_size=2048, max_seq_len=1024,
+    ),
     # ~2.8M parameters on the bundled tokenizer: the CPU quickstart's few hundred steps
     # take minutes on two cores.
     "aquila2-mini": AquilaConfig(

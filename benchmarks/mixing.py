@@ -1,0 +1,396 @@
+"""The HeuriMentor efficacy benchmark: does an adaptive mixture beat a fixed one for the same
+tokens? Runs every mixture policy of ``configs/benchmarks/mixing/`` for several seeds through
+``lightning-aquila fit`` (one run per GPU, side by side), then reads each run's TSM files and
+prints the table of ``docs/benchmarks.md`` ("Mixing").
+
+Each run is ``fit --config base.yaml --config <policy>.yaml`` with the seed given to both
+``seed_everything`` (model initialisation) and the datamodule (data order), so the runs of one
+seed differ only in their mixture policy. DoReMi needs a reference run: as in DoReMi it is
+trained on the uniform mixture, here ``uniform`` with seed 0 (a seed no table row uses), and
+its ``tsm/metrics.jsonl`` is written into ``doremi.yaml`` where ``${reference}`` stands.
+
+Usage::
+
+    python benchmarks/mixing.py run --store runs/mixing/corpus.zarr --out runs/mixing \\
+        --policies natural uniform doremi bandit aioli --seeds 1 2 3 4 5 --gpus 0 1 2 3
+    python benchmarks/mixing.py table --out runs/mixing --store runs/mixing/corpus.zarr
+    python benchmarks/mixing.py run --toy --store STORE --out DIR --policies uniform aioli \\
+        --seeds 1 --gpus cpu          # the CI test: tiny model, bundled corpus, CPU
+
+Metrics, per run, from the last held-out evaluation: the mean of the domains' held-out losses
+("domain average"), the worst domain's, and the token-weighted one (each domain's loss
+weighted by its share of the corpus's training tokens, i.e. the loss on text drawn as the
+corpus is). "Tokens to target" is when a run's domain average first reaches the final
+domain average of the best static policy (natural or uniform, whichever is lower on average
+over the seeds) of the same seed, interpolated linearly between evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "benchmarks" / "mixing"
+#: The table's order; any other ``configs/benchmarks/mixing/<name>.yaml`` (a variant such as
+#: ``aioli-eta10``) is a policy too and follows these.
+POLICIES = ("natural", "uniform", "doremi", "bandit", "aioli")
+STATIC = ("natural", "uniform")
+NOT_POLICIES = ("base", "cpu-toy")
+REFERENCE = ("uniform", 0)  # DoReMi's reference run: (policy, seed)
+#: --toy: the policies' warm-up shortened to fit the toy run's 50 steps
+TOY_POLICY_ARGS = {"warmup_steps": 25}
+
+
+@dataclass
+class Run:
+    policy: str
+    seed: int
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return "reference" if (self.policy, self.seed) == REFERENCE else (
+            f"{self.policy}-s{self.seed}")
+
+    @property
+    def dir(self) -> Path:
+        return self.out / self.name
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "tsm" / "metrics.jsonl"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").is_file()
+
+
+# -- running -----------------------------------------------------------------------------------
+def policy_config(run: Run, reference: Path, toy: bool) -> Path:
+    """The run's policy file: ``${reference}`` filled in, and at toy scale the warm-ups cut."""
+    text = (CONFIGS / f"{run.policy}.yaml").read_text(encoding="utf-8")
+    text = text.replace("${reference}", str(reference.resolve()))
+    if toy:
+        for key, value in TOY_POLICY_ARGS.items():
+            text = "\n".join(
+                line[: line.index(key)] + f"{key}: {value}" if line.strip().startswith(
+                    f"{key}:") else line for line in text.splitlines()) + "\n"
+    path = run.dir / "policy.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def fit_command(run: Run, store: str, reference: Path, toy: bool,
+                extra: Sequence[str]) -> list[str]:
+    configs = [CONFIGS / "base.yaml", *([CONFIGS / "cpu-toy.yaml"] if toy else []),
+               policy_config(run, reference, toy)]
+    return [sys.executable, "-m", "lightning_aquila.cli", "fit",
+            *[a for c in configs for a in ("--config", str(c))],
+            "--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
+            "--data.init_args.store", store,
+            "--trainer.default_root_dir", str(run.dir), *extra]
+
+
+@dataclass
+class Slot:
+    device: str  # a CUDA device index, or "cpu"
+    process: subprocess.Popen | None = None
+    run: Run | None = None
+    started: float = 0.0
+    log: Any = None
+
+
+@dataclass
+class Scheduler:
+    """Runs ``fit`` for each run, one per device at a time, the DoReMi runs once the reference
+    is done; stops starting runs when the next one would not end before ``deadline``."""
+
+    runs: list[Run]
+    devices: list[str]
+    store: str
+    toy: bool
+    extra: list[str]
+    deadline: float = math.inf
+    durations: list[float] = field(default_factory=list)
+
+    def ready(self, run: Run, reference: Run) -> bool:
+        return not run.policy.startswith("doremi") or reference.done
+
+    def launch(self, slot: Slot, run: Run, reference: Run) -> None:
+        command = fit_command(run, self.store, reference.metrics, self.toy, self.extra)
+        env = dict(os.environ)
+        if slot.device != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = slot.device
+        run.dir.mkdir(parents=True, exist_ok=True)
+        slot.log = open(run.dir / "fit.log", "w", encoding="utf-8")  # noqa: SIM115
+        slot.process = subprocess.Popen(command, stdout=slot.log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=ROOT)
+        slot.run, slot.started = run, time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {run.name} on {slot.device}", flush=True)
+
+    def finish(self, slot: Slot) -> None:
+        code = slot.process.wait()
+        slot.log.close()
+        took = time.time() - slot.started
+        run = slot.run
+        if code == 0:
+            self.durations.append(took)
+            (run.dir / "done.json").write_text(json.dumps({"seconds": took}), encoding="utf-8")
+        status = "done" if code == 0 else f"FAILED (exit {code}, see {run.dir / 'fit.log'})"
+        print(f"[{time.strftime('%H:%M:%S')}] {run.name} {status} in {took:.0f} s", flush=True)
+        slot.process, slot.run = None, None
+
+    def run_all(self, reference: Run) -> list[Run]:
+        """Run what is not done yet; returns the runs left unrun."""
+        todo = [r for r in self.runs if not r.done]
+        slots = [Slot(d) for d in self.devices]
+        while todo or any(s.process for s in slots):
+            for slot in slots:
+                if slot.process is not None and slot.process.poll() is not None:
+                    self.finish(slot)
+            expected = max(self.durations) if self.durations else 0.0
+            for slot in slots:
+                if slot.process is not None:
+                    continue
+                busy = {s.run.name for s in slots if s.run is not None}
+                runnable = [r for r in todo if self.ready(r, reference) and r.name not in busy]
+                if not runnable:
+                    continue
+                if time.time() + expected > self.deadline:
+                    todo = []
+                    break
+                run = runnable[0]
+                todo.remove(run)
+                self.launch(slot, run, reference)
+            if not todo and not any(s.process for s in slots):
+                break
+            if not any(s.process for s in slots) and todo:
+                blocked = ", ".join(r.name for r in todo)
+                print(f"cannot run {blocked}: the reference run failed", flush=True)
+                break
+            time.sleep(0.5)
+        return [r for r in self.runs if not r.done]
+
+
+def known_policies() -> list[str]:
+    found = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in NOT_POLICIES)
+    return [p for p in POLICIES if p in found] + [p for p in found if p not in POLICIES]
+
+
+def plan(policies: Sequence[str], seeds: Sequence[int], out: Path) -> tuple[list[Run], Run]:
+    """The runs in the order they start: the reference first, then seed by seed so that an
+    interrupted benchmark still has whole seeds."""
+    unknown = [p for p in policies if p not in known_policies()]
+    if unknown:
+        raise SystemExit(f"unknown policy(ies) {unknown}; known (configs/benchmarks/mixing): "
+                         f"{known_policies()}")
+    if REFERENCE[1] in seeds:
+        raise SystemExit(f"seed {REFERENCE[1]} is the DoReMi reference run's; use others")
+    reference = Run(*REFERENCE, out)
+    runs = [reference] if any(p.startswith("doremi") for p in policies) else []
+    runs += [Run(p, s, out) for s in seeds for p in policies]
+    return runs, reference
+
+
+# -- reading the runs --------------------------------------------------------------------------
+def held_out_curve(metrics: Path) -> tuple[list[dict[str, Any]], int]:
+    """Every held-out evaluation of a run (``step``, ``tokens``, per-domain ``losses``) and
+    the training tokens per step."""
+    rows = []
+    tokens_per_step = 0
+    with open(metrics, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if row.get("tsm/tokens_total") and row.get("step"):
+                tokens_per_step = round(row["tsm/tokens_total"] / row["step"])
+            losses = {k.split("/", 2)[2]: v for k, v in row.items()
+                      if k.startswith("tsm/val_loss/")}
+            if losses:
+                rows.append({"step": int(row["step"]), "losses": losses})
+    for row in rows:
+        row["tokens"] = row["step"] * tokens_per_step
+    return rows, tokens_per_step
+
+
+def summarise(run: Run, shares: dict[str, float]) -> dict[str, Any] | None:
+    if not run.metrics.is_file():
+        return None
+    curve, _ = held_out_curve(run.metrics)
+    if not curve:
+        return None
+    last = curve[-1]["losses"]
+    worst = max(last, key=last.get)
+    seconds = json.loads((run.dir / "done.json").read_text())["seconds"] if run.done else None
+    return {
+        "policy": run.policy, "seed": run.seed, "tokens": curve[-1]["tokens"],
+        "average": statistics.fmean(last.values()), "worst": last[worst],
+        "worst_domain": worst,
+        "token_weighted": sum(shares[d] * last[d] for d in last) / sum(shares[d] for d in last),
+        "curve": [(c["tokens"], statistics.fmean(c["losses"].values())) for c in curve],
+        "seconds": seconds, "done": run.done,
+    }
+
+
+def tokens_to_reach(curve: Sequence[tuple[int, float]], target: float) -> float | None:
+    """The training tokens at which the curve first reaches ``target`` (linear between
+    evaluations); ``None`` if it never does."""
+    previous = None
+    for tokens, loss in curve:
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return float(tokens)
+            t0, l0 = previous
+            return t0 + (l0 - target) / (l0 - loss) * (tokens - t0)
+        previous = (tokens, loss)
+    return None
+
+
+def corpus_shares(store: str) -> dict[str, float]:
+    from lightning_aquila.datamodules.store import ShardStore
+
+    opened = ShardStore(store)
+    tokens = {d: opened.info(d).tokens("train") for d in opened.domains}
+    total = sum(tokens.values())
+    return {d: n / total for d, n in tokens.items()}
+
+
+def _spread(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    """The markdown table: per policy, mean ± sample standard deviation over its seeds."""
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_policy.setdefault(s["policy"], []).append(s)
+    statics = [p for p in STATIC if p in by_policy]
+    best = min(statics, key=lambda p: statistics.fmean(s["average"] for s in by_policy[p]),
+               default=None)
+    baseline = {s["seed"]: s for s in by_policy.get(best, [])}
+    lines = [f"Best static policy: {best or '-'} (target: its final domain average, per seed)",
+             "",
+             "| policy | seeds | domain average | worst domain | token-weighted | "
+             "tokens to target (fewer than best static) | worst no worse (seeds) | "
+             "wall s/run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for policy in [p for p in known_policies() if p in by_policy]:
+        runs = sorted(by_policy[policy], key=lambda s: s["seed"])
+        reach, savings, no_worse = [], [], 0
+        for s in runs:
+            base = baseline.get(s["seed"])
+            if base is None:
+                continue
+            hit = tokens_to_reach(s["curve"], base["average"])
+            reach.append(hit)
+            if hit is not None:
+                savings.append(1.0 - hit / base["tokens"])
+            no_worse += s["worst"] <= base["worst"] + 1e-9
+        seeds = ",".join(str(s["seed"]) for s in runs)
+        reached = [r for r in reach if r is not None]
+        reach_text = "-" if not reach else (
+            f"{statistics.fmean(reached) / 1e6:.1f}M ({statistics.fmean(savings):+.1%}), "
+            f"{len(reached)}/{len(reach)} seeds reach it" if reached else
+            f"never (0/{len(reach)} seeds)")
+        wall = [s["seconds"] for s in runs if s["seconds"]]
+        lines.append(
+            f"| {policy} | {seeds} | {_spread([s['average'] for s in runs])} | "
+            f"{_spread([s['worst'] for s in runs])} | "
+            f"{_spread([s['token_weighted'] for s in runs])} | {reach_text} | "
+            f"{no_worse}/{len(reach)} | {statistics.fmean(wall) if wall else 0:.0f} |")
+    return "\n".join(lines)
+
+
+def per_seed(summaries: list[dict[str, Any]]) -> str:
+    """Every run's final figures, for the seed-by-seed view."""
+    lines = ["| run | tokens | domain average | worst (domain) | token-weighted |",
+             "|---|---:|---:|---:|---:|"]
+    order = known_policies()
+    for s in sorted(summaries, key=lambda s: (s["seed"], order.index(s["policy"]))):
+        lines.append(f"| {s['policy']}-s{s['seed']} | {s['tokens'] / 1e6:.1f}M | "
+                     f"{s['average']:.3f} | {s['worst']:.3f} ({s['worst_domain']}) | "
+                     f"{s['token_weighted']:.3f} |")
+    return "\n".join(lines)
+
+
+# -- the command -------------------------------------------------------------------------------
+def gather(out: Path, store: str, policies: Sequence[str], seeds: Sequence[int] | None
+           ) -> list[dict[str, Any]]:
+    shares = corpus_shares(store)
+    found = []
+    for path in sorted(out.glob("*-s*")):
+        policy, _, seed = path.name.rpartition("-s")
+        if policy in policies and seed.isdigit() and (seeds is None or int(seed) in seeds):
+            summary = summarise(Run(policy, int(seed), out), shares)
+            if summary is not None and summary["done"]:
+                found.append(summary)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("command", choices=["run", "table"],
+                        help="run: train what is not done yet, then print the table; "
+                             "table: only print it")
+    parser.add_argument("--store", required=True, help="the shard store the runs train on")
+    parser.add_argument("--out", type=Path, default=Path("runs/mixing"),
+                        help="one folder per run goes here (NAME-sSEED, and 'reference')")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES),
+                        help="policies to run: names of configs/benchmarks/mixing/*.yaml "
+                             f"(default {list(POLICIES)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5],
+                        help="seeds for model initialisation and data order (not 0: the "
+                             "DoReMi reference run's)")
+    parser.add_argument("--gpus", nargs="+", default=["0"],
+                        help="CUDA device indices, one run on each at a time; 'cpu' to run "
+                             "on the CPU (one at a time)")
+    parser.add_argument("--toy", action="store_true",
+                        help="add configs/benchmarks/mixing/cpu-toy.yaml: tiny model, 50 "
+                             "CPU steps")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from now after which no run starts that would not "
+                             "end in time (by the longest run so far)")
+    parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
+                        help="everything after this goes to every `fit` (e.g. "
+                             "--trainer.max_steps 200)")
+    args = parser.parse_args(argv)
+    runs, reference = plan(args.policies, args.seeds, args.out)
+    if args.command == "run":
+        deadline = time.time() + args.deadline if args.deadline else math.inf
+        left = Scheduler(runs, args.gpus, args.store, args.toy, list(args.fit_args),
+                         deadline).run_all(reference)
+        if left:
+            print(f"not run: {', '.join(r.name for r in left)}", flush=True)
+    summaries = gather(args.out, args.store, args.policies, args.seeds)
+    if not summaries:
+        print(f"no finished runs under {args.out}", file=sys.stderr)
+        return 1
+    print(table(summaries))
+    print()
+    print(per_seed(summaries))
+    (args.out / "summary.json").write_text(json.dumps(summaries, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

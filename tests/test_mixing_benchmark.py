@@ -1,0 +1,82 @@
+"""The mixing benchmark's driver (benchmarks/mixing.py) end to end at toy scale on CPU, so the
+benchmark configs and the driver cannot rot, and its arithmetic on constructed runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mixing_benchmark", REPO / "benchmarks/mixing.py")
+mixing = importlib.util.module_from_spec(spec)
+sys.modules["mixing_benchmark"] = mixing  # dataclasses look their module up there
+spec.loader.exec_module(mixing)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """Three small domains of the bundled corpus, of different sizes."""
+    from lightning_aquila.datamodules.prepare import prepare
+
+    url = str(tmp_path_factory.mktemp("mixing") / "corpus.zarr")
+    for domain, name in (("en_legal", "common_licenses"), ("en_prose", "alice_in_wonderland"),
+                         ("code_c", "brotli")):
+        prepare(str(REPO / "corpus" / domain / f"{name}.jsonl"), domain, url,
+                held_out_fraction=0.05, progress=False)
+    return url
+
+
+def test_the_driver_runs_two_policies_and_prints_their_table(store, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = mixing.main(["run", "--toy", "--store", store, "--out", str(out),
+                        "--policies", "uniform", "aioli", "--seeds", "1", "--gpus", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summaries = json.loads((out / "summary.json").read_text())
+    assert sorted((s["policy"], s["seed"]) for s in summaries) == [("aioli", 1), ("uniform", 1)]
+    assert all(s["tokens"] == 50 * 4 * 64 for s in summaries)  # cpu-toy: 50 steps x 4 x 64
+    assert "| uniform | 1 |" in printed and "| aioli | 1 |" in printed
+    events = [json.loads(line) for line in (out / "aioli-s1/tsm/events.jsonl").open()]
+    probes = [e for e in events if e["kind"] == "mixture" and e.get("step") == 25]
+    assert probes and max(probes[0]["weights"].values()) == pytest.approx(0.75)
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [(100, 5.0), (200, 4.0), (300, 3.0)]
+    assert mixing.tokens_to_reach(curve, 3.5) == pytest.approx(250)
+    assert mixing.tokens_to_reach(curve, 5.5) == 100
+    assert mixing.tokens_to_reach(curve, 2.9) is None
+
+
+def summary(policy: str, seed: int, average: float, worst: float, curve) -> dict:
+    return {"policy": policy, "seed": seed, "tokens": curve[-1][0], "average": average,
+            "worst": worst, "worst_domain": "x", "token_weighted": average, "curve": curve,
+            "seconds": 60.0, "done": True}
+
+
+def test_the_table_measures_tokens_against_the_best_static_policy_of_each_seed():
+    runs = [
+        summary("natural", 1, 3.2, 4.0, [(100, 3.6), (200, 3.2)]),
+        summary("uniform", 1, 3.0, 3.5, [(100, 3.4), (200, 3.0)]),
+        summary("aioli", 1, 2.9, 3.4, [(100, 3.0), (200, 2.9)]),  # reaches 3.0 at 100: -50%
+    ]
+    text = mixing.table(runs)
+    assert "Best static policy: uniform" in text
+    aioli = next(line for line in text.splitlines() if line.startswith("| aioli"))
+    assert "0.0M (+50.0%), 1/1 seeds reach it" in aioli
+    assert "| 1/1 |" in aioli  # worst domain 3.4 <= uniform's 3.5
+
+
+def test_the_plan_refuses_the_reference_seed_and_unknown_policies(tmp_path):
+    with pytest.raises(SystemExit, match="seed 0"):
+        mixing.plan(["doremi"], [0, 1], tmp_path)
+    with pytest.raises(SystemExit, match="stratified"):
+        mixing.plan(["stratified"], [1], tmp_path)
+    runs, reference = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path)
+    assert [r.name for r in runs] == ["reference", "uniform-s1", "doremi-s1", "uniform-s2",
+                                      "doremi-s2"]
+    assert reference.name == "reference"
