@@ -536,6 +536,10 @@ class DomainWriter:
                     f"{where} was prepared with tokenizer {self.info.tokenizer_hash}, not "
                     f"{tokenizer.get('hash')}; a domain's tokens must all come from one tokenizer"
                 )
+            old_eos, new_eos = self.info.tokenizer.get("eos_id"), tokenizer.get("eos_id")
+            if old_eos is not None and new_eos is not None and old_eos != new_eos:
+                raise DataError(f"{where} ends its documents with eos id {old_eos}, not "
+                                f"{new_eos}; pass the same --eos-token as before")
             if language and language != self.info.language:
                 raise DataError(f"{where} has language {self.info.language!r}, not {language!r}")
             self._delete_uncommitted(where)
