@@ -45,6 +45,7 @@ from lightning_aquila.datamodules.store import (
     DomainWriter,
     ShardStore,
     check_domain_name,
+    storage_options_from_json,
 )
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt",
@@ -592,18 +593,6 @@ def prepare(
 
 
 # -- commands -------------------------------------------------------------------------------
-def _storage_options(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"--storage-options is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise DataError("--storage-options must be a JSON object")
-    return value
-
-
 def _print_summary(report: PrepareReport, verbose: bool) -> None:
     """What a run did: skipped duplicates (counted; named with ``-v``), then the split
     sizes of this run and of the domain after it."""
@@ -678,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text_field=args.text_field, quality_field=args.quality_field,
             language=args.language, held_out_fraction=args.held_out_fraction,
             eos_token=args.eos_token, on_error=args.on_error, chunk_tokens=args.chunk_tokens,
-            storage_options=_storage_options(args.storage_options), progress=not args.quiet,
+            storage_options=storage_options_from_json(args.storage_options),
+            progress=not args.quiet,
         )
     except DataError as exc:
         print(f"lightning-aquila prepare: error: {exc}", file=sys.stderr)
@@ -723,7 +713,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                         help="also read every chunk (catches missing or corrupt chunks)")
     args = parser.parse_args(argv)
     try:
-        store = ShardStore(args.store, _storage_options(args.storage_options))
+        store = ShardStore(args.store, storage_options_from_json(args.storage_options))
         print(f"{store.url}: {len(store.domains)} domain(s); splits {', '.join(SPLITS)}")
         print(inspect_table(store))
         if args.verify:

@@ -18,6 +18,7 @@ leaves segments no attribute lists; readers never see them and the next writer d
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import uuid
@@ -71,6 +72,19 @@ def zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] 
         return LocalStore(url.removeprefix("file://"), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
                                 read_only=read_only)
+
+
+def storage_options_from_json(text: str | None) -> dict[str, Any]:
+    """``--storage-options`` of the data commands: a JSON object, or nothing."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise DataError("--storage-options must be a JSON object")
+    return value
 
 
 # -- metadata -------------------------------------------------------------------------------
