@@ -9,8 +9,10 @@ Two rules, both pure functions of the sources' content hashes, so a store is rep
   small part of the run (see :func:`plan_split`).
 * **windows** (one document, or a few large ones: a book as one ``.txt`` file): each
   document's token stream, its eos included, is cut into windows of
-  :data:`HELDOUT_WINDOW_TOKENS` tokens, and window *j* of a document is held out when the hash
-  of (source hash, record number, *j*) is below the fraction. If that holds out no window of
+  :data:`HELDOUT_WINDOW_TOKENS` tokens (a document's tail joins its last window, so a window
+  holds 1 to 2x that many tokens only at a document's end, and fewer only in a document
+  shorter than one window), and window *j* of a document is held out when the hash of
+  (source hash, record number, *j*) is below the fraction. If that holds out no window of
   the whole run, the run's last window is held out. A held-out window and the training tokens
   on either side of it become separate pieces ("documents" of their splits); only a
   document's last piece ends with eos, so no document boundary is invented.
@@ -179,8 +181,14 @@ class SplitRouter:
             self._close(self._split, self._quality, self._key[0])
         else:
             assert self._current is not None
-            self._current.ends = True
-            self._push(self._current)
+            current, previous = self._current, self._held_back
+            short = sum(len(t) for t in current.tokens) < self.window
+            if short and previous is not None and previous.key == self._key:
+                previous.tokens += current.tokens  # a document's tail joins its last window
+                previous.ends = True
+            else:
+                current.ends = True
+                self._push(current)
             self._current = None
         return True
 
