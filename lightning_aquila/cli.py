@@ -31,6 +31,8 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                 "tokenize raw text into a domain of a zarr shard store"),
     "inspect": ("lightning_aquila.datamodules.prepare", "inspect_main",
                 "print the domains, documents and tokens of a shard store"),
+    "remove-domain": ("lightning_aquila.datamodules.edit", "main",
+                      "take a domain out of a shard store (atomically)"),
     "train-tokenizer": ("lightning_aquila.tokenizer", "main",
                         "train a byte-level BPE tokenizer on jsonl/txt files"),
     "report": ("lightning_aquila.report", "main",

@@ -11,6 +11,11 @@ A data store records :func:`tokenizer_hash` of the tokenizer that produced it, s
 refuse token ids that mean something else to the model. The hash covers what fixes the ids
 (vocabulary, merges, special tokens), not the JSON layout, which differs between library
 versions.
+
+Any other tokenizer works too: :func:`special_tokens` finds its eos (and bos) token the way
+``transformers`` does, from ``tokenizer_config.json`` or ``special_tokens_map.json`` next to
+``tokenizer.json`` (the ``from_pretrained`` layout), and otherwise from the spellings common
+tokenizers use (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -33,6 +39,14 @@ from lightning_aquila.atomic import atomic_file
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
 BOS, EOS = "<s>", "</s>"
 TOKENIZER_FILE = "tokenizer.json"
+#: Files of the ``from_pretrained`` layout that name the special tokens, in the order
+#: ``transformers`` gives them precedence.
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+#: Spellings of end-of-document and begin-of-document tokens in common tokenizers (Llama 2 and
+#: Aquila2, GPT-2 and its descendants, Llama 3, Gemma, ...), tried in order when no
+#: configuration file names them.
+EOS_SPELLINGS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>")
+BOS_SPELLINGS = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 #: Plain-text files are handed to the trainer in pieces of about this many characters, so a
 #: large .txt never has to fit in memory (pieces end at line breaks).
 TXT_PIECE_CHARS = 1 << 20
@@ -115,14 +129,19 @@ def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
     return target
 
 
-def load_tokenizer(path: PathLike = DEFAULT_TOKENIZER) -> Tokenizer:
-    """Load a ``tokenizer.json``, given as the file or the directory holding it."""
+def tokenizer_file(path: PathLike) -> Path:
+    """The ``tokenizer.json`` a path names: the file itself or the one in a directory."""
     where = Path(path)
     file = where / TOKENIZER_FILE if where.is_dir() else where
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer at {os.fspath(path)!s} (expected a "
                                 f"{TOKENIZER_FILE} file or a directory holding one)")
-    return Tokenizer.from_file(str(file))
+    return file
+
+
+def load_tokenizer(path: PathLike = DEFAULT_TOKENIZER) -> Tokenizer:
+    """Load a ``tokenizer.json``, given as the file or the directory holding it."""
+    return Tokenizer.from_file(str(tokenizer_file(path)))
 
 
 def _as_tokenizer(tokenizer_or_path: Tokenizer | PathLike) -> Tokenizer:
@@ -150,10 +169,90 @@ def tokenizer_hash(tokenizer_or_path: Tokenizer | PathLike) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """A tokenizer's document delimiters: text, id, and where each was found (for messages
+    and the store's metadata)."""
+
+    eos: str | None
+    eos_id: int | None
+    eos_from: str
+    bos: str | None = None
+    bos_id: int | None = None
+    bos_from: str = ""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used as asked; the message names the file and the fix."""
+
+
+def _configured(directory: Path, key: str) -> tuple[str, str] | None:
+    """``(token text, "file:key")`` of the first configuration file naming ``key``; a token
+    may be written as a string or as an AddedToken mapping with its ``content``."""
+    for name in SPECIAL_TOKEN_FILES:
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TokenizerError(f"{file}: not a JSON file ({exc})") from None
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value, f"{file.name}:{key}"
+    return None
+
+
+def _resolve(tokenizer: Tokenizer, directory: Path | None, key: str, given: str | None,
+             spellings: tuple[str, ...], where: str) -> tuple[str | None, int | None, str]:
+    """One special token: ``given`` (a flag), else a configuration file, else the first
+    common spelling the vocabulary has. A token named but absent is an error."""
+    if given:
+        found: tuple[str, str] | None = (given, f"--{key.replace('_', '-')}")
+    else:
+        found = _configured(directory, key) if directory else None
+    if found is not None:
+        text, source = found
+        token_id = tokenizer.token_to_id(text)
+        if token_id is None:
+            raise TokenizerError(f"tokenizer {where}: {source} names {text!r}, which is not in "
+                                 "its vocabulary")
+        return text, token_id, source
+    for text in spellings:
+        token_id = tokenizer.token_to_id(text)
+        if token_id is not None:
+            return text, token_id, "vocabulary"
+    return None, None, ""
+
+
+def special_tokens(tokenizer: Tokenizer | PathLike = DEFAULT_TOKENIZER, *,
+                   eos_token: str | None = None, bos_token: str | None = None
+                   ) -> SpecialTokens:
+    """The eos and bos tokens of a tokenizer, given as a ``Tokenizer`` or a path.
+
+    For a path, ``tokenizer_config.json`` then ``special_tokens_map.json`` beside the
+    ``tokenizer.json`` are read first (their ``eos_token``/``bos_token``); otherwise the
+    first of :data:`EOS_SPELLINGS` / :data:`BOS_SPELLINGS` the vocabulary holds. ``eos_token``
+    / ``bos_token`` override both. A token that is named but not in the vocabulary raises
+    ``TokenizerError``; one that cannot be found is ``None``.
+    """
+    directory = None
+    if isinstance(tokenizer, Tokenizer):
+        where, tok = "(in memory)", tokenizer
+    else:
+        directory = tokenizer_file(tokenizer).parent
+        where, tok = os.fspath(tokenizer), load_tokenizer(tokenizer)
+    eos = _resolve(tok, directory, "eos_token", eos_token, EOS_SPELLINGS, where)
+    bos = _resolve(tok, directory, "bos_token", bos_token, BOS_SPELLINGS, where)
+    return SpecialTokens(*eos, *bos)
+
+
 def special_token_ids(tokenizer: Tokenizer | PathLike) -> tuple[int | None, int | None]:
     """``(bos, eos)`` ids, ``None`` for one the tokenizer lacks (a foreign tokenizer may)."""
-    tokenizer = _as_tokenizer(tokenizer)
-    return tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    found = special_tokens(tokenizer)
+    return found.bos_id, found.eos_id
 
 
 def _expand(patterns: list[str]) -> list[str]:

@@ -186,7 +186,7 @@ def test_the_held_out_split_takes_the_given_fraction_of_documents_reproducibly(t
 def test_a_small_domain_still_gets_one_held_out_document(tmp_path):
     import hashlib
 
-    from lightning_aquila.datamodules.prepare import held_out
+    from lightning_aquila.datamodules.split import held_out
 
     url = str(tmp_path / "s.zarr")
     by_rule = []

@@ -38,8 +38,10 @@ class DomainDataModule(LightningDataModule):
         batch_size: samples per batch per data-parallel rank.
         num_workers: DataLoader worker processes for training (they only read windows; the
             sampler stays in the main process). Validation loaders read in the main process.
-        seed: seeds every draw; the sample sequence is a function of (seed, world size, rank,
-            mixture history).
+        seed: seeds every draw; the global sample sequence is a function of (seed, global
+            batch size, mixture history), where the global batch is ``batch_size x
+            data-parallel ranks x the trainer's accumulate_grad_batches`` (one optimizer step).
+            Keep it when the world size changes and a resumed run draws what it would have.
         tokenizer: the tokenizer the store must have been prepared with (checked in
             ``setup``, as is the model's ``tokenizer`` attribute when it has one).
         val_windows_per_domain: held-out windows per domain, spread over the split (0: no
@@ -51,8 +53,9 @@ class DomainDataModule(LightningDataModule):
         pin_memory: pin training batches for faster host-to-GPU copies.
         shuffle_blocks: storage blocks whose windows are shuffled together; larger mixes
             better, smaller needs fewer cached chunks per worker.
-        epoch_batches: batches per Lightning epoch (default: enough global batches to cover
-            every training window once).
+        epoch_batches: optimizer steps (global batches) per Lightning epoch (default: enough
+            to cover every training window once); the loader yields ``epoch_batches x
+            accumulate_grad_batches`` micro-batches.
         verify: ``"chunks"`` checks in ``setup`` that every chunk exists; ``"full"`` also
             decodes them all (catches corruption up front); ``"none"`` skips both.
         storage_options: fsspec options for remote stores (credentials, endpoints).
@@ -234,6 +237,12 @@ class DomainDataModule(LightningDataModule):
             return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
         return 1, 0
 
+    def _accumulation(self) -> int:
+        """The trainer's gradient accumulation: it is part of the global batch (one optimizer
+        step), which is what the sample sequence is defined on."""
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer else 1
+
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if not self._checked:
@@ -248,7 +257,7 @@ class DomainDataModule(LightningDataModule):
                 self.mixture, windows, batch_size=self.batch_size,
                 num_replicas=self.num_replicas, rank=self.rank, seed=self.seed,
                 block_windows=max(1, chunk // self.seq_len), shuffle_blocks=self.shuffle_blocks,
-                epoch_batches=self.epoch_batches,
+                epoch_batches=self.epoch_batches, accumulate=self._accumulation(),
             )
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None

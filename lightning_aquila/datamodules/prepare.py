@@ -5,8 +5,9 @@ gzip/bz2/xz compressed) into one domain of a shard store. It streams: sources ar
 blocks, tokenized in batches by the tokenizer's multi-threaded ``encode_batch`` (all cores),
 and written a chunk at a time, so memory does not grow with the input. A source whose content
 hash the domain already records is skipped, so re-running is a no-op and new files append.
-Each document goes to the held-out split by a hash of (source hash, record number): the
-split does not depend on batch sizes, thread timing or which other files are in the run.
+Which tokens are held out is decided by hashes of the sources' content (``split.py``): whole
+documents normally, token windows when a domain has only one or a few large documents, so
+the split does not depend on batch sizes or thread timing, and no split ends up empty.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from fsspec.compression import compr
 from fsspec.utils import infer_compression
 from tqdm import tqdm
 
+from lightning_aquila.datamodules.split import (
+    HELDOUT_WINDOW_TOKENS,
+    SplitRouter,
+    plan_split,
+)
 from lightning_aquila.datamodules.store import (
     DEFAULT_CHUNK_TOKENS,
     SPLITS,
@@ -39,6 +45,7 @@ from lightning_aquila.datamodules.store import (
     DomainWriter,
     ShardStore,
     check_domain_name,
+    storage_options_from_json,
 )
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt",
@@ -93,8 +100,17 @@ class PrepareReport:
     domain: str
     added: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    #: held-out documents the domain has after the run (None when nothing was added)
+    #: held-out documents (pieces) the domain has after the run (None when nothing was added)
     heldout_documents: int | None = None
+    #: the language tag of the domain
+    language: str = ""
+    #: how this run split: "documents" or "windows" (see ``split.py``)
+    split_mode: str = ""
+    #: this run's tokens and pieces (documents, or parts of documents) per split
+    split_tokens: dict[str, int] = field(default_factory=dict)
+    split_pieces: dict[str, int] = field(default_factory=dict)
+    #: the domain's tokens per split after the run
+    domain_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def documents(self) -> int:
@@ -119,8 +135,8 @@ def find_sources(inputs: Sequence[str], fmt: str = "auto",
         fs, _, paths = fsspec.get_fs_token_paths(pattern, storage_options=storage_options or {})
         files: list[str] = []
         for path in paths:
-            if fs.isdir(path):
-                files += [p for p in fs.find(path) if _format_of(p, "auto", strict=False)]
+            if fs.isdir(path):  # --format, when given, applies to every file inside
+                files += [p for p in fs.find(path) if _format_of(p, fmt, strict=False)]
             elif fs.exists(path):
                 files.append(path)
         if not files:
@@ -351,47 +367,22 @@ def _is_unicode(text: str) -> bool:
 
 
 # -- tokenizing and writing -----------------------------------------------------------------
-def _record_hash(sha256: str, record: int) -> float:
-    digest = hashlib.blake2b(f"{sha256}:{record}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def held_out(sha256: str, record: int, fraction: float) -> bool:
-    """Whether a document is held out: a hash, so the choice is stable and reproducible."""
-    return fraction > 0 and _record_hash(sha256, record) < fraction
-
-
-def _records(source: SourceFile) -> Iterator[int]:
-    """The record numbers of a source's non-blank records (as ``Piece.record`` counts)."""
+def _records(source: SourceFile) -> Iterator[tuple[str, int, int]]:
+    """``(source hash, record number, bytes)`` of a source's non-blank records (numbered as
+    ``Piece.record`` counts); what :func:`plan_split` decides on."""
     if source.format == "txt":
-        yield 0
+        yield source.sha256, 0, source.size
         return
     with _reading(source), source.fs.open(source.path, "rb") as raw:
         stream = compr[source.compression](raw, mode="rb") if source.compression else raw
         if source.format == "parquet":
-            yield from range(1, _open_parquet(source, stream).metadata.num_rows + 1)
+            rows = _open_parquet(source, stream).metadata.num_rows
+            for row in range(1, rows + 1):
+                yield source.sha256, row, source.size // max(rows, 1)
             return
         for number, line in enumerate(stream, 1):
             if line.strip():
-                yield number
-
-
-def guaranteed_held_out(sources: Sequence[SourceFile], fraction: float) -> tuple[str, int] | None:
-    """For a domain that has no held-out document yet: if the hash rule would hold out none
-    of this run's records, the record with the smallest hash is held out instead, so that a
-    small domain (a dozen documents at 1%) still gets a validation split. Stops at the
-    first record the rule holds out (about 1/fraction records into a large run)."""
-    if fraction <= 0:
-        return None
-    best: tuple[float, str, int] | None = None
-    for source in sources:
-        for record in _records(source):
-            value = _record_hash(source.sha256, record)
-            if value < fraction:
-                return None
-            if best is None or value < best[0]:
-                best = (value, source.sha256, record)
-    return (best[1], best[2]) if best else None
+                yield source.sha256, number, len(line)
 
 
 def _batches(pieces: Iterator[Piece], max_chars: int) -> Iterator[list[Piece]]:
@@ -407,56 +398,108 @@ def _batches(pieces: Iterator[Piece], max_chars: int) -> Iterator[list[Piece]]:
         yield batch
 
 
-def _tokenize(source: SourceFile, writer: DomainWriter, tokenizer: Any, eos: int, *,
-              held_out_fraction: float, text_field: str, quality_field: str | None,
-              on_error: str, batch_chars: int, piece_chars: int, progress: tqdm,
-              tokens_before: int = 0, forced: tuple[str, int] | None = None) -> SourceStats:
+def _tokenize(source: SourceFile, router: SplitRouter, tokenizer: Any, *, text_field: str,
+              quality_field: str | None, on_error: str, batch_chars: int, piece_chars: int,
+              progress: tqdm, tokens_before: int = 0) -> SourceStats:
+    """Tokenize one source into ``router``; its documents and their tokens (eos included)."""
     stats = SourceStats()
     reader = _Reader(source, text_field=text_field, quality_field=quality_field,
                      on_error=on_error, stats=stats, progress=progress, piece_chars=piece_chars)
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    eos_array = np.array([eos], dtype=np.uint32)
     doc_tokens = 0
     in_doc = False
-    split = "train"
     for batch in _batches(reader.pieces(), batch_chars):
         encodings = encode([p.text for p in batch], add_special_tokens=False)
         for piece, encoding in zip(batch, encodings):
-            ids = np.asarray(encoding.ids, dtype=np.uint32)
             if not in_doc:
-                chosen = (held_out(source.sha256, piece.record, held_out_fraction)
-                          or forced == (source.sha256, piece.record))
-                split = "heldout" if chosen else "train"
-                in_doc, doc_tokens = True, 0
                 if piece.end and not piece.text.strip():
                     stats.empty_documents += 1
-                    in_doc = False
                     continue
-            if len(ids):
-                writer.extend(split, ids)
-                doc_tokens += len(ids)
+                router.begin(source.sha256, piece.record, piece.quality)
+                in_doc, doc_tokens = True, 0
+            ids = np.asarray(encoding.ids, dtype=np.uint32)
+            router.add(ids)
+            doc_tokens += len(ids)
             if piece.end:
                 in_doc = False
-                if doc_tokens == 0:  # e.g. a txt file with nothing but line ends
+                if not router.end():  # e.g. a txt file with nothing but line ends
                     stats.empty_documents += 1
                     continue
-                writer.extend(split, eos_array)
-                writer.end_document(split, piece.quality)
                 stats.documents += 1
                 stats.tokens += doc_tokens + 1
-                if split == "heldout":
-                    stats.heldout_documents += 1
-                    stats.heldout_tokens += doc_tokens + 1
         progress.set_postfix(tokens=f"{tokens_before + stats.tokens:,}", refresh=False)
     return stats
 
 
 def guess_language(domain: str) -> str:
-    """``en_prose`` -> ``en``, ``code_python`` -> ``code``; otherwise ``unknown``."""
+    """The language tag a domain gets when ``--language`` is not given: the part of its name
+    before the first ``_`` when that is a two-letter code or ``code`` (``en_prose`` -> ``en``,
+    ``code_python`` -> ``code``), otherwise ``unknown`` (``legal`` is not a language)."""
     head = domain.split("_", 1)[0].lower()
     if head == "code" or re.fullmatch(r"[a-z]{2}", head):
         return head
     return "unknown"
+
+
+def _names(sources: Sequence[SourceFile], shown: int = 3) -> str:
+    urls = [s.url for s in sources]
+    more = f" and {len(urls) - shown} more" if len(urls) > shown else ""
+    return ", ".join(urls[:shown]) + more
+
+
+def _resolve_tokenizer(path: str | os.PathLike[str] | None,
+                       eos_token: str | None) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer and the metadata a domain records about it; a tokenizer without an eos
+    token (or a wrong ``--eos-token``) is a ``DataError`` naming the flag that fixes it."""
+    from lightning_aquila.tokenizer import (
+        DEFAULT_TOKENIZER,
+        EOS_SPELLINGS,
+        TokenizerError,
+        load_tokenizer,
+        special_tokens,
+        tokenizer_hash,
+    )
+
+    where = path if path is not None else DEFAULT_TOKENIZER
+    try:
+        tok = load_tokenizer(where)
+        found = special_tokens(where, eos_token=eos_token)
+    except (FileNotFoundError, TokenizerError) as exc:
+        raise DataError(str(exc)) from None
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise DataError(f"tokenizer {where}: cannot be loaded ({exc})") from None
+    if found.eos_id is None:
+        raise DataError(
+            f"tokenizer {where} has no eos token to end documents with: no eos_token in "
+            f"tokenizer_config.json or special_tokens_map.json beside it, and none of "
+            f"{', '.join(EOS_SPELLINGS)} in its vocabulary; pass --eos-token TEXT (Python: "
+            "eos_token=) naming the token that ends a document")
+    meta = {"hash": tokenizer_hash(tok), "vocab_size": tok.get_vocab_size(),
+            "eos_id": found.eos_id, "eos": found.eos, "eos_from": found.eos_from,
+            "bos_id": found.bos_id, "bos": found.bos,
+            "name": os.path.basename(os.path.normpath(str(where)))}
+    return tok, meta
+
+
+def _check_splits(domain: str, todo: Sequence[SourceFile], before: Any, router: SplitRouter,
+                  fraction: float) -> None:
+    """Refuse (before the commit) a run that leaves a split of the domain empty."""
+    if not router.pieces["train"] + router.pieces["heldout"]:
+        raise DataError(f"{_names(todo)}: no documents (the input is empty or every record "
+                        f"is blank); nothing was added to domain {domain!r}")
+    train = (before.tokens("train") if before else 0) + router.tokens["train"]
+    heldout = (before.tokens("heldout") if before else 0) + router.tokens["heldout"]
+    total = router.tokens["train"] + router.tokens["heldout"]
+    if not train:
+        raise DataError(f"{_names(todo)}: every document fell in the held-out split, which "
+                        f"would leave domain {domain!r} nothing to train on; lower "
+                        f"--held-out-fraction (now {fraction}) or give more documents")
+    if fraction > 0 and not heldout:
+        raise DataError(
+            f"{_names(todo)}: {total:,} tokens are too few to hold out a window of "
+            f"{HELDOUT_WINDOW_TOKENS} tokens and train on the rest, so domain {domain!r} "
+            "would have no held-out split; give more text, or pass --held-out-fraction 0 "
+            "(and train with val_windows_per_domain=0)")
 
 
 def prepare(
@@ -470,6 +513,7 @@ def prepare(
     quality_field: str | None = None,
     language: str | None = None,
     held_out_fraction: float = 0.01,
+    eos_token: str | None = None,
     on_error: Literal["stop", "skip"] = "stop",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     batch_chars: int = 4 << 20,
@@ -477,26 +521,18 @@ def prepare(
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> PrepareReport:
-    """Tokenize ``inputs`` into ``domain`` of the store at ``output``; see the module doc."""
-    from lightning_aquila.tokenizer import (
-        DEFAULT_TOKENIZER,
-        load_tokenizer,
-        special_token_ids,
-        tokenizer_hash,
-    )
+    """Tokenize ``inputs`` into ``domain`` of the store at ``output``; see the module doc.
 
+    Raises ``DataError`` (and changes nothing) for bad input, and for a run that would leave
+    the domain without training tokens, or without held-out tokens when
+    ``held_out_fraction > 0``; an input without documents adds nothing and raises too.
+    """
     check_domain_name(domain)
     if not 0 <= held_out_fraction < 1:
         raise DataError(f"held-out fraction must be in [0, 1), got {held_out_fraction}")
     if on_error not in ("stop", "skip"):
         raise DataError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    tokenizer_path = tokenizer if tokenizer is not None else DEFAULT_TOKENIZER
-    tok = load_tokenizer(tokenizer_path)
-    _, eos = special_token_ids(tok)
-    if eos is None:
-        raise DataError(f"tokenizer {tokenizer_path} has no eos token to end documents with")
-    meta = {"hash": tokenizer_hash(tok), "vocab_size": tok.get_vocab_size(), "eos_id": eos,
-            "name": os.path.basename(os.path.normpath(str(tokenizer_path)))}
+    tok, meta = _resolve_tokenizer(tokenizer, eos_token)
     sources = find_sources([inputs] if isinstance(inputs, str) else list(inputs), fmt,
                            storage_options)
     report = PrepareReport(str(output), domain)
@@ -505,6 +541,7 @@ def prepare(
                       storage_options=storage_options) as writer:
         if not language and writer.info is None:
             writer.language = guess_language(domain)
+        report.language = writer.language
         known = writer.known_hashes
         todo: list[SourceFile] = []
         for source in tqdm(sources, desc="hashing", unit="file", disable=not progress,
@@ -518,42 +555,69 @@ def prepare(
         if not todo:
             writer.abort()
             return report
-        forced = (guaranteed_held_out(todo, held_out_fraction)
-                  if writer.info is None or writer.info.documents("heldout") == 0 else None)
+        before = writer.info
+        plan = plan_split((r for s in todo for r in _records(s)), held_out_fraction,
+                          domain_has_heldout=bool(before and before.documents("heldout")))
+        router = SplitRouter(writer, plan, held_out_fraction, meta["eos_id"])
         bar = tqdm(total=sum(s.size for s in todo), unit="B", unit_scale=True,
                    desc=f"prepare {domain}", disable=not progress)
+        stats: list[SourceStats] = []
         with bar:
             for source in todo:
-                stats = _tokenize(source, writer, tok, eos, held_out_fraction=held_out_fraction,
-                                  text_field=text_field, quality_field=quality_field,
-                                  on_error=on_error, batch_chars=batch_chars,
-                                  piece_chars=piece_chars, progress=bar,
-                                  tokens_before=report.tokens, forced=forced)
-                record = {"path": source.url, "sha256": source.sha256, "bytes": source.size,
-                          "format": source.format, "held_out_fraction": held_out_fraction,
-                          "documents": stats.documents, "tokens": stats.tokens,
-                          "heldout_documents": stats.heldout_documents,
-                          "heldout_tokens": stats.heldout_tokens,
-                          "empty_documents": stats.empty_documents,
-                          "bad_records": stats.bad_records,
-                          "bad_examples": stats.bad_examples}
-                writer.add_source(record)
-                report.added.append(record)
-        report.heldout_documents = writer.commit().documents("heldout")
+                stats.append(_tokenize(source, router, tok, text_field=text_field,
+                                       quality_field=quality_field, on_error=on_error,
+                                       batch_chars=batch_chars, piece_chars=piece_chars,
+                                       progress=bar, tokens_before=report.tokens))
+            router.finish()
+        _check_splits(domain, todo, before, router, held_out_fraction)
+        for source, stat in zip(todo, stats):
+            counts = router.by_source.get(source.sha256, {})
+            record = {"path": source.url, "sha256": source.sha256, "bytes": source.size,
+                      "format": source.format, "held_out_fraction": held_out_fraction,
+                      "split": plan.mode,
+                      "documents": stat.documents, "tokens": stat.tokens,
+                      "heldout_documents": counts.get("heldout_pieces", 0),
+                      "heldout_tokens": counts.get("heldout", 0),
+                      "empty_documents": stat.empty_documents,
+                      "bad_records": stat.bad_records,
+                      "bad_examples": stat.bad_examples}
+            writer.add_source(record)
+            report.added.append(record)
+        report.split_mode = plan.mode
+        report.split_tokens = dict(router.tokens)
+        report.split_pieces = dict(router.pieces)
+        after = writer.commit()
+        report.heldout_documents = after.documents("heldout")
+        report.domain_tokens = {split: after.tokens(split) for split in SPLITS}
     return report
 
 
 # -- commands -------------------------------------------------------------------------------
-def _storage_options(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"--storage-options is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise DataError("--storage-options must be a JSON object")
-    return value
+def _print_summary(report: PrepareReport, verbose: bool) -> None:
+    """What a run did: skipped duplicates (counted; named with ``-v``), then the split
+    sizes of this run and of the domain after it."""
+    shown = len(report.skipped) if verbose else 3
+    if report.skipped:
+        names = ", ".join(report.skipped[:shown])
+        more = (f", ... ({len(report.skipped) - shown} more; -v lists all)"
+                if len(report.skipped) > shown else "")
+        print(f"skipped {len(report.skipped)} source(s) already in domain {report.domain!r} "
+              f"(same content): {names}{more}")
+    if not report.added:
+        if not report.skipped:
+            print("nothing to do")
+        return
+    print(f"domain {report.domain!r} (language {report.language!r}): added "
+          f"{len(report.added)} source(s), {report.documents:,} documents, "
+          f"{report.tokens:,} tokens -> {report.store}")
+    how = ("whole documents" if report.split_mode == "documents" else
+           f"windows of {HELDOUT_WINDOW_TOKENS} tokens cut from the documents")
+    tokens, pieces = report.split_tokens, report.split_pieces
+    print(f"  this run: train {tokens.get('train', 0):,} tokens ({pieces.get('train', 0):,} "
+          f"pieces), held out {tokens.get('heldout', 0):,} tokens "
+          f"({pieces.get('heldout', 0):,} pieces; {how})")
+    print(f"  domain now: train {report.domain_tokens['train']:,} tokens, held out "
+          f"{report.domain_tokens['heldout']:,} tokens")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -566,16 +630,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--domain", required=True, help="domain name (a group of the store)")
     parser.add_argument("--output", required=True, metavar="STORE", help="store path or URL")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="tokenizer.json or a directory holding one (default: bundled)")
-    parser.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "parquet"])
+                        help="tokenizer.json, or a directory in the Hugging Face "
+                             "from_pretrained layout (tokenizer.json + tokenizer_config.json "
+                             "/ special_tokens_map.json) (default: bundled)")
+    parser.add_argument("--eos-token", default=None, metavar="TEXT",
+                        help="the token that ends each document (default: the tokenizer "
+                             "configuration's eos_token, else </s>, <|endoftext|>, ...)")
+    parser.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "parquet"],
+                        help="input format (default: by extension); applies to every file "
+                             "of a directory input too")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
     parser.add_argument("--quality-field", default=None,
                         help="optional numeric field / column stored as per-document quality")
     parser.add_argument("--language", default=None,
-                        help="language tag (default: the domain name's prefix, e.g. en_prose "
-                             "-> en)")
+                        help="language tag (default: the domain name's prefix when it is a "
+                             "two-letter code or 'code', e.g. en_prose -> en; else unknown)")
     parser.add_argument("--held-out-fraction", type=float, default=0.01,
-                        help="fraction of documents kept for validation (default 0.01)")
+                        help="fraction of documents (or, for one or a few large documents, "
+                             "of token windows) kept for validation (default 0.01)")
     parser.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                         help="a corrupt record: stop naming file and line, or skip and count")
     parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
@@ -584,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help="fsspec options for remote inputs/outputs, as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="name every skipped source, not only the first few")
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
@@ -592,24 +666,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input, args.domain, args.output, args.tokenizer, fmt=args.format,
             text_field=args.text_field, quality_field=args.quality_field,
             language=args.language, held_out_fraction=args.held_out_fraction,
-            on_error=args.on_error, chunk_tokens=args.chunk_tokens,
-            storage_options=_storage_options(args.storage_options), progress=not args.quiet,
+            eos_token=args.eos_token, on_error=args.on_error, chunk_tokens=args.chunk_tokens,
+            storage_options=storage_options_from_json(args.storage_options),
+            progress=not args.quiet,
         )
     except DataError as exc:
         print(f"lightning-aquila prepare: error: {exc}", file=sys.stderr)
         return 1
-    for url in report.skipped:
-        print(f"skipped {url}: already in domain {report.domain!r}")
-    if report.added:
-        held = sum(s["heldout_documents"] for s in report.added)
-        print(f"domain {report.domain!r}: added {len(report.added)} source(s), "
-              f"{report.documents:,} documents ({held:,} held out), {report.tokens:,} tokens "
-              f"-> {report.store}")
-    elif not report.skipped:
-        print("nothing to do")
-    if report.heldout_documents == 0 and args.held_out_fraction > 0:
-        print(f"warning: domain {report.domain!r} has no held-out documents, so it cannot be "
-              "validated on; raise --held-out-fraction", file=sys.stderr)
+    _print_summary(report, args.verbose)
     if report.bad_records:
         print(f"warning: skipped {report.bad_records} bad record(s), e.g.:", file=sys.stderr)
         for source in report.added:
@@ -649,7 +713,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                         help="also read every chunk (catches missing or corrupt chunks)")
     args = parser.parse_args(argv)
     try:
-        store = ShardStore(args.store, _storage_options(args.storage_options))
+        store = ShardStore(args.store, storage_options_from_json(args.storage_options))
         print(f"{store.url}: {len(store.domains)} domain(s); splits {', '.join(SPLITS)}")
         print(inspect_table(store))
         if args.verify:

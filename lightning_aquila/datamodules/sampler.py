@@ -1,12 +1,16 @@
 """The domain-mixture sampler: which window of which domain each sample of each batch is.
 
-Everything is a pure function of (seed, world size, rank, mixture history), so a resume can
-continue the exact sequence:
+The *global* sequence is a pure function of (seed, global batch size, mixture history), and
+each rank's share of it a function of (world size, rank, accumulation), so a resume can
+continue the exact sequence, also on another number of ranks ("elastic determinism"):
 
-* **Global batch b** holds ``batch_size * world_size`` samples; rank r takes samples
-  ``[r * batch_size, (r + 1) * batch_size)``. Each sample's domain is drawn from the weights in
-  force at b, with a generator seeded by ``(seed, b)`` (no state carried between batches, no
-  wall clock).
+* **Global batch b** is one optimizer step: ``global_batch = batch_size * world_size *
+  accumulate`` samples. Each sample's domain is drawn from the weights in force at b, with a
+  generator seeded by ``(seed, b)`` (no state carried between batches, no wall clock). Its
+  micro-batch a (of ``accumulate``) on rank r is the slot ``s = a * world_size + r``: samples
+  ``[s * batch_size, (s + 1) * batch_size)``. Keep the global batch size and the optimizer
+  steps see the same samples whatever the world size (with ``accumulate=1`` rank r takes
+  ``[r * batch_size, (r + 1) * batch_size)``, as before).
 * **Per-domain cursors** count the windows the whole job has drawn from each domain; the
   samples of a domain in batch b take the next positions of that domain's epoch order, in
   sample order. Cursors are global, not per rank, so one rank's checkpoint restores every
@@ -118,17 +122,20 @@ class MixtureSampler(DistributedSampler):
     the stream). ``set_epoch`` is accepted and ignored: the sequence continues across
     Lightning's epochs by batch index.
 
-    A "nominal epoch" of ``epoch_batches`` batches is what ``len()`` reports and where an
-    iterator stops; each new iterator continues from the first batch not yet consumed.
+    A "nominal epoch" of ``epoch_batches`` global batches (``epoch_batches * accumulate``
+    micro-batches) is what ``len()`` reports and where an iterator stops; each new iterator
+    continues from the first micro-batch not yet consumed.
     """
 
     def __init__(self, mixture: DomainMixture, windows: Mapping[str, int], *, batch_size: int,
                  num_replicas: int = 1, rank: int = 0, seed: int = 0, block_windows: int = 128,
                  shuffle_blocks: int = 8, epoch_batches: int | None = None,
-                 consume_on_yield: bool = False) -> None:
+                 consume_on_yield: bool = False, accumulate: int = 1) -> None:
         Sampler.__init__(self)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if accumulate <= 0:
+            raise ValueError(f"accumulate must be positive, got {accumulate}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside the world of {num_replicas}")
         missing = [d for d in mixture.domains if windows.get(d, 0) <= 0]
@@ -139,7 +146,10 @@ class MixtureSampler(DistributedSampler):
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.seed = int(seed)
         self.block_windows, self.shuffle_blocks = int(block_windows), int(shuffle_blocks)
-        self.global_batch = self.batch_size * self.num_replicas
+        self.accumulate = int(accumulate)
+        #: samples per rank-slot row: one micro-batch of every rank, ``accumulate`` rows a step
+        self.row = self.batch_size * self.num_replicas
+        self.global_batch = self.row * self.accumulate
         self.available = {d: int(windows[d]) for d in mixture.domains}
         self.epoch_batches = int(epoch_batches or max(
             1, math.ceil(sum(self.available.values()) / self.global_batch)))
@@ -148,11 +158,13 @@ class MixtureSampler(DistributedSampler):
         self.num_samples, self.total_size = self.batch_size, self.global_batch
         self._orders = {d: EpochOrder(d, self.seed, self.block_windows, self.shuffle_blocks)
                         for d in mixture.domains}
-        # Consumed position: the next batch training will take, and the cursors before it.
+        # Consumed position: the next global batch training will take, how many of its
+        # micro-batches it has taken (mid-accumulation), and the cursors before that batch.
         self._next_batch = 0
+        self._next_micro = 0
         self._cursors = {d: Cursor(0, 0, n) for d, n in self.available.items()}
-        # Yielded but not yet consumed: (batch index, cursors after drawing it).
-        self._pending: deque[tuple[int, dict[str, Cursor]]] = deque()
+        # Yielded but not yet consumed: (batch index, micro-batch, cursors before, after).
+        self._pending: deque[tuple[int, int, dict[str, Cursor], dict[str, Cursor]]] = deque()
         self._drawn = 0  # first batch index not yet drawn
         #: Without a trainer to report consumption (a plain loop over the loader), treat each
         #: batch as consumed when yielded, so nothing accumulates.
@@ -187,30 +199,31 @@ class MixtureSampler(DistributedSampler):
         return epoch, ahead, windows
 
     def _draw(self, batch_index: int, cursors: dict[str, Cursor]) -> np.ndarray:
+        """``(domain, window)`` of every sample of global batch ``batch_index`` (all ranks
+        and micro-batches), advancing ``cursors`` past it."""
         choice = self.domains_of_batch(batch_index)
-        lo = self.rank * self.batch_size
-        spec = np.empty((self.batch_size, 2), dtype=np.int64)
-        spec[:, 0] = choice[lo:lo + self.batch_size]
+        spec = np.empty((self.global_batch, 2), dtype=np.int64)
+        spec[:, 0] = choice
         for index in np.unique(choice):
             name = self.mixture.domains[index]
             members = np.flatnonzero(choice == index)
-            mine = members[(members >= lo) & (members < lo + self.batch_size)]
             cursor = cursors[name]
-            if len(mine):
-                epochs, positions, windows = self._locate(name, cursor,
-                                                          np.searchsorted(members, mine))
-                ids = np.empty(len(mine), dtype=np.int64)
-                for epoch in np.unique(epochs):
-                    at = epochs == epoch
-                    ids[at] = self._orders[name].windows(int(epoch), int(windows[at][0]),
-                                                         positions[at])
-                spec[mine - lo, 1] = ids
+            epochs, positions, windows = self._locate(name, cursor, np.arange(len(members)))
+            for epoch in np.unique(epochs):
+                at = epochs == epoch
+                spec[members[at], 1] = self._orders[name].windows(
+                    int(epoch), int(windows[at][0]), positions[at])
             epoch, position, windows = self._locate(name, cursor, np.array([len(members)]))
             cursors[name] = Cursor(int(epoch[0]), int(position[0]), int(windows[0]))
         return spec
 
+    def micro_batch(self, spec: np.ndarray, micro: int) -> np.ndarray:
+        """This rank's rows of micro-batch ``micro`` of a global batch's ``spec``."""
+        lo = (micro * self.num_replicas + self.rank) * self.batch_size
+        return spec[lo:lo + self.batch_size]
+
     def __len__(self) -> int:
-        return self.epoch_batches
+        return self.epoch_batches * self.accumulate
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -220,20 +233,31 @@ class MixtureSampler(DistributedSampler):
         stop = (start // self.epoch_batches + 1) * self.epoch_batches
         self._pending.clear()
         self._drawn = start
-        return self._generate(start, stop, dict(self._cursors))
+        return self._generate(start, self._next_micro, stop, dict(self._cursors))
 
-    def _generate(self, start: int, stop: int,
+    def _generate(self, start: int, first_micro: int, stop: int,
                   cursors: dict[str, Cursor]) -> Iterator[np.ndarray]:
         for batch_index in range(start, stop):
+            before = dict(cursors)
             spec = self._draw(batch_index, cursors)
+            after = dict(cursors)
             self._drawn = batch_index + 1
             if self.mixture.is_skipped(batch_index):
                 continue
-            if self.consume_on_yield:
-                self._next_batch, self._cursors = batch_index + 1, dict(cursors)
-            else:
-                self._pending.append((batch_index, dict(cursors)))
-            yield spec
+            for micro in range(first_micro if batch_index == start else 0, self.accumulate):
+                if self.consume_on_yield:
+                    self._advance(batch_index, micro, before, after)
+                else:
+                    self._pending.append((batch_index, micro, before, after))
+                yield self.micro_batch(spec, micro)
+
+    def _advance(self, batch_index: int, micro: int, before: dict[str, Cursor],
+                 after: dict[str, Cursor]) -> None:
+        """Record micro-batch ``micro`` of ``batch_index`` as consumed."""
+        if micro + 1 == self.accumulate:
+            self._next_batch, self._next_micro, self._cursors = batch_index + 1, 0, after
+        else:
+            self._next_batch, self._next_micro, self._cursors = batch_index, micro + 1, before
 
     # -- consumption and state ---------------------------------------------------------------
     @property
@@ -242,14 +266,14 @@ class MixtureSampler(DistributedSampler):
         return self._next_batch
 
     def mark_consumed(self) -> int:
-        """Training took the oldest batch yielded; returns its global index."""
+        """Training took the oldest micro-batch yielded; returns its global batch index."""
         if not self._pending:
             raise RuntimeError(
                 "a training batch was reported consumed but the sampler has none outstanding; "
                 "is the train dataloader built by this datamodule?"
             )
-        batch_index, cursors = self._pending.popleft()
-        self._next_batch, self._cursors = batch_index + 1, cursors
+        batch_index, micro, before, after = self._pending.popleft()
+        self._advance(batch_index, micro, before, after)
         return batch_index
 
     def state_dict(self) -> dict[str, Any]:
@@ -257,10 +281,14 @@ class MixtureSampler(DistributedSampler):
         again after a resume)."""
         return {
             "next_batch": self._next_batch,
+            # samples of next_batch already consumed (a checkpoint taken mid-accumulation)
+            "next_sample": self._next_micro * self.row,
             "cursors": {d: c._asdict() for d, c in self._cursors.items()},
             "order": {"seed": self.seed, "block_windows": self.block_windows,
                       "shuffle_blocks": self.shuffle_blocks},
             "global_batch": self.global_batch,
+            "layout": {"batch_size": self.batch_size, "world_size": self.num_replicas,
+                       "accumulate": self.accumulate},
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, same_windows: bool = True) -> None:
@@ -271,7 +299,31 @@ class MixtureSampler(DistributedSampler):
         warning) when the checkpoint's epoch order cannot be reproduced: the order parameters
         changed, ``same_windows`` is False (``seq_len`` changed), or it has fewer windows than
         the checkpoint's epoch covered.
+
+        The world size, micro-batch size and accumulation may change. With the global batch
+        size kept, the run goes on with the very global batches it would have drawn; with
+        another one the data continues without repeats or gaps but the batches differ (a
+        warning). A checkpoint taken mid-accumulation resumes inside that global batch when
+        its consumed samples are whole rows of the new layout, else it raises ``ValueError``.
         """
+        saved_global = int(state.get("global_batch", self.global_batch))
+        next_sample = int(state.get("next_sample", 0))
+        if saved_global != self.global_batch:
+            if next_sample:
+                raise ValueError(
+                    f"the checkpoint was taken inside global batch {state['next_batch']} "
+                    f"(after {next_sample} of its {saved_global} samples); resume it with "
+                    f"the same global batch size, not {self.global_batch}")
+            warnings.warn(
+                f"resuming with a global batch of {self.global_batch} samples instead of the "
+                f"checkpoint's {saved_global}: the data continues without repeats or gaps, "
+                "but the batches are no longer those of the original run", stacklevel=2)
+        if next_sample % self.row:
+            raise ValueError(
+                f"the checkpoint was taken after {next_sample} samples of global batch "
+                f"{state['next_batch']}, which is not a whole number of micro-batch rows of "
+                f"{self.row} (batch_size x world size); resume with a layout that divides it, "
+                "or from a checkpoint at an optimizer step")
         order = {"seed": self.seed, "block_windows": self.block_windows,
                  "shuffle_blocks": self.shuffle_blocks}
         reorder = dict(state.get("order", order)) != order or not same_windows
@@ -295,6 +347,7 @@ class MixtureSampler(DistributedSampler):
                 stacklevel=2,
             )
         self._next_batch = int(state["next_batch"])
+        self._next_micro = next_sample // self.row
         self._cursors = cursors
         self._pending.clear()
         self._drawn = self._next_batch

@@ -18,6 +18,7 @@ leaves segments no attribute lists; readers never see them and the next writer d
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import uuid
@@ -71,6 +72,19 @@ def zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] 
         return LocalStore(url.removeprefix("file://"), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
                                 read_only=read_only)
+
+
+def storage_options_from_json(text: str | None) -> dict[str, Any]:
+    """``--storage-options`` of the data commands: a JSON object, or nothing."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise DataError("--storage-options must be a JSON object")
+    return value
 
 
 # -- metadata -------------------------------------------------------------------------------
@@ -536,6 +550,10 @@ class DomainWriter:
                     f"{where} was prepared with tokenizer {self.info.tokenizer_hash}, not "
                     f"{tokenizer.get('hash')}; a domain's tokens must all come from one tokenizer"
                 )
+            old_eos, new_eos = self.info.tokenizer.get("eos_id"), tokenizer.get("eos_id")
+            if old_eos is not None and new_eos is not None and old_eos != new_eos:
+                raise DataError(f"{where} ends its documents with eos id {old_eos}, not "
+                                f"{new_eos}; pass the same --eos-token as before")
             if language and language != self.info.language:
                 raise DataError(f"{where} has language {self.info.language!r}, not {language!r}")
             self._delete_uncommitted(where)
