@@ -123,7 +123,7 @@ def test_report_writes_a_png_and_a_self_contained_html_page(run_dir, tmp_path):
     import matplotlib.image
 
     height, width, _ = matplotlib.image.imread(png_path).shape
-    assert (width, height) == (1500, 1700)
+    assert (width, height) == (1500, 2400)
 
     page = html_path.read_text(encoding="utf-8")
     embedded = re.search(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page).group(1)
