@@ -29,13 +29,16 @@ class StepProgressBar(TQDMProgressBar):
     a resume count right) for step-bounded runs; epoch-bounded runs get Lightning's bar."""
 
     def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if steps_bounded(trainer) and self.train_progress_bar is not None:
-            bar = self.train_progress_bar
-            bar.reset(total=trainer.max_steps)
-            bar.initial = bar.n = trainer.global_step  # tqdm's rate counts from `initial`
-            bar.set_description("Step")
-            bar.refresh()
+        if not steps_bounded(trainer):
+            super().on_train_epoch_start(trainer, *args)
+            return
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("Step", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = trainer.global_step  # tqdm's rate counts from `initial`
+        bar.refresh()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -311,8 +311,9 @@ def _mixture_panel(record: RunRecord, ax: Any, color: dict) -> None:
 def _lr_panel(record: RunRecord, ax: Any) -> None:
     groups = record.names("tsm/lr_group/")
     if groups:
-        for group in groups:
-            ax.plot(*_finite(*record.series(f"tsm/lr_group/{group}")), lw=1.2, label=group)
+        for i, group in enumerate(groups):  # groups often share one schedule: dash the rest
+            ax.plot(*_finite(*record.series(f"tsm/lr_group/{group}")), lw=1.2, label=group,
+                    ls="-" if i == 0 else (0, (3 + i, 3)))
     else:
         ax.plot(*_finite(*record.series("tsm/lr")), color="tab:orange", lw=1.2)
     ax.set_title("learning rate")
@@ -491,20 +492,44 @@ def write_report(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila report",
-        description="Write the PNG + HTML report of a run directory (its TSM run files).")
-    parser.add_argument("run_dir", help="the trainer's default_root_dir / log_dir of the run")
+        prog="lightning-aquila report", allow_abbrev=False,
+        description="Write the PNG + HTML report of a run directory (its TSM run files), or "
+                    "with --compare one PNG that overlays several runs.")
+    parser.add_argument("run_dir", nargs="?", default=None,
+                        help="the trainer's default_root_dir / log_dir of the run")
     parser.add_argument("--output-dir", default=None,
                         help="where to write report.png/report.html (default: the folder that "
                              "holds the run's tsm/ files)")
     parser.add_argument("--title", default=None, help="title of the figure and page")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
+                        help="compare these runs: held-out loss against tokens (domain mean, "
+                             "worst domain, each domain) and each run's mixture; prints a "
+                             "summary table")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                        help="with --compare: one name per run (default: folder names)")
+    parser.add_argument("--output", default="compare.png", metavar="FILE.png",
+                        help="with --compare: the figure to write (default: compare.png)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if (args.run_dir is None) == (args.compare is None):
+        parser.error("give a run directory, or --compare RUN RUN ...")
     try:
+        if args.compare is not None:
+            return _compare(args.compare, args.output, args.labels)
         png, page = write_report(args.run_dir, args.output_dir, args.title)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"lightning-aquila report: {error}", file=sys.stderr)
         return 1
     print(f"report: {page}\nfigure: {png}")
+    return 0
+
+
+def _compare(run_dirs: list[str], output: str, labels: list[str] | None) -> int:
+    from lightning_aquila.report_compare import compare_runs, summarise_run, summary_table
+
+    path = compare_runs(run_dirs, output, labels)
+    names = labels or [Path(r).name or r for r in run_dirs]
+    print(summary_table([summarise_run(r) for r in run_dirs], names))
+    print(f"figure: {path}")
     return 0
 
 

@@ -558,7 +558,7 @@ def _storage_options(text: str | None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila prepare",
+        prog="lightning-aquila prepare", allow_abbrev=False,
         description="Tokenize raw text into one domain of a zarr shard store (idempotent: "
                     "sources already in the domain, by content hash, are skipped).")
     parser.add_argument("--input", action="append", required=True, metavar="GLOB_OR_URL",
@@ -567,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, metavar="STORE", help="store path or URL")
     parser.add_argument("--tokenizer", default=None, metavar="PATH",
                         help="tokenizer.json or a directory holding one (default: bundled)")
-    parser.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "parquet"])
+    parser.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "parquet"],
+                        help="input format (default auto: from each file's extension)")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
     parser.add_argument("--quality-field", default=None,
                         help="optional numeric field / column stored as per-document quality")
@@ -578,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fraction of documents kept for validation (default 0.01)")
     parser.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                         help="a corrupt record: stop naming file and line, or skip and count")
-    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
+    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                        help="tokens per zarr chunk of a new domain (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="tokenizer threads (default: all cores)")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
@@ -641,10 +643,11 @@ def inspect_table(store: ShardStore) -> str:
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila inspect",
+        prog="lightning-aquila inspect", allow_abbrev=False,
         description="Print the domains, documents and tokens of a shard store.")
     parser.add_argument("store", metavar="STORE", help="store path or URL")
-    parser.add_argument("--storage-options", default=None, metavar="JSON")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help="fsspec storage options as JSON (e.g. credentials of a remote store)")
     parser.add_argument("--verify", action="store_true",
                         help="also read every chunk (catches missing or corrupt chunks)")
     args = parser.parse_args(argv)
