@@ -8,7 +8,8 @@ fresh run where another run's files already are.
 
 Layout under the root: ``tsm/`` (monitor), ``checkpoints/`` (ModelCheckpoint, so that
 ``--ckpt_path last`` finds the previous session), ``config.yaml`` and, for Neptune,
-``.neptune/`` (the offline run). CSV/TensorBoard loggers keep their own ``save_dir``.
+``.neptune/`` (the offline run); a CSV/TensorBoard logger without a ``save_dir`` logs into
+``<root>/<name>/version_N``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ def fill_run_paths(trainer_config: Any, is_checkpoint: Any) -> list[str]:
             _set_if_unset(entry.init_args, "dirpath", str(Path(root) / "checkpoints"))
             checkpoint_dirs.append(str(entry.init_args["dirpath"]))
     for entry in _entries(trainer_config.get("logger")):
-        if entry.class_path.rsplit(".", 1)[-1] == NEPTUNE and entry.get("init_args") is not None:
-            _set_if_unset(entry.init_args, "save_dir", root)
+        if entry.get("init_args") is None:
+            continue
+        if "save_dir" in entry.init_args or entry.class_path.rsplit(".", 1)[-1] == NEPTUNE:
+            _set_if_unset(entry.init_args, "save_dir", root)  # TensorBoard, CSV, Neptune
+        if entry.class_path.rsplit(".", 1)[-1] == NEPTUNE:
             _set_if_unset(entry.init_args, "data_directory", str(Path(root) / ".neptune"))
     return checkpoint_dirs
 

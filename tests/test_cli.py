@@ -205,6 +205,18 @@ def test_shipped_configs_leave_output_paths_to_default_root_dir():
             args = callback.get("init_args") or {}
             assert "run_dir" not in args and "dirpath" not in args, (path, callback)
         logger = trainer.get("logger") or {}
-        if isinstance(logger, dict) and logger.get("class_path", "").endswith("NeptuneLogger"):
+        if isinstance(logger, dict):
             args = logger.get("init_args") or {}
             assert "save_dir" not in args and args.get("data_directory") is None, path
+
+
+# -- what a run prints ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("flops", "shown"), [(0, False), (5_000_000, True)])
+def test_the_model_summary_shows_flops_only_when_measured(flops, shown, caplog):
+    from lightning_aquila.console import CompactModelSummary
+
+    with caplog.at_level("INFO", logger="lightning.pytorch.callbacks.model_summary"):
+        CompactModelSummary.summarize([("Name", ["model"]), ("Params", ["2.8 M"])], 2_800_000,
+                                      2_800_000, 11.3, {"train": 53, "eval": 0}, flops)
+    assert "Total params" in caplog.text
+    assert ("Total Flops" in caplog.text) == shown
