@@ -220,3 +220,13 @@ def test_the_model_summary_shows_flops_only_when_measured(flops, shown, caplog):
                                       2_800_000, 11.3, {"train": 53, "eval": 0}, flops)
     assert "Total params" in caplog.text
     assert ("Total Flops" in caplog.text) == shown
+
+
+def test_verbose_raises_the_error_itself_for_its_traceback(tmp_path):
+    from lightning_aquila.user_errors import ConfigFileError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: 5\n   accelerator: cpu\n")
+    with pytest.raises(ConfigFileError, match="line 3, column 15") as raised:
+        main(["fit", "--config", str(bad), "--verbose"])
+    assert raised.value.__cause__ is not None  # the YAML parser's own error, chained
