@@ -8,9 +8,11 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-# Where configs/quickstart.yaml writes (its monitor, checkpoints and Neptune run); a run
-# elsewhere is `lightning-aquila fit --config ...` with its paths changed, not RUN_DIR=.
-RUN_DIR := runs/quickstart
+# The run's folder: monitor files, checkpoints, config.yaml and the Neptune run all follow
+# --trainer.default_root_dir, so `make quickstart RUN_DIR=runs/q2` is a second, separate run.
+# `--ckpt_path last` makes a repeated `make quickstart` resume (or find the run finished)
+# instead of starting a second run in the same folder, which fit refuses.
+RUN_DIR ?= runs/quickstart
 STORE   := $(RUN_DIR)/corpus.zarr
 DOMAINS := $(notdir $(patsubst %/,%,$(wildcard corpus/*/)))
 
@@ -36,7 +38,7 @@ quickstart: $(STAMP)
 	done
 	$(BIN)/lightning-aquila inspect $(STORE)
 	$(BIN)/lightning-aquila fit --config configs/quickstart.yaml \
-	  --trainer.default_root_dir $(RUN_DIR) --data.init_args.store $(STORE)
+	  --trainer.default_root_dir $(RUN_DIR) --data.init_args.store $(STORE) --ckpt_path last
 	$(BIN)/lightning-aquila report $(RUN_DIR)
 
 docs: $(STAMP)

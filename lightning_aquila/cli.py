@@ -1,12 +1,14 @@
-"""The ``lightning-aquila`` command.
+"""The ``lightning-aquila`` command: a small dispatcher that imports only what a command needs.
 
-``fit``/``validate``/``test`` are LightningCLI, so trainer, model, data, callbacks and logger
-all come from YAML and ``--print_config`` works. The data tools (``prepare``, ``inspect``,
-``train-tokenizer``), ``report``, ``consolidate`` and ``export-hf`` are plain argparse
-commands dispatched before LightningCLI sees the arguments.
+``fit``/``validate``/``test``/``predict`` are LightningCLI (``lightning_aquila.trainer_cli``),
+so trainer, model, data, callbacks and logger all come from YAML and ``--print_config`` works.
+The data tools (``prepare``, ``inspect``, ``train-tokenizer``), ``report``, ``consolidate`` and
+``export-hf`` are plain argparse commands. Nothing heavy (torch, Lightning) is imported here:
+``lightning-aquila --help`` must answer at once, and a data tool must not pay for Lightning.
 
-Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
-another ``CheckpointIO``; see ``docs/crash-safety.md``.
+User errors (a bad config file, an unknown class, bad data) are printed as one line naming the
+file or field; ``--verbose`` (anywhere on the command line) shows the full message and
+traceback instead.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import importlib
 import sys
 from typing import Any
 
-from jsonargparse import Namespace
-from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning_aquila import user_errors
 
-import lightning_aquila  # noqa: F401  (registers our named strategies)
-from lightning_aquila.checkpoint import AtomicCheckpointIO
-from lightning_aquila.module import AquilaLM
+#: The LightningCLI commands -> one-line help.
+TRAINER_COMMANDS: dict[str, str] = {
+    "fit": "train a model from a YAML config (resume with --ckpt_path last)",
+    "validate": "run the validation loop of a config on a checkpoint",
+    "test": "run the test loop of a config on a checkpoint",
+    "predict": "run the predict loop of a config on a checkpoint",
+}
 
 #: name -> (module, function taking argv and returning an exit code, one-line help)
 TOOLS: dict[str, tuple[str, str, str]] = {
@@ -36,87 +38,76 @@ TOOLS: dict[str, tuple[str, str, str]] = {
     "train-tokenizer": ("lightning_aquila.tokenizer", "main",
                         "train a byte-level BPE tokenizer on jsonl/txt files"),
     "report": ("lightning_aquila.report", "main",
-               "write the PNG + HTML run report of a run directory"),
+               "write the PNG + HTML run report of a run directory (or --compare runs)"),
     "consolidate": ("lightning_aquila.strategies.consolidate", "main",
                     "merge a sharded checkpoint into one file and/or a Hugging Face directory"),
     "export-hf": ("lightning_aquila.export", "main",
                   "export a Lightning checkpoint as a Hugging Face Llama directory"),
 }
 
-
-class AquilaCLI(LightningCLI):
-    """LightningCLI with the model fixed to AquilaLM and any LightningDataModule as data."""
-
-    def init_parser(self, **kwargs):
-        parser = super().init_parser(**kwargs)
-        tools = "\n".join(f"  {name:<16} {info[2]}" for name, info in TOOLS.items())
-        parser.epilog = f"other commands (lightning-aquila COMMAND --help):\n{tools}"
-        return parser
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(str(self.subcommand)) if self.subcommand else self.config
-        try:
-            check_config_groups(config)
-        except ValueError as error:
-            self._parser(self.subcommand).error(str(error))
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with ``AtomicCheckpointIO`` unless the configuration chose a
-        ``CheckpointIO`` (a plugin, or a strategy instance given one)."""
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        plugins = with_atomic_checkpoint_io(config.get("plugins"), config.get("strategy"))
-        if plugins is not None:
-            kwargs["plugins"] = plugins
-        return super().instantiate_trainer(**kwargs)
+VERBOSE_FLAG = "--verbose"
 
 
-def check_config_groups(config: Namespace) -> None:
-    """``trainer:``, ``model:`` and ``data:`` hold mappings. jsonargparse lets a list or a
-    number through there (a stray ``- `` in YAML), which then fails deep inside Lightning
-    with a ``TypeError`` that names no field."""
-    for group in ("trainer", "model", "data"):
-        value = config.get(group)
-        if value is not None and not isinstance(value, Namespace):
-            raise ValueError(f"config field {group!r} must be a mapping of its settings, got "
-                             f"a {type(value).__name__}: {value!r:.200}")
-
-
-def with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any] | None:
-    """``plugins`` plus an ``AtomicCheckpointIO`` when neither they nor ``strategy`` name a
-    ``CheckpointIO``; a wrapping one without a base (``AsyncCheckpointIO()``) gets it as its
-    base. ``None`` when there is nothing to change."""
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
-    given = [p for p in plugins if isinstance(p, CheckpointIO)]
-    if getattr(strategy, "_checkpoint_io", None) is not None:
-        given.append(strategy._checkpoint_io)
-    if not given:
-        return [*plugins, AtomicCheckpointIO()]
-    for io in given:
-        if isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is None:
-            io.checkpoint_io = AtomicCheckpointIO()
-    return None
-
-
-def run_cli(args: list[str] | None = None) -> AquilaCLI:
-    return AquilaCLI(
-        AquilaLM,
-        LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+def help_text() -> str:
+    """The top-level help: every command with its one line."""
+    width = max(len(name) for name in [*TRAINER_COMMANDS, *TOOLS]) + 2
+    lines = ["usage: lightning-aquila COMMAND [ARGS ...] [--verbose]", "",
+             "Data-centric LLM pretraining on PyTorch Lightning (Aquila2's HeuriMentor).", "",
+             "training (LightningCLI: configs, --print_config, --ckpt_path):"]
+    lines += [f"  {name:<{width}}{text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += ["", "data and run tools:"]
+    lines += [f"  {name:<{width}}{info[2]}" for name, info in TOOLS.items()]
+    lines += ["", "options:",
+              f"  {'-h, --help':<{width}}show this message; `lightning-aquila COMMAND --help` "
+              "shows a command's flags",
+              f"  {VERBOSE_FLAG:<{width}}on an error, print the full message and traceback",
+              "", "Quick start: docs/quickstart.md. Runs write everything under "
+              "--trainer.default_root_dir."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] in TOOLS:
-        module, function, _ = TOOLS[words[0]]
-        return int(getattr(importlib.import_module(module), function)(words[1:]) or 0)
-    # From the console script, let LightningCLI read sys.argv itself (passing it again as
-    # ``args`` makes Lightning warn that both were given).
-    run_cli(None if argv is None else words)
-    return 0
+    verbose = VERBOSE_FLAG in words
+    words = [w for w in words if w != VERBOSE_FLAG]
+    user_errors.VERBOSE = verbose
+    if not words or words[0] in ("-h", "--help"):
+        print(help_text())
+        return 0 if words else 2
+    command = words[0]
+    if command not in TOOLS and command not in TRAINER_COMMANDS:
+        print(f"lightning-aquila: unknown command {command!r} (commands: "
+              f"{', '.join([*TRAINER_COMMANDS, *TOOLS])}; see lightning-aquila --help)",
+              file=sys.stderr)
+        return 2
+    try:
+        if command in TOOLS:
+            module, function, _ = TOOLS[command]
+            return int(getattr(importlib.import_module(module), function)(words[1:]) or 0)
+        user_errors.check_config_files(words[1:])
+        from lightning_aquila.trainer_cli import run_cli
+
+        if argv is None:
+            # From the console script LightningCLI reads sys.argv itself (passing it again as
+            # ``args`` makes Lightning warn that both were given); it must not see --verbose.
+            sys.argv = [sys.argv[0], *words]
+            run_cli(None)
+        else:
+            run_cli(words)
+        return 0
+    except Exception as error:
+        if verbose or not user_errors.is_user_error(error):
+            raise
+        print(f"lightning-aquila {command}: {user_errors.one_line(error)}\n"
+              f"(run again with {VERBOSE_FLAG} for the traceback)", file=sys.stderr)
+        return 1
+
+
+def __getattr__(name: str) -> Any:
+    # The LightningCLI pieces moved to trainer_cli (importing them costs seconds).
+    if name in ("AquilaCLI", "run_cli", "check_config_groups", "with_atomic_checkpoint_io"):
+        return getattr(importlib.import_module("lightning_aquila.trainer_cli"), name)
+    raise AttributeError(f"module 'lightning_aquila.cli' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

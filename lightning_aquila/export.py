@@ -29,13 +29,16 @@ def model_from_checkpoint(checkpoint: dict) -> AquilaModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lightning-aquila export-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lightning-aquila export-hf", description=__doc__,
+                                     allow_abbrev=False)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file written by AquilaLM")
     parser.add_argument("--output", type=Path, required=True, help="directory to create")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",
+                        help="dtype of the exported weights (default %(default)s)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.json (or its directory) to copy into the export")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output directory if it exists")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         parser.error(f"{args.checkpoint} is not a checkpoint file (sharded? use consolidate)")

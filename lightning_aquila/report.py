@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,40 @@ class RunRecord:
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("kind") == kind]
 
+    def mixture_history(self) -> list[tuple[float, dict[str, float]]]:
+        """``(step, weights)`` for each mixture the sampler used, from the mixture history:
+        the newest ``session_start``'s (restored with the checkpoint) plus the changes
+        recorded after it. A change applies from a global batch index; ``batch_index /
+        batches_per_step`` is the optimizer step whose batches first use it."""
+        starts = self.of_kind("session_start")
+        changes: list[dict[str, Any]] = []
+        since = -math.inf
+        if starts:
+            changes = list(starts[-1].get("mixture_history") or [])
+            since = starts[-1].get("time", -math.inf)
+        changes += [e for e in self.of_kind("mixture") if e.get("time", 0.0) > since]
+        per_step = float(starts[-1].get("batches_per_step") or 1) if starts else 1.0
+        by_batch = {int(c["batch_index"]): c["weights"] for c in changes
+                    if c.get("batch_index") is not None and c.get("weights")}
+        return [(batch / per_step, {k: float(v) for k, v in weights.items()})
+                for batch, weights in sorted(by_batch.items())]
+
+    def tokens_at(self, steps: Sequence[int]) -> list[float | None]:
+        """Training tokens seen (``tsm/tokens_total``) at each step, linear between the
+        steps that logged it; ``None`` outside them (0 tokens at step 0)."""
+        known = dict(zip(*_finite(*self.series("tsm/tokens_total"))))
+        known.setdefault(0, 0.0)
+        points = sorted(known.items())
+        result: list[float | None] = []
+        for step in steps:
+            value = None
+            for (s0, t0), (s1, t1) in pairwise(points):
+                if s0 <= step <= s1:
+                    value = t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+                    break
+            result.append(known.get(step, value))
+        return result
+
     def domains(self) -> list[str]:
         for event in reversed(self.of_kind("session_start")):
             if event.get("domains"):
@@ -140,13 +175,18 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
 
 
 # -- the figure --------------------------------------------------------------------------------
+#: What an empty panel says (a run too short for that measurement, or it is turned off).
+NO_DATA = "no data yet"
+
+
 def _finite(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
     pairs = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
 def plot_run(record: RunRecord, title: str | None = None) -> Any:
-    """The report figure (matplotlib, Agg): eight panels sharing the step axis."""
+    """The report figure (matplotlib, Agg): eleven panels, all but "held-out loss against
+    tokens" sharing the step axis. A panel with nothing to draw says "no data yet"."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -156,87 +196,156 @@ def plot_run(record: RunRecord, title: str | None = None) -> Any:
     domains = record.domains()
     palette = colormaps["tab10"]
     color = {d: palette(i % 10) for i, d in enumerate(domains)}
-    fig, axes = plt.subplots(4, 2, figsize=(15, 17), sharex=True)
-    (loss_ax, val_ax), (mix_ax, grad_ax), (tput_ax, upd_ax), (stage_ax, probe_ax) = axes
+    fig = plt.figure(figsize=(15, 24))
+    grid = fig.add_gridspec(6, 2)
+    first = fig.add_subplot(grid[0, 0])
+    step_axes = [first]
+
+    def step_panel(row: int, column: int | slice) -> Any:
+        ax = fig.add_subplot(grid[row, column], sharex=first)
+        step_axes.append(ax)
+        return ax
+
+    loss_ax, val_ax = first, step_panel(0, 1)
+    tokens_loss_ax = fig.add_subplot(grid[1, 0])
+    mix_ax, seen_ax = step_panel(1, 1), step_panel(2, 0)
+    lr_ax, grad_ax = step_panel(2, 1), step_panel(3, 0)
+    tput_ax, upd_ax = step_panel(3, 1), step_panel(4, 0)
+    stage_ax, probe_ax = step_panel(4, 1), step_panel(5, slice(None))
     fig.suptitle(title or f"run report: {record.tsm_dir.parent}", fontsize=13)
 
-    # training loss per domain: the interval means faint, their EMA solid
+    _train_loss_panel(record, loss_ax, domains, color)
+    _held_out_panels(record, val_ax, tokens_loss_ax, domains, color)
+    _mixture_panel(record, mix_ax, color)
     for d in domains:
-        steps, values = _finite(*record.series(f"tsm/train_loss/{d}"))
-        loss_ax.plot(steps, values, color=color[d], lw=1.4, label=d)
-        steps, values = _finite(*record.series(f"tsm/train_loss_ema/{d}"))
-        loss_ax.plot(steps, values, color=color[d], lw=1.2, ls="--", alpha=0.6)
-    spikes = [e for e in record.of_kind("anomaly") if e.get("type") == "spike"
-              and e.get("value") is not None]
-    if spikes:
-        loss_ax.scatter([e["step"] for e in spikes], [e["value"] for e in spikes], marker="x",
-                        color="red", s=60, zorder=5, label="loss spike")
-    loss_ax.set_title("training loss per domain (interval mean; dashed: EMA)")
-    loss_ax.set_ylabel("nats/token")
-
-    for d in domains:
-        steps, values = _finite(*record.series(f"tsm/val_loss/{d}"))
-        val_ax.plot(steps, values, color=color[d], marker="o", ms=3, lw=1.5, label=d)
-    steps, values = _finite(*record.series("tsm/val_loss_avg"))
-    val_ax.plot(steps, values, color="black", ls="--", lw=1.5, label="token-weighted avg")
-    val_ax.set_title("held-out loss per domain")
-    val_ax.set_ylabel("nats/token")
-
-    mixture = [d for d in domains if record.series(f"tsm/mixture/{d}")[0]]
-    if mixture:
-        steps = sorted({s for d in mixture for s in record.series(f"tsm/mixture/{d}")[0]})
-        stacks = []
-        for d in mixture:
-            points = dict(zip(*record.series(f"tsm/mixture/{d}")))
-            stacks.append([points.get(s, 0.0) if math.isfinite(points.get(s, 0.0)) else 0.0
-                           for s in steps])
-        mix_ax.stackplot(steps, *stacks, labels=mixture, colors=[color[d] for d in mixture],
-                         step="post", alpha=0.85)
-        mix_ax.set_ylim(0, 1)
-    for change in record.of_kind("mixture"):
-        mix_ax.axvline(change["step"], color="black", lw=0.8, ls=":")
-    mix_ax.set_title("mixture weights (stacked; dotted: a change was requested)")
-
+        seen_ax.plot(*_finite(*record.series(f"tsm/tokens/{d}")), color=color[d], lw=1.4,
+                     label=d)
+    seen_ax.set_title("tokens seen per domain (cumulative)")
+    _lr_panel(record, lr_ax)
     steps, values = _finite(*record.series("tsm/grad_norm"))
     grad_ax.plot(steps, values, color="tab:blue", lw=1.2)
     if values and min(values) > 0 and max(values) / min(values) > 50:
         grad_ax.set_yscale("log")
     grad_ax.set_title("gradient norm (before clipping)")
-
-    steps, values = _finite(*record.series("tsm/tokens_per_sec"))
-    tput_ax.plot(steps, values, color="tab:green", lw=1.2, label="tokens/s per device")
-    tput_ax.set_ylabel("tokens/s per device", color="tab:green")
-    steps, values = _finite(*record.series("tsm/mfu"))
-    if steps:  # MFU is tokens/s times a constant: its own axis, drawn as points
-        mfu_ax = tput_ax.twinx()
-        mfu_ax.plot(steps, [100 * v for v in values], color="tab:purple", ls="none",
-                    marker=".", ms=5, label="MFU (%)")
-        mfu_ax.set_ylabel("MFU (%)", color="tab:purple")
-        mfu_ax.legend(fontsize=8, loc="lower right")
-    tput_ax.set_title("throughput and MFU")
-
+    _throughput_panel(record, tput_ax)
     _layer_panel(record, upd_ax, "update_ratio",
                  "weights: update-to-weight ratio per layer, between checks")
     _layer_panel(record, stage_ax, "stage_change",
                  "weights: relative change since the stage began, per layer")
+    _probe_panel(record, probe_ax, palette)
 
-    probe_names = record.names("tsm/probe/")
-    for i, name in enumerate(probe_names):
-        steps, values = _finite(*record.series(f"tsm/probe/{name}"))
-        probe_ax.plot(steps, values, marker="o", ms=3, color=palette(i % 10), label=name)
-    probe_ax.set_title("downstream probes")
-
-    for ax in axes.flat:
-        _mark_timeline(record, ax, label=ax is loss_ax)
-        if not ax.lines and not ax.collections:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="gray")
+    for ax in [*step_axes, tokens_loss_ax]:
+        has_data = bool(ax.lines or ax.collections)
+        if ax in step_axes:
+            _mark_timeline(record, ax, label=ax is loss_ax)
+        if not has_data:
+            ax.text(0.5, 0.5, NO_DATA, transform=ax.transAxes, ha="center", va="center",
+                    color="gray", fontsize=12)
         elif ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3)
-    for ax in axes[-1]:
+    for ax in step_axes:
+        ax.tick_params(labelbottom=True)
+    for ax in (stage_ax, upd_ax, probe_ax):
         ax.set_xlabel("optimizer step")
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    tokens_loss_ax.set_xlabel("training tokens seen (all domains)")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return fig
+
+
+def _train_loss_panel(record: RunRecord, ax: Any, domains: list[str], color: dict) -> None:
+    """Per domain: the interval means solid, their EMA dashed; loss spikes as red crosses."""
+    for d in domains:
+        ax.plot(*_finite(*record.series(f"tsm/train_loss/{d}")), color=color[d], lw=1.4,
+                label=d)
+        ax.plot(*_finite(*record.series(f"tsm/train_loss_ema/{d}")), color=color[d], lw=1.2,
+                ls="--", alpha=0.6)
+    spikes = [e for e in record.of_kind("anomaly") if e.get("type") == "spike"
+              and e.get("value") is not None]
+    if spikes:
+        ax.scatter([e["step"] for e in spikes], [e["value"] for e in spikes], marker="x",
+                   color="red", s=60, zorder=5, label="loss spike")
+    ax.set_title("training loss per domain (interval mean; dashed: EMA)")
+    ax.set_ylabel("nats/token")
+
+
+def _held_out_panels(record: RunRecord, by_step: Any, by_tokens: Any, domains: list[str],
+                     color: dict) -> None:
+    """Held-out loss per domain and the token-weighted average, against steps and against
+    the training tokens seen at that step (what compares runs of different batch sizes)."""
+    curves = [(f"tsm/val_loss/{d}", d, {"color": color[d], "marker": "o", "ms": 3, "lw": 1.5})
+              for d in domains]
+    curves.append(("tsm/val_loss_avg", "token-weighted avg",
+                   {"color": "black", "ls": "--", "lw": 1.5}))
+    for name, label, style in curves:
+        steps, values = _finite(*record.series(name))
+        by_step.plot(steps, values, label=label, **style)
+        tokens = record.tokens_at(steps)
+        pairs = [(t, v) for t, v in zip(tokens, values) if t is not None]
+        by_tokens.plot([t for t, _ in pairs], [v for _, v in pairs], label=label, **style)
+    by_step.set_title("held-out loss per domain")
+    by_tokens.set_title("held-out loss against training tokens")
+    for ax in (by_step, by_tokens):
+        ax.set_ylabel("nats/token")
+
+
+def _mixture_panel(record: RunRecord, ax: Any, color: dict) -> None:
+    """The weights the sampler used, from the mixture history: each change drawn from the
+    step its first batch was trained in (a change requested at step s applies from a later
+    batch, since batches already fetched keep the old weights)."""
+    history = record.mixture_history()
+    last_step = max((int(r["step"]) for r in record.rows), default=0)
+    if history:
+        names = list(dict.fromkeys(d for _, weights in history for d in weights))
+        steps = [s for s, _ in history] + [max(last_step, history[-1][0])]
+        stacks = [[w.get(d, 0.0) for _, w in history] + [history[-1][1].get(d, 0.0)]
+                  for d in names]
+        ax.stackplot(steps, *stacks, labels=names, step="post", alpha=0.85,
+                     colors=[color.get(d, "gray") for d in names])
+        ax.set_ylim(0, 1)
+    for change in record.of_kind("mixture"):
+        ax.axvline(change["step"], color="black", lw=0.8, ls=":")
+    ax.set_title("mixture weights as applied (stacked; dotted: a change was requested)")
+
+
+def _lr_panel(record: RunRecord, ax: Any) -> None:
+    groups = record.names("tsm/lr_group/")
+    if groups:
+        for i, group in enumerate(groups):  # groups often share one schedule: dash the rest
+            ax.plot(*_finite(*record.series(f"tsm/lr_group/{group}")), lw=1.2, label=group,
+                    ls="-" if i == 0 else (0, (3 + i, 3)))
+    else:
+        ax.plot(*_finite(*record.series("tsm/lr")), color="tab:orange", lw=1.2)
+    ax.set_title("learning rate")
+
+
+def _throughput_panel(record: RunRecord, ax: Any) -> None:
+    """Tokens/s per device; MFU is that times a constant, so it is a second scale on the same
+    line (in %), not a second series."""
+    steps, values = _finite(*record.series("tsm/tokens_per_sec"))
+    ax.plot(steps, values, color="tab:green", lw=1.2)
+    ax.set_ylabel("tokens/s per device")
+    mfu = dict(zip(*_finite(*record.series("tsm/mfu"))))
+    ratios = [mfu[s] / v for s, v in zip(steps, values) if s in mfu and v > 0]
+    if ratios:
+        per_token = 100 * sorted(ratios)[len(ratios) // 2]  # % MFU per token/s
+        right = ax.secondary_yaxis("right", functions=(lambda x: x * per_token,
+                                                       lambda y: y / per_token))
+        right.set_ylabel("MFU (%)")
+    ax.set_title("throughput (right axis: the same as MFU)")
+
+
+def _probe_panel(record: RunRecord, ax: Any, palette: Any) -> None:
+    """Each probe metric, and its probe's chance level (``<probe>/chance``) as a dotted line."""
+    names = [n for n in record.names("tsm/probe/") if not n.endswith("/chance")]
+    for i, name in enumerate(names):
+        ax.plot(*_finite(*record.series(f"tsm/probe/{name}")), marker="o", ms=3,
+                color=palette(i % 10), label=name)
+    for probe in record.names("tsm/probe/", "/chance"):
+        chance = record.last(f"tsm/probe/{probe}/chance")
+        if names and chance is not None and math.isfinite(chance):
+            ax.axhline(chance, color="gray", ls=":", lw=1.2, label=f"{probe}: chance")
+    ax.set_title("downstream probes (dotted: chance)")
 
 
 def _layer_panel(record: RunRecord, ax: Any, stat: str, title: str) -> None:
@@ -259,12 +368,20 @@ def _layer_panel(record: RunRecord, ax: Any, stat: str, title: str) -> None:
 
 
 def _mark_timeline(record: RunRecord, ax: Any, label: bool) -> None:
-    """Stage boundaries (grey dashed, named), rollbacks (purple) and anomalies (red)."""
+    """Stage boundaries (grey dashed, named), resumes (green), rollbacks (purple) and
+    anomalies (red)."""
+    top = ax.get_xaxis_transform()
     for stage in record.of_kind("stage"):
         ax.axvline(stage["step"], color="dimgray", ls="--", lw=1)
         if label:
             ax.text(stage["step"], 1.0, f" {stage.get('name', '')}", rotation=90, va="top",
-                    ha="left", fontsize=8, color="dimgray", transform=ax.get_xaxis_transform())
+                    ha="left", fontsize=8, color="dimgray", transform=top)
+    for start in record.of_kind("session_start"):
+        if int(start["step"]) > 0:
+            ax.axvline(start["step"], color="tab:green", lw=1.2, ls=(0, (4, 2)))
+            if label:
+                ax.text(start["step"], 0.0, " resumed", rotation=90, va="bottom", ha="left",
+                        fontsize=8, color="tab:green", transform=top)
     for rollback in record.of_kind("rollback"):
         ax.axvline(rollback["step"], color="purple", lw=1.2, ls="-.")
     for anomaly in record.of_kind("anomaly"):
@@ -283,6 +400,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _count(value: float | None) -> str | None:
+    """A count as people write it: ``307,200``, not ``3.072e+05``."""
+    return None if value is None or not math.isfinite(value) else f"{round(value):,}"
+
+
+def _percent(fraction: float | None) -> str | None:
+    """MFU as the figure shows it, in %."""
+    return None if fraction is None or not math.isfinite(fraction) else f"{100 * fraction:.3g}%"
+
+
 def _event_details(event: dict[str, Any]) -> str:
     skip = {"kind", "step", "time", "mixture_history"}
     details = {k: v for k, v in event.items() if k not in skip}
@@ -296,20 +423,26 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
     title = title or f"Run report: {record.tsm_dir.parent}"
     domains = record.domains()
     last_step = max((int(r["step"]) for r in record.rows), default=0)
+    history = record.mixture_history()
+    current = history[-1][1] if history else {}
+    resumes = [str(e["step"]) for e in record.of_kind("session_start") if int(e["step"]) > 0]
     summary = [
         ("run directory", str(record.tsm_dir.parent)),
         ("last step", last_step),
-        ("tokens seen", record.last("tsm/tokens_total")),
+        ("tokens seen", _count(record.last("tsm/tokens_total"))),
         ("training loss (last step)", record.last("tsm/loss")),
         ("held-out loss, token-weighted", record.last("tsm/val_loss_avg")),
-        ("MFU (last)", record.last("tsm/mfu")),
+        ("throughput (last), tokens/s per device", _count(record.last("tsm/tokens_per_sec"))),
+        ("MFU (last)", _percent(record.last("tsm/mfu"))),
         ("anomalies", len(record.of_kind("anomaly"))),
         ("stages", ", ".join(str(e.get("name", "")) for e in record.of_kind("stage")) or "-"),
+        ("resumed at step", ", ".join(resumes) or "-"),
         ("report written", time.strftime("%Y-%m-%d %H:%M:%S")),
     ]
-    per_domain = [(d, record.last(f"tsm/tokens/{d}"), record.last(f"tsm/train_loss_ema/{d}"),
-                   record.last(f"tsm/val_loss/{d}"), record.last(f"tsm/val_ppl/{d}"),
-                   record.last(f"tsm/mixture/{d}")) for d in domains]
+    per_domain = [(d, _count(record.last(f"tsm/tokens/{d}")),
+                   record.last(f"tsm/train_loss_ema/{d}"), record.last(f"tsm/val_loss/{d}"),
+                   record.last(f"tsm/val_ppl/{d}"),
+                   None if d not in current else f"{current[d]:.3f}") for d in domains]
     events = [(e["step"], e.get("kind"), e.get("type", ""), _event_details(e))
               for e in record.events[-MAX_EVENT_ROWS:]]
     probes = [(name, record.last(f"tsm/probe/{name}")) for name in record.names("tsm/probe/")]
@@ -325,7 +458,7 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
         _table(("", ""), summary),
         "<h2>Domains (last values)</h2>",
         _table(("domain", "tokens", "train loss (EMA)", "held-out loss", "held-out ppl",
-                "mixture weight"), per_domain),
+                "mixture weight (now)"), per_domain),
         f"<img alt='run report' src='data:image/png;base64,{image}'>",
         "<h2>Probes (last values)</h2>", _table(("probe/metric", "value"), probes),
         "<h2>Events</h2>", _table(("step", "kind", "type", "details"), events),
@@ -359,20 +492,44 @@ def write_report(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila report",
-        description="Write the PNG + HTML report of a run directory (its TSM run files).")
-    parser.add_argument("run_dir", help="the trainer's default_root_dir / log_dir of the run")
+        prog="lightning-aquila report", allow_abbrev=False,
+        description="Write the PNG + HTML report of a run directory (its TSM run files), or "
+                    "with --compare one PNG that overlays several runs.")
+    parser.add_argument("run_dir", nargs="?", default=None,
+                        help="the trainer's default_root_dir / log_dir of the run")
     parser.add_argument("--output-dir", default=None,
                         help="where to write report.png/report.html (default: the folder that "
                              "holds the run's tsm/ files)")
     parser.add_argument("--title", default=None, help="title of the figure and page")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
+                        help="compare these runs: held-out loss against tokens (domain mean, "
+                             "worst domain, each domain) and each run's mixture; prints a "
+                             "summary table")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                        help="with --compare: one name per run (default: folder names)")
+    parser.add_argument("--output", default="compare.png", metavar="FILE.png",
+                        help="with --compare: the figure to write (default: compare.png)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if (args.run_dir is None) == (args.compare is None):
+        parser.error("give a run directory, or --compare RUN RUN ...")
     try:
+        if args.compare is not None:
+            return _compare(args.compare, args.output, args.labels)
         png, page = write_report(args.run_dir, args.output_dir, args.title)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"lightning-aquila report: {error}", file=sys.stderr)
         return 1
     print(f"report: {page}\nfigure: {png}")
+    return 0
+
+
+def _compare(run_dirs: list[str], output: str, labels: list[str] | None) -> int:
+    from lightning_aquila.report_compare import compare_runs, summarise_run, summary_table
+
+    path = compare_runs(run_dirs, output, labels)
+    names = labels or [Path(r).name or r for r in run_dirs]
+    print(summary_table([summarise_run(r) for r in run_dirs], names))
+    print(f"figure: {path}")
     return 0
 
 

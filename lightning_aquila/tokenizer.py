@@ -269,7 +269,7 @@ def _expand(patterns: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``lightning-aquila train-tokenizer --input GLOB [--input GLOB ...] --output DIR``."""
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila train-tokenizer",
+        prog="lightning-aquila train-tokenizer", allow_abbrev=False,
         description="Train a byte-level BPE tokenizer (bos/eos as the two highest ids) on "
                     ".jsonl/.txt files and write DIR/tokenizer.json.")
     parser.add_argument("--input", action="append", required=True, metavar="GLOB",

@@ -487,7 +487,8 @@ def test_multiple_choice_probe_scores_choices_by_their_log_likelihood(tmp_path):
         by_lang[item["lang"]].append(best == item["answer"])
     assert results == pytest.approx({
         "acc": hits / 4, "acc_norm": hits_norm / 4,
-        "acc_en": sum(by_lang["en"]) / 2, "acc_zh": sum(by_lang["zh"]) / 2})
+        "acc_en": sum(by_lang["en"]) / 2, "acc_zh": sum(by_lang["zh"]) / 2,
+        "chance": (1 / 3 + 1 / 2 + 1 / 3 + 1 / 2) / 4})  # guessing: the mean of 1/choices
     assert model.training  # the probe restores the mode it found
 
 
@@ -513,7 +514,7 @@ def test_bundled_probe_scores_an_aquila_model_with_the_bundled_tokenizer():
     lm = AquilaLM(preset="aquila2-tiny")
     lm.configure_model()
     results = probe(lm)
-    assert set(results) == {"acc", "acc_norm", "acc_en", "acc_zh"}
+    assert set(results) == {"acc", "acc_norm", "acc_en", "acc_zh", "chance"}
     assert all(0.0 <= value <= 1.0 for value in results.values())
 
 

@@ -101,6 +101,19 @@ def test_bounds_no_weights_can_meet_are_refused_naming_the_sums():
         project_to_bounds(UNIFORM, 0.0, 0.2)
 
 
+def test_bounds_that_leave_one_feasible_mixture_warn_naming_the_bound_to_change():
+    policy = BanditMixture(min_weight=0.03, max_weight=0.5)  # the quickstart's bounds
+    with pytest.warns(UserWarning, match=r"allows only one mixture, \{'a': 0\.5, 'b': 0\.5\}"
+                      r".*Raise max_weight \(above 0\.5"):
+        policy.setup(["a", "b"])
+
+
+def test_bounds_that_leave_room_do_not_warn(recwarn):
+    BanditMixture(min_weight=0.03, max_weight=0.5).setup(["a", "b", "c"])
+    StaticMixture({"a": 1.0, "b": 1.0}).setup(["a", "b"])
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_per_domain_bounds_apply_to_their_domain_only():
     out = project_to_bounds({"code": 0.8, "web": 0.1, "books": 0.1}, {"books": 0.3},
                             {"code": 0.5})

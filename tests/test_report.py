@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 from lightning_aquila.datamodules.mixture import DomainMixture
-from lightning_aquila.report import load_run, main, read_jsonl, write_report
+from lightning_aquila.report import NO_DATA, load_run, main, plot_run, read_jsonl, write_report
+from lightning_aquila.report_compare import compare_runs, held_out_curves, summarise_run
 
 DOMAINS = ["code", "web", "zh"]
 
@@ -123,7 +124,7 @@ def test_report_writes_a_png_and_a_self_contained_html_page(run_dir, tmp_path):
     import matplotlib.image
 
     height, width, _ = matplotlib.image.imread(png_path).shape
-    assert (width, height) == (1500, 1700)
+    assert (width, height) == (1500, 2400)
 
     page = html_path.read_text(encoding="utf-8")
     embedded = re.search(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page).group(1)
@@ -168,12 +169,20 @@ def test_a_torn_last_line_is_skipped(run_dir, tmp_path):
     assert all(path.exists() for path in write_report(copy))
 
 
-def test_a_resumed_run_keeps_only_the_replayed_steps_of_the_second_session(tmp_path):
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory) -> Path:
+    """14 steps, then a resume from the checkpoint of step 10 to step 16."""
+    tmp_path = tmp_path_factory.mktemp("resumed")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10,
                                  save_top_k=-1)
     fit(tmp_path, max_steps=14, callbacks=[checkpoint])  # "crashes" after step 14
     fit(tmp_path, max_steps=16, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
         ckpt_path=tmp_path / "ckpt" / "epoch=0-step=10.ckpt")
+    return tmp_path
+
+
+def test_a_resumed_run_keeps_only_the_replayed_steps_of_the_second_session(resumed_run):
+    tmp_path = resumed_run
     rows = read_jsonl(tmp_path / "tsm" / "metrics.jsonl")
     second_session = [r for r in rows if r["time"] > [
         e for e in read_jsonl(tmp_path / "tsm" / "events.jsonl")
@@ -210,3 +219,117 @@ def test_command_line_prints_the_paths_and_names_a_missing_run(run_dir, tmp_path
     assert str(tmp_path / "report.html") in capsys.readouterr().out
     assert main([str(tmp_path / "nowhere")]) == 1
     assert "no TSM run files under" in capsys.readouterr().err
+
+
+def axis_titled(figure, start: str):
+    [axis] = [ax for ax in figure.axes if ax.get_title().startswith(start)]
+    return axis
+
+
+def test_the_figure_marks_where_a_run_was_resumed(resumed_run):
+    figure = plot_run(load_run(resumed_run))
+    loss = axis_titled(figure, "training loss per domain")
+    assert [t.get_position()[0] for t in loss.texts if t.get_text() == " resumed"] == [10]
+
+
+def test_empty_panels_say_no_data_yet_and_full_ones_do_not(run_dir):
+    figure = plot_run(load_run(run_dir))  # the run has no probes
+    texts = lambda ax: [t.get_text() for t in ax.texts]  # noqa: E731
+    assert NO_DATA in texts(axis_titled(figure, "downstream probes"))
+    assert NO_DATA not in texts(axis_titled(figure, "learning rate"))
+    assert NO_DATA not in texts(axis_titled(figure, "held-out loss against training tokens"))
+
+
+def test_the_page_writes_counts_with_separators_and_mfu_in_percent(run_dir, tmp_path):
+    _, html_path = write_report(run_dir, output_dir=tmp_path)
+    page = html_path.read_text(encoding="utf-8")
+    record = load_run(run_dir)
+    tokens = record.last("tsm/tokens_total")
+    assert tokens > 1000 and f"<td>tokens seen</td><td>{round(tokens):,}</td>" in page
+    mfu = record.last("tsm/mfu")
+    assert f"<td>MFU (last)</td><td>{100 * mfu:.3g}%</td>" in page
+    assert "e+0" not in page.split("<img")[0]
+
+
+def test_the_mixture_is_drawn_from_the_batch_a_change_applied_from(tmp_path):
+    class PrefetchingMixture(Callback):
+        """Like the real sampler: batches already fetched keep the old weights, so a change
+        requested at step 6 applies from a later batch."""
+
+        def on_train_start(self, trainer, pl_module):
+            trainer.datamodule.mixture.bind(lambda: trainer.fit_loop.total_batch_idx + 3)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 6:
+                self.change = trainer.datamodule.mixture.set_weights(
+                    {"code": 0.6, "web": 0.2, "zh": 0.2}, reason="test", step=6)
+
+    torch.manual_seed(0)
+    prefetching = PrefetchingMixture()
+    Trainer(accelerator="cpu", max_steps=10, default_root_dir=tmp_path, logger=False,
+            callbacks=[monitor_for_tests(), prefetching], limit_val_batches=0,
+            enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False).fit(SmallLM(), Data())
+    record = load_run(tmp_path)
+    assert prefetching.change.batch_index > 6
+    assert record.mixture_history() == [
+        (0.0, {"code": pytest.approx(1 / 3), "web": pytest.approx(1 / 3),
+               "zh": pytest.approx(1 / 3)}),
+        (float(prefetching.change.batch_index), {"code": 0.6, "web": 0.2, "zh": 0.2})]
+    assert [e["step"] for e in record.of_kind("mixture")] == [6]  # when it was requested
+
+
+# -- comparing runs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("short")
+    fit(root, max_steps=16)
+    return root
+
+
+def test_summarise_run_gives_the_last_held_out_losses(run_dir):
+    summary = summarise_run(run_dir)
+    record = load_run(run_dir)
+    losses = {d: record.last(f"tsm/val_loss/{d}") for d in DOMAINS}
+    worst = max(losses, key=losses.__getitem__)
+    assert summary == {
+        "run": str(run_dir), "step": 24, "tokens": record.last("tsm/tokens_total"),
+        "domain_avg_loss": pytest.approx(sum(losses.values()) / 3), "worst_domain": worst,
+        "worst_domain_loss": losses[worst],
+        "token_weighted_loss": record.last("tsm/val_loss_avg"), "val_loss": losses}
+
+
+def test_held_out_curves_put_each_validation_at_the_tokens_seen_by_then(run_dir):
+    curves = held_out_curves(load_run(run_dir))
+    record = load_run(run_dir)
+    tokens = dict(zip(*record.series("tsm/tokens_total")))
+    assert [t for t, _ in curves["average"]] == [tokens[8], tokens[16], tokens[24]]
+    assert [v for _, v in curves["worst"]] == [
+        max(record.series(f"tsm/val_loss/{d}")[1][i] for d in DOMAINS) for i in range(3)]
+
+
+def test_compare_runs_writes_one_figure_of_all_runs(run_dir, short_run, tmp_path):
+    path = compare_runs([str(run_dir), str(short_run)], str(tmp_path / "compare.png"),
+                        labels=["24 steps", "16 steps"])
+    assert path == tmp_path / "compare.png"
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(path).shape
+    # 3 columns; rows: (mean, worst, 3 domains) -> 2, then one mixture panel per run -> 1
+    assert (width, height) == (1560, 1140)
+
+
+def test_compare_runs_refuses_a_label_count_that_does_not_match(run_dir, short_run, tmp_path):
+    with pytest.raises(ValueError, match="1 labels for 2 runs"):
+        compare_runs([str(run_dir), str(short_run)], str(tmp_path / "c.png"), labels=["a"])
+
+
+def test_report_compare_prints_one_summary_row_per_run(run_dir, short_run, tmp_path, capsys):
+    output = tmp_path / "c.png"
+    assert main(["--compare", str(run_dir), str(short_run), "--labels", "long", "short",
+                 "--output", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "step", "tokens", "domain", "avg", "worst", "domain",
+                                "token-weighted"]
+    assert [line.split()[:2] for line in lines[1:3]] == [["long", "24"], ["short", "16"]]
+    assert lines[3] == f"figure: {output}" and output.is_file()

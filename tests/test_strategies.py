@@ -19,8 +19,17 @@ from lightning_aquila.strategies.model_parallel import resolve_mesh_sizes
 from lightning_aquila.strategies.parallelize import init_module
 
 
-def test_importing_lightning_aquila_registers_the_named_strategies():
-    code = ("import lightning_aquila\n"
+def test_importing_lightning_aquila_loads_neither_torch_nor_lightning():
+    """The CLI's help and the data tools start at once: the package's names load lazily."""
+    code = ("import sys, lightning_aquila, lightning_aquila.cli\n"
+            "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_importing_aquila_lm_registers_the_named_strategies():
+    code = ("from lightning_aquila import AquilaLM\n"
             "from lightning.pytorch.strategies import StrategyRegistry\n"
             "print(sorted(n for n in StrategyRegistry if n.startswith('aquila_')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

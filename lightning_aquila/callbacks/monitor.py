@@ -467,6 +467,7 @@ class TrainingStateMonitor(Callback):
                            "time": time.time(), "format": RUN_FILES_FORMAT,
                            "batch_index": self.state.batch_index,
                            "world_size": trainer.world_size, "domains": self._names,
+                           "batches_per_step": trainer.accumulate_grad_batches,
                            "mixture_history": history})
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -209,6 +210,24 @@ class MixturePolicy(ABC):
         except ValueError as exc:
             raise ValueError(f"{self.name}(min_weight={self.min_weight!r}, max_weight="
                              f"{self.max_weight!r}) over domains {self.domains}: {exc}") from None
+        self._warn_if_pinned()
+
+    def _warn_if_pinned(self) -> None:
+        """Bounds that sum to exactly 1 (two domains under ``max_weight=0.5``, say) leave
+        one feasible mixture: the policy runs but can never move the weights."""
+        lo = _per_domain(self.min_weight, self.domains, 0.0, "min_weight")
+        hi = _per_domain(self.max_weight, self.domains, 1.0, "max_weight")
+        pinned = hi if abs(hi.sum() - 1.0) <= 1e-9 else lo if abs(lo.sum() - 1.0) <= 1e-9 else None
+        if pinned is None or len(self.domains) < 2:
+            return
+        bound = "max_weight" if pinned is hi else "min_weight"
+        warnings.warn(
+            f"{self.name}(min_weight={self.min_weight!r}, max_weight={self.max_weight!r}) over "
+            f"{len(self.domains)} domains allows only one mixture, "
+            f"{ {d: round(float(w), 6) for d, w in zip(self.domains, pinned)} }: the policy "
+            f"cannot change the weights. {'Raise' if pinned is hi else 'Lower'} {bound} "
+            f"({'above' if pinned is hi else 'below'} {1 / len(self.domains):.3g} for equal "
+            "bounds) to give it room.", UserWarning, stacklevel=3)
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.update_every == 0

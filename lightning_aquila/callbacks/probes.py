@@ -171,7 +171,9 @@ class MultipleChoiceProbe(Probe):
             right_norm += int(best_norm == item["answer"])
             per_lang.setdefault(item.get("lang", "all"), []).append(hit)
         n = len(self.items)
-        results = {"acc": right / n, "acc_norm": right_norm / n}
+        # chance: what guessing scores, for the report's reference line
+        results = {"acc": right / n, "acc_norm": right_norm / n,
+                   "chance": sum(1 / len(item["choices"]) for item in self.items) / n}
         if len(per_lang) > 1:
             results.update({f"acc_{lang}": sum(h) / len(h) for lang, h in per_lang.items()})
         return results

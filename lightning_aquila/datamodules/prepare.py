@@ -622,7 +622,7 @@ def _print_summary(report: PrepareReport, verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila prepare",
+        prog="lightning-aquila prepare", allow_abbrev=False,
         description="Tokenize raw text into one domain of a zarr shard store (idempotent: "
                     "sources already in the domain, by content hash, are skipped).")
     parser.add_argument("--input", action="append", required=True, metavar="GLOB_OR_URL",
@@ -650,7 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "of token windows) kept for validation (default 0.01)")
     parser.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                         help="a corrupt record: stop naming file and line, or skip and count")
-    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
+    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                        help="tokens per zarr chunk of a new domain (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="tokenizer threads (default: all cores)")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
@@ -705,10 +706,11 @@ def inspect_table(store: ShardStore) -> str:
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila inspect",
+        prog="lightning-aquila inspect", allow_abbrev=False,
         description="Print the domains, documents and tokens of a shard store.")
     parser.add_argument("store", metavar="STORE", help="store path or URL")
-    parser.add_argument("--storage-options", default=None, metavar="JSON")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help="fsspec storage options as JSON (e.g. credentials of a remote store)")
     parser.add_argument("--verify", action="store_true",
                         help="also read every chunk (catches missing or corrupt chunks)")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from argparse import Namespace
 from collections.abc import Iterator, Mapping
@@ -263,11 +264,28 @@ class NeptuneLogger(Logger):
     def finalize(self, status: str) -> None:
         """Record the status and flush to disk/server. The run stays open (a later
         ``trainer.test`` logs into it); the client stops it when the process exits, or call
-        ``logger.run.stop()``."""
+        ``logger.run.stop()``.
+
+        An offline run that failed before logging a single metric (bad data, a config
+        mistake found at setup) is stopped and its folder removed: it holds nothing, and a
+        newcomer's retries would otherwise leave one empty tracker run each."""
         if self._run is None:
+            return
+        if status == "failed" and self._mode == "offline" and not self._leaves:
+            self._discard_offline_run()
             return
         self._run["lightning/status"] = status
         self._run.wait()
+
+    def _discard_offline_run(self) -> None:
+        run, self._run = self._run, None
+        folder = getattr(getattr(run, "_op_processor", None), "data_path", None)
+        run.stop()
+        if folder is not None and Path(folder).is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the offline/ folder, when now empty
+                Path(folder).parent.rmdir()
+                Path(folder).parent.parent.rmdir()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

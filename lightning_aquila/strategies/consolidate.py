@@ -107,6 +107,7 @@ def consolidate(path: str | os.PathLike) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-aquila consolidate", description=__doc__,
+                                     allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a sharded checkpoint directory")
     parser.add_argument("--output", type=Path, default=None,
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokenizer.json (or its directory) to copy into --hf-dir")
     parser.add_argument("--weights-only", action="store_true",
                         help="leave the optimizer state out of --output")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs if they exist")
     args = parser.parse_args(argv)
     if args.output is None and args.hf_dir is None:
         parser.error("give --output FILE, --hf-dir DIR or both")

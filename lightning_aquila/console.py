@@ -1,0 +1,67 @@
+"""What a run prints on the console: a progress bar in optimizer steps and a model summary
+without a meaningless FLOPs line. The CLI adds both unless the config names its own.
+
+Lightning's bars count batches per epoch, which is wrong for the step-bounded runs of
+pretraining: with ``max_steps`` and ``max_epochs=-1`` they show ``Epoch 0/-2``, and after a
+resume at step 121 of 300 the batch counter passes the remaining-steps total (``200/179``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+
+
+def steps_bounded(trainer: Trainer) -> bool:
+    """A run bounded by ``max_steps`` (and not by epochs)."""
+    return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.max_epochs in (
+        None, -1)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """TQDM bar that shows ``Step n/max_steps`` (optimizer steps, so gradient accumulation and
+    a resume count right) for step-bounded runs; epoch-bounded runs get Lightning's bar."""
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        if not steps_bounded(trainer):
+            super().on_train_epoch_start(trainer, *args)
+            return
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("Step", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = trainer.global_step  # tqdm's rate counts from `initial`
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not steps_bounded(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and not bar.disable and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+
+class CompactModelSummary(ModelSummary):
+    """Lightning's summary without the "Total Flops" line when nothing measured FLOPs (it
+    does only for modules with an ``example_input_array``; it would print ``0``)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int,
+                  trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size,
+                                      total_training_modes, total_flops, *summary_data)
+        if not total_flops:
+            table = table.rsplit("\n", 1)[0]
+        log.info("\n" + table)

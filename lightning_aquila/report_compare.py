@@ -1,0 +1,165 @@
+"""Several runs in one figure: ``lightning-aquila report --compare RUN RUN ...``.
+
+Mixture policies are judged by what they buy per training token, so the runs' held-out loss
+curves (domain average, worst domain, each domain) are overlaid against training tokens, and
+each run's mixture trajectory gets its own panel (stacked weights do not overlay). Reads each
+run's TSM files through :func:`lightning_aquila.report.load_run`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_aquila.atomic import write_bytes_atomically
+from lightning_aquila.report import RunRecord, load_run
+
+
+def held_out_curves(record: RunRecord) -> dict[str, list[tuple[float, float]]]:
+    """``(tokens, loss)`` points of the held-out loss: one curve per domain, ``"average"``
+    (the plain mean over domains, so every domain counts alike) and ``"worst"`` (the highest
+    domain loss), at the validation steps where every domain was measured."""
+    domains = record.domains()
+    per_domain = {d: dict(zip(*record.series(f"tsm/val_loss/{d}"))) for d in domains}
+    steps = sorted({s for points in per_domain.values() for s in points})
+    tokens = dict(zip(steps, record.tokens_at(steps)))
+    curves: dict[str, list[tuple[float, float]]] = {d: [] for d in [*domains, "average",
+                                                                     "worst"]}
+    for step in steps:
+        if tokens[step] is None:
+            continue
+        values = {d: per_domain[d].get(step, math.nan) for d in domains}
+        for d, value in values.items():
+            if math.isfinite(value):
+                curves[d].append((tokens[step], value))
+        if domains and all(math.isfinite(v) for v in values.values()):
+            curves["average"].append((tokens[step], sum(values.values()) / len(values)))
+            curves["worst"].append((tokens[step], max(values.values())))
+    return curves
+
+
+def summarise_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's final held-out numbers, for a comparison table.
+
+    Keys: ``run`` (the folder), ``step`` and ``tokens`` (of the last validation where every
+    domain was measured), ``domain_avg_loss`` (mean over domains), ``worst_domain`` and
+    ``worst_domain_loss``, ``token_weighted_loss`` (``tsm/val_loss_avg``: loss per held-out
+    token over all domains) and ``val_loss`` (per domain). Losses are ``None`` when the run
+    has no validation yet."""
+    record = load_run(run_dir)
+    domains = record.domains()
+    per_domain = {d: dict(zip(*record.series(f"tsm/val_loss/{d}"))) for d in domains}
+    complete = [s for s in sorted({s for p in per_domain.values() for s in p})
+                if all(math.isfinite(per_domain[d].get(s, math.nan)) for d in domains)]
+    summary: dict[str, Any] = {"run": str(run_dir), "step": None, "tokens": None,
+                               "domain_avg_loss": None, "worst_domain": None,
+                               "worst_domain_loss": None, "token_weighted_loss": None,
+                               "val_loss": {}}
+    if not complete or not domains:
+        return summary
+    step = complete[-1]
+    losses = {d: per_domain[d][step] for d in domains}
+    worst = max(losses, key=losses.__getitem__)
+    weighted = dict(zip(*record.series("tsm/val_loss_avg"))).get(step)
+    summary.update(step=step, tokens=record.tokens_at([step])[0],
+                   domain_avg_loss=sum(losses.values()) / len(losses), worst_domain=worst,
+                   worst_domain_loss=losses[worst], token_weighted_loss=weighted,
+                   val_loss=losses)
+    return summary
+
+
+def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = None) -> Path:
+    """Write one PNG comparing ``run_dirs``: held-out loss against training tokens (domain
+    average, worst domain, one panel per domain) with a line per run, then each run's
+    mixture weights over steps. Returns the PNG's path."""
+    if not run_dirs:
+        raise ValueError("compare_runs: give at least one run directory")
+    labels = list(labels) if labels is not None else [Path(r).name or str(r) for r in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"compare_runs: {len(labels)} labels for {len(run_dirs)} runs; give "
+                         "one label per run")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    from lightning_aquila.report import NO_DATA
+
+    records = [load_run(r) for r in run_dirs]
+    curves = [held_out_curves(r) for r in records]
+    domains = list(dict.fromkeys(d for r in records for d in r.domains()))
+    loss_panels = ["average", "worst", *domains]
+    columns = 3
+    loss_rows = math.ceil(len(loss_panels) / columns)
+    mix_rows = math.ceil(len(records) / columns)
+    fig, axes = plt.subplots(loss_rows + mix_rows, columns,
+                             figsize=(5.2 * columns, 3.8 * (loss_rows + mix_rows)),
+                             squeeze=False)
+    run_colors = colormaps["tab10"]
+    domain_colors = {d: colormaps["tab20"](i % 20) for i, d in enumerate(domains)}
+    titles = {"average": "held-out loss: mean over domains",
+              "worst": "held-out loss: worst domain"}
+    for i, panel in enumerate(loss_panels):
+        ax = axes[i // columns][i % columns]
+        for j, (label, runs) in enumerate(zip(labels, curves)):
+            points = runs.get(panel, [])
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, lw=1.5, color=run_colors(j % 10),
+                        label=label)
+        ax.set_title(titles.get(panel, f"held-out loss: {panel}"))
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("nats/token")
+    for k, (label, record) in enumerate(zip(labels, records)):
+        ax = axes[loss_rows + k // columns][k % columns]
+        history = record.mixture_history()
+        if history:
+            last = max([history[-1][0], *(int(r["step"]) for r in record.rows)])
+            names = list(dict.fromkeys(d for _, w in history for d in w))
+            ax.stackplot([s for s, _ in history] + [last],
+                         *[[w.get(d, 0.0) for _, w in history] + [history[-1][1].get(d, 0.0)]
+                           for d in names], labels=names, step="post", alpha=0.85,
+                         colors=[domain_colors.get(d, "gray") for d in names])
+            ax.set_ylim(0, 1)
+        ax.set_title(f"mixture weights: {label}")
+        ax.set_xlabel("optimizer step")
+    for ax in axes.flat:
+        if not ax.get_title():
+            ax.set_visible(False)
+        elif not (ax.lines or ax.collections):
+            ax.text(0.5, 0.5, NO_DATA, transform=ax.transAxes, ha="center", va="center",
+                    color="gray", fontsize=12)
+        elif ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(records)} runs compared", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    path = Path(output)
+    write_bytes_atomically(path, buffer.getvalue())
+    return path
+
+
+def summary_table(summaries: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    """The summaries as a plain-text table (what ``report --compare`` prints)."""
+
+    def number(value: Any, digits: str = ".4f") -> str:
+        return "-" if value is None else format(value, digits)
+
+    header = ("run", "step", "tokens", "domain avg", "worst domain", "token-weighted")
+    rows = [(label, str(s["step"] if s["step"] is not None else "-"),
+             "-" if s["tokens"] is None else f"{round(s['tokens']):,}",
+             number(s["domain_avg_loss"]),
+             "-" if s["worst_domain"] is None else
+             f"{number(s['worst_domain_loss'])} ({s['worst_domain']})",
+             number(s["token_weighted_loss"])) for label, s in zip(labels, summaries)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in [header, *rows])

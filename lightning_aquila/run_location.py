@@ -1,0 +1,89 @@
+"""One run, one folder: every path a run writes follows ``trainer.default_root_dir``.
+
+A config that names its output folders in five places (monitor, checkpoints, logger save dir,
+logger data directory, root) makes ``--trainer.default_root_dir`` a trap: the override moves
+one of them and the next run writes into the previous run's folders. The CLI fills the paths
+a config leaves unset from the root (an explicit path stays as given), and refuses to start a
+fresh run where another run's files already are.
+
+Layout under the root: ``tsm/`` (monitor), ``checkpoints/`` (ModelCheckpoint, so that
+``--ckpt_path last`` finds the previous session), ``config.yaml`` and, for Neptune,
+``.neptune/`` (the offline run); a CSV/TensorBoard logger without a ``save_dir`` logs into
+``<root>/<name>/version_N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+#: Class names (the last part of a ``class_path``) whose unset paths are filled.
+MONITOR = "TrainingStateMonitor"
+NEPTUNE = "NeptuneLogger"
+
+
+def _entries(value: Any) -> list[Any]:
+    """A logger/callback config value as a list of ``class_path``/``init_args`` entries."""
+    if value is None or isinstance(value, bool):
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [item for item in items if getattr(item, "class_path", None) is not None]
+
+
+def _set_if_unset(init_args: Any, key: str, value: str) -> None:
+    if init_args.get(key) is None:
+        init_args[key] = value
+
+
+def fill_run_paths(trainer_config: Any, is_checkpoint: Any) -> list[str]:
+    """Fill the unset output paths of a jsonargparse ``trainer`` namespace (in place) from its
+    ``default_root_dir``; returns the checkpoint folders the run will write.
+
+    ``is_checkpoint(class_path)`` says whether a callback is a ``ModelCheckpoint``."""
+    root = trainer_config.get("default_root_dir")
+    if root is None:
+        return []
+    root = str(root)
+    checkpoint_dirs: list[str] = []
+    for entry in _entries(trainer_config.get("callbacks")):
+        name = entry.class_path.rsplit(".", 1)[-1]
+        if entry.get("init_args") is None:
+            from jsonargparse import Namespace
+
+            entry.init_args = Namespace()
+        if name == MONITOR:
+            _set_if_unset(entry.init_args, "run_dir", root)
+        elif is_checkpoint(entry.class_path):
+            _set_if_unset(entry.init_args, "dirpath", str(Path(root) / "checkpoints"))
+            checkpoint_dirs.append(str(entry.init_args["dirpath"]))
+    for entry in _entries(trainer_config.get("logger")):
+        if entry.get("init_args") is None:
+            continue
+        if "save_dir" in entry.init_args or entry.class_path.rsplit(".", 1)[-1] == NEPTUNE:
+            _set_if_unset(entry.init_args, "save_dir", root)  # TensorBoard, CSV, Neptune
+        if entry.class_path.rsplit(".", 1)[-1] == NEPTUNE:
+            _set_if_unset(entry.init_args, "data_directory", str(Path(root) / ".neptune"))
+    return checkpoint_dirs
+
+
+def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] = ()) -> list[str]:
+    """What in ``root`` shows that a run already trained there: monitor metrics and
+    checkpoints. (A prepared data store, an empty metrics file or a ``config.yaml`` left by a
+    run that failed before its first step do not count.)"""
+    root = Path(root)
+    found = []
+    metrics = root / "tsm" / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(str(metrics))
+    for folder in dict.fromkeys([Path(d) for d in checkpoint_dirs] + [root / "checkpoints"]):
+        if folder.is_dir() and any(folder.iterdir()):
+            found.append(f"{folder}/")
+    return found
+
+
+def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
+    """Whether ``--ckpt_path last`` has something to resume from (Lightning's own test:
+    a name containing ``last`` in a ModelCheckpoint folder)."""
+    return any(Path(d).is_dir() and any("last" in p.name for p in Path(d).iterdir())
+               for d in checkpoint_dirs)
