@@ -9,16 +9,21 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
+from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
 
 # Handles plain and vocabulary-sharded (tensor-parallel) logits alike; re-exported here.
 from lightning_aquila.strategies.loss import token_losses
+
+__all__ = ["AquilaLM", "token_losses", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -42,7 +47,16 @@ class AquilaLM(LightningModule):
             trainer's ``max_steps``). Defaults follow Aquila2/Llama-2 pretraining.
         weight_decay, betas, eps: AdamW; norms and other 1-D parameters are not decayed.
         activation_checkpointing: recompute each decoder block in the backward pass.
-        compile: ``torch.compile`` each decoder block.
+        compile: ``torch.compile`` each decoder block (``true`` or ``"blocks"``), or the whole
+            model, output head and loss included (``"model"``: one graph, fewer kernels).
+        attention: ``auto`` (cuDNN SDPA on CUDA, plain SDPA elsewhere), ``sdpa``, ``cudnn``
+            or ``flash`` (flash-attn-4, the ``flash`` extra).
+        loss_impl: ``standard`` (full logits, fp32 cross-entropy) or ``chunked`` (head and
+            cross-entropy ``loss_chunk_size`` tokens at a time: full-vocabulary fp32 logits
+            never exist, which frees several GiB for a larger micro-batch).
+        fused_optimizer: AdamW's fused CUDA kernel (one launch for all parameters); default:
+            on when the parameters are on CUDA, no GradScaler is in use and the strategy is
+            not DeepSpeed (which brings its own optimizer handling).
     """
 
     def __init__(
@@ -59,9 +73,21 @@ class AquilaLM(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         activation_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | Literal["blocks", "model"] = False,
+        attention: str = "auto",
+        loss_impl: str = "standard",
+        loss_chunk_size: int = 4096,
+        fused_optimizer: bool | None = None,
     ) -> None:
         super().__init__()
+        if compile not in (False, True, "blocks", "model"):
+            raise ValueError(f"compile={compile!r} is not one of [False, True, 'blocks', "
+                             "'model']")
+        check_choice("attention", attention, ATTENTION_IMPLS)
+        check_choice("loss_impl", loss_impl, LOSS_IMPLS)
+        if loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
+                             f"got {loss_chunk_size}")
         self.save_hyperparameters()
         self.config = AquilaConfig.from_name(preset, **(config or {}))
         self.tokenizer = tokenizer
@@ -75,15 +101,18 @@ class AquilaLM(LightningModule):
         on the meta device and materialise only each rank's shard."""
         if self.model is not None:
             return
-        if self.hparams.init_from:
-            self.model = import_hf(self.hparams.init_from)
+        hp = self.hparams
+        kernels = {"attention": hp.attention, "loss_impl": hp.loss_impl,
+                   "loss_chunk_size": hp.loss_chunk_size}
+        if hp.init_from:
+            self.model = import_hf(hp.init_from, **kernels)
             self.config = self.model.config
         else:
             # Under ModelParallelStrategy build on meta: prepare_model materialises only each
             # rank's shard, so a 70B model never exists whole on one host.
             meta = self.device_mesh is not None
             with torch.device("meta") if meta else nullcontext():
-                self.model = AquilaModel(self.config)
+                self.model = AquilaModel(self.config, **kernels)
         from lightning_aquila.strategies.parallelize import prepare_model
 
         prepare_model(self, self.model)
@@ -116,12 +145,12 @@ class AquilaLM(LightningModule):
     def _losses(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample loss sums, per-sample token counts, and the token-mean batch loss."""
+        """Per-sample loss sums, per-sample token counts, and the token-mean batch loss.
+        The model computes the loss itself, so ``loss_impl`` and ``compile="model"`` cover it."""
         self._check_vocabulary(batch["input_ids"])
-        logits = self.model(batch["input_ids"])
-        per_token, mask = token_losses(logits, batch["labels"])  # 0 where the label is -100
-        counts = mask.sum(1)
-        return per_token.sum(1), counts, per_token.sum() / counts.sum().clamp(min=1)
+        loss, per_token = self.model(batch["input_ids"], labels=batch["labels"])
+        counts = (batch["labels"] != -100).sum(1)  # per_token is 0 where the label is -100
+        return per_token.sum(1), counts, loss
 
     def training_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int
@@ -186,10 +215,13 @@ class AquilaLM(LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+        fused = hp.fused_optimizer
+        if fused is None:
+            fused = self._fused_optimizer_fits(params)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
-            lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps,
+            lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
         )
         decay_steps = hp.decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps <= 0:
@@ -198,3 +230,35 @@ class AquilaLM(LightningModule):
             step, hp.warmup_steps, decay_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def _fused_optimizer_fits(self, params: list[torch.Tensor]) -> bool:
+        """Fused AdamW by default only where it is known to work: CUDA parameters, no
+        GradScaler (fp16) and not DeepSpeed, which wraps the optimizer its own way."""
+        trainer = self._trainer
+        if not params or any(p.device.type != "cuda" for p in params):
+            return False
+        if trainer is None:
+            return True
+        if "deepspeed" in type(trainer.strategy).__name__.lower():
+            return False
+        return getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales
+        gradients in its own step (fused AdamW) because a GradScaler would have scaled them.
+        Under bf16 there is no GradScaler and nothing to unscale, so clip as for any
+        optimizer (the base plugin's ``clip_grad_norm_``)."""
+        plugin = self.trainer.precision_plugin
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not fused or getattr(plugin, "scaler", None) is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                gradient_clip_algorithm)
+            return
+        value = gradient_clip_val if gradient_clip_val is not None else (
+            self.trainer.gradient_clip_val or 0.0)
+        algorithm = GradClipAlgorithmType(
+            gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+        Precision.clip_gradients(plugin, optimizer, value, algorithm)

@@ -111,21 +111,56 @@ def test_all_presets_build_on_meta():
             AquilaModel(AquilaConfig.from_name(name))
 
 
+def test_unknown_attention_implementation_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"attention='flash2' is not one of \['auto', 'sdpa', "
+                                         r"'cudnn', 'flash'\]"):
+        AquilaModel(AquilaConfig.from_name("aquila2-tiny"), attention="flash2")
+
+
+def test_flash_attention_without_flash_attn_4_names_the_extra():
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("flash-attn-4 is installed here")
+    with pytest.raises(ImportError, match=r"lightning-aquila\[flash\]"):
+        AquilaModel(AquilaConfig.from_name("aquila2-tiny"), attention="flash")
+
+
+def test_attention_implementations_give_equal_logits_on_cpu():
+    """On CPU every choice runs PyTorch's SDPA (cuDNN and flash-attn-4 need CUDA): a config
+    written for a GPU still runs, with the same numbers, on a laptop."""
+    config = AquilaConfig.from_name("aquila2-tiny")
+    torch.manual_seed(0)
+    reference = AquilaModel(config, attention="sdpa")
+    ids = torch.randint(0, 8000, (2, 16))
+    for impl in ("auto", "cudnn"):
+        other = AquilaModel(config, attention=impl)
+        other.load_state_dict(reference.state_dict())
+        assert torch.equal(other(ids), reference(ids)), impl
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_attention_equals_sdpa():
-    from lightning_aquila.model import model as model_module
-
-    if model_module.flash_attn_func is None:
-        pytest.skip("flash-attn is not installed")
+@pytest.mark.parametrize("impl", ["cudnn", "flash"])
+def test_fast_attention_equals_sdpa_in_bf16(impl):
+    """Forward and backward of each fast kernel against SDPA's default choice, bf16, at the
+    benchmark's head dim (128) and grouped-query ratio (4:1). Tolerance: bf16 rounding of
+    attention outputs and of gradients summed over 256 positions."""
+    if impl == "flash":
+        pytest.importorskip("flash_attn.cute", reason="flash-attn-4 is not installed")
+    config = AquilaConfig.from_name("aquila2-tiny", hidden_size=512, num_heads=4,
+                                    num_kv_heads=1, intermediate_size=1024)
     torch.manual_seed(0)
-    model = AquilaModel(AquilaConfig.from_name("aquila2-tiny")).cuda().to(torch.bfloat16)
-    ids = torch.randint(0, 8000, (2, 128), device="cuda")
-    with torch.no_grad():
-        flash = model(ids).float()
-        saved, model_module.flash_attn_func = model_module.flash_attn_func, None
-        try:
-            sdpa = model(ids).float()
-        finally:
-            model_module.flash_attn_func = saved
-    assert (flash - sdpa).abs().max().item() < 5e-2
+    reference = AquilaModel(config, attention="sdpa").cuda().to(torch.bfloat16)
+    fast = AquilaModel(config, attention=impl).cuda().to(torch.bfloat16)
+    fast.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 8000, (2, 256), device="cuda")
+    out_ref, out_fast = reference(ids).float(), fast(ids).float()
+    assert (out_fast - out_ref).abs().max().item() < 5e-2
+    out_ref.square().mean().backward()
+    out_fast.square().mean().backward()
+    for (name, p_ref), p_fast in zip(reference.named_parameters(), fast.parameters()):
+        scale = p_ref.grad.float().abs().max().item()
+        assert (p_fast.grad.float() - p_ref.grad.float()).abs().max().item() <= 5e-2 * scale, name

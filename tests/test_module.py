@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila import AquilaLM
@@ -168,3 +168,60 @@ def test_checkpoint_carries_the_resolved_config_and_exports_to_transformers(tmp_
     lm.eval()
     with torch.no_grad():
         assert (hf(ids).logits - lm(ids)).abs().max().item() < 1e-4
+
+
+class _GradNormAfterStep(Callback):
+    """The gradient norm the optimizer stepped with (after clipping; Lightning zeroes the
+    gradients at the start of the next step)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])).item())
+
+
+def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip for fused AdamW; under bf16 there
+    is no GradScaler, so AquilaLM clips and the fused step runs on clipped gradients."""
+    lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
+    norms = _GradNormAfterStep()
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed",
+                       gradient_clip_val=1e-3, callbacks=[norms])
+    trainer.fit(lm, CountingData())
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert len(norms.norms) == 3
+    assert max(norms.norms) <= 1e-3 * (1 + 1e-4)
+
+
+def test_fused_adamw_is_off_by_default_on_cpu():
+    lm = _built()
+    lm.trainer = Trainer(max_steps=10, logger=False, enable_checkpointing=False)
+    assert not lm.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+def test_unknown_compile_mode_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"compile='graph' is not one of \[False, True, "
+                                         r"'blocks', 'model'\]"):
+        AquilaLM(preset="aquila2-tiny", compile="graph")
+
+
+@pytest.mark.slow  # inductor's CPU codegen takes ~2 minutes on two cores
+@pytest.mark.parametrize("loss_impl", ["standard", "chunked"])
+def test_whole_model_compile_gives_the_eager_loss_and_gradients(loss_impl):
+    """compile='model' (one graph, head and loss included) against eager, fp32: same loss
+    and sample losses to 1e-5, same gradients to 1e-5 of each gradient's largest entry."""
+    batch = _batch()
+    steps = []
+    for compile in (False, "model"):
+        lm = _built(compile=compile, loss_impl=loss_impl, loss_chunk_size=24)
+        out = lm.training_step(batch, 0)
+        out["loss"].backward()
+        steps.append((out, [p.grad for p in lm.model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = steps
+    assert compiled["loss"].item() == pytest.approx(eager["loss"].item(), abs=1e-5)
+    assert (compiled["sample_loss"] - eager["sample_loss"]).abs().max().item() < 1e-5
+    for got, want in zip(compiled_grads, eager_grads):
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())

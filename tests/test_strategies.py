@@ -136,12 +136,20 @@ def test_activation_checkpointing_wraps_each_block_and_keeps_parameter_names():
     assert list(checkpointed.state_dict()) == list(plain.state_dict())
 
 
-def test_compile_keeps_parameter_names():
+@pytest.mark.parametrize("compile", [True, "blocks", "model"])
+def test_compile_keeps_parameter_names(compile):
     plain = AquilaLM(preset="aquila2-tiny")
     plain.configure_model()
-    compiled = AquilaLM(preset="aquila2-tiny", compile=True)
+    compiled = AquilaLM(preset="aquila2-tiny", compile=compile)
     compiled.configure_model()
     assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+def test_whole_model_compile_compiles_the_model_not_its_blocks():
+    lm = AquilaLM(preset="aquila2-tiny", compile="model")
+    lm.configure_model()
+    assert lm.model._compiled_call_impl is not None
+    assert all(block._compiled_call_impl is None for block in lm.model.layers)
 
 
 def test_token_cross_entropy_of_plain_logits_is_torchs_with_ignored_labels_zero():

@@ -81,10 +81,12 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def sum_of_squares(
+def squares_on_device(
     pieces: Iterable[tuple[Hashable, torch.Tensor, tuple[Any, tuple[Any, ...]] | None]],
-) -> dict[Hashable, float]:
-    """Sum of squared entries per key over ``(key, local tensor, shard spec)`` pieces.
+) -> dict[Hashable, torch.Tensor]:
+    """Sum of squared entries per key over ``(key, local tensor, shard spec)`` pieces, as
+    0-dim float64 tensors on the pieces' device: no host sync, so a caller can read them
+    together with other values in one transfer.
 
     Each rank squares and sums only its local shard; the per-key sums of pieces that share a
     shard spec go through one reduction over the mesh dimensions that shard them. Whole
@@ -96,7 +98,7 @@ def sum_of_squares(
     for key, local, spec in pieces:
         square = torch.linalg.vector_norm(local.detach(), dtype=torch.float32).double().square()
         groups.setdefault(spec, []).append((key, square))
-    totals: dict[Hashable, float] = {}
+    totals: dict[Hashable, torch.Tensor] = {}
     for spec, items in groups.items():
         keys = list(dict.fromkeys(key for key, _ in items))
         index = {key: i for i, key in enumerate(keys)}
@@ -107,9 +109,19 @@ def sum_of_squares(
         if spec is not None:
             mesh, placements = spec
             sums = DTensor.from_local(sums, mesh, placements, run_check=False).full_tensor()
-        for key, value in zip(keys, sums.tolist()):
-            totals[key] = totals.get(key, 0.0) + value
+        for key, value in zip(keys, sums.unbind()):
+            totals[key] = totals[key] + value if key in totals else value
     return totals
+
+
+def sum_of_squares(
+    pieces: Iterable[tuple[Hashable, torch.Tensor, tuple[Any, tuple[Any, ...]] | None]],
+) -> dict[Hashable, float]:
+    """``squares_on_device`` read back to the host (one transfer)."""
+    totals = squares_on_device(pieces)
+    if not totals:
+        return {}
+    return dict(zip(totals, torch.stack(list(totals.values())).tolist()))
 
 
 def throughput(
@@ -374,7 +386,7 @@ class TrainingStateMonitor(Callback):
         self._step_batches = 0
         self._step_presence: torch.Tensor | None = None  # samples per domain in this step
         self._step_data_index: Any = None  # batch["batch_index"] of the step's last batch
-        self._grad_groups: dict[str, float] = {}
+        self._grad_groups: dict[str, torch.Tensor] = {}  # squared norms, on device
         # per interval
         self._domain_table: torch.Tensor | None = None  # (domains, [loss sum, samples, tokens])
         self._restored_tables: list[Any] | None = None  # per rank, from a checkpoint
@@ -501,7 +513,8 @@ class TrainingStateMonitor(Callback):
         pieces = [(name, local_part(p.grad), shard_spec(p.grad))
                   for name, group in zip(names, optimizer.param_groups)
                   for p in group["params"] if p.grad is not None]
-        for name, square in sum_of_squares(pieces).items():
+        # Kept on the device: _check_step reads them with the step's loss in one transfer.
+        for name, square in squares_on_device(pieces).items():
             self._grad_groups[str(name)] = self._grad_groups.get(str(name), 0.0) + square
 
     def on_train_batch_end(
@@ -570,20 +583,32 @@ class TrainingStateMonitor(Callback):
 
     def _check_step(self, trainer: Trainer) -> dict[str, float]:
         """The step's global loss and gradient norm; anomalies. One small all-reduce and one
-        host sync per step (none when detection is off and the train interval is not due)."""
-        grad_sq = sum(self._grad_groups.values()) if self._grad_groups else None
-        if self._grad_groups:
-            self.state.grad_norm = math.sqrt(grad_sq)
-            self.state.grad_norm_groups = {k: math.sqrt(v) for k, v in self._grad_groups.items()}
+        host sync per step, which reads the loss and the gradient norms together (none when
+        detection is off and neither the train nor the grad-norm interval is due)."""
         wants_loss = (self.detect_nonfinite or self.detect_spikes
                       or _due(self.train_loss_every_n_steps, self.state.step))
-        if not wants_loss or not isinstance(self._step_loss, torch.Tensor):
+        has_loss = wants_loss and isinstance(self._step_loss, torch.Tensor)
+        names = list(self._grad_groups)
+        values: list[torch.Tensor] = []
+        if has_loss:
+            pair = torch.stack([self._step_loss.reshape(()),
+                                torch.tensor(float(self._step_batches), dtype=torch.float64,
+                                             device=self._step_loss.device)])
+            values.append(self._sum_over_ranks(trainer, pair, per_domain=False))
+        if names:
+            squares = torch.stack([torch.as_tensor(self._grad_groups[n], dtype=torch.float64)
+                                   for n in names])
+            values.append(squares.to(values[0].device) if values else squares)
+        read = torch.cat(values).tolist() if values else []
+        grad_sq = None
+        if names:
+            by_group = dict(zip(names, read[len(read) - len(names):]))
+            grad_sq = sum(by_group.values())
+            self.state.grad_norm = math.sqrt(grad_sq)
+            self.state.grad_norm_groups = {k: math.sqrt(v) for k, v in by_group.items()}
+        if not has_loss:
             return {}
-        pair = torch.stack([self._step_loss.reshape(()),
-                            torch.tensor(float(self._step_batches), dtype=torch.float64,
-                                         device=self._step_loss.device)])
-        pair = self._sum_over_ranks(trainer, pair, per_domain=False)
-        loss_sum, count = pair.tolist()
+        loss_sum, count = read[0], read[1]
         self.state.loss = loss_sum / count
         found: list[Anomaly] = []
         if self.detect_nonfinite and not math.isfinite(self.state.loss):
@@ -988,4 +1013,4 @@ def _exp(loss: float) -> float:
 
 
 __all__ = ["RUN_FILES_FORMAT", "HeldOutLoss", "SpikeDetector", "TrainingStateMonitor",
-           "layer_of", "next_token_loss", "sum_of_squares", "throughput"]
+           "layer_of", "next_token_loss", "squares_on_device", "sum_of_squares", "throughput"]

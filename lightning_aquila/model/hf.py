@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -233,8 +234,10 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def import_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> AquilaModel:
-    """Load a Hugging Face Llama or BAAI Aquila2 directory as an AquilaModel."""
+def import_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+              **kernels: Any) -> AquilaModel:
+    """Load a Hugging Face Llama or BAAI Aquila2 directory as an AquilaModel; ``kernels``
+    (``attention``, ``loss_impl``, ``loss_chunk_size``) go to ``AquilaModel``."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -242,7 +245,7 @@ def import_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> A
     config = config_from_hf(json.loads(config_file.read_text()))
     state = from_hf_state_dict(_load_hf_weights(path))
     with torch.device("meta"):
-        model = AquilaModel(config)
+        model = AquilaModel(config, **kernels)
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

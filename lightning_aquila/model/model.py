@@ -8,22 +8,61 @@ with ``-1`` heads, so the local head count follows whatever the projections prod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_aquila.model.config import AquilaConfig
+from lightning_aquila.model.head_loss import (
+    IGNORE_INDEX,
+    chunked_linear_cross_entropy,
+    token_cross_entropy,
+)
 
-try:  # optional extra: pip install lightning-aquila[flash]
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
+#: ``attention``: ``auto`` is cuDNN SDPA on CUDA and plain SDPA elsewhere; ``sdpa`` lets
+#: PyTorch choose the backend; ``cudnn`` puts cuDNN's fused attention first (fastest SDPA
+#: backend on Hopper); ``flash`` is flash-attn-4 (the ``flash`` extra), on CUDA fp16/bf16.
+ATTENTION_IMPLS = ("auto", "sdpa", "cudnn", "flash")
+#: ``loss_impl``: ``standard`` computes the full logits then an fp32 cross-entropy;
+#: ``chunked`` never materialises full-vocabulary logits (``head_loss.py``).
+LOSS_IMPLS = ("standard", "chunked")
+
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def flash_attention_available(q: torch.Tensor) -> bool:
-    """flash-attn handles fp16/bf16 CUDA tensors; everything else goes to SDPA."""
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def check_choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``; else a ``ValueError`` naming them."""
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r} is not one of {list(allowed)}")
+    return value
+
+
+def load_flash_attn() -> Callable[..., Any]:
+    """flash-attn-4's ``flash_attn_func`` (CuTe DSL kernels for Hopper and Blackwell),
+    imported only when asked for: the wheel is optional and pulls in the CUTLASS DSL."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as error:
+        raise ImportError(
+            "attention='flash' needs flash-attn-4 (`pip install 'lightning-aquila[flash]'`); "
+            "use attention='cudnn' or 'sdpa' without it"
+        ) from error
+    return flash_attn_func
+
+
+@torch.compiler.disable
+def _flash(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor) -> torch.Tensor:
+    """flash-attn-4 on (B, T, H, D), grouped-query heads as they are. Kept out of
+    ``torch.compile`` graphs: its CuTe kernels cannot be traced with fake tensors."""
+    out = fn(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in 4.0 betas
 
 
 class RMSNorm(nn.Module):
@@ -67,9 +106,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: AquilaConfig) -> None:
+    def __init__(self, config: AquilaConfig, impl: str = "auto") -> None:
         super().__init__()
         self.config = config
+        self.impl = check_choice("attention", impl, ATTENTION_IMPLS)
+        self._flash_fn = load_flash_attn() if impl == "flash" else None
         kv_size = config.num_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
@@ -83,13 +124,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, -1, head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if flash_attention_available(q):
-            out = flash_attn_func(q, k, v, causal=True)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                is_causal=True, enable_gqa=q.shape[2] != k.shape[2],
-            ).transpose(1, 2)
+        low_precision = q.dtype in (torch.float16, torch.bfloat16)
+        if self._flash_fn is not None and q.is_cuda and low_precision:
+            out = _flash(self._flash_fn, q, k, v)
+        else:  # flash on CPU or in fp32 (tests, CPU runs) is SDPA's job
+            cudnn = q.is_cuda and self.impl in ("auto", "cudnn")
+            with sdpa_kernel(_CUDNN_FIRST, set_priority=True) if cudnn else nullcontext():
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    is_causal=True, enable_gqa=q.shape[2] != k.shape[2],
+                ).transpose(1, 2)
         return self.o_proj(out.reshape(batch, seq_len, -1))
 
 
@@ -107,10 +151,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: AquilaConfig) -> None:
+    def __init__(self, config: AquilaConfig, attention: str = "auto") -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, attention)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
@@ -119,20 +163,51 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class AquilaModel(nn.Module):
-    """``forward(input_ids (B, T)) -> logits (B, T, vocab_size)``."""
+class OutputHead(nn.Linear):
+    """The vocabulary projection. Called with labels it returns the chunked loss instead of
+    the logits, so that loss still runs inside this module's ``forward``, where FSDP2 has
+    gathered the weight."""
 
-    def __init__(self, config: AquilaConfig) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, loss_impl: str = "standard",
+                 loss_chunk_size: int = 4096) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.loss_impl = check_choice("loss_impl", loss_impl, LOSS_IMPLS)
+        if loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
+                             f"got {loss_chunk_size}")
+        self.loss_chunk_size = loss_chunk_size
+
+    def forward(self, x: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if labels is None:
+            return super().forward(x)
+        return chunked_linear_cross_entropy(x, self.weight, labels, self.loss_chunk_size)
+
+
+class AquilaModel(nn.Module):
+    """``forward(input_ids (B, T)) -> logits (B, T, vocab_size)``, or with ``labels`` (B, T)
+    ``-> (token-mean loss, per-token fp32 losses (B, T), 0 where a label is -100)``.
+
+    ``attention``, ``loss_impl`` and ``loss_chunk_size`` choose kernels, not architecture
+    (``ATTENTION_IMPLS``, ``LOSS_IMPLS``): every choice computes the same function, so they
+    live here and not in ``AquilaConfig``, checkpoints and exports.
+    """
+
+    def __init__(self, config: AquilaConfig, attention: str = "auto",
+                 loss_impl: str = "standard", loss_chunk_size: int = 4096) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = OutputHead(config.hidden_size, config.vocab_size, loss_impl,
+                                  loss_chunk_size)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         seq_len = input_ids.shape[1]
         if seq_len > self.config.max_seq_len:
             raise ValueError(
@@ -144,7 +219,15 @@ class AquilaModel(nn.Module):
                                 x.device, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if labels is None:
+            return self.lm_head(x)
+        if self.lm_head.loss_impl == "chunked":
+            return self.lm_head(x, labels)
+        # The head called with one input, as tensor-parallel plans expect (its logits may be
+        # a vocabulary-sharded DTensor that token_cross_entropy handles).
+        per_token = token_cross_entropy(self.lm_head(x), labels)
+        return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1), per_token
 
     @torch.no_grad()
     def init_weights(self) -> None:

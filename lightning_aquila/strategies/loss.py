@@ -10,18 +10,11 @@ target logit taken from the rank that holds it. Full-vocabulary logits are never
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
+# Lives with the model (whose standard loss path calls it); re-exported here.
+from lightning_aquila.model.head_loss import token_cross_entropy
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per token in fp32, shaped like ``labels`` (0 where a label is -100)."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           reduction="none")
-    if isinstance(loss, DTensor):
-        # Replicated over the TP group: each rank holds every token's loss, not a shard.
-        loss = loss.to_local()
-    return loss.view_as(labels)
+__all__ = ["token_cross_entropy", "token_losses"]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@ applies depends on where it runs:
   that dimension is larger than one, then FSDP2 ``fully_shard`` per decoder block and on the
   root over ``device_mesh["data_parallel"]``;
 * under every strategy (single device, DDP, FSDP1, DeepSpeed): activation checkpointing and
-  compile per block, as ``AquilaLM(activation_checkpointing=..., compile=...)`` asks.
+  compile per block or of the whole model, as ``AquilaLM(activation_checkpointing=...,
+  compile=...)`` asks.
 
 A model built on the meta device is materialised here, shard by shard, and given Aquila's own
 initialisation (``AquilaModel.init_weights``). Left to Lightning, materialisation would call
@@ -94,13 +95,20 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
     if mesh is not None:
         tp_mesh = mesh["tensor_parallel"]
         if tp_mesh.size() > 1:
+            if model.lm_head.loss_impl != "standard":
+                raise ValueError("loss_impl='chunked' does not combine with tensor parallelism; "
+                                 "its loss_parallel already keeps the logits sharded: use "
+                                 "loss_impl='standard'")
             apply_tensor_parallel(model, tp_mesh, sequence_parallel=plan.sequence_parallel,
                                   loss_parallel=plan.loss_parallel)
     if lm.hparams.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-    if lm.hparams.compile:
+    # In place (``Module.compile``): parameter names keep no ``_orig_mod`` prefix.
+    if lm.hparams.compile == "model":
+        model.compile()
+    elif lm.hparams.compile:
         for block in model.layers:
-            block.compile()  # in place: parameter names keep no ``_orig_mod`` prefix
+            block.compile()
     if mesh is not None:
         device = strategy.root_device
         dp_mesh = mesh["data_parallel"]

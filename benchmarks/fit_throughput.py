@@ -1,0 +1,364 @@
+"""Tokens/s, MFU and peak memory of the real fit path, next to compiled litgpt, in one process.
+
+Every row trains the same shape (default: the ``aquila2-1b`` preset, seq 2048, micro-batch 8,
+bf16 autocast) for ``--warmup`` untimed and ``--steps`` timed optimizer steps:
+
+* ``litgpt``: the peer. ``litgpt.model.GPT`` of the same shape (vocab 100,008 unpadded, 16/4
+  heads, SwiGLU 5,632, RMSNorm, no biases), forward and cross-entropy compiled as one
+  ``torch.compile`` graph, fused AdamW, a plain Python loop on pre-made GPU batches.
+* ``aquila-plain``: our ``AquilaModel`` in the same loop (its loss is part of its forward).
+* ``fit-*``: ``AquilaLM`` through ``Trainer.fit`` as ``lightning-aquila fit`` drives it: the
+  DomainDataModule reading a zarr store that this script builds with ``prepare`` from the
+  bundled six-domain corpus, the TrainingStateMonitor and the AdaptiveTrainingEngine (EXP3
+  bandit policy) at their default intervals, gradient clipping at 1.0, a CSV logger. Each
+  row changes one lever (``FIT_ROWS``): per-block vs whole-model compile, fused AdamW,
+  attention kernel, standard vs chunked loss, a larger micro-batch, TSM+ATE off (the overhead
+  row is ``fit-best`` against ``fit-best-no-tsm-ate``).
+
+MFU = tokens/s · (6·N + 12·L·H·T) / ``--peak-tflops`` (989: H100 dense bf16), N the
+parameters without the input embedding (``AquilaConfig.flops_per_token``). Peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps. No timing is synchronised per step:
+the clock is read after a ``cuda.synchronize`` at the end of warmup and at the end of fit.
+
+One GPU, from the repository root::
+
+    PYTHONPATH=$PWD python benchmarks/fit_throughput.py --out benchmarks/results/fit.jsonl
+
+``--quick`` runs the peer, ``aquila-plain``, ``fit-blocks`` and ``fit-best`` with fewer steps;
+``--rows a,b,c`` picks rows by name; ``--device cpu --tiny`` is the smoke test the CPU suite
+runs (``aquila2-tiny``, a few steps, no compile, no GPU rows). Rows whose package is missing
+(litgpt, flash-attn-4) are reported as skipped, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lightning_aquila.model import AquilaConfig, AquilaModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: AquilaLM arguments of each fit row. ``fit-blocks`` is the path as it was (per-block
+#: compile, unfused AdamW, PyTorch's SDPA choice, full logits); each later row moves one
+#: lever; ``fit-best`` is the combination the 1B config ships.
+BEST = {"compile": "model", "fused_optimizer": True, "attention": "cudnn",
+        "loss_impl": "chunked"}
+FIT_ROWS: dict[str, dict[str, Any]] = {
+    "fit-blocks": {"compile": True, "fused_optimizer": False, "attention": "sdpa",
+                   "loss_impl": "standard"},
+    "fit-blocks-fused": {"compile": True, "fused_optimizer": True, "attention": "sdpa",
+                         "loss_impl": "standard"},
+    "fit-model": {"compile": "model", "fused_optimizer": False, "attention": "sdpa",
+                  "loss_impl": "standard"},
+    "fit-model-fused": {"compile": "model", "fused_optimizer": True, "attention": "sdpa",
+                        "loss_impl": "standard"},
+    "fit-cudnn": {"compile": "model", "fused_optimizer": True, "attention": "cudnn",
+                  "loss_impl": "standard"},
+    "fit-flash": {"compile": "model", "fused_optimizer": True, "attention": "flash",
+                  "loss_impl": "standard"},
+    "fit-chunked": {"compile": "model", "fused_optimizer": True, "attention": "sdpa",
+                    "loss_impl": "chunked"},
+    "fit-best": dict(BEST),
+    "fit-best-flash": {**BEST, "attention": "flash"},
+    "fit-best-big-batch": {**BEST, "_batch_scale": 1.5},
+    "fit-best-no-tsm-ate": {**BEST, "_callbacks": False},
+    "fit-best-fsdp": {**BEST, "compile": True, "_strategy": "aquila_fsdp"},
+}
+PLAIN_ROWS = ("litgpt", "aquila-plain", "litgpt-eager", "aquila-plain-eager")
+DEFAULT_ROWS = ("litgpt", "aquila-plain", *FIT_ROWS)
+QUICK_ROWS = ("litgpt", "aquila-plain", "fit-blocks", "fit-best", "fit-best-no-tsm-ate")
+
+
+class Skipped(Exception):
+    """A row that cannot run here (a package or the GPU is missing)."""
+
+
+# -- the plain loop (peer and ours) ------------------------------------------------------------
+def litgpt_model(config: AquilaConfig) -> torch.nn.Module:
+    try:
+        from litgpt import Config
+        from litgpt.model import GPT
+    except ImportError as error:
+        raise Skipped(f"litgpt is not installed ({error})") from error
+    lit = Config(
+        name=config.name, block_size=config.max_seq_len, vocab_size=config.vocab_size,
+        padded_vocab_size=config.vocab_size, n_layer=config.num_layers,
+        n_head=config.num_heads, n_query_groups=config.num_kv_heads,
+        n_embd=config.hidden_size, intermediate_size=config.intermediate_size, bias=False,
+        norm_class_name="RMSNorm", norm_eps=config.norm_eps, mlp_class_name="LLaMAMLP",
+        rotary_percentage=1.0, parallel_residual=False, rope_base=int(config.rope_theta),
+    )
+    return GPT(lit)
+
+
+def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
+               device: torch.device) -> dict[str, Any]:
+    """Forward + loss (one compiled function), backward, AdamW step, zero_grad; nothing else."""
+    torch.manual_seed(0)
+    if row.startswith("litgpt"):
+        model = litgpt_model(config).to(device)
+
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = model(x)
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    else:
+        model = AquilaModel(config, attention=args.attention).to(device)
+
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return model(x, labels=y)[0]
+    if not row.endswith("eager") and args.compile:
+        forward_loss = torch.compile(forward_loss)
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95),
+                                  weight_decay=0.1, fused=cuda or None)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
+                             generator=g).to(device) for _ in range(4)]
+    losses, start = [], None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            start = _mark(cuda)
+        batch = batches[step % len(batches)]
+        with autocast:
+            loss = forward_loss(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    seconds = _elapsed(start, cuda)
+    result = _result(row, config, args, args.batch_size, seconds, losses, cuda)
+    # the two models must have the same shape for the comparison to mean anything
+    result["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    return result
+
+
+# -- the fit path ------------------------------------------------------------------------------
+def build_store(workdir: Path, domains: list[str] | None = None) -> str:
+    """A zarr store of the bundled corpus (``domains``: its folders; default all), one domain
+    per folder, through ``prepare`` with the bundled tokenizer."""
+    try:
+        from lightning_aquila.datamodules.prepare import prepare
+    except ImportError as error:
+        raise Skipped(f"the data stack (zarr) is not installed ({error})") from error
+    store = str(workdir / "corpus.zarr")
+    folders = sorted(p for p in (REPO / "corpus").iterdir() if p.is_dir())
+    for folder in folders:
+        if domains and folder.name not in domains:
+            continue
+        prepare([str(folder / "*.jsonl")], folder.name, store, progress=False)
+    return store
+
+
+def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: torch.device,
+            store: str, workdir: Path) -> dict[str, Any]:
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_aquila import AquilaLM
+    from lightning_aquila.callbacks import (
+        AdaptiveTrainingEngine,
+        BanditMixture,
+        TrainingStateMonitor,
+    )
+    from lightning_aquila.datamodules import DomainDataModule
+
+    options = dict(FIT_ROWS[row])
+    batch_size = int(args.batch_size * options.pop("_batch_scale", 1))
+    callbacks_on = options.pop("_callbacks", True)
+    strategy = options.pop("_strategy", "auto")
+    if options["attention"] == "flash":
+        try:
+            import flash_attn.cute  # noqa: F401
+        except ImportError as error:
+            raise Skipped(f"flash-attn-4 is not installed ({error})") from error
+    if device.type != "cuda":
+        options.update(compile=options["compile"] and args.compile, fused_optimizer=False)
+        if strategy != "auto":
+            raise Skipped("FSDP rows need a GPU")
+    cuda = device.type == "cuda"
+
+    class Clock(Callback):
+        """Reads the clock after a synchronize at the end of warmup and of fit; keeps each
+        step's loss on the device (read once at the end: no per-step host sync)."""
+
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.seconds = 0.0
+            self.losses: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(outputs["loss"].detach())
+            if trainer.global_step == args.warmup:
+                self.start = _mark(cuda)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.seconds = _elapsed(self.start, cuda)
+
+    clock = Clock()
+    callbacks: list[Callback] = [clock]
+    if callbacks_on:
+        callbacks += [TrainingStateMonitor(run_dir=str(workdir / row)),
+                      AdaptiveTrainingEngine(policy=BanditMixture(update_every=10))]
+    torch.manual_seed(0)
+    module = AquilaLM(preset=args.preset, config={"max_seq_len": config.max_seq_len},
+                      learning_rate=3e-4, warmup_steps=10, **options)
+    data = DomainDataModule(store, seq_len=args.seq_len, batch_size=batch_size,
+                            num_workers=args.num_workers, pin_memory=cuda,
+                            val_windows_per_domain=0)
+    trainer = Trainer(
+        accelerator=device.type, devices=1, strategy=strategy,
+        precision="bf16-mixed" if args.bf16 else "32-true",
+        max_steps=args.warmup + args.steps, gradient_clip_val=1.0, log_every_n_steps=10,
+        limit_val_batches=0, logger=CSVLogger(str(workdir / "logs"), name=row),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, default_root_dir=str(workdir / row),
+    )
+    trainer.fit(module, data)
+    result = _result(row, config, args, batch_size, clock.seconds,
+                     clock.losses[args.warmup:], cuda)
+    result.update(options, tsm_ate=callbacks_on, strategy=strategy)
+    del trainer, module, data
+    return result
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _mark(cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter()
+
+
+def _elapsed(start: float | None, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    if start is None:
+        raise RuntimeError("the run ended before warmup did: raise --steps")
+    return time.perf_counter() - start
+
+
+def _result(row: str, config: AquilaConfig, args: argparse.Namespace, batch_size: int,
+            seconds: float, losses: list[torch.Tensor], cuda: bool) -> dict[str, Any]:
+    tokens = args.steps * batch_size * args.seq_len
+    tokens_per_sec = tokens / seconds
+    mfu = tokens_per_sec * config.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
+    values = torch.stack(losses[-args.steps:]).float().cpu().tolist() if losses else []
+    return {
+        "row": row, "preset": config.name, "seq_len": args.seq_len, "batch_size": batch_size,
+        "steps": args.steps, "tokens_per_sec": round(tokens_per_sec), "mfu": round(mfu, 4),
+        "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "loss_first": round(values[0], 4) if values else None,
+        "loss_last": round(values[-1], 4) if values else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def _free(cuda: bool) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="aquila2-1b")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rows", default=None,
+                        help=f"comma-separated; default all: {','.join(DEFAULT_ROWS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"rows {','.join(QUICK_ROWS)}, 15 timed steps after 8")
+    parser.add_argument("--attention", default="cudnn", help="attention of aquila-plain")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true",
+                        help="aquila2-tiny, seq 64, batch 2, 3+2 steps, no compile (smoke test)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--domains", default=None,
+                        help="corpus folders to prepare (comma-separated; default all six)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--out", default=None, help="append one JSON line per row here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 15, 8
+    if args.tiny:
+        args.preset, args.seq_len, args.batch_size = "aquila2-tiny", 64, 2
+        args.steps, args.warmup, args.compile, args.num_workers = 2, 3, False, 0
+        args.domains = args.domains or "en_legal,code_python"
+    names = args.rows.split(",") if args.rows else list(QUICK_ROWS if args.quick
+                                                        else DEFAULT_ROWS)
+    unknown = [n for n in names if n not in FIT_ROWS and n not in PLAIN_ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {[*PLAIN_ROWS, *FIT_ROWS]}")
+    args.row_names = names
+    args.bf16 = args.device == "cuda" or not args.tiny
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --device cpu --tiny for the smoke test")
+    config = AquilaConfig.from_name(args.preset, max_seq_len=max(args.seq_len, 64))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fit_throughput_") as tmp:
+        workdir = Path(tmp)
+        store: str | None = None
+        for name in args.row_names:
+            try:
+                if name in PLAIN_ROWS:
+                    row = plain_loop(name, config, args, device)
+                else:
+                    store = store or build_store(
+                        workdir, args.domains.split(",") if args.domains else None)
+                    row = fit_row(name, config, args, device, store, workdir)
+            except Skipped as reason:
+                row = {"row": name, "skipped": str(reason)}
+            except Exception as error:  # one failing lever must not cost the other rows
+                traceback.print_exc()
+                row = {"row": name, "failed": f"{type(error).__name__}: {error}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            _free(cuda)
+    print_table(rows)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    peer = next((r for r in rows if r["row"] == "litgpt" and "tokens_per_sec" in r), None)
+    device = next((r["device"] for r in rows if "device" in r), "?")
+    print(f"\ndevice: {device}\n")
+    print("| row | tokens/s | vs litgpt | MFU | peak GiB | batch | loss first → last |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        if "tokens_per_sec" not in r:
+            print(f"| {r['row']} | {r.get('skipped') or r.get('failed')} | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_sec'] / peer['tokens_per_sec']:.3f}×" if peer else "–"
+        print(f"| {r['row']} | {r['tokens_per_sec']:,} | {ratio} | {r['mfu']:.1%} | "
+              f"{r['peak_mem_GiB']} | {r['batch_size']} | {r['loss_first']} → {r['loss_last']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/fit_throughput.py runs end to end on CPU (the GPU session only measures)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "fit_throughput", REPO / "benchmarks" / "fit_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fit_throughput"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_benchmark_smoke_runs_plain_and_fit_rows_and_skips_missing_kernels(capsys):
+    rows = _benchmark().main(["--device", "cpu", "--tiny",
+                              "--rows", "aquila-plain,fit-best,fit-flash"])
+    by_name = {row["row"]: row for row in rows}
+    assert by_name["aquila-plain"]["tokens_per_sec"] > 0
+    assert by_name["fit-best"]["tokens_per_sec"] > 0 and by_name["fit-best"]["tsm_ate"]
+    assert by_name["fit-best"]["loss_impl"] == "chunked"
+    flash = by_name["fit-flash"]
+    assert "tokens_per_sec" in flash or "flash-attn-4" in flash["skipped"]
+    assert "| fit-best |" in capsys.readouterr().out
