@@ -333,9 +333,19 @@ def per_seed(summaries: list[dict[str, Any]]) -> str:
 
 
 # -- the command -------------------------------------------------------------------------------
-def gather(out: Path, store: str, policies: Sequence[str], seeds: Sequence[int] | None
-           ) -> list[dict[str, Any]]:
-    shares = corpus_shares(store)
+def gather(out: Path, store: str | None, policies: Sequence[str],
+           seeds: Sequence[int] | None) -> list[dict[str, Any]]:
+    """The finished runs' summaries. The corpus shares come from the store, and are kept in
+    ``<out>/shares.json`` so that the table can be printed again where the store is not."""
+    saved = out / "shares.json"
+    if store is not None:
+        shares = corpus_shares(store)
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(shares, indent=1), encoding="utf-8")
+    elif saved.is_file():
+        shares = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        raise SystemExit(f"give --store: {saved} does not exist yet")
     found = []
     for path in sorted(out.glob("*-s*")):
         policy, _, seed = path.name.rpartition("-s")
@@ -352,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "table"],
                         help="run: train what is not done yet, then print the table; "
                              "table: only print it")
-    parser.add_argument("--store", required=True, help="the shard store the runs train on")
+    parser.add_argument("--store", default=None,
+                        help="the shard store the runs train on (required to run; the table "
+                             "can use the corpus shares saved by an earlier run)")
     parser.add_argument("--out", type=Path, default=Path("runs/mixing"),
                         help="one folder per run goes here (NAME-sSEED, and 'reference')")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES),
@@ -375,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "--trainer.max_steps 200)")
     args = parser.parse_args(argv)
     runs, reference = plan(args.policies, args.seeds, args.out)
+    if args.command == "run" and args.store is None:
+        parser.error("run needs --store")
     if args.command == "run":
         deadline = time.time() + args.deadline if args.deadline else math.inf
         left = Scheduler(runs, args.gpus, args.store, args.toy, list(args.fit_args),

@@ -50,7 +50,7 @@ def remove_domain(url: str, domain: str, *, keep_data: bool = False,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-aquila remove-domain",
+        prog="lightning-aquila remove-domain", allow_abbrev=False,
         description="Take a domain out of a shard store: one atomic metadata write, then its "
                     "files are deleted (see docs/data.md for runs training from the store).")
     parser.add_argument("store", metavar="STORE", help="store path or URL")
