@@ -384,6 +384,21 @@ def write_jsonl(path: Path, docs: list[Doc]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def write_domain(domain: str, files: dict[str, list[Doc]], out: Path,
+                 seen: set[str]) -> dict[str, dict[str, Any]]:
+    """Write ``out/<domain>/<name>.jsonl`` for each of a domain's files, dropping documents
+    already ``seen`` (in any domain); returns the domain's manifest entries."""
+    entries = {}
+    for name, docs in sorted(files.items()):
+        kept = list(deduplicate(docs, seen))
+        sha = write_jsonl(out / domain / f"{name}.jsonl", kept)
+        size = sum(len(d.text.encode()) for d in kept)
+        entries[f"{name}.jsonl"] = {"docs": len(kept), "text_bytes": size, "sha256": sha}
+        print(f"{domain}/{name}.jsonl: {len(kept)} docs, {size:,} bytes "
+              f"({len(docs) - len(kept)} duplicates dropped)", flush=True)
+    return entries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lightning-aquila-corpus-src"))
@@ -399,15 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = args.out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for domain in sorted(args.domain or DOMAINS):
-        manifest[domain] = {}
-        for name, docs in sorted(DOMAINS[domain](args.cache).items()):
-            kept = list(deduplicate(docs, seen))
-            sha = write_jsonl(args.out / domain / f"{name}.jsonl", kept)
-            size = sum(len(d.text.encode()) for d in kept)
-            manifest[domain][f"{name}.jsonl"] = {"docs": len(kept), "text_bytes": size,
-                                                 "sha256": sha}
-            print(f"{domain}/{name}.jsonl: {len(kept)} docs, {size:,} bytes "
-                  f"({len(docs) - len(kept)} duplicates dropped)")
+        manifest[domain] = write_domain(domain, DOMAINS[domain](args.cache), args.out, seen)
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return 0
 

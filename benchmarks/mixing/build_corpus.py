@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from corpus.build_corpus import (
     CHINESE_POETRY,
     Doc,
-    deduplicate,
     fetch_npm,
     hash_order,
     looks_like_table,
@@ -53,7 +52,7 @@ from corpus.build_corpus import (
     read_tar_members,
     run,
     split_blocks,
-    write_jsonl,
+    write_domain,
 )
 from corpus.build_corpus import en_prose as bundled_en_prose
 from corpus.build_corpus import zh_literature as bundled_zh_literature
@@ -429,15 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, Any] = (json.loads(args.manifest.read_text())
                                 if args.domain and args.manifest.exists() else {})
     for domain in sorted(args.domain or DOMAINS):
-        manifest[domain] = {}
-        for name, docs in sorted(DOMAINS[domain](args.cache).items()):
-            kept = list(deduplicate(docs, seen))
-            sha = write_jsonl(args.out / domain / f"{name}.jsonl", kept)
-            size = sum(len(d.text.encode()) for d in kept)
-            manifest[domain][f"{name}.jsonl"] = {"docs": len(kept), "text_bytes": size,
-                                                 "sha256": sha}
-            print(f"{domain}/{name}.jsonl: {len(kept)} docs, {size:,} bytes "
-                  f"({len(docs) - len(kept)} duplicates dropped)", flush=True)
+        manifest[domain] = write_domain(domain, DOMAINS[domain](args.cache), args.out, seen)
     args.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if args.sample:
         write_sample(args.out, args.sample)
