@@ -205,44 +205,26 @@ def plan(policies: Sequence[str], seeds: Sequence[int], out: Path) -> tuple[list
 
 
 # -- reading the runs --------------------------------------------------------------------------
-def held_out_curve(metrics: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every held-out evaluation of a run (``step``, ``tokens``, per-domain ``losses``) and
-    the training tokens per step."""
-    rows = []
-    tokens_per_step = 0
-    with open(metrics, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if row.get("tsm/tokens_total") and row.get("step"):
-                tokens_per_step = round(row["tsm/tokens_total"] / row["step"])
-            losses = {k.split("/", 2)[2]: v for k, v in row.items()
-                      if k.startswith("tsm/val_loss/")}
-            if losses:
-                rows.append({"step": int(row["step"]), "losses": losses})
-    for row in rows:
-        row["tokens"] = row["step"] * tokens_per_step
-    return rows, tokens_per_step
-
-
 def summarise(run: Run, shares: dict[str, float]) -> dict[str, Any] | None:
+    """The run's last held-out evaluation, and its domain-average curve against tokens (read
+    through the report's own loaders, as ``report --compare`` draws them)."""
+    from lightning_aquila.report import load_run
+    from lightning_aquila.report_compare import held_out_curves
+
     if not run.metrics.is_file():
         return None
-    curve, _ = held_out_curve(run.metrics)
-    if not curve:
+    record = load_run(run.dir)
+    curves = held_out_curves(record)
+    if not curves["average"]:
         return None
-    last = curve[-1]["losses"]
+    last = {d: curves[d][-1][1] for d in record.domains()}
     worst = max(last, key=last.get)
     seconds = json.loads((run.dir / "done.json").read_text())["seconds"] if run.done else None
     return {
-        "policy": run.policy, "seed": run.seed, "tokens": curve[-1]["tokens"],
-        "average": statistics.fmean(last.values()), "worst": last[worst],
-        "worst_domain": worst,
+        "policy": run.policy, "seed": run.seed, "tokens": curves["average"][-1][0],
+        "average": curves["average"][-1][1], "worst": last[worst], "worst_domain": worst,
         "token_weighted": sum(shares[d] * last[d] for d in last) / sum(shares[d] for d in last),
-        "curve": [(c["tokens"], statistics.fmean(c["losses"].values())) for c in curve],
-        "seconds": seconds, "done": run.done,
+        "curve": curves["average"], "seconds": seconds, "done": run.done,
     }
 
 
