@@ -51,14 +51,14 @@ from typing import Any
 
 import numpy as np
 
-from lightning_aquila.callbacks.policies import (
+from lightning_aquila.callbacks.policies import MixturePolicy
+from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.callbacks.weights import (
     Bound,
-    MixturePolicy,
-    _check_weight_spec,
-    _number,
+    as_number,
+    check_weight_spec,
     resolve_weights,
 )
-from lightning_aquila.callbacks.state import TrainingState
 
 
 class AioliMixture(MixturePolicy):
@@ -91,12 +91,12 @@ class AioliMixture(MixturePolicy):
                  seed: int = 0, update_every: int = 50, min_weight: Bound = 0.0,
                  max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)
-        if not _number(eta, "AioliMixture(eta)") > 0:
+        if not as_number(eta, "AioliMixture(eta)") > 0:
             raise ValueError(f"AioliMixture(eta={eta!r}) must be positive")
-        if not 0.0 < _number(one_hot_factor, "AioliMixture(one_hot_factor)") <= 1.0:
+        if not 0.0 < as_number(one_hot_factor, "AioliMixture(one_hot_factor)") <= 1.0:
             raise ValueError(f"AioliMixture(one_hot_factor={one_hot_factor!r}) must be in "
                              "(0, 1]")
-        if not 0.0 <= _number(ema, "AioliMixture(ema)") < 1.0:
+        if not 0.0 <= as_number(ema, "AioliMixture(ema)") < 1.0:
             raise ValueError(f"AioliMixture(ema={ema!r}) must be in [0, 1)")
         for name, value, low in (("lp_rounds", lp_rounds, 1),
                                  ("exploit_updates", exploit_updates, 2),
@@ -106,7 +106,7 @@ class AioliMixture(MixturePolicy):
                                  + (" (the first exploit interval still waits for the last "
                                     "probe's loss)" if name == "exploit_updates" else ""))
         if prior != "initial":
-            _check_weight_spec(prior, "AioliMixture(prior)")
+            check_weight_spec(prior, "AioliMixture(prior)")
         self.eta, self.one_hot_factor, self.ema = float(eta), float(one_hot_factor), float(ema)
         self.lp_rounds, self.exploit_updates = lp_rounds, exploit_updates
         self.warmup_steps, self.seed = warmup_steps, seed

@@ -12,7 +12,10 @@ engine puts it into every checkpoint), and keeps each weight within ``[min_weigh
 max_weight]`` by a Euclidean projection onto the bounded simplex. Constructor arguments are
 plain types, so each policy is selectable from YAML as ``class_path``/``init_args``.
 
-The update rules, with formulas, are in ``docs/engine.md``.
+The update rules, with formulas, are in ``docs/engine.md``. The weight arithmetic every policy
+shares (bounds, normalisation, the projection) is in ``weights.py``; AioliMixture, the one
+policy with a schedule of its own, is in ``aioli.py``. The rest stay here because each is a
+short class over the same interface.
 """
 
 from __future__ import annotations
@@ -26,142 +29,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from lightning_aquila.callbacks.state import TrainingState
-
-Bound = float | Mapping[str, float]
-
-
-# -- the shared helpers ------------------------------------------------------------------------
-def _number(value: Any, what: str) -> float:
-    """``value`` as a float, or a ``ValueError`` naming it: YAML's ``yes``, a quoted
-    ``"0.5"``, ``null`` or a list are not numbers."""
-    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{what} is not a number: {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # an int beyond the float range
-        return math.inf
-
-
-def _check_bound(bound: Any, what: str) -> None:
-    """A bound is a number in [0, 1] or a mapping ``domain -> number in [0, 1]``."""
-    items = bound.items() if isinstance(bound, Mapping) else [(None, bound)]
-    for domain, value in items:
-        where = what if domain is None else f"{what}[{domain!r}]"
-        if not 0.0 <= _number(value, where) <= 1.0:
-            raise ValueError(f"{where} must lie in [0, 1], got {value!r}")
-
-
-def _per_domain(bound: Bound, domains: Sequence[str], default: float, what: str) -> np.ndarray:
-    if isinstance(bound, Mapping):
-        unknown = [d for d in bound if d not in domains]
-        if unknown:
-            raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
-        values = [_number(bound.get(d, default), f"{what}[{d!r}]") for d in domains]
-    else:
-        values = [_number(bound, what)] * len(domains)
-    for domain, value in zip(domains, values):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{what} for domain {domain!r} must be in [0, 1], got {value}")
-    return np.array(values, dtype=np.float64)
-
-
-def project_to_bounds(weights: Mapping[str, float], min_weight: Bound = 0.0,
-                      max_weight: Bound = 1.0) -> dict[str, float]:
-    """The weights closest (in Euclidean distance) to ``weights`` that sum to 1 and keep every
-    domain within ``[min_weight, max_weight]``.
-
-    The solution is ``w_i = clip(v_i - tau, lo_i, hi_i)`` for the one ``tau`` at which the
-    clipped values sum to 1; their sum is piecewise linear in ``tau`` with breakpoints at
-    ``v_i - lo_i`` and ``v_i - hi_i``, so ``tau`` is found exactly between two breakpoints
-    (no iteration, no tolerance). Weights already on the bounded simplex come back unchanged.
-    """
-    domains = list(weights)
-    if not domains:
-        raise ValueError("no weights to bound")
-    v = np.array([float(weights[d]) for d in domains], dtype=np.float64)
-    bad = [d for d, x in zip(domains, v) if not math.isfinite(x)]
-    if bad:
-        raise ValueError(f"weights of domain(s) {bad} are not finite: {dict(weights)}")
-    lo = _per_domain(min_weight, domains, 0.0, "min_weight")
-    hi = _per_domain(max_weight, domains, 1.0, "max_weight")
-    if (lo > hi).any():
-        domain = domains[int(np.argmax(lo > hi))]
-        raise ValueError(f"min_weight exceeds max_weight for domain {domain!r}")
-    if lo.sum() > 1.0 + 1e-12 or hi.sum() < 1.0 - 1e-12:
-        raise ValueError(
-            f"no weights can satisfy the bounds: the min_weights sum to {lo.sum():.6g} and the "
-            f"max_weights to {hi.sum():.6g} over {len(domains)} domains (need <= 1 <= sum)"
-        )
-    if (v >= lo).all() and (v <= hi).all() and abs(v.sum() - 1.0) <= 1e-12:
-        return {d: float(x) for d, x in zip(domains, v)}
-    points = np.unique(np.concatenate([v - lo, v - hi]))
-
-    def total(tau: float) -> float:
-        return float(np.clip(v - tau, lo, hi).sum())
-
-    sums = [total(p) for p in points]  # non-increasing in tau
-    tau = float(points[-1])
-    for k in range(len(points) - 1):
-        if sums[k] >= 1.0 >= sums[k + 1]:
-            a, b = float(points[k]), float(points[k + 1])
-            tau = a if sums[k] == sums[k + 1] else a + (sums[k] - 1.0) * (b - a) / (
-                sums[k] - sums[k + 1])
-            break
-    else:
-        if sums[0] <= 1.0:
-            tau = float(points[0])
-    w = np.clip(v - tau, lo, hi)
-    return {d: float(x) for d, x in zip(domains, w)}
-
-
-def resolve_weights(spec: Mapping[str, float] | str, domains: Sequence[str],
-                    natural: Mapping[str, float] | None, what: str) -> dict[str, float] | None:
-    """A weight spec (mapping, ``"uniform"`` or ``"natural"``) as normalised weights over
-    ``domains``; ``None`` when ``"natural"`` is asked and no token counts are known."""
-    if isinstance(spec, str):
-        if spec == "uniform":
-            return dict.fromkeys(domains, 1.0 / len(domains))
-        if spec == "natural":
-            if not natural:
-                return None
-            counts = {d: float(natural.get(d, 0.0)) for d in domains}
-            total = sum(counts.values())
-            return {d: c / total for d, c in counts.items()} if total > 0 else None
-        raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
-    unknown = [d for d in spec if d not in domains]
-    if unknown:
-        raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
-    return normalized({d: spec.get(d, 0.0) for d in domains}, what)
-
-
-def normalized(weights: Mapping[str, Any], what: str) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for domain, raw in weights.items():
-        value = _number(raw, f"{what}: weight of {domain!r}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{what}: weight of {domain!r} must be finite and >= 0, got {value}")
-        values[domain] = value
-    top = max(values.values(), default=0.0)
-    if top <= 0:
-        raise ValueError(f"{what}: weights are all zero: {dict(weights)}")
-    total = sum(values.values())
-    if not math.isfinite(total):  # finite weights near the float maximum: rescale first
-        top_total = math.fsum(v / top for v in values.values())
-        return {d: v / top / top_total for d, v in values.items()}
-    return {d: v / total for d, v in values.items()}
-
-
-def _check_weight_spec(spec: Any, what: str) -> None:
-    if isinstance(spec, str):
-        if spec not in ("uniform", "natural"):
-            raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
-    elif isinstance(spec, Mapping):
-        normalized(spec, what)
-    else:
-        raise ValueError(f"{what} must be a mapping of domain -> weight, got {spec!r}")
+from lightning_aquila.callbacks.weights import (
+    Bound,
+    as_number,
+    check_bound,
+    check_weight_spec,
+    normalized,
+    per_domain_bounds,
+    project_to_bounds,
+    resolve_weights,
+)
 
 
 # -- the interface -----------------------------------------------------------------------------
@@ -182,7 +60,7 @@ class MixturePolicy(ABC):
             raise ValueError(f"{type(self).__name__}(update_every={update_every!r}) must be a "
                              "positive number of steps")
         for what, bound in (("min_weight", min_weight), ("max_weight", max_weight)):
-            _check_bound(bound, f"{type(self).__name__}({what})")
+            check_bound(bound, f"{type(self).__name__}({what})")
         self.update_every = update_every
         self.min_weight = dict(min_weight) if isinstance(min_weight, Mapping) else min_weight
         self.max_weight = dict(max_weight) if isinstance(max_weight, Mapping) else max_weight
@@ -215,8 +93,8 @@ class MixturePolicy(ABC):
     def _warn_if_pinned(self) -> None:
         """Bounds that sum to exactly 1 (two domains under ``max_weight=0.5``, say) leave
         one feasible mixture: the policy runs but can never move the weights."""
-        lo = _per_domain(self.min_weight, self.domains, 0.0, "min_weight")
-        hi = _per_domain(self.max_weight, self.domains, 1.0, "max_weight")
+        lo = per_domain_bounds(self.min_weight, self.domains, 0.0, "min_weight")
+        hi = per_domain_bounds(self.max_weight, self.domains, 1.0, "max_weight")
         pinned = hi if abs(hi.sum() - 1.0) <= 1e-9 else lo if abs(lo.sum() - 1.0) <= 1e-9 else None
         if pinned is None or len(self.domains) < 2:
             return
@@ -282,7 +160,7 @@ class StaticMixture(MixturePolicy):
     def __init__(self, weights: Mapping[str, float] | str = "natural", update_every: int = 1,
                  min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)
-        _check_weight_spec(weights, "StaticMixture(weights)")
+        check_weight_spec(weights, "StaticMixture(weights)")
         self.weights = dict(weights) if isinstance(weights, Mapping) else weights
 
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
@@ -343,7 +221,7 @@ class StagedMixture(MixturePolicy):
                              "weights, until_tokens, until_step")
         if "weights" not in stage:
             raise ValueError(f"{where} has no weights")
-        _check_weight_spec(stage["weights"], f"{where}.weights")
+        check_weight_spec(stage["weights"], f"{where}.weights")
         ends = [k for k in ("until_tokens", "until_step") if stage.get(k) is not None]
         if len(ends) > 1:
             raise ValueError(f"{where} gives both until_tokens and until_step; give one")
@@ -493,9 +371,9 @@ class ExcessLossMixture(MixturePolicy):
         super().__init__(update_every, min_weight, max_weight)
         if signal not in ("train", "val"):
             raise ValueError(f"ExcessLossMixture(signal={signal!r}) must be 'train' or 'val'")
-        if not _number(step_size, "ExcessLossMixture(step_size)") > 0:
+        if not as_number(step_size, "ExcessLossMixture(step_size)") > 0:
             raise ValueError(f"ExcessLossMixture(step_size={step_size!r}) must be positive")
-        if not 0.0 <= _number(smoothing, "ExcessLossMixture(smoothing)") <= 1.0:
+        if not 0.0 <= as_number(smoothing, "ExcessLossMixture(smoothing)") <= 1.0:
             raise ValueError(f"ExcessLossMixture(smoothing={smoothing!r}) must be in [0, 1]")
         self.reference = dict(reference) if isinstance(reference, Mapping) else reference
         self.signal, self.step_size, self.smoothing = signal, float(step_size), float(smoothing)
@@ -602,7 +480,7 @@ class BanditMixture(MixturePolicy):
                  warmup_steps: int = 0, update_every: int = 10, min_weight: Bound = 0.0,
                  max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)
-        if not 0.0 <= _number(smoothing, "BanditMixture(smoothing)") < 1.0:
+        if not 0.0 <= as_number(smoothing, "BanditMixture(smoothing)") < 1.0:
             raise ValueError(f"BanditMixture(smoothing={smoothing!r}) must be in [0, 1)")
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or (
                 warmup_steps < 0):

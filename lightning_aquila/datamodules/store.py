@@ -13,6 +13,13 @@ Segments exist so that nothing committed is ever rewritten: a ``prepare`` run wr
 segments, then commits them by rewriting the domain's attributes (one metadata object, which
 zarr's local store writes by rename and object stores write in one PUT). A crash before that
 leaves segments no attribute lists; readers never see them and the next writer deletes them.
+
+Why this file is long: it is the one place that knows the on-disk format. The reader
+(``ShardStore``, ``TokenStream``) and the writer (``DomainWriter``, ``SegmentWriter``) share
+the layout, the manifest checks and the errors that name a damaged chunk, and a format change
+must touch both sides in one diff. What sits on top of the format lives elsewhere:
+``split.py`` (the held-out rule), ``sources.py``/``prepare.py`` (reading and tokenizing
+input), ``edit.py`` (removing a domain).
 """
 
 from __future__ import annotations
