@@ -75,10 +75,28 @@ class Run:
     def done(self) -> bool:
         return (self.dir / "done.json").is_file()
 
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def seconds_so_far(self) -> float:
+        """Wall seconds of earlier sittings of a resumed run."""
+        path = self.dir / "sittings.json"
+        return sum(json.loads(path.read_text())) if path.is_file() else 0.0
+
+    def add_sitting(self, seconds: float) -> None:
+        path = self.dir / "sittings.json"
+        done = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps([*done, seconds]), encoding="utf-8")
+
 
 # -- running -----------------------------------------------------------------------------------
-def policy_config(run: Run, reference: Path, toy: bool) -> Path:
-    """The run's policy file: ``${reference}`` filled in, and at toy scale the warm-ups cut."""
+def policy_config(run: Run, reference: Path, toy: bool, checkpoint_every: int | None = None
+                  ) -> Path:
+    """The run's policy file: ``${reference}`` filled in, at toy scale the warm-ups cut, and
+    with ``checkpoint_every`` a ``ModelCheckpoint`` (``last.ckpt`` every that many steps) added
+    to its callbacks, so that a run longer than one sitting can be resumed."""
     text = (CONFIGS / f"{run.policy}.yaml").read_text(encoding="utf-8")
     text = text.replace("${reference}", str(reference.resolve()))
     if toy:
@@ -86,6 +104,17 @@ def policy_config(run: Run, reference: Path, toy: bool) -> Path:
             text = "\n".join(
                 line[: line.index(key)] + f"{key}: {value}" if line.strip().startswith(
                     f"{key}:") else line for line in text.splitlines()) + "\n"
+    if checkpoint_every:
+        import yaml
+
+        config = yaml.safe_load(text)
+        trainer = config.setdefault("trainer", {})
+        trainer["enable_checkpointing"] = True
+        trainer.setdefault("callbacks", []).append({
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": checkpoint_every, "save_last": True,
+                          "save_top_k": 0}})
+        text = yaml.safe_dump(config, sort_keys=False)
     path = run.dir / "policy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -93,14 +122,21 @@ def policy_config(run: Run, reference: Path, toy: bool) -> Path:
 
 
 def fit_command(run: Run, store: str, reference: Path, toy: bool,
-                extra: Sequence[str]) -> list[str]:
+                extra: Sequence[str], checkpoint_every: int | None = None) -> list[str]:
+    """``fit`` for the run; with ``checkpoint_every``, resuming its ``last.ckpt`` if an earlier
+    sitting left one (the sampler, mixture history and TSM/ATE state resume with it)."""
     configs = [CONFIGS / "base.yaml", *([CONFIGS / "cpu-toy.yaml"] if toy else []),
-               policy_config(run, reference, toy)]
+               policy_config(run, reference, toy, checkpoint_every)]
+    resume = []
+    if checkpoint_every:  # an earlier sitting's files may be there, with or without last.ckpt
+        resume = ["--reuse_run_dir", "true"]
+        if run.last_checkpoint.is_file():
+            resume += ["--ckpt_path", "last"]
     return [sys.executable, "-m", "lightning_aquila.cli", "fit",
             *[a for c in configs for a in ("--config", str(c))],
             "--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
             "--data.init_args.store", store,
-            "--trainer.default_root_dir", str(run.dir), *extra]
+            "--trainer.default_root_dir", str(run.dir), *resume, *extra]
 
 
 @dataclass
@@ -115,7 +151,10 @@ class Slot:
 @dataclass
 class Scheduler:
     """Runs ``fit`` for each run, one per device at a time, the DoReMi runs once the reference
-    is done; stops starting runs when the next one would not end before ``deadline``."""
+    is done. Without checkpoints it stops starting runs when the next one would not end
+    before ``deadline``; with ``checkpoint_every`` it starts them anyway and stops every run
+    still going at the deadline, to be resumed from its ``last.ckpt`` by the next sitting
+    (for runs longer than one sitting: a GPU lent 10 minutes a command)."""
 
     runs: list[Run]
     devices: list[str]
@@ -123,34 +162,56 @@ class Scheduler:
     toy: bool
     extra: list[str]
     deadline: float = math.inf
+    checkpoint_every: int | None = None
     durations: list[float] = field(default_factory=list)
 
     def ready(self, run: Run, reference: Run) -> bool:
         return not run.policy.startswith("doremi") or reference.done
 
     def launch(self, slot: Slot, run: Run, reference: Run) -> None:
-        command = fit_command(run, self.store, reference.metrics, self.toy, self.extra)
+        command = fit_command(run, self.store, reference.metrics, self.toy, self.extra,
+                              self.checkpoint_every)
         env = dict(os.environ)
         if slot.device != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = slot.device
         run.dir.mkdir(parents=True, exist_ok=True)
-        slot.log = open(run.dir / "fit.log", "w", encoding="utf-8")  # noqa: SIM115
+        slot.log = open(run.dir / "fit.log", "a", encoding="utf-8")  # noqa: SIM115
         slot.process = subprocess.Popen(command, stdout=slot.log, stderr=subprocess.STDOUT,
                                         env=env, cwd=ROOT)
         slot.run, slot.started = run, time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {run.name} on {slot.device}", flush=True)
 
-    def finish(self, slot: Slot) -> None:
+    def finish(self, slot: Slot, stopped: bool = False) -> None:
         code = slot.process.wait()
         slot.log.close()
         took = time.time() - slot.started
         run = slot.run
         if code == 0:
             self.durations.append(took)
-            (run.dir / "done.json").write_text(json.dumps({"seconds": took}), encoding="utf-8")
-        status = "done" if code == 0 else f"FAILED (exit {code}, see {run.dir / 'fit.log'})"
-        print(f"[{time.strftime('%H:%M:%S')}] {run.name} {status} in {took:.0f} s", flush=True)
+            total = run.seconds_so_far + took
+            (run.dir / "done.json").write_text(json.dumps({"seconds": total}), encoding="utf-8")
+            status = "done"
+        elif stopped:
+            run.add_sitting(took)
+            status = "stopped at the deadline (resumes from last.ckpt next time)"
+        else:
+            status = f"FAILED (exit {code}, see {run.dir / 'fit.log'})"
+        print(f"[{time.strftime('%H:%M:%S')}] {run.name} {status} after {took:.0f} s",
+              flush=True)
         slot.process, slot.run = None, None
+
+    def stop_all(self, slots: list[Slot]) -> None:
+        """At the deadline: stop the runs still going (their last checkpoint stays)."""
+        for slot in slots:
+            if slot.process is not None:
+                slot.process.terminate()
+        for slot in slots:
+            if slot.process is not None:
+                try:
+                    slot.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    slot.process.kill()
+                self.finish(slot, stopped=True)
 
     def run_all(self, reference: Run) -> list[Run]:
         """Run what is not done yet; returns the runs left unrun."""
@@ -160,7 +221,11 @@ class Scheduler:
             for slot in slots:
                 if slot.process is not None and slot.process.poll() is not None:
                     self.finish(slot)
-            expected = max(self.durations) if self.durations else 0.0
+            if self.checkpoint_every and time.time() > self.deadline:
+                self.stop_all(slots)
+                break
+            expected = 0.0 if self.checkpoint_every else (
+                max(self.durations) if self.durations else 0.0)
             for slot in slots:
                 if slot.process is not None:
                     continue
@@ -364,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds from now after which no run starts that would not "
                              "end in time (by the longest run so far)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                        help="write last.ckpt every STEPS steps and resume unfinished runs "
+                             "from it; with --deadline, runs still going then are stopped "
+                             "(for runs longer than one sitting on a lent GPU)")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                         help="everything after this goes to every `fit` (e.g. "
                              "--trainer.max_steps 200)")
@@ -374,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         deadline = time.time() + args.deadline if args.deadline else math.inf
         left = Scheduler(runs, args.gpus, args.store, args.toy, list(args.fit_args),
-                         deadline).run_all(reference)
+                         deadline, args.checkpoint_every).run_all(reference)
         if left:
             print(f"not run: {', '.join(r.name for r in left)}", flush=True)
     summaries = gather(args.out, args.store, args.policies, args.seeds)

@@ -80,3 +80,31 @@ def test_the_plan_refuses_the_reference_seed_and_unknown_policies(tmp_path):
     assert [r.name for r in runs] == ["reference", "uniform-s1", "doremi-s1", "uniform-s2",
                                       "doremi-s2"]
     assert reference.name == "reference"
+
+
+def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, tmp_path):
+    """--checkpoint-every: a run cut short (here by a smaller max_steps, as a deadline would)
+    is resumed by the next sitting from last.ckpt, not restarted, and counted once."""
+    out = tmp_path / "runs"
+    args = ["run", "--toy", "--store", store, "--out", str(out), "--policies", "uniform",
+            "--seeds", "1", "--gpus", "cpu", "--checkpoint-every", "10"]
+    assert mixing.main([*args, "--fit-args", "--trainer.max_steps", "30"]) == 0
+    run = mixing.Run("uniform", 1, out)
+    assert run.last_checkpoint.is_file()
+    (run.dir / "done.json").unlink()  # as if the deadline had stopped it after step 30
+    run.add_sitting(12.5)
+    assert mixing.main(args) == 0
+    events = [json.loads(line) for line in (run.dir / "tsm/events.jsonl").open()]
+    assert [e["step"] for e in events if e["kind"] == "session_start"] == [0, 30]
+    summary = json.loads((out / "summary.json").read_text())[0]
+    assert summary["tokens"] == 50 * 4 * 64
+    assert summary["seconds"] > 12.5  # both sittings' wall time
+
+
+def test_the_scheduler_stops_runs_at_the_deadline_when_they_can_resume(store, tmp_path):
+    out = tmp_path / "runs"
+    run = mixing.Run("uniform", 1, out)
+    scheduler = mixing.Scheduler([run], ["cpu"], store, toy=True, extra=[],
+                                 deadline=mixing.time.time() + 1.0, checkpoint_every=10)
+    assert scheduler.run_all(run) == [run]  # stopped, not finished
+    assert not run.done and len(json.loads((run.dir / "sittings.json").read_text())) == 1
