@@ -186,14 +186,14 @@ class Scheduler:
         slot.log.close()
         took = time.time() - slot.started
         run = slot.run
-        if code == 0:
+        if stopped:  # Lightning exits 0 on SIGTERM too: a stopped run is never "done"
+            run.add_sitting(took)
+            status = "stopped at the deadline (resumes from last.ckpt next time)"
+        elif code == 0:
             self.durations.append(took)
             total = run.seconds_so_far + took
             (run.dir / "done.json").write_text(json.dumps({"seconds": total}), encoding="utf-8")
             status = "done"
-        elif stopped:
-            run.add_sitting(took)
-            status = "stopped at the deadline (resumes from last.ckpt next time)"
         else:
             status = f"FAILED (exit {code}, see {run.dir / 'fit.log'})"
         print(f"[{time.strftime('%H:%M:%S')}] {run.name} {status} after {took:.0f} s",
