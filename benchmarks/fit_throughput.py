@@ -72,6 +72,9 @@ FIT_ROWS: dict[str, dict[str, Any]] = {
     "fit-best-flash": {**BEST, "attention": "flash"},
     "fit-best-big-batch": {**BEST, "_batch_scale": 1.5},
     "fit-best-no-tsm-ate": {**BEST, "_callbacks": False},
+    "fit-cudnn-no-tsm-ate": {**BEST, "loss_impl": "standard", "_callbacks": False},
+    "fit-cudnn-batch12": {**BEST, "loss_impl": "standard", "_batch_scale": 1.5},
+    "fit-cudnn-batch16": {**BEST, "loss_impl": "standard", "_batch_scale": 2},
     "fit-best-fsdp": {**BEST, "compile": True, "_strategy": "aquila_fsdp"},
 }
 PLAIN_ROWS = ("litgpt", "aquila-plain", "litgpt-eager", "aquila-plain-eager")
