@@ -53,7 +53,7 @@ import numpy as np
 
 from lightning_aquila.callbacks.policies import MixturePolicy
 from lightning_aquila.callbacks.state import TrainingState
-from lightning_aquila.callbacks.weights import (
+from lightning_aquila.domain_weights import (
     Bound,
     as_number,
     check_weight_spec,

@@ -13,9 +13,9 @@ max_weight]`` by a Euclidean projection onto the bounded simplex. Constructor ar
 plain types, so each policy is selectable from YAML as ``class_path``/``init_args``.
 
 The update rules, with formulas, are in ``docs/engine.md``. The weight arithmetic every policy
-shares (bounds, normalisation, the projection) is in ``weights.py``; AioliMixture, the one
-policy with a schedule of its own, is in ``aioli.py``. The rest stay here because each is a
-short class over the same interface.
+shares (bounds, normalisation, the projection) is in ``lightning_aquila.domain_weights``;
+AioliMixture, the one policy with a schedule of its own, is in ``aioli.py``. The rest stay
+here because each is a short class over the same interface.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_aquila.callbacks.state import TrainingState
-from lightning_aquila.callbacks.weights import (
+from lightning_aquila.domain_weights import (
     Bound,
     as_number,
     check_bound,
