@@ -20,6 +20,7 @@ keep counting forward; see ``docs/engine.md`` for why.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
@@ -35,8 +36,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_aquila.callbacks.policies import MixturePolicy, project_to_bounds
+from lightning_aquila.callbacks.policies import MixturePolicy
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
+from lightning_aquila.domain_weights import project_to_bounds
 
 
 def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
@@ -488,7 +490,7 @@ class AdaptiveTrainingEngine(Callback):
                 self._resume_reasons.append(f"policy removed (was {saved['class']})")
             return
         mine = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config())}
-        if saved is not None and saved["class"] == mine["class"] and (
+        if saved is not None and _names_class(saved["class"], type(self.policy)) and (
                 _canonical(saved["config"]) == _canonical(mine["config"])):
             self.policy.load_state_dict(saved["state"])
         elif saved is None:
@@ -541,6 +543,22 @@ def _read_step(path: str, is_dir: bool) -> int | None:
 
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _names_class(path: str, cls: type) -> bool:
+    """Whether a checkpoint's ``module.Class`` names ``cls``: its own path, or an older one of
+    ours that still leads to it (``lightning_aquila.callbacks.policies.BanditMixture``,
+    written before the policies moved to one module per family). Only this package's modules
+    are imported on a checkpoint's word."""
+    if path == f"{cls.__module__}.{cls.__qualname__}":
+        return True
+    module, _, name = path.rpartition(".")
+    if not module.startswith("lightning_aquila."):
+        return False
+    try:
+        return getattr(importlib.import_module(module), name, None) is cls
+    except ImportError:
+        return False
 
 
 def _jsonable(value: Any) -> Any:
