@@ -274,6 +274,34 @@ def test_a_nonfinite_loss_is_flagged_at_its_step(tmp_path):
     assert kinds_at_4 == {"nonfinite_loss", "nonfinite_grad"}
 
 
+def test_deferred_checks_log_the_same_values_at_the_same_steps_one_step_later(tmp_path):
+    """On CUDA the monitor reads each step's loss and gradient norm at the end of the next
+    step (no host wait per step). The run files must not tell the difference: same values,
+    same steps, and an anomaly keeps its own step, batch and domains."""
+    logged = {}
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        run = tmp_path / f"deferred-{deferred}"
+        monitor = TrainingStateMonitor(deferred_checks=deferred, grad_norm_every_n_steps=1,
+                                       train_loss_every_n_steps=2, spike_window=10,
+                                       spike_min_history=8, spike_zscore=6.0)
+        trainer = quiet_trainer(run, [monitor], max_steps=20, limit_val_batches=0)
+        trainer.fit(TinyLM(lr=0.02, spike_at=14), TaggedData())
+        series: dict[str, dict[int, float]] = {}
+        for record in jsonl(run / "tsm" / "metrics.jsonl"):
+            for key, value in record.items():
+                if key.startswith(("tsm/loss", "tsm/grad_norm", "tsm/anomaly")):
+                    series.setdefault(key, {})[record["step"]] = value
+        anomalies = [(a.kind, a.step, a.batch_index, a.domains) for a in monitor.state.anomalies]
+        logged[deferred] = series, anomalies
+    (immediate, anomalies), (deferred, deferred_anomalies) = logged[False], logged[True]
+    assert sorted(deferred["tsm/grad_norm"]) == list(range(1, 21))  # the last one too
+    assert sorted(deferred["tsm/loss"]) == list(range(2, 21, 2))
+    for key, values in immediate.items():
+        assert deferred[key] == pytest.approx(values, rel=1e-12), key
+    assert deferred_anomalies == anomalies and anomalies[0][:3] == ("spike", 15, 14)
+
+
 # -- gradients, weights, throughput ---------------------------------------------------------------
 def test_grad_norm_equals_torch_clip_grad_norm_per_group_and_overall(tmp_path):
     expected: list[tuple[float, dict[str, float]]] = []

@@ -208,6 +208,31 @@ def test_the_checkpoint_directory_keeps_everything_it_held(nan_run):
 
 
 # -- spikes -------------------------------------------------------------------------------------
+def test_with_deferred_checks_a_nan_rolls_back_once_to_the_same_checkpoint(store, tmp_path):
+    """On CUDA the monitor finds step 10's NaN at the end of step 11: the engine still
+    restores the checkpoint before step 10, once (step 11's own check, of weights just
+    thrown away, is dropped), and training goes on to the end."""
+    model = Faulty(nan_steps=[NAN_STEP])
+    engine = AdaptiveTrainingEngine(rollback=True, skip_batches=2)
+    checked = TrainingStateMonitor(deferred_checks=True, train_loss_every_n_steps=1,
+                                   val_loss=False, weight_stats_every_n_steps=None,
+                                   throughput_every_n_steps=None, spike_window=8,
+                                   spike_min_history=4, spike_zscore=4.0, run_dir=str(tmp_path))
+    dm = DomainDataModule(store, seq_len=32, batch_size=4, val_windows_per_domain=0, seed=1)
+    trainer = pl.Trainer(
+        max_steps=14, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[checked, engine, ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=-1)])
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(model, dm)
+    (record,) = engine.rollbacks
+    assert (record["anomaly"], record["step"], record["restored_step"]) == (
+        "nonfinite_loss", NAN_STEP, 8)
+    assert trainer.global_step == 14
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_loss_spike_triggers_a_rollback(store, tmp_path):
     engine = AdaptiveTrainingEngine(rollback=True)
     trainer, _ = fit(store, tmp_path, Faulty(spike_steps=[7], spike=5.0), engine, 9)

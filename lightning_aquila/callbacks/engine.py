@@ -139,6 +139,7 @@ class AdaptiveTrainingEngine(Callback):
         self.stages: list[dict[str, Any]] = []
         self.penalties: dict[str, float] = {}  # domain -> multiplier (downweight_factor ** n)
         self._last_step: int | None = None
+        self._anomalies_through = -1  # the newest anomaly step already considered
         self._resume_reasons: list[str] = []  # why a resume starts a new stage
         self._saved_history_length: int | None = None
         self._checkpoint_steps: dict[tuple[str, float], int | None] = {}
@@ -198,6 +199,7 @@ class AdaptiveTrainingEngine(Callback):
         mixture = self._mixture(trainer)
         step = trainer.global_step
         self._last_step = step
+        self._anomalies_through = step  # earlier anomalies belong to an earlier session
         if self._saved_history_length is not None:  # resumed: did the datamodule's YAML move?
             history = list(getattr(mixture, "history", []))
             self._resume_reasons += [str(c.reason) for c in history[self._saved_history_length:]
@@ -228,10 +230,20 @@ class AdaptiveTrainingEngine(Callback):
                 "on_train_batch_end before the engine (list it first in trainer.callbacks)"
             )
         if self.rollback:
+            # New anomalies: of this step, or of the previous one when the monitor reads its
+            # checks a step late (deferred_checks); steps only grow, rollbacks included.
             offending = [a for a in state.anomalies
-                         if a.step == step and a.kind in self.rollback_on]
+                         if a.step > self._anomalies_through and a.kind in self.rollback_on]
+            self._anomalies_through = max([self._anomalies_through,
+                                           *(a.step for a in state.anomalies)])
             if offending:
                 self._roll_back(trainer, pl_module, offending[0])
+                # Steps up to now trained on the weights just thrown away: a deferred check
+                # of this step would only report that again.
+                self._anomalies_through = step
+                discard = getattr(self.monitor, "discard_pending_check", None)
+                if callable(discard):
+                    discard()
                 return
         if self.policy is not None and self.policy.due(step):
             self._update(trainer, "update")

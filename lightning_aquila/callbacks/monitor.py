@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_aquila.callbacks.measures import (
     HeldOutLoss,
+    HostRead,
     JsonlAppender,
     SpikeDetector,
     ValLossFn,
@@ -94,6 +95,12 @@ class TrainingStateMonitor(Callback):
             sharded: a sharded run's snapshots are per rank and Lightning saves callback state
             from rank 0 only).
         detect_nonfinite: flag a non-finite loss or gradient norm.
+        deferred_checks: read each step's loss and gradient norm (for anomaly detection,
+            ``tsm/loss`` and ``tsm/grad_norm``) at the end of the *next* step, from a copy
+            queued behind the step's work, so the host never waits for the GPU (a wait per
+            step leaves the GPU idle while Lightning prepares the next one). Anomalies are
+            then found, logged and acted on one step later, still with their own step.
+            Default: on when the module is on CUDA.
         detect_spikes, spike_window, spike_zscore, spike_min_history: flag a step loss whose
             z-score against the previous ``spike_window`` step losses exceeds ``spike_zscore``
             (after ``spike_min_history`` steps).
@@ -125,6 +132,7 @@ class TrainingStateMonitor(Callback):
         snapshot_device: str = "cpu",
         checkpoint_snapshots: bool = True,
         detect_nonfinite: bool = True,
+        deferred_checks: bool | None = None,
         detect_spikes: bool = True,
         spike_window: int = 100,
         spike_zscore: float = 5.0,
@@ -168,6 +176,7 @@ class TrainingStateMonitor(Callback):
         self.snapshot_device = torch.device(snapshot_device)
         self.checkpoint_snapshots = checkpoint_snapshots
         self.detect_nonfinite = detect_nonfinite
+        self.deferred_checks = deferred_checks
         self.detect_spikes = detect_spikes
         self.max_anomalies = max_anomalies
         self.probes = list(probes or [])
@@ -194,6 +203,8 @@ class TrainingStateMonitor(Callback):
         self._step_presence: torch.Tensor | None = None  # samples per domain in this step
         self._step_data_index: Any = None  # batch["batch_index"] of the step's last batch
         self._grad_groups: dict[str, torch.Tensor] = {}  # squared norms, on device
+        self._deferred = False  # resolved from deferred_checks at train start
+        self._pending: _StepCheck | None = None  # the last step's check, when deferred
         # per interval
         self._domain_table: torch.Tensor | None = None  # (domains, [loss sum, samples, tokens])
         self._restored_tables: list[Any] | None = None  # per rank, from a checkpoint
@@ -279,6 +290,9 @@ class TrainingStateMonitor(Callback):
             self._mixture_listened = mixture
         self._last_step = trainer.global_step
         self._reset_step()
+        self._pending = None
+        self._deferred = (pl_module.device.type == "cuda" if self.deferred_checks is None
+                          else bool(self.deferred_checks))
         self._restore_domain_table(trainer, pl_module)
         self._mark_time, self._mark_tokens, self._paused = time.perf_counter(), 0, 0.0
         history = [_change_dict(c) for c in getattr(mixture, "history", [])]
@@ -288,6 +302,22 @@ class TrainingStateMonitor(Callback):
                            "world_size": trainer.world_size, "domains": self._names,
                            "batches_per_step": trainer.accumulate_grad_batches,
                            "mixture_history": history})
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush_pending()
+
+    def discard_pending_check(self) -> None:
+        """Forgets a deferred check not yet read: the engine calls this when it rolls back,
+        since that step trained on weights it has just thrown away."""
+        self._pending = None
+
+    def _flush_pending(self) -> None:
+        """Finishes a deferred check now (before a checkpoint, at the end of training)."""
+        trainer = self._module.trainer if self._module is not None else None
+        if self._pending is None or trainer is None:
+            return
+        for checked_step, found in self._finish_pending(trainer):
+            self._emit(trainer, checked_step, found)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.report_on_fit_end and self.run_files and trainer.is_global_zero):
@@ -334,13 +364,14 @@ class TrainingStateMonitor(Callback):
             return  # accumulating gradients: the optimizer step has not happened yet
         self._last_step = trainer.global_step
         self.state.step = step = trainer.global_step
-        metrics = self._check_step(trainer)
+        metrics: dict[str, float] = {}
+        for checked_step, found in self._check_step(trainer):
+            if checked_step == step:
+                metrics.update(found)
+            else:  # deferred: the previous step's, logged at that step
+                self._emit(trainer, checked_step, found)
         if _due(self.train_loss_every_n_steps, step):
             metrics.update(self._train_loss(trainer))
-        if _due(self.grad_norm_every_n_steps, step) and self.state.grad_norm is not None:
-            metrics["tsm/grad_norm"] = self.state.grad_norm
-            for group, norm in self.state.grad_norm_groups.items():
-                metrics[f"tsm/grad_norm_group/{group}"] = norm
         if _due(self.lr_every_n_steps, step):
             metrics.update(self._learning_rates(trainer))
         if _due(self.throughput_every_n_steps, step):
@@ -388,12 +419,28 @@ class TrainingStateMonitor(Callback):
         self._domain_table.index_add_(0, domain.to(loss.device), rows.to(loss.device))
         self._step_presence.index_add_(0, domain.to(loss.device), rows[:, 1:2].to(loss.device))
 
-    def _check_step(self, trainer: Trainer) -> dict[str, float]:
-        """The step's global loss and gradient norm; anomalies. One small all-reduce and one
-        host sync per step, which reads the loss and the gradient norms together (none when
-        detection is off and neither the train nor the grad-norm interval is due)."""
+    def _check_step(self, trainer: Trainer) -> list[tuple[int, dict[str, float]]]:
+        """This step's check, or with deferred checks the previous step's: the step's global
+        loss and gradient norm, and anomalies. Returns ``(step, metrics)`` for each check
+        finished now."""
+        check = self._launch_check(trainer)
+        if not self._deferred:
+            return [(check.step, self._finish_check(trainer, check))] if check else []
+        finished = self._finish_pending(trainer)
+        self._pending = check
+        return finished
+
+    def _finish_pending(self, trainer: Trainer) -> list[tuple[int, dict[str, float]]]:
+        check, self._pending = self._pending, None
+        return [(check.step, self._finish_check(trainer, check))] if check else []
+
+    def _launch_check(self, trainer: Trainer) -> _StepCheck | None:
+        """Queues the step's loss (one small all-reduce) and gradient norms for the host,
+        without waiting (none when detection is off and neither the train-loss nor the
+        grad-norm interval is due)."""
+        step = self.state.step
         wants_loss = (self.detect_nonfinite or self.detect_spikes
-                      or _due(self.train_loss_every_n_steps, self.state.step))
+                      or _due(self.train_loss_every_n_steps, step))
         has_loss = wants_loss and isinstance(self._step_loss, torch.Tensor)
         names = list(self._grad_groups)
         values: list[torch.Tensor] = []
@@ -406,30 +453,49 @@ class TrainingStateMonitor(Callback):
             squares = torch.stack([torch.as_tensor(self._grad_groups[n], dtype=torch.float64)
                                    for n in names])
             values.append(squares.to(values[0].device) if values else squares)
-        read = torch.cat(values).tolist() if values else []
+        if not values:
+            return None
+        presence = self._step_presence if has_loss else None
+        if presence is not None and self._deferred:
+            presence = presence.clone()  # _reset_step zeroes it for the next step
+        return _StepCheck(step=step, read=HostRead(torch.cat(values)), grad_groups=names,
+                          has_loss=has_loss, presence=presence,
+                          batch_index=self._offending_batch_index_source(),
+                          num_batches=self._step_batches)
+
+    def _finish_check(self, trainer: Trainer, check: _StepCheck) -> dict[str, float]:
+        """Reads a launched check; updates the state's loss and gradient norm, records the
+        anomalies it shows, and returns the step's metrics."""
+        read = check.read.tolist()
+        metrics: dict[str, float] = {}
         grad_sq = None
-        if names:
-            by_group = dict(zip(names, read[len(read) - len(names):]))
+        if check.grad_groups:
+            by_group = dict(zip(check.grad_groups, read[len(read) - len(check.grad_groups):]))
             grad_sq = sum(by_group.values())
             self.state.grad_norm = math.sqrt(grad_sq)
             self.state.grad_norm_groups = {k: math.sqrt(v) for k, v in by_group.items()}
-        if not has_loss:
-            return {}
+            if _due(self.grad_norm_every_n_steps, check.step):
+                metrics["tsm/grad_norm"] = self.state.grad_norm
+                for group, norm in self.state.grad_norm_groups.items():
+                    metrics[f"tsm/grad_norm_group/{group}"] = norm
+        if not check.has_loss:
+            return metrics
         loss_sum, count = read[0], read[1]
         self.state.loss = loss_sum / count
+        if _due(self.train_loss_every_n_steps, check.step):
+            metrics["tsm/loss"] = self.state.loss
         found: list[Anomaly] = []
         if self.detect_nonfinite and not math.isfinite(self.state.loss):
-            found.append(self._anomaly("nonfinite_loss", self.state.loss))
+            found.append(self._anomaly(check, "nonfinite_loss", self.state.loss))
         if self.detect_nonfinite and grad_sq is not None and not math.isfinite(grad_sq):
-            found.append(self._anomaly("nonfinite_grad", self.state.grad_norm))
+            found.append(self._anomaly(check, "nonfinite_grad", self.state.grad_norm))
         if self.detect_spikes:
             z = self.spikes.update(self.state.loss)
             if z is not None:
-                found.append(self._anomaly("spike", self.state.loss, zscore=z))
+                found.append(self._anomaly(check, "spike", self.state.loss, zscore=z))
         if not found:
-            return {}
-        domains = self._step_domains(trainer)
-        metrics: dict[str, float] = {}
+            return metrics
+        domains = self._step_domains(trainer, check.presence)
         for anomaly in found:
             anomaly.domains = domains
             self.anomaly_count += 1
@@ -445,33 +511,35 @@ class TrainingStateMonitor(Callback):
         metrics["tsm/anomaly/count"] = float(self.anomaly_count)
         return metrics
 
-    def _anomaly(self, kind: str, value: float | None, zscore: float | None = None) -> Anomaly:
-        return Anomaly(step=self.state.step, kind=kind,
+    def _anomaly(self, check: _StepCheck, kind: str, value: float | None,
+                 zscore: float | None = None) -> Anomaly:
+        index = check.batch_index
+        if isinstance(index, torch.Tensor):
+            index = int(index.reshape(-1)[0])
+        return Anomaly(step=check.step, kind=kind,
                        value=float("nan") if value is None else float(value),
-                       batch_index=self._offending_batch_index(), zscore=zscore,
-                       num_batches=self._step_batches)
+                       batch_index=index, zscore=zscore, num_batches=check.num_batches)
 
-    def _offending_batch_index(self) -> int:
+    def _offending_batch_index_source(self) -> int | torch.Tensor:
         """The data's own index of the step's last batch when the batch carries one
         (``batch["batch_index"]``: the sampler's numbering, which skipped batches do not
-        shift), else the monitor's count of training batches so far, minus one."""
+        shift), else the monitor's count of training batches so far, minus one. A tensor is
+        kept as it is, and read only if the step turns out anomalous."""
         index = self._step_data_index
         if isinstance(index, torch.Tensor) and index.numel() > 0:
-            return int(index.reshape(-1)[0])
+            return index.reshape(-1)[:1]
         if isinstance(index, int):
             return index
         return self.state.batch_index - 1
 
-    def _step_domains(self, trainer: Trainer) -> list[str]:
-        if self._step_presence is None:
+    def _step_domains(self, trainer: Trainer, presence: torch.Tensor | None) -> list[str]:
+        if presence is None:
             return []
-        presence = self._sum_over_ranks(trainer, self._step_presence.reshape(-1).clone())
+        presence = self._sum_over_ranks(trainer, presence.reshape(-1).clone())
         return [self._name(i) for i, n in enumerate(presence.tolist()) if n > 0]
 
     def _train_loss(self, trainer: Trainer) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self.state.loss is not None:
-            metrics["tsm/loss"] = self.state.loss
         if self._domain_table is None:
             return metrics
         table = self._sum_over_ranks(trainer, self._domain_table.clone()).tolist()
@@ -650,6 +718,7 @@ class TrainingStateMonitor(Callback):
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._flush_pending()  # the checkpoint holds the state of its own step
         snapshots = None
         if self.checkpoint_snapshots and self._module is not None and not any(
                 isinstance(p, DTensor) for p in self._module.parameters()):
@@ -821,3 +890,17 @@ def _exp(loss: float) -> float:
 
 __all__ = ["RUN_FILES_FORMAT", "HeldOutLoss", "SpikeDetector", "TrainingStateMonitor",
            "layer_of", "next_token_loss", "squares_on_device", "sum_of_squares", "throughput"]
+
+
+@dataclass
+class _StepCheck:
+    """One step's loss and gradient norms, on their way to the host (see ``HostRead``), and
+    what an anomaly record of that step needs."""
+
+    step: int
+    read: HostRead
+    grad_groups: list[str]
+    has_loss: bool
+    presence: torch.Tensor | None  # samples per domain in the step, this rank
+    batch_index: int | torch.Tensor
+    num_batches: int
