@@ -1,8 +1,9 @@
 """TrainingStateMonitor: per-domain losses, held-out loss, grad norm, weight statistics,
 throughput/MFU, anomalies, probes, checkpointed state, and a real 2-process FSDP2 run.
 
-The project in this file is a plain Lightning one: its module, data and mixture are written
-here, and the first test imports nothing of ours but the monitor.
+The project is a plain Lightning one: its modules and mixture are the test project's
+(``helpers/tiny_project.py``), its data is written here, and the first test imports nothing
+of ours but the monitor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.tiny_project import VOCAB, PlainMixture, TinyLM, jsonl, quiet_trainer
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -27,12 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 
-VOCAB = 64
 DOMAINS = ["code", "web", "books"]
-
-
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
 # -- a plain Lightning project -----------------------------------------------------------------
@@ -56,62 +52,6 @@ class TaggedWindows(Dataset):
         return {"input_ids": window[:-1], "labels": labels, "domain": torch.tensor(domain)}
 
 
-class TinyLM(LightningModule):
-    """Embedding -> two blocks -> head; returns the Step output contract."""
-
-    def __init__(self, lr: float = 0.05, optimizer: str = "sgd", spike_at: int | None = None,
-                 nan_at: int | None = None) -> None:
-        super().__init__()
-        self.lr, self.optimizer_name, self.spike_at, self.nan_at = lr, optimizer, spike_at, nan_at
-        self.embed = nn.Embedding(VOCAB, 16)
-        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(2)])
-        self.head = nn.Linear(16, VOCAB)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
-        for block in self.blocks:
-            h = h + torch.tanh(block(h))
-        return self.head(h)
-
-    def training_step(self, batch, batch_idx):
-        per_token = F.cross_entropy(self(batch["input_ids"]).flatten(0, 1),
-                                    batch["labels"].flatten(), ignore_index=-100,
-                                    reduction="none").view_as(batch["labels"])
-        mask = batch["labels"] != -100
-        sample = (per_token * mask).sum(1) / mask.sum(1)
-        loss = (per_token * mask).sum() / mask.sum()
-        if batch_idx == self.spike_at:
-            loss, sample = loss * 10, sample * 10
-        if batch_idx == self.nan_at:
-            loss, sample = loss * float("nan"), sample * float("nan")
-        return {"loss": loss, "sample_loss": sample.detach()}
-
-    def validation_step(self, batch, batch_idx):
-        pass  # returns nothing: the monitor measures held-out loss itself
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW([
-                {"params": [p for p in self.parameters() if p.ndim >= 2], "name": "matrices"},
-                {"params": [p for p in self.parameters() if p.ndim < 2], "name": "vectors"}],
-                lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class PlainMixture:
-    """The Mixture contract, and nothing more."""
-
-    def __init__(self, domains, weights):
-        self.domains, self._weights = list(domains), dict(weights)
-
-    @property
-    def weights(self):
-        return dict(self._weights)
-
-    def set_weights(self, weights, reason=""):
-        self._weights = dict(weights)
-
-
 class TaggedData(LightningDataModule):
     def __init__(self, train: int = 400, val: int = 18, batch_size: int = 4) -> None:
         super().__init__()
@@ -124,14 +64,6 @@ class TaggedData(LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=5)
-
-
-def quiet_trainer(tmp_path: Path, callbacks, **kwargs) -> Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, callbacks=callbacks,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, **kwargs)
 
 
 def hand_sample_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
