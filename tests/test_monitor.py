@@ -234,6 +234,20 @@ def test_deferred_checks_log_the_same_values_at_the_same_steps_one_step_later(tm
     assert deferred_anomalies == anomalies and anomalies[0][:3] == ("spike", 15, 14)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_deferred_host_read_of_a_cuda_tensor_is_its_value_with_later_work_queued():
+    from lightning_aquila.callbacks.measures import HostRead
+
+    values = torch.arange(4.0, device="cuda", dtype=torch.float64)
+    read = HostRead(values * 2)
+    values.add_(100)  # later work on the same stream must not leak into the read
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        big = big @ big / 64
+    assert read.tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
 # -- gradients, weights, throughput ---------------------------------------------------------------
 def test_grad_norm_equals_torch_clip_grad_norm_per_group_and_overall(tmp_path):
     expected: list[tuple[float, dict[str, float]]] = []
