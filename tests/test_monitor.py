@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny_project import VOCAB, PlainMixture, TinyLM, jsonl, quiet_trainer
+from helpers.tiny_project import (
+    VOCAB,
+    BagOfTokensLM,
+    PlainMixture,
+    TinyLM,
+    jsonl,
+    quiet_trainer,
+)
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -388,6 +395,41 @@ def test_monitor_state_round_trips_through_a_checkpoint(tmp_path):
             torch.testing.assert_close(tensor, saved_snapshots[kind][name])
     assert second.state.step == 8 and second.state.tokens > first.state.tokens
 
+
+
+#: ``TrainingStateMonitor.state_dict()`` as the monitor wrote it before it became a package of
+#: parts (commit f7e6277): 8 steps of ``BagOfTokensLM(vocab=64, width=4)`` on ``TaggedData``
+#: with ``train_loss_every_n_steps=3, weight_stats_every_n_steps=2, spike_window=6,
+#: spike_min_history=4``: a spike at step 7, a stage "K2" from step 4, weight snapshots, and
+#: a train-loss interval two steps in.
+FORMAT1_STATE = Path(__file__).parent / "data" / "monitor_state_format1.pt"
+
+
+def test_a_monitor_state_written_before_the_split_loads_and_training_goes_on(tmp_path):
+    saved = torch.load(FORMAT1_STATE, weights_only=True)
+    monitor = TrainingStateMonitor(train_loss_every_n_steps=3, weight_stats_every_n_steps=2,
+                                   spike_window=6, spike_min_history=4)
+    monitor.load_state_dict(saved)
+    assert (monitor.state.step, monitor.state.stage, monitor.state.stage_step) == (8, "K2", 4)
+    assert [(a.kind, a.step, a.batch_index) for a in monitor.state.anomalies] == [("spike", 7, 6)]
+    assert monitor.anomaly_count == 1 and list(monitor.spikes.window) == saved["spike_window"]
+
+    torch.manual_seed(0)
+    trainer = quiet_trainer(tmp_path, [monitor], max_steps=3, limit_val_batches=0)
+    trainer.fit(BagOfTokensLM(vocab=64, width=4), TaggedData())
+    # the interval's restored per-domain table counted with the new steps' 3 x 4 windows of 12
+    interval = sum(tokens for _, _, tokens in saved["domain_tables"][0])
+    assert monitor.state.tokens == saved["state"]["tokens"] + interval + 3 * 4 * 12
+    # the first weight check after the resume measures against the restored snapshots
+    assert monitor.state.weight_step == 2
+    for stats in monitor.state.weight_stats.values():
+        assert {"norm", "update_ratio", "stage_change"} <= stats.keys()
+    # and the next checkpoint is written in the same format
+    again = monitor.state_dict()
+    assert again.keys() == saved.keys() and again["format"] == saved["format"] == 1
+    assert again["state"].keys() == saved["state"].keys()
+    assert {k: v.keys() for k, v in again["snapshots"].items()} == {
+        k: v.keys() for k, v in saved["snapshots"].items()}
 
 def test_record_event_and_mixture_changes_go_to_the_event_log(tmp_path):
     from lightning_aquila.datamodules.mixture import DomainMixture
