@@ -244,7 +244,7 @@ def test_deferred_checks_log_the_same_values_at_the_same_steps_one_step_later(tm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_deferred_host_read_of_a_cuda_tensor_is_its_value_with_later_work_queued():
-    from lightning_aquila.callbacks.measures import HostRead
+    from lightning_aquila.callbacks.monitor.norms import HostRead
 
     values = torch.arange(4.0, device="cuda", dtype=torch.float64)
     read = HostRead(values * 2)
