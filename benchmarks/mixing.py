@@ -273,8 +273,8 @@ def plan(policies: Sequence[str], seeds: Sequence[int], out: Path) -> tuple[list
 def summarise(run: Run, shares: dict[str, float]) -> dict[str, Any] | None:
     """The run's last held-out evaluation, and its domain-average curve against tokens (read
     through the report's own loaders, as ``report --compare`` draws them)."""
-    from lightning_aquila.report import load_run
     from lightning_aquila.report_compare import held_out_curves
+    from lightning_aquila.run_record import load_run
 
     if not run.metrics.is_file():
         return None

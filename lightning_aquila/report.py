@@ -6,10 +6,8 @@ and writes ``report.png`` and ``report.html`` next to the ``tsm`` folder: per-do
 and held-out loss, the mixture over steps, stage boundaries, anomalies, gradient norm,
 throughput/MFU, the weights' update ratios and change since the stage began, and probes.
 
-Reading is crash-tolerant: a torn line (a run killed mid-write) is skipped. Timelines are
-cleaned the way training went: a ``session_start`` at step S (a resume) drops what the
-previous session recorded after S (it was replayed), and a ``rollback`` to step S drops the
-metrics recorded after S before it (the events stay, so the report shows why).
+Reading the files (torn lines, resumes and rollbacks cleaned from the timeline) is
+``run_record.py``; ``load_run`` and ``read_jsonl`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -23,165 +21,20 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from lightning_aquila.atomic import write_bytes_atomically
+from lightning_aquila.run_record import RunRecord, finite_points, load_run, read_jsonl
 
-METRICS_FILE = "metrics.jsonl"
-EVENTS_FILE = "events.jsonl"
 #: The page lists at most this many events (the most recent); the file has them all.
 MAX_EVENT_ROWS = 500
-
-
-# -- reading -----------------------------------------------------------------------------------
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """JSON objects, one per line; lines that do not parse (a torn last line) are skipped."""
-    records = []
-    if not Path(path).exists():
-        return records
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number < len(lines) - 1:  # not the last line: say so, it is not a crash artefact
-                warnings.warn(f"{path}:{number}: skipping a line that is not JSON", stacklevel=2)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def find_tsm_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """``<run_dir>/tsm``, or the most recently written ``tsm`` folder below ``run_dir`` (a
-    logger may have put the run in ``lightning_logs/version_N``)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "tsm" / METRICS_FILE).exists():
-        return run_dir / "tsm"
-    if run_dir.name == "tsm" and (run_dir / METRICS_FILE).exists():
-        return run_dir
-    found = sorted(run_dir.glob(f"**/tsm/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no TSM run files under {run_dir} (looked for "
-                                f"tsm/{METRICS_FILE}); was TrainingStateMonitor in the run?")
-    return found[-1].parent
-
-
-@dataclass
-class RunRecord:
-    """A run's metric rows and events after the timeline clean-up."""
-
-    tsm_dir: Path
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def series(self, name: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric; a step logged twice keeps its last value."""
-        points: dict[int, float] = {}
-        for row in self.rows:
-            if name in row:
-                value = row[name]
-                points[int(row["step"])] = float("nan") if value is None else float(value)
-        steps = sorted(points)
-        return steps, [points[s] for s in steps]
-
-    def names(self, prefix: str, suffix: str = "") -> list[str]:
-        """The ``<x>`` of every metric named ``<prefix><x><suffix>``, first-seen order."""
-        found: dict[str, None] = {}
-        for row in self.rows:
-            for key in row:
-                if key.startswith(prefix) and key.endswith(suffix) and len(key) > len(prefix) + len(
-                        suffix):
-                    found[key[len(prefix) : len(key) - len(suffix)]] = None
-        return list(found)
-
-    def last(self, name: str) -> float | None:
-        values = self.series(name)[1]
-        return values[-1] if values else None
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("kind") == kind]
-
-    def mixture_history(self) -> list[tuple[float, dict[str, float]]]:
-        """``(step, weights)`` for each mixture the sampler used, from the mixture history:
-        the newest ``session_start``'s (restored with the checkpoint) plus the changes
-        recorded after it. A change applies from a global batch index; ``batch_index /
-        batches_per_step`` is the optimizer step whose batches first use it."""
-        starts = self.of_kind("session_start")
-        changes: list[dict[str, Any]] = []
-        since = -math.inf
-        if starts:
-            changes = list(starts[-1].get("mixture_history") or [])
-            since = starts[-1].get("time", -math.inf)
-        changes += [e for e in self.of_kind("mixture") if e.get("time", 0.0) > since]
-        per_step = float(starts[-1].get("batches_per_step") or 1) if starts else 1.0
-        by_batch = {int(c["batch_index"]): c["weights"] for c in changes
-                    if c.get("batch_index") is not None and c.get("weights")}
-        return [(batch / per_step, {k: float(v) for k, v in weights.items()})
-                for batch, weights in sorted(by_batch.items())]
-
-    def tokens_at(self, steps: Sequence[int]) -> list[float | None]:
-        """Training tokens seen (``tsm/tokens_total``) at each step, linear between the
-        steps that logged it; ``None`` outside them (0 tokens at step 0)."""
-        known = dict(zip(*_finite(*self.series("tsm/tokens_total"))))
-        known.setdefault(0, 0.0)
-        points = sorted(known.items())
-        result: list[float | None] = []
-        for step in steps:
-            value = None
-            for (s0, t0), (s1, t1) in pairwise(points):
-                if s0 <= step <= s1:
-                    value = t0 + (t1 - t0) * (step - s0) / (s1 - s0)
-                    break
-            result.append(known.get(step, value))
-        return result
-
-    def domains(self) -> list[str]:
-        for event in reversed(self.of_kind("session_start")):
-            if event.get("domains"):
-                return list(event["domains"])
-        names = self.names("tsm/train_loss/") + self.names("tsm/val_loss/")
-        names += self.names("tsm/mixture/")
-        return list(dict.fromkeys(n for n in names if "/" not in n))
-
-
-def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
-    tsm_dir = find_tsm_dir(run_dir)
-    rows = read_jsonl(tsm_dir / METRICS_FILE)
-    events = read_jsonl(tsm_dir / EVENTS_FILE)
-    timeline = sorted([(r.get("time", 0.0), 0, r) for r in rows if "step" in r]
-                      + [(e.get("time", 0.0), 1, e) for e in events if "step" in e],
-                      key=lambda item: (item[0], item[1]))
-    kept_rows: list[dict[str, Any]] = []
-    kept_events: list[dict[str, Any]] = []
-    for _, is_event, record in timeline:
-        kind = record.get("kind") if is_event else None
-        if kind == "session_start":
-            start = int(record["step"])
-            kept_rows = [r for r in kept_rows if r["step"] <= start]
-            kept_events = [e for e in kept_events if e["step"] <= start]
-        elif kind == "rollback" and record.get("to_step") is not None:
-            kept_rows = [r for r in kept_rows if r["step"] <= int(record["to_step"])]
-        (kept_events if is_event else kept_rows).append(record)
-    return RunRecord(tsm_dir, kept_rows, kept_events)
 
 
 # -- the figure --------------------------------------------------------------------------------
 #: What an empty panel says (a run too short for that measurement, or it is turned off).
 NO_DATA = "no data yet"
-
-
-def _finite(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
-    pairs = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
-    return [s for s, _ in pairs], [v for _, v in pairs]
 
 
 def plot_run(record: RunRecord, title: str | None = None) -> Any:
@@ -218,11 +71,11 @@ def plot_run(record: RunRecord, title: str | None = None) -> Any:
     _held_out_panels(record, val_ax, tokens_loss_ax, domains, color)
     _mixture_panel(record, mix_ax, color)
     for d in domains:
-        seen_ax.plot(*_finite(*record.series(f"tsm/tokens/{d}")), color=color[d], lw=1.4,
+        seen_ax.plot(*finite_points(*record.series(f"tsm/tokens/{d}")), color=color[d], lw=1.4,
                      label=d)
     seen_ax.set_title("tokens seen per domain (cumulative)")
     _lr_panel(record, lr_ax)
-    steps, values = _finite(*record.series("tsm/grad_norm"))
+    steps, values = finite_points(*record.series("tsm/grad_norm"))
     grad_ax.plot(steps, values, color="tab:blue", lw=1.2)
     if values and min(values) > 0 and max(values) / min(values) > 50:
         grad_ax.set_yscale("log")
@@ -256,9 +109,9 @@ def plot_run(record: RunRecord, title: str | None = None) -> Any:
 def _train_loss_panel(record: RunRecord, ax: Any, domains: list[str], color: dict) -> None:
     """Per domain: the interval means solid, their EMA dashed; loss spikes as red crosses."""
     for d in domains:
-        ax.plot(*_finite(*record.series(f"tsm/train_loss/{d}")), color=color[d], lw=1.4,
+        ax.plot(*finite_points(*record.series(f"tsm/train_loss/{d}")), color=color[d], lw=1.4,
                 label=d)
-        ax.plot(*_finite(*record.series(f"tsm/train_loss_ema/{d}")), color=color[d], lw=1.2,
+        ax.plot(*finite_points(*record.series(f"tsm/train_loss_ema/{d}")), color=color[d], lw=1.2,
                 ls="--", alpha=0.6)
     spikes = [e for e in record.of_kind("anomaly") if e.get("type") == "spike"
               and e.get("value") is not None]
@@ -278,7 +131,7 @@ def _held_out_panels(record: RunRecord, by_step: Any, by_tokens: Any, domains: l
     curves.append(("tsm/val_loss_avg", "token-weighted avg",
                    {"color": "black", "ls": "--", "lw": 1.5}))
     for name, label, style in curves:
-        steps, values = _finite(*record.series(name))
+        steps, values = finite_points(*record.series(name))
         by_step.plot(steps, values, label=label, **style)
         tokens = record.tokens_at(steps)
         pairs = [(t, v) for t, v in zip(tokens, values) if t is not None]
@@ -312,20 +165,20 @@ def _lr_panel(record: RunRecord, ax: Any) -> None:
     groups = record.names("tsm/lr_group/")
     if groups:
         for i, group in enumerate(groups):  # groups often share one schedule: dash the rest
-            ax.plot(*_finite(*record.series(f"tsm/lr_group/{group}")), lw=1.2, label=group,
+            ax.plot(*finite_points(*record.series(f"tsm/lr_group/{group}")), lw=1.2, label=group,
                     ls="-" if i == 0 else (0, (3 + i, 3)))
     else:
-        ax.plot(*_finite(*record.series("tsm/lr")), color="tab:orange", lw=1.2)
+        ax.plot(*finite_points(*record.series("tsm/lr")), color="tab:orange", lw=1.2)
     ax.set_title("learning rate")
 
 
 def _throughput_panel(record: RunRecord, ax: Any) -> None:
     """Tokens/s per device; MFU is that times a constant, so it is a second scale on the same
     line (in %), not a second series."""
-    steps, values = _finite(*record.series("tsm/tokens_per_sec"))
+    steps, values = finite_points(*record.series("tsm/tokens_per_sec"))
     ax.plot(steps, values, color="tab:green", lw=1.2)
     ax.set_ylabel("tokens/s per device")
-    mfu = dict(zip(*_finite(*record.series("tsm/mfu"))))
+    mfu = dict(zip(*finite_points(*record.series("tsm/mfu"))))
     ratios = [mfu[s] / v for s, v in zip(steps, values) if s in mfu and v > 0]
     if ratios:
         per_token = 100 * sorted(ratios)[len(ratios) // 2]  # % MFU per token/s
@@ -339,7 +192,7 @@ def _probe_panel(record: RunRecord, ax: Any, palette: Any) -> None:
     """Each probe metric, and its probe's chance level (``<probe>/chance``) as a dotted line."""
     names = [n for n in record.names("tsm/probe/") if not n.endswith("/chance")]
     for i, name in enumerate(names):
-        ax.plot(*_finite(*record.series(f"tsm/probe/{name}")), marker="o", ms=3,
+        ax.plot(*finite_points(*record.series(f"tsm/probe/{name}")), marker="o", ms=3,
                 color=palette(i % 10), label=name)
     for probe in record.names("tsm/probe/", "/chance"):
         chance = record.last(f"tsm/probe/{probe}/chance")
@@ -354,7 +207,7 @@ def _layer_panel(record: RunRecord, ax: Any, stat: str, title: str) -> None:
     layers = record.names("tsm/weights/", f"/{stat}")
     cmap = colormaps["viridis"]
     for i, layer in enumerate(layers):
-        steps, values = _finite(*record.series(f"tsm/weights/{layer}/{stat}"))
+        steps, values = finite_points(*record.series(f"tsm/weights/{layer}/{stat}"))
         positive = [(s, v) for s, v in zip(steps, values) if v > 0]
         ax.plot([s for s, _ in positive], [v for _, v in positive], marker=".",
                 color=cmap(i / max(1, len(layers) - 1)), lw=1,
@@ -531,6 +384,10 @@ def _compare(run_dirs: list[str], output: str, labels: list[str] | None) -> int:
     print(summary_table([summarise_run(r) for r in run_dirs], names))
     print(f"figure: {path}")
     return 0
+
+
+__all__ = ["NO_DATA", "RunRecord", "load_run", "main", "plot_run", "read_jsonl", "render_html",
+           "write_report"]
 
 
 if __name__ == "__main__":

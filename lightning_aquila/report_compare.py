@@ -3,7 +3,7 @@
 Mixture policies are judged by what they buy per training token, so the runs' held-out loss
 curves (domain average, worst domain, each domain) are overlaid against training tokens, and
 each run's mixture trajectory gets its own panel (stacked weights do not overlay). Reads each
-run's TSM files through :func:`lightning_aquila.report.load_run`.
+run's TSM files through :func:`lightning_aquila.run_record.load_run`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_aquila.atomic import write_bytes_atomically
-from lightning_aquila.report import RunRecord, load_run
+from lightning_aquila.run_record import RunRecord, load_run
 
 
 def held_out_curves(record: RunRecord) -> dict[str, list[tuple[float, float]]]:

@@ -1,4 +1,5 @@
-"""Shared fixtures. DMU fixtures are prefixed ``dmu_``."""
+"""Shared fixtures. DMU fixtures are prefixed ``dmu_``; what else test files share (the
+corpus store's builder, a plain Lightning project) is in ``helpers/``."""
 
 from __future__ import annotations
 
@@ -90,3 +91,12 @@ def dmu_other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
 def dmu_corpus() -> Path:
     """The bundled multi-domain corpus: ``corpus/<domain>/*.jsonl``."""
     return REPO / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A shard store prepared once per session from the first file of every bundled corpus
+    domain (5% held out). Tests only read it."""
+    from helpers.corpus import prepare_bundled_corpus
+
+    return prepare_bundled_corpus(tmp_path_factory.mktemp("corpus"))

@@ -31,7 +31,6 @@ import torch
 from crash_helpers import harness
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
-from test_rollback import prepare_corpus
 
 from lightning_aquila import AquilaLM
 from lightning_aquila.atomic import atomic_file, partial_files, replace_directory
@@ -45,8 +44,8 @@ KILL_SEED = int(os.environ.get("KILL_SEED", "2029"))
 
 
 @pytest.fixture(scope="session")
-def crash_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return prepare_corpus(tmp_path_factory.mktemp("crash_corpus"))
+def crash_store(corpus_store: str) -> str:
+    return corpus_store
 
 
 @pytest.fixture(scope="session")

@@ -204,18 +204,13 @@ def test_a_corrupt_chunk_is_refused_before_training_with_full_verification(dmu_m
 
 
 def test_aquila_tiny_trains_from_a_store_prepared_from_the_bundled_corpus(
-        tmp_path, dmu_corpus, dmu_tokenizer):
+        corpus_store, dmu_corpus, dmu_tokenizer):
     from lightning_aquila import AquilaLM
-    from lightning_aquila.datamodules.prepare import prepare
 
-    url = str(tmp_path / "corpus.zarr")
     domains = sorted(p.name for p in dmu_corpus.iterdir() if p.is_dir())
-    assert len(domains) >= 3
-    for domain in domains:
-        first = sorted((dmu_corpus / domain).glob("*.jsonl"))[0]
-        prepare(str(first), domain, url, held_out_fraction=0.05, progress=False)
+    assert len(domains) >= 3 and ShardStore(corpus_store).domains.keys() == set(domains)
     model = AquilaLM(preset="aquila2-tiny", tokenizer=dmu_tokenizer, warmup_steps=1)
-    dm = DomainDataModule(url, seq_len=64, batch_size=2, val_windows_per_domain=2)
+    dm = DomainDataModule(corpus_store, seq_len=64, batch_size=2, val_windows_per_domain=2)
     run = trainer(max_steps=3, limit_val_batches=1, val_check_interval=3)
     run.fit(model, dm)
     assert dm.sampler.next_batch == 3

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.tiny_project import BagOfTokensLM, PlainMixture
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -37,15 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """A shard store prepared from the first file of every bundled corpus domain."""
-    from lightning_aquila.datamodules.prepare import prepare
-
-    url = str(tmp_path_factory.mktemp("corpus") / "corpus.zarr")
-    for domain in sorted(p.name for p in (REPO / "corpus").iterdir() if p.is_dir()):
-        first = sorted((REPO / "corpus" / domain).glob("*.jsonl"))[0]
-        prepare(str(first), domain, url, held_out_fraction=0.05, progress=False)
-    return url
+def store(corpus_store) -> str:
+    """The first file of every bundled corpus domain, prepared (conftest)."""
+    return corpus_store
 
 
 class RecordingLM(AquilaLM):
@@ -188,6 +182,32 @@ def test_policy_state_survives_a_resume_exactly(store, tmp_path):
     assert late and max(abs(w - 1 / 3) for w in late[-1]["weights"].values()) > 1e-3
 
 
+
+@pytest.mark.parametrize("saved_class", ["lightning_aquila.callbacks.policies.BanditMixture",
+                                         "lightning_aquila.callbacks.BanditMixture"])
+def test_a_checkpoint_naming_the_policy_by_an_older_path_resumes_the_same_policy(saved_class):
+    """Checkpoints written before the policies moved to a module per family name them
+    ``lightning_aquila.callbacks.policies.BanditMixture``: the same policy, so its state
+    continues and no new stage starts."""
+    before = AdaptiveTrainingEngine(BanditMixture(update_every=2))
+    before.policy.load_state_dict({"rewards": {"a": 1.5, "b": 0.25}, "tokens_seen": {"a": 64},
+                                   "updates": 3, "epsilon": 0.125})
+    state = before.state_dict()
+    assert state["policy"]["class"] == "lightning_aquila.callbacks.policies.bandit.BanditMixture"
+    state["policy"]["class"] = saved_class
+
+    after = AdaptiveTrainingEngine(BanditMixture(update_every=2))
+    after.load_state_dict(state)
+    assert after.policy.state_dict() == before.policy.state_dict()
+    assert after._resume_reasons == []
+    other = AdaptiveTrainingEngine(ExcessLossMixture({"a": 1.0, "b": 1.0}))
+    other.load_state_dict(state)
+    assert other.policy.alpha is None
+    assert other._resume_reasons == ["policy changed from BanditMixture(smoothing=0.9, "
+                                     "importance_weighted=False, warmup_steps=0, update_every=2, "
+                                     "min_weight=0.0, max_weight=1.0) to "
+                                     f"{other.policy!r}"]
+
 def window_ids(store: str, domain: str, seq_len: int) -> dict[bytes, int]:
     """Training window id of ``domain`` by the bytes of its first ``seq_len`` tokens."""
     from lightning_aquila.datamodules.store import ShardStore
@@ -255,19 +275,6 @@ def test_an_engine_reading_a_stale_state_stops_naming_both_steps(store, tmp_path
 
 
 # -- any project with a mixture -----------------------------------------------------------------
-class PlainMixture:
-    """The Mixture contract and nothing more: domains, weights, set_weights."""
-
-    def __init__(self, domains: list[str]) -> None:
-        self.domains = domains
-        self.weights = dict.fromkeys(domains, 1 / len(domains))
-        self.calls: list[tuple[dict[str, float], str]] = []
-
-    def set_weights(self, weights, reason=""):  # exactly what the contract names
-        self.weights = dict(weights)
-        self.calls.append((dict(weights), reason))
-
-
 class PlainData(pl.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
@@ -281,25 +288,10 @@ class PlainData(pl.LightningDataModule):
         return DataLoader(items, batch_size=4)
 
 
-class PlainLM(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
-
-    def training_step(self, batch, batch_idx):
-        logits = self.head(self.embed(batch["input_ids"]))
-        per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
-                                    reduction="none").view_as(batch["labels"])
-        return {"loss": per_token.mean(), "sample_loss": per_token.mean(1).detach()}
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_the_engine_drives_any_datamodule_that_offers_the_mixture_contract(tmp_path):
     dm = PlainData()
     engine = AdaptiveTrainingEngine(StaticMixture({"a": 0.9, "b": 0.1}, max_weight=0.7))
-    fit(tmp_path, [monitor(tmp_path), engine], dm, 3, model=PlainLM())
+    fit(tmp_path, [monitor(tmp_path), engine], dm, 3, model=BagOfTokensLM())
     assert dm.mixture.calls == [({"a": 0.7, "b": pytest.approx(0.3)}, "StaticMixture: start")]
     logged = [e for e in events(tmp_path) if e["kind"] == "mixture"]
     assert [(e["step"], e["reason"], e["policy"]) for e in logged] == [

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.corpus import prepare_bundled_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("mixing_benchmark", REPO / "benchmarks/mixing.py")
@@ -20,14 +21,8 @@ spec.loader.exec_module(mixing)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """Three small domains of the bundled corpus, of different sizes."""
-    from lightning_aquila.datamodules.prepare import prepare
-
-    url = str(tmp_path_factory.mktemp("mixing") / "corpus.zarr")
-    for domain, name in (("en_legal", "common_licenses"), ("en_prose", "alice_in_wonderland"),
-                         ("code_c", "brotli")):
-        prepare(str(REPO / "corpus" / domain / f"{name}.jsonl"), domain, url,
-                held_out_fraction=0.05, progress=False)
-    return url
+    return prepare_bundled_corpus(tmp_path_factory.mktemp("mixing"), {
+        "en_legal": "common_licenses", "en_prose": "alice_in_wonderland", "code_c": "brotli"})
 
 
 def test_the_driver_runs_two_policies_and_prints_their_table(store, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """TrainingStateMonitor: per-domain losses, held-out loss, grad norm, weight statistics,
 throughput/MFU, anomalies, probes, checkpointed state, and a real 2-process FSDP2 run.
 
-The project in this file is a plain Lightning one: its module, data and mixture are written
-here, and the first test imports nothing of ours but the monitor.
+The project is a plain Lightning one: its modules and mixture are the test project's
+(``helpers/tiny_project.py``), its data is written here, and the first test imports nothing
+of ours but the monitor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.tiny_project import (
+    VOCAB,
+    BagOfTokensLM,
+    PlainMixture,
+    TinyLM,
+    jsonl,
+    quiet_trainer,
+)
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -27,12 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 
-VOCAB = 64
 DOMAINS = ["code", "web", "books"]
-
-
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
 # -- a plain Lightning project -----------------------------------------------------------------
@@ -56,62 +59,6 @@ class TaggedWindows(Dataset):
         return {"input_ids": window[:-1], "labels": labels, "domain": torch.tensor(domain)}
 
 
-class TinyLM(LightningModule):
-    """Embedding -> two blocks -> head; returns the Step output contract."""
-
-    def __init__(self, lr: float = 0.05, optimizer: str = "sgd", spike_at: int | None = None,
-                 nan_at: int | None = None) -> None:
-        super().__init__()
-        self.lr, self.optimizer_name, self.spike_at, self.nan_at = lr, optimizer, spike_at, nan_at
-        self.embed = nn.Embedding(VOCAB, 16)
-        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(2)])
-        self.head = nn.Linear(16, VOCAB)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
-        for block in self.blocks:
-            h = h + torch.tanh(block(h))
-        return self.head(h)
-
-    def training_step(self, batch, batch_idx):
-        per_token = F.cross_entropy(self(batch["input_ids"]).flatten(0, 1),
-                                    batch["labels"].flatten(), ignore_index=-100,
-                                    reduction="none").view_as(batch["labels"])
-        mask = batch["labels"] != -100
-        sample = (per_token * mask).sum(1) / mask.sum(1)
-        loss = (per_token * mask).sum() / mask.sum()
-        if batch_idx == self.spike_at:
-            loss, sample = loss * 10, sample * 10
-        if batch_idx == self.nan_at:
-            loss, sample = loss * float("nan"), sample * float("nan")
-        return {"loss": loss, "sample_loss": sample.detach()}
-
-    def validation_step(self, batch, batch_idx):
-        pass  # returns nothing: the monitor measures held-out loss itself
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW([
-                {"params": [p for p in self.parameters() if p.ndim >= 2], "name": "matrices"},
-                {"params": [p for p in self.parameters() if p.ndim < 2], "name": "vectors"}],
-                lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class PlainMixture:
-    """The Mixture contract, and nothing more."""
-
-    def __init__(self, domains, weights):
-        self.domains, self._weights = list(domains), dict(weights)
-
-    @property
-    def weights(self):
-        return dict(self._weights)
-
-    def set_weights(self, weights, reason=""):
-        self._weights = dict(weights)
-
-
 class TaggedData(LightningDataModule):
     def __init__(self, train: int = 400, val: int = 18, batch_size: int = 4) -> None:
         super().__init__()
@@ -124,14 +71,6 @@ class TaggedData(LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=5)
-
-
-def quiet_trainer(tmp_path: Path, callbacks, **kwargs) -> Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, callbacks=callbacks,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, **kwargs)
 
 
 def hand_sample_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +244,7 @@ def test_deferred_checks_log_the_same_values_at_the_same_steps_one_step_later(tm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_deferred_host_read_of_a_cuda_tensor_is_its_value_with_later_work_queued():
-    from lightning_aquila.callbacks.measures import HostRead
+    from lightning_aquila.callbacks.monitor.norms import HostRead
 
     values = torch.arange(4.0, device="cuda", dtype=torch.float64)
     read = HostRead(values * 2)
@@ -456,6 +395,41 @@ def test_monitor_state_round_trips_through_a_checkpoint(tmp_path):
             torch.testing.assert_close(tensor, saved_snapshots[kind][name])
     assert second.state.step == 8 and second.state.tokens > first.state.tokens
 
+
+
+#: ``TrainingStateMonitor.state_dict()`` as the monitor wrote it before it became a package of
+#: parts (commit f7e6277): 8 steps of ``BagOfTokensLM(vocab=64, width=4)`` on ``TaggedData``
+#: with ``train_loss_every_n_steps=3, weight_stats_every_n_steps=2, spike_window=6,
+#: spike_min_history=4``: a spike at step 7, a stage "K2" from step 4, weight snapshots, and
+#: a train-loss interval two steps in.
+FORMAT1_STATE = Path(__file__).parent / "data" / "monitor_state_format1.pt"
+
+
+def test_a_monitor_state_written_before_the_split_loads_and_training_goes_on(tmp_path):
+    saved = torch.load(FORMAT1_STATE, weights_only=True)
+    monitor = TrainingStateMonitor(train_loss_every_n_steps=3, weight_stats_every_n_steps=2,
+                                   spike_window=6, spike_min_history=4)
+    monitor.load_state_dict(saved)
+    assert (monitor.state.step, monitor.state.stage, monitor.state.stage_step) == (8, "K2", 4)
+    assert [(a.kind, a.step, a.batch_index) for a in monitor.state.anomalies] == [("spike", 7, 6)]
+    assert monitor.anomaly_count == 1 and list(monitor.spikes.window) == saved["spike_window"]
+
+    torch.manual_seed(0)
+    trainer = quiet_trainer(tmp_path, [monitor], max_steps=3, limit_val_batches=0)
+    trainer.fit(BagOfTokensLM(vocab=64, width=4), TaggedData())
+    # the interval's restored per-domain table counted with the new steps' 3 x 4 windows of 12
+    interval = sum(tokens for _, _, tokens in saved["domain_tables"][0])
+    assert monitor.state.tokens == saved["state"]["tokens"] + interval + 3 * 4 * 12
+    # the first weight check after the resume measures against the restored snapshots
+    assert monitor.state.weight_step == 2
+    for stats in monitor.state.weight_stats.values():
+        assert {"norm", "update_ratio", "stage_change"} <= stats.keys()
+    # and the next checkpoint is written in the same format
+    again = monitor.state_dict()
+    assert again.keys() == saved.keys() and again["format"] == saved["format"] == 1
+    assert again["state"].keys() == saved["state"].keys()
+    assert {k: v.keys() for k, v in again["snapshots"].items()} == {
+        k: v.keys() for k, v in saved["snapshots"].items()}
 
 def test_record_event_and_mixture_changes_go_to_the_event_log(tmp_path):
     from lightning_aquila.datamodules.mixture import DomainMixture

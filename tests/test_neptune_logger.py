@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from helpers.tiny_project import BagOfTokensLM, jsonl
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
@@ -19,10 +18,6 @@ from lightning_aquila.loggers import NeptuneLogger
 from lightning_aquila.loggers.neptune import resolve_mode
 
 SENTINEL_TOKEN = "sentinel-token-4f2a9c"  # a fake, to prove it is never written
-
-
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
 class Windows(torch.utils.data.Dataset):
@@ -34,23 +29,12 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": window[:-1], "labels": window[1:], "domain": torch.tensor(i % 2)}
 
 
-class SmallLM(LightningModule):
+class SmallLM(BagOfTokensLM):
+    """The test project's smallest module, with hyper-parameters to log (one a secret)."""
+
     def __init__(self, lr: float = 0.1, api_token: str = "", note: str = "") -> None:
-        super().__init__()
+        super().__init__(vocab=32, lr=lr)
         self.save_hyperparameters()
-        self.embed, self.head = nn.Embedding(32, 8), nn.Linear(8, 32)
-
-    def forward(self, input_ids):
-        return self.head(self.embed(input_ids))
-
-    def training_step(self, batch, batch_idx):
-        per_token = F.cross_entropy(self(batch["input_ids"]).flatten(0, 1),
-                                    batch["labels"].flatten(), reduction="none")
-        per_token = per_token.view_as(batch["labels"])
-        return {"loss": per_token.mean(), "sample_loss": per_token.mean(1).detach()}
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
 def offline_operations(data_dir: Path) -> list[dict]:

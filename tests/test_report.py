@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from helpers.tiny_project import TinyLM
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
@@ -49,33 +48,9 @@ class Data(LightningDataModule):
         return DataLoader(Windows(12, seed=1), batch_size=6)
 
 
-class SmallLM(LightningModule):
-    def __init__(self, spike_at: int | None = None):
-        super().__init__()
-        self.spike_at = spike_at
-        self.embed = nn.Embedding(64, 16)
-        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(2)])
-        self.head = nn.Linear(16, 64)
-
-    def forward(self, input_ids):
-        h = self.embed(input_ids)
-        for block in self.blocks:
-            h = h + torch.tanh(block(h))
-        return self.head(h)
-
-    def training_step(self, batch, batch_idx):
-        per_token = F.cross_entropy(self(batch["input_ids"]).flatten(0, 1),
-                                    batch["labels"].flatten(), reduction="none")
-        sample = per_token.view_as(batch["labels"]).mean(1)
-        if batch_idx == self.spike_at:
-            sample = sample * 8
-        return {"loss": sample.mean(), "sample_loss": sample.detach()}
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+def small_lm(spike_at: int | None = None) -> TinyLM:
+    """The test project's module under AdamW; at batch ``spike_at`` its loss is 8 times larger."""
+    return TinyLM(lr=1e-2, optimizer="adamw", spike_at=spike_at, spike_factor=8)
 
 
 class Schedule(Callback):
@@ -105,7 +80,7 @@ def fit(root: Path, max_steps: int, callbacks=(), ckpt_path=None, spike_at=None)
                       callbacks=[monitor, Schedule(monitor), *callbacks], val_check_interval=8,
                       logger=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, enable_checkpointing=bool(callbacks))
-    trainer.fit(SmallLM(spike_at=spike_at), Data(), ckpt_path=ckpt_path)
+    trainer.fit(small_lm(spike_at), Data(), ckpt_path=ckpt_path)
     return monitor
 
 
@@ -208,7 +183,7 @@ def test_a_rollback_drops_the_metrics_of_the_undone_steps(tmp_path):
     monitor = monitor_for_tests()
     Trainer(accelerator="cpu", max_steps=10, default_root_dir=tmp_path, logger=False,
             callbacks=[monitor, Rollback()], limit_val_batches=0, enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False).fit(SmallLM(), Data())
+            enable_model_summary=False, enable_checkpointing=False).fit(small_lm(), Data())
     record = load_run(tmp_path)
     assert record.series("tsm/loss")[0] == [2, 4, 10]
     assert [e["to_step"] for e in record.of_kind("rollback")] == [4]
@@ -269,7 +244,7 @@ def test_the_mixture_is_drawn_from_the_batch_a_change_applied_from(tmp_path):
     Trainer(accelerator="cpu", max_steps=10, default_root_dir=tmp_path, logger=False,
             callbacks=[monitor_for_tests(), prefetching], limit_val_batches=0,
             enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False).fit(SmallLM(), Data())
+            enable_checkpointing=False).fit(small_lm(), Data())
     record = load_run(tmp_path)
     assert prefetching.change.batch_index > 6
     assert record.mixture_history() == [

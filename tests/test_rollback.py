@@ -28,25 +28,14 @@ from lightning_aquila.callbacks.engine import AdaptiveTrainingEngine, RollbackEr
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 from lightning_aquila.datamodules import DomainDataModule
 
-REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_EVERY = 4
 NAN_STEP = 10  # the step whose loss is NaN: the newest checkpoint before it is step 8
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return prepare_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def prepare_corpus(folder: Path) -> str:
-    """A shard store from the first file of every bundled corpus domain."""
-    from lightning_aquila.datamodules.prepare import prepare
-
-    url = str(folder / "corpus.zarr")
-    for domain in sorted(p.name for p in (REPO / "corpus").iterdir() if p.is_dir()):
-        first = sorted((REPO / "corpus" / domain).glob("*.jsonl"))[0]
-        prepare(str(first), domain, url, held_out_fraction=0.05, progress=False)
-    return url
+def store(corpus_store) -> str:
+    """The first file of every bundled corpus domain, prepared (conftest)."""
+    return corpus_store
 
 
 class Faulty(AquilaLM):

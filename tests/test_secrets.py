@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 from crash_helpers import harness
-from test_rollback import prepare_corpus
 
 from lightning_aquila.loggers import NeptuneLogger
 
@@ -24,8 +23,8 @@ SENTINEL = "npt-sentinel-7d1e93b0c4a2"  # a fake token: only its absence is test
 
 
 @pytest.fixture(scope="module")
-def secret_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return prepare_corpus(tmp_path_factory.mktemp("secrets_corpus"))
+def secret_store(corpus_store: str) -> str:
+    return corpus_store
 
 
 def neptune_config(run: Path, store: str) -> Path:

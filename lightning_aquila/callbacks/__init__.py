@@ -1,7 +1,6 @@
 """HeuriMentor callbacks: the Training State Monitor (observes) and the Adaptive Training
 Engine (decides); reusable in any Lightning project whose batches carry a ``domain``."""
 
-from lightning_aquila.callbacks.aioli import AioliMixture
 from lightning_aquila.callbacks.engine import (
     AdaptiveTrainingEngine,
     EngineOrderError,
@@ -9,6 +8,7 @@ from lightning_aquila.callbacks.engine import (
 )
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 from lightning_aquila.callbacks.policies import (
+    AioliMixture,
     BanditMixture,
     ExcessLossMixture,
     MixturePolicy,

@@ -15,28 +15,33 @@ Either failure raises :class:`EngineOrderError` naming what to fix.
 **Rollback.** On a loss spike or a non-finite loss that the monitor flags, the engine can
 restore the model and optimizer from the newest checkpoint written before the anomaly and go
 on. The data position, step counter, learning-rate schedule, loggers and checkpoint names
-keep counting forward; see ``docs/engine.md`` for why.
+keep counting forward; see ``docs/engine.md`` for why. Finding that checkpoint and restoring
+from it is ``rollback.py``; what the policies decide is ``policies/``.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _load as pl_load
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_aquila.callbacks.policies import MixturePolicy, project_to_bounds
+from lightning_aquila.callbacks.policies import MixturePolicy
+from lightning_aquila.callbacks.rollback import (
+    CheckpointFinder,
+    RollbackError,
+    checkpoint_dirs,
+    restore_model_and_optimizer,
+)
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
+from lightning_aquila.domain_weights import project_to_bounds
 
 
 def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
@@ -60,10 +65,6 @@ ROLLBACK_KINDS = ("spike", "nonfinite_loss", "nonfinite_grad")
 
 class EngineOrderError(RuntimeError):
     """The engine cannot read a current ``TrainingState``: no monitor, or it runs too late."""
-
-
-class RollbackError(RuntimeError):
-    """A rollback was needed but is impossible or has been tried too often."""
 
 
 class AdaptiveTrainingEngine(Callback):
@@ -140,7 +141,7 @@ class AdaptiveTrainingEngine(Callback):
         self._anomalies_through = -1  # the newest anomaly step already considered
         self._resume_reasons: list[str] = []  # why a resume starts a new stage
         self._saved_history_length: int | None = None
-        self._checkpoint_steps: dict[tuple[str, float], int | None] = {}
+        self._checkpoints = CheckpointFinder()
         self._base: dict[str, float] | None = None  # the last weights before penalties
         self._trainer: Trainer | None = None
 
@@ -326,10 +327,10 @@ class AdaptiveTrainingEngine(Callback):
                 + ". Stopping: lower the learning rate, inspect the data of those domains, or "
                 "raise max_rollbacks"
             )
-        found = self._last_good_checkpoint(trainer, anomaly.step - self.min_checkpoint_age)
+        found = self._checkpoints.newest(trainer, anomaly.step - self.min_checkpoint_age)
         if found is None:
             message = (f"{what}: no checkpoint at step <= {anomaly.step - self.min_checkpoint_age}"
-                       f" to roll back to in {self._checkpoint_dirs(trainer)}")
+                       f" to roll back to in {checkpoint_dirs(trainer)}")
             if anomaly.kind != "spike":
                 raise RollbackError(message + "; save checkpoints more often "
                                     "(ModelCheckpoint(every_n_train_steps=...))")
@@ -337,7 +338,7 @@ class AdaptiveTrainingEngine(Callback):
             return
         path, restored_step = found
         position = _data_position(trainer, self._state())
-        checkpoint = self._restore(trainer, pl_module, path)
+        checkpoint = restore_model_and_optimizer(trainer, pl_module, path)
         saved = checkpoint.get("callbacks", {}).get(self.state_key, {})
         # Trained on by the abandoned steps, never by the restored model: [start, stop).
         replaced = {"start": saved.get("data_position"), "stop": position}
@@ -373,83 +374,6 @@ class AdaptiveTrainingEngine(Callback):
                 self.penalties[domain] = self.penalties.get(domain, 1.0) * self.downweight_factor
             self._apply(trainer, self._base or mixture.weights,
                         f"rollback: down-weight {anomaly.domains}", rollback=len(self.rollbacks))
-
-    def _restore(self, trainer: Trainer, pl_module: LightningModule, path: str
-                 ) -> dict[str, Any]:
-        """Model, optimizer (and precision-plugin) state from ``path``, the way Lightning's
-        checkpoint connector restores them, but nothing else: the optimizer's
-        hyper-parameters (the learning rate the schedule set for this step) stay as they are,
-        as do the scheduler, loops, datamodule and callbacks."""
-        hyper = [[{k: v for k, v in group.items() if k != "params"}
-                  for group in optimizer.param_groups] for optimizer in trainer.optimizers]
-        # The run's own checkpoint (hyper-parameters included), so a full unpickle, as a resume
-        # of the same run would need.
-        checkpoint = trainer.strategy.load_checkpoint(path, weights_only=False)
-        pl_module.on_load_checkpoint(checkpoint)
-        trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
-        if trainer.strategy.lightning_restore_optimizer:
-            if "optimizer_states" not in checkpoint:
-                raise RollbackError(f"checkpoint {path} holds no optimizer state "
-                                    "(ModelCheckpoint(save_weights_only=True)?); cannot roll back")
-            trainer.strategy.load_optimizer_state_dict(checkpoint)
-        for optimizer, groups in zip(trainer.optimizers, hyper):
-            for group, values in zip(optimizer.param_groups, groups):
-                group.update(values)
-        precision = trainer.precision_plugin
-        if type(precision).__qualname__ in checkpoint:
-            precision.load_state_dict(checkpoint[type(precision).__qualname__])
-        return checkpoint
-
-    @staticmethod
-    def _checkpoint_dirs(trainer: Trainer) -> list[str]:
-        return [str(cb.dirpath) for cb in trainer.checkpoint_callbacks
-                if getattr(cb, "dirpath", None)]
-
-    def _last_good_checkpoint(self, trainer: Trainer, max_step: int) -> tuple[str, int] | None:
-        """The newest checkpoint at a step <= ``max_step``: among the files (or sharded
-        checkpoint folders) in every ``ModelCheckpoint``'s ``dirpath``, the paths those
-        callbacks remember, and the checkpoint this fit resumed from. Rank 0 chooses; the
-        others follow (they may not see the same listing on a non-shared filesystem)."""
-        best: tuple[int, str] | None = None
-        if trainer.is_global_zero:
-            for path in self._candidates(trainer):
-                step = self._step_of(path)
-                if step is not None and step <= max_step and (best is None or step > best[0]):
-                    best = (step, path)
-        best = trainer.strategy.broadcast(best, src=0)
-        return None if best is None else (best[1], best[0])
-
-    @staticmethod
-    def _candidates(trainer: Trainer) -> list[str]:
-        paths: list[str] = []
-        for callback in trainer.checkpoint_callbacks:
-            extension = getattr(callback, "FILE_EXTENSION", ".ckpt")
-            dirpath = getattr(callback, "dirpath", None)
-            if dirpath:
-                fs = get_filesystem(dirpath)
-                if fs.isdir(dirpath):
-                    remote = "://" in str(dirpath)
-                    paths += [fs.unstrip_protocol(p) if remote else p
-                              for p in sorted(fs.ls(dirpath, detail=False))
-                              if str(p).endswith(extension)]
-            for attr in ("last_model_path", "best_model_path"):
-                if getattr(callback, attr, ""):
-                    paths.append(getattr(callback, attr))
-            paths += list(getattr(callback, "best_k_models", {}) or {})
-        if trainer.ckpt_path:
-            paths.append(str(trainer.ckpt_path))
-        return list(dict.fromkeys(str(p) for p in paths))
-
-    def _step_of(self, path: str) -> int | None:
-        """The ``global_step`` a checkpoint was saved at (cached by path and mtime)."""
-        fs = get_filesystem(path)
-        if not fs.exists(path):
-            return None
-        info = fs.info(path)
-        key = (path, float(info.get("mtime", info.get("created", 0)) or 0))
-        if key not in self._checkpoint_steps:
-            self._checkpoint_steps[key] = _read_step(path, fs.isdir(path))
-        return self._checkpoint_steps[key]
 
     # -- logging -----------------------------------------------------------------------------
     def _event(self, kind: str, **fields: Any) -> None:
@@ -500,7 +424,7 @@ class AdaptiveTrainingEngine(Callback):
                 self._resume_reasons.append(f"policy removed (was {saved['class']})")
             return
         mine = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config())}
-        if saved is not None and saved["class"] == mine["class"] and (
+        if saved is not None and _names_class(saved["class"], type(self.policy)) and (
                 _canonical(saved["config"]) == _canonical(mine["config"])):
             self.policy.load_state_dict(saved["state"])
         elif saved is None:
@@ -532,27 +456,24 @@ def _natural_weights(trainer: Trainer) -> dict[str, float] | None:
     return None
 
 
-def _read_step(path: str, is_dir: bool) -> int | None:
-    try:
-        if is_dir:
-            meta = Path(path) / "meta.pt"  # Lightning's sharded (distributed) checkpoints
-            if meta.is_file():
-                return int(torch.load(meta, map_location="cpu", weights_only=False)
-                           ["global_step"])
-        elif "://" not in path:
-            # mmap: only the pickled structure is read, not the tensors
-            return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-                       ["global_step"])
-        else:
-            return int(pl_load(path, map_location="cpu", weights_only=False)["global_step"])
-    except Exception:  # unreadable here: fall back to the step in its name
-        pass
-    found = re.search(r"step=(\d+)", Path(path).name)
-    return int(found.group(1)) if found else None
-
-
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _names_class(path: str, cls: type) -> bool:
+    """Whether a checkpoint's ``module.Class`` names ``cls``: its own path, or an older one of
+    ours that still leads to it (``lightning_aquila.callbacks.policies.BanditMixture``,
+    written before the policies moved to one module per family). Only this package's modules
+    are imported on a checkpoint's word."""
+    if path == f"{cls.__module__}.{cls.__qualname__}":
+        return True
+    module, _, name = path.rpartition(".")
+    if not module.startswith("lightning_aquila."):
+        return False
+    try:
+        return getattr(importlib.import_module(module), name, None) is cls
+    except ImportError:
+        return False
 
 
 def _jsonable(value: Any) -> Any:

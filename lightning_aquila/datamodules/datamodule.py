@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_aquila.datamodules.dataset import HeldOutWindows, TrainWindows, spread_windows
 from lightning_aquila.datamodules.mixture import DomainMixture
 from lightning_aquila.datamodules.sampler import MixtureSampler
-from lightning_aquila.datamodules.store import DataError, ShardStore
+from lightning_aquila.datamodules.shard_format import DataError
+from lightning_aquila.datamodules.store import ShardStore
 
 STATE_VERSION = 1
 

@@ -23,14 +23,14 @@ from typing import Any
 
 import zarr
 
-from lightning_aquila.datamodules.store import (
+from lightning_aquila.datamodules.shard_format import (
     MANIFEST_KEY,
     DataError,
-    ShardStore,
     checked_manifest,
     storage_options_from_json,
     zarr_store,
 )
+from lightning_aquila.datamodules.store import ShardStore
 
 
 def remove_domain(url: str, domain: str, *, keep_data: bool = False,

@@ -16,12 +16,13 @@ at the same training step (the TSM's state is already reduced across ranks for t
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from lightning_aquila.domain_weights import complete, normalized
 
 #: How far a given set of weights may be from summing to one before it is rejected.
 SUM_TOLERANCE = 1e-3
@@ -59,44 +60,11 @@ def validate_weights(
 ) -> dict[str, float]:
     """Check a weight mapping against the domain list; return it complete and summing to 1.
 
-    Domains left out get weight 0. Raises ``ValueError`` naming the offending domain or value.
+    Domains left out get weight 0. Raises ``ValueError`` naming the offending domain or value
+    (the checks are the policies' own, from ``lightning_aquila.domain_weights``).
     """
-    if not isinstance(weights, Mapping):
-        raise ValueError(f"mixture weights must be a mapping of domain -> weight, got {weights!r}")
-    unknown = [name for name in weights if name not in domains]
-    if unknown:
-        raise ValueError(
-            f"unknown domain(s) {unknown} in mixture weights; known domains: {list(domains)}"
-        )
-    full: dict[str, float] = {}
-    for name in domains:
-        raw = weights.get(name, 0.0)
-        try:
-            if isinstance(raw, (bool, str, bytes)):  # YAML's `yes` or "0.5": not a weight
-                raise TypeError
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"weight for domain {name!r} is not a number: {raw!r}") from None
-        except OverflowError:  # an int beyond the float range
-            value = math.inf
-        if math.isnan(value) or math.isinf(value):
-            raise ValueError(f"weight for domain {name!r} is not finite: {value}")
-        if value < 0:
-            raise ValueError(f"weight for domain {name!r} is negative: {value}")
-        full[name] = value
-    top = max(full.values())
-    if top <= 0:
-        raise ValueError(f"mixture weights are all zero: {dict(weights)}")
-    total = sum(full.values())
-    if not normalize and abs(total - 1.0) > SUM_TOLERANCE:
-        raise ValueError(
-            f"mixture weights sum to {total:.6g}, not 1: {dict(weights)} "
-            "(pass normalize=True to rescale them)"
-        )
-    if not math.isfinite(total):  # finite weights near the float maximum: rescale first
-        top_total = math.fsum(value / top for value in full.values())
-        return {name: value / top / top_total for name, value in full.items()}
-    return {name: value / total for name, value in full.items()}
+    full = complete(weights, domains, "mixture weights")
+    return normalized(full, "mixture weights", sum_tolerance=None if normalize else SUM_TOLERANCE)
 
 
 class DomainMixture:

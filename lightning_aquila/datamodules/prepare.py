@@ -26,6 +26,13 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from lightning_aquila.datamodules.shard_format import (
+    DEFAULT_CHUNK_TOKENS,
+    SPLITS,
+    DataError,
+    check_domain_name,
+    storage_options_from_json,
+)
 from lightning_aquila.datamodules.sources import (
     TXT_PIECE_CHARS,
     Piece,
@@ -41,15 +48,8 @@ from lightning_aquila.datamodules.split import (
     SplitRouter,
     plan_split,
 )
-from lightning_aquila.datamodules.store import (
-    DEFAULT_CHUNK_TOKENS,
-    SPLITS,
-    DataError,
-    DomainWriter,
-    ShardStore,
-    check_domain_name,
-    storage_options_from_json,
-)
+from lightning_aquila.datamodules.store import ShardStore
+from lightning_aquila.datamodules.writer import DomainWriter
 
 
 @dataclass

@@ -24,7 +24,7 @@ from fsspec.compression import compr
 from fsspec.utils import infer_compression
 from tqdm import tqdm
 
-from lightning_aquila.datamodules.store import DataError
+from lightning_aquila.datamodules.shard_format import DataError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt",
            ".text": "txt", ".md": "txt", ".parquet": "parquet", ".pq": "parquet"}

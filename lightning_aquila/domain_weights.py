@@ -1,6 +1,13 @@
-"""Domain weights as every mixture policy handles them: checked numbers, bounds per domain,
-normalisation, ``"uniform"``/``"natural"`` specs, and the Euclidean projection onto the
-bounded simplex that keeps each policy's proposal within ``[min_weight, max_weight]``."""
+"""Domain weights, checked in one place: numbers, completeness against the domain list,
+normalisation, bounds per domain, ``"uniform"``/``"natural"`` specs, and the Euclidean
+projection onto the bounded simplex that keeps each policy's proposal within
+``[min_weight, max_weight]``.
+
+Both sides of the Mixture contract use it: ``DomainMixture.set_weights`` (the data side,
+``datamodules/mixture.py``) validates what it is given with :func:`normalized`, and every
+mixture policy (the callbacks, ``callbacks/policies/``) normalises and bounds its proposal
+with the same functions. It needs only numpy, so neither side imports the other's package.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +43,7 @@ def check_bound(bound: Any, what: str) -> None:
 def per_domain_bounds(bound: Bound, domains: Sequence[str], default: float,
                       what: str) -> np.ndarray:
     if isinstance(bound, Mapping):
-        unknown = [d for d in bound if d not in domains]
-        if unknown:
-            raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
+        refuse_unknown(bound, domains, what)
         values = [as_number(bound.get(d, default), f"{what}[{d!r}]") for d in domains]
     else:
         values = [as_number(bound, what)] * len(domains)
@@ -111,23 +116,44 @@ def resolve_weights(spec: Mapping[str, float] | str, domains: Sequence[str],
             total = sum(counts.values())
             return {d: c / total for d, c in counts.items()} if total > 0 else None
         raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
-    unknown = [d for d in spec if d not in domains]
+    return normalized(complete(spec, domains, what), what)
+
+
+def refuse_unknown(weights: Mapping[str, Any], domains: Sequence[str], what: str) -> None:
+    unknown = [d for d in weights if d not in domains]
     if unknown:
-        raise ValueError(f"{what} names unknown domain(s) {unknown}; known: {list(domains)}")
-    return normalized({d: spec.get(d, 0.0) for d in domains}, what)
+        raise ValueError(f"{what}: unknown domain(s) {unknown}; known domains: {list(domains)}")
 
 
-def normalized(weights: Mapping[str, Any], what: str) -> dict[str, float]:
+def complete(weights: Any, domains: Sequence[str], what: str) -> dict[str, Any]:
+    """``weights`` over exactly ``domains`` (in their order), a domain left out at 0; a
+    ``ValueError`` for anything but a mapping, or one naming a domain not in ``domains``."""
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"{what} must be a mapping of domain -> weight, got {weights!r}")
+    refuse_unknown(weights, domains, what)
+    return {d: weights.get(d, 0.0) for d in domains}
+
+
+def normalized(weights: Mapping[str, Any], what: str, *,
+               sum_tolerance: float | None = None) -> dict[str, float]:
+    """The weights rescaled to sum to 1, after checking each is a finite number >= 0 and
+    that not all are zero; with ``sum_tolerance``, they must already sum to 1 within it.
+    Every ``ValueError`` starts with ``what`` and names the domain and the value."""
     values: dict[str, float] = {}
     for domain, raw in weights.items():
-        value = as_number(raw, f"{what}: weight of {domain!r}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{what}: weight of {domain!r} must be finite and >= 0, got {value}")
+        value = as_number(raw, f"{what}: weight for domain {domain!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: weight for domain {domain!r} is not finite: {value}")
+        if value < 0:
+            raise ValueError(f"{what}: weight for domain {domain!r} is negative: {value}")
         values[domain] = value
     top = max(values.values(), default=0.0)
     if top <= 0:
-        raise ValueError(f"{what}: weights are all zero: {dict(weights)}")
+        raise ValueError(f"{what}: the weights are all zero: {dict(weights)}")
     total = sum(values.values())
+    if sum_tolerance is not None and abs(total - 1.0) > sum_tolerance:
+        raise ValueError(f"{what}: the weights sum to {total:.6g}, not 1: {dict(weights)} "
+                         "(pass normalize=True to rescale them)")
     if not math.isfinite(total):  # finite weights near the float maximum: rescale first
         top_total = math.fsum(v / top for v in values.values())
         return {d: v / top / top_total for d, v in values.items()}
@@ -144,5 +170,5 @@ def check_weight_spec(spec: Any, what: str) -> None:
         raise ValueError(f"{what} must be a mapping of domain -> weight, got {spec!r}")
 
 
-__all__ = ["Bound", "as_number", "check_bound", "check_weight_spec", "normalized",
-           "per_domain_bounds", "project_to_bounds", "resolve_weights"]
+__all__ = ["Bound", "as_number", "check_bound", "check_weight_spec", "complete", "normalized",
+           "per_domain_bounds", "project_to_bounds", "refuse_unknown", "resolve_weights"]

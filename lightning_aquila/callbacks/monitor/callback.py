@@ -1,0 +1,506 @@
+"""The Training State Monitor (TSM) callback: wires its parts to Lightning's hooks, logs
+what they measure, and publishes the ``TrainingState``.
+
+It observes only. Everything it needs comes from the Batch and Step output contracts
+(``batch["domain"]``, ``outputs["sample_loss"]``), from the trainer, and optionally from
+``trainer.datamodule.mixture``, so it works in any Lightning project, not only with AquilaLM.
+
+Ordering: the state is updated in ``on_train_batch_end`` once per optimizer step (held-out
+values in ``on_validation_epoch_end``). Lightning runs callbacks in list order, so a callback
+listed after the monitor (the ATE) sees this step's state, anomalies included, in its own
+``on_train_batch_end``. Every value in the state is reduced across ranks, so every rank reads
+the same numbers. (ModelCheckpoint always runs last, so a checkpoint taken at a step holds the
+monitor state of that step.)
+
+What it measures, and how, is in the parts next to this file (the package docstring lists
+them); this class holds the configuration and decides when each part runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_aquila.callbacks.monitor.domain_loss import DomainLossTable
+from lightning_aquila.callbacks.monitor.held_out import (
+    HeldOutLoss,
+    ValLossFn,
+    account_held_out,
+    next_token_loss,
+)
+from lightning_aquila.callbacks.monitor.norms import local_part, shard_spec, squares_on_device
+from lightning_aquila.callbacks.monitor.run_files import (
+    RUN_FILES_FORMAT,
+    RunFiles,
+    change_dict,
+    resolve_run_dir,
+)
+from lightning_aquila.callbacks.monitor.step_check import SpikeDetector, StepChecker, due
+from lightning_aquila.callbacks.monitor.throughput import ThroughputMeter
+from lightning_aquila.callbacks.monitor.weight_stats import WeightStatistics
+from lightning_aquila.callbacks.probes import Probe
+from lightning_aquila.callbacks.state import TrainingState
+
+
+class TrainingStateMonitor(Callback):
+    r"""Per-domain losses, held-out loss, gradient norm, weight statistics, throughput/MFU,
+    anomalies and probes; logged as ``tsm/...`` to every attached logger and published as
+    ``monitor.state`` (a :class:`TrainingState`) for the ATE.
+
+    Intervals are in optimizer steps; ``None`` turns a measurement off. A value is logged at
+    ``trainer.global_step``, the number of optimizer steps completed (Lightning's own
+    ``self.log`` values of the same step carry ``global_step - 1``).
+
+    Args:
+        domains: domain names by index; default ``trainer.datamodule.mixture.domains``, else
+            ``domain_<i>``.
+        train_loss_every_n_steps: per-domain training loss (mean of ``sample_loss`` over the
+            interval, summed and counted per domain across ranks), its EMA, tokens per domain.
+        ema_decay: weight of the previous EMA at each interval.
+        val_loss: held-out loss and perplexity per domain at every validation run.
+        val_loss_fn: ``fn(pl_module, batch) -> (loss_sum (B,), tokens (B,))``; the default is a
+            no-grad next-token cross-entropy of ``pl_module(batch["input_ids"])``.
+        grad_norm_every_n_steps: global gradient norm and one per optimizer parameter group
+            (before clipping).
+        lr_every_n_steps: learning rate of each parameter group.
+        throughput_every_n_steps: tokens/s per device and MFU over the interval (validation
+            time excluded).
+        peak_flops: peak FLOP/s of one device (default: H100 bf16 dense, 989 TFLOP/s).
+        flops_per_token: training FLOPs per token; default
+            ``pl_module.config.flops_per_token(seq_len)`` when the module has it.
+        mixture_every_n_steps: ``trainer.datamodule.mixture.weights``.
+        weight_stats_every_n_steps: per layer, the weight norm, the update-to-weight ratio
+            since the previous check and the change since the last stage boundary. Keeps two
+            copies of the (local shard of the) weights on ``snapshot_device``.
+        snapshot_device: where those copies live.
+        checkpoint_snapshots: also save them in checkpoints (only when the weights are not
+            sharded: a sharded run's snapshots are per rank and Lightning saves callback state
+            from rank 0 only).
+        detect_nonfinite: flag a non-finite loss or gradient norm.
+        deferred_checks: read each step's loss and gradient norm (for anomaly detection,
+            ``tsm/loss`` and ``tsm/grad_norm``) at the end of the *next* step, from a copy
+            queued behind the step's work, so the host never waits for the GPU (a wait per
+            step leaves the GPU idle while Lightning prepares the next one). Anomalies are
+            then found, logged and acted on one step later, still with their own step.
+            Default: on when the module is on CUDA.
+        detect_spikes, spike_window, spike_zscore, spike_min_history: flag a step loss whose
+            z-score against the previous ``spike_window`` step losses exceeds ``spike_zscore``
+            (after ``spike_min_history`` steps).
+        max_anomalies: how many recent anomalies ``state.anomalies`` keeps (all go to the
+            event log).
+        probes: evaluations run every ``probes_every_n_steps``, e.g. ``MultipleChoiceProbe``.
+        run_files: write ``tsm/metrics.jsonl`` and ``tsm/events.jsonl`` under the run dir.
+        run_dir: where those go; default: the first logger's version folder for CSV and
+            TensorBoard loggers (``trainer.log_dir``), else ``trainer.default_root_dir``.
+        report_on_fit_end: write the run report (``report.png``/``report.html`` in the run
+            dir) when ``fit`` ends, and hand both to every logger that has ``log_file``
+            (``NeptuneLogger``), so the tracked run carries its report.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[str] | None = None,
+        train_loss_every_n_steps: int | None = 10,
+        ema_decay: float = 0.9,
+        val_loss: bool = True,
+        val_loss_fn: ValLossFn | None = None,
+        grad_norm_every_n_steps: int | None = 10,
+        lr_every_n_steps: int | None = 10,
+        throughput_every_n_steps: int | None = 10,
+        peak_flops: float = 989e12,
+        flops_per_token: float | None = None,
+        mixture_every_n_steps: int | None = 10,
+        weight_stats_every_n_steps: int | None = 100,
+        snapshot_device: str = "cpu",
+        checkpoint_snapshots: bool = True,
+        detect_nonfinite: bool = True,
+        deferred_checks: bool | None = None,
+        detect_spikes: bool = True,
+        spike_window: int = 100,
+        spike_zscore: float = 5.0,
+        spike_min_history: int = 20,
+        max_anomalies: int = 100,
+        probes: Sequence[Probe] | None = None,
+        probes_every_n_steps: int | None = 500,
+        run_files: bool = True,
+        run_dir: str | None = None,
+        report_on_fit_end: bool = False,
+    ) -> None:
+        for arg, value in [("train_loss_every_n_steps", train_loss_every_n_steps),
+                           ("grad_norm_every_n_steps", grad_norm_every_n_steps),
+                           ("lr_every_n_steps", lr_every_n_steps),
+                           ("throughput_every_n_steps", throughput_every_n_steps),
+                           ("mixture_every_n_steps", mixture_every_n_steps),
+                           ("weight_stats_every_n_steps", weight_stats_every_n_steps),
+                           ("probes_every_n_steps", probes_every_n_steps)]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainingStateMonitor({arg}={value!r}): use a positive "
+                                 "number of steps, or None to turn it off")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"TrainingStateMonitor(ema_decay={ema_decay!r}) must be in [0, 1)")
+        if max_anomalies < 1:
+            raise ValueError(f"TrainingStateMonitor(max_anomalies={max_anomalies!r}) must be "
+                             "at least 1")
+        if peak_flops <= 0:
+            raise ValueError(f"TrainingStateMonitor(peak_flops={peak_flops!r}) must be positive")
+        self.domains = list(domains) if domains is not None else None
+        self.train_loss_every_n_steps = train_loss_every_n_steps
+        self.ema_decay = ema_decay
+        self.val_loss = val_loss
+        self.val_loss_fn = val_loss_fn or next_token_loss
+        self.grad_norm_every_n_steps = grad_norm_every_n_steps
+        self.lr_every_n_steps = lr_every_n_steps
+        self.throughput_every_n_steps = throughput_every_n_steps
+        self.peak_flops = peak_flops
+        self.flops_per_token = flops_per_token
+        self.mixture_every_n_steps = mixture_every_n_steps
+        self.weight_stats_every_n_steps = weight_stats_every_n_steps
+        self.snapshot_device = torch.device(snapshot_device)
+        self.checkpoint_snapshots = checkpoint_snapshots
+        self.detect_nonfinite = detect_nonfinite
+        self.deferred_checks = deferred_checks
+        self.detect_spikes = detect_spikes
+        self.max_anomalies = max_anomalies
+        self.probes = list(probes or [])
+        self.probes_every_n_steps = probes_every_n_steps
+        self.run_files = run_files
+        self.run_dir_arg = run_dir
+        self.report_on_fit_end = report_on_fit_end
+
+        self.state = TrainingState()
+        self.spikes = SpikeDetector(spike_window, spike_zscore, spike_min_history)
+        self.run_dir: Path | None = None
+        # the parts (one file each): what they hold is what the checkpoint holds
+        self._losses = DomainLossTable(self.domains)
+        self._checks = StepChecker(detect_nonfinite=detect_nonfinite,
+                                   detect_spikes=detect_spikes, spikes=self.spikes,
+                                   max_anomalies=max_anomalies,
+                                   grad_norm_every=grad_norm_every_n_steps,
+                                   train_loss_every=train_loss_every_n_steps)
+        self._weights = WeightStatistics(snapshot_device)
+        self._throughput = ThroughputMeter(peak_flops, flops_per_token)
+        self._held_out = HeldOutLoss()
+        self._files = RunFiles()
+        self._module: LightningModule | None = None
+        self._mixture_listened: Any = None
+        self._last_step: int | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def anomaly_count(self) -> int:
+        """Anomalies found in the whole run (``state.anomalies`` keeps the recent ones)."""
+        return self._checks.anomaly_count
+
+    # -- public ------------------------------------------------------------------------------
+    def record_event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Add an event to the run's event log (``tsm/events.jsonl``) and return it.
+
+        Call it on every rank (only global rank 0 writes). ``step`` defaults to the current
+        step. Kinds with a meaning here: ``"stage"`` (``name=...``) starts a data stage: the
+        state's ``stage``/``stage_step`` change and the weights now become the reference of
+        ``stage_change``; ``"rollback"`` (``to_step=...``) tells the report that steps after
+        ``to_step`` were undone. Any other kind (``"weights"``, ``"skip_data"``, ...) is
+        recorded as given.
+        """
+        event = {"kind": kind, "step": int(fields.pop("step", self.state.step)),
+                 "time": time.time(), **fields}
+        if kind == "stage":
+            self.state.stage = str(fields.get("name", fields.get("stage", "")))
+            self.state.stage_step = event["step"]
+            measuring = self._module is not None and self.weight_stats_every_n_steps is not None
+            self._weights.begin_stage(self._module if measuring else None)
+        self._files.write_event(event)
+        return event
+
+    def discard_pending_check(self) -> None:
+        """Forgets a deferred check not yet read: the engine calls this when it rolls back,
+        since that step trained on weights it has just thrown away."""
+        self._checks.pending = None
+
+    # -- setup and teardown --------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._module = pl_module
+        self.run_dir = resolve_run_dir(trainer, self.run_dir_arg)
+        self._files.open(self.run_dir, write=self.run_files and trainer.is_global_zero)
+        strategy = type(trainer.strategy).__name__
+        if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
+            self._warn_once(strategy, f"TrainingStateMonitor: under {strategy} parameters and "
+                            "gradients are flat local shards, so grad norm and weight statistics "
+                            "cover this rank's shard only; use ModelParallelStrategy (FSDP2/TP).")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._files.close()
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        mixture = _mixture(trainer)
+        if self.domains is None and mixture is not None:
+            self._losses.names = list(mixture.domains)
+        if mixture is not None and self._mixture_listened is not mixture and hasattr(
+                mixture, "add_listener"):
+            mixture.add_listener(self._on_mixture_change)
+            self._mixture_listened = mixture
+        self._last_step = trainer.global_step
+        self._reset_step()
+        self._checks.pending = None
+        self._checks.deferred = (pl_module.device.type == "cuda" if self.deferred_checks is None
+                                 else bool(self.deferred_checks))
+        self._losses.restore(trainer, pl_module.device)
+        self._throughput.start()
+        history = [change_dict(c) for c in getattr(mixture, "history", [])]
+        self._files.write_event({"kind": "session_start", "step": trainer.global_step,
+                                 "time": time.time(), "format": RUN_FILES_FORMAT,
+                                 "batch_index": self.state.batch_index,
+                                 "world_size": trainer.world_size, "domains": self._losses.names,
+                                 "batches_per_step": trainer.accumulate_grad_batches,
+                                 "mixture_history": history})
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Finishes a deferred check now (before a checkpoint, at the end of training)."""
+        trainer = self._module.trainer if self._module is not None else None
+        if self._checks.pending is None or trainer is None:
+            return
+        for checked_step, found in self._checks.finish_pending(
+                trainer, self.state, self._losses.domains_present, self._files.write_event):
+            self._emit(trainer, checked_step, found)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (self.report_on_fit_end and self.run_files and trainer.is_global_zero):
+            return
+        from lightning_aquila.report import write_report
+
+        try:
+            png, page = write_report(self.run_dir)
+        except Exception as error:  # a finished training run must not fail over its plot
+            rank_zero_warn(f"TrainingStateMonitor: could not write the run report: {error!r}")
+            return
+        for logger in trainer.loggers:
+            if callable(getattr(logger, "log_file", None)):
+                logger.log_file(page, "report/html")
+                logger.log_file(png, "report/figure")
+
+    # -- training -----------------------------------------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Gradient norm per parameter group, before clipping (Lightning clips after this
+        hook), reduced over shards. Needed every step when non-finite detection is on."""
+        if not self._checks.wants_grad_norm(trainer.global_step + 1):
+            return
+        names = [g.get("name") or f"group_{i}" for i, g in enumerate(optimizer.param_groups)]
+        if len(trainer.optimizers) > 1:
+            index = next(i for i, o in enumerate(trainer.optimizers) if _same(o, optimizer))
+            names = [f"optimizer_{index}/{n}" for n in names]
+        pieces = [(name, local_part(p.grad), shard_spec(p.grad))
+                  for name, group in zip(names, optimizer.param_groups)
+                  for p in group["params"] if p.grad is not None]
+        # Kept on the device: the step's check reads them with its loss in one transfer.
+        self._checks.add_grad_squares(squares_on_device(pieces))
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.state.batch_index += 1
+        self._accumulate(trainer, pl_module, outputs, batch)
+        if trainer.global_step == self._last_step:
+            return  # accumulating gradients: the optimizer step has not happened yet
+        self._last_step = trainer.global_step
+        self.state.step = step = trainer.global_step
+        metrics: dict[str, float] = {}
+        for checked_step, found in self._checks.check(
+                trainer, self.state, self._losses.presence, self._losses.domains_present,
+                self._files.write_event):
+            if checked_step == step:
+                metrics.update(found)
+            else:  # deferred: the previous step's, logged at that step
+                self._emit(trainer, checked_step, found)
+        if due(self.train_loss_every_n_steps, step):
+            metrics.update(self._losses.end_interval(trainer, self.state, self.ema_decay))
+        if due(self.lr_every_n_steps, step):
+            metrics.update(self._learning_rates(trainer))
+        if due(self.throughput_every_n_steps, step):
+            metrics.update(self._throughput.measure(trainer, pl_module, self.state))
+        if due(self.mixture_every_n_steps, step):
+            metrics.update(self._mixture_weights(trainer))
+        if due(self.weight_stats_every_n_steps, step):
+            metrics.update(self._weight_stats(pl_module))
+        if due(self.probes_every_n_steps, step) and self.probes:
+            metrics.update(self._run_probes(pl_module))
+        self._reset_step()
+        self._emit(trainer, step, metrics)
+
+    def _accumulate(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                    batch: Any) -> None:
+        """Adds one batch to the step's loss and the interval's per-domain table, on device
+        and without a host sync when the domain names are known."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return  # the step was skipped
+        if pl_module.automatic_optimization:
+            loss = loss * trainer.accumulate_grad_batches  # Lightning divided it for accumulation
+        self._checks.add_batch(loss, batch.get("batch_index") if isinstance(batch, dict)
+                               else None)
+        input_ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if isinstance(input_ids, torch.Tensor):
+            self._throughput.add_batch(input_ids)
+        domain = batch.get("domain") if isinstance(batch, dict) else None
+        sample_loss = outputs.get("sample_loss") if isinstance(outputs, dict) else None
+        if domain is None or sample_loss is None:
+            self._warn_once("contract", "TrainingStateMonitor: batches need 'domain' and "
+                            "training_step outputs need 'sample_loss' (the Step output contract) "
+                            "for per-domain loss; per-domain accounting is off.")
+            return
+        tokens = float(input_ids.shape[-1]) if isinstance(input_ids, torch.Tensor) else 0.0
+        self._losses.add(domain, sample_loss, tokens, loss.device)
+
+    def _learning_rates(self, trainer: Trainer) -> dict[str, float]:
+        groups = [g for optimizer in trainer.optimizers for g in optimizer.param_groups]
+        if not groups:
+            return {}
+        self.state.lr = float(groups[0]["lr"])
+        metrics = {"tsm/lr": self.state.lr}
+        if len(groups) > 1:
+            for i, group in enumerate(groups):
+                metrics[f"tsm/lr_group/{group.get('name') or f'group_{i}'}"] = float(group["lr"])
+        return metrics
+
+    def _mixture_weights(self, trainer: Trainer) -> dict[str, float]:
+        mixture = _mixture(trainer)
+        if mixture is None:
+            return {}
+        self.state.mixture = {k: float(v) for k, v in mixture.weights.items()}
+        return {f"tsm/mixture/{k}": v for k, v in self.state.mixture.items()}
+
+    def _weight_stats(self, pl_module: LightningModule) -> dict[str, float]:
+        stats = self._weights.measure(pl_module)
+        self.state.weight_stats = stats
+        self.state.weight_step = self.state.step
+        return {f"tsm/weights/{layer}/{stat}": value
+                for layer, values in stats.items() for stat, value in values.items()}
+
+    def _run_probes(self, pl_module: LightningModule) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for probe in self.probes:
+            name = getattr(probe, "name", type(probe).__name__)
+            for key, value in probe(pl_module).items():
+                self.state.probes[f"{name}/{key}"] = float(value)
+                metrics[f"tsm/probe/{name}/{key}"] = float(value)
+        return metrics
+
+    # -- validation ---------------------------------------------------------------------------
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._throughput.pause()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._throughput.resume()
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._held_out = self._held_out.to(pl_module.device)
+        self._held_out.reset()
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        """The held-out loss: what ``validation_step`` returned as ``sample_loss_sum`` and
+        ``sample_tokens`` (``AquilaLM`` does), else a no-grad forward of its own
+        (``val_loss_fn``), since a module's ``validation_step`` need not return anything. A
+        ``val_loss_fn`` given explicitly always runs."""
+        if not self.val_loss or trainer.sanity_checking or not isinstance(batch, dict):
+            return
+        if "domain" not in batch:
+            self._warn_once("val_domain", "TrainingStateMonitor: validation batches have no "
+                            "'domain'; held-out loss per domain is off.")
+            return
+        returned = (self.val_loss_fn is next_token_loss and isinstance(outputs, dict)
+                    and "sample_loss_sum" in outputs and "sample_tokens" in outputs)
+        if returned:
+            loss_sum, tokens = outputs["sample_loss_sum"], outputs["sample_tokens"]
+        else:
+            with torch.no_grad():
+                loss_sum, tokens = self.val_loss_fn(pl_module, batch)
+        self._held_out.update(batch["domain"], loss_sum, tokens)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.val_loss or trainer.sanity_checking:
+            return
+        sums, tokens = self._held_out.compute()  # every rank: gathers across ranks
+        self._held_out.reset()
+        self._emit(trainer, trainer.global_step, account_held_out(
+            self.state, sums, tokens, self._losses.name, trainer.global_step))
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Format 1 (``RUN_FILES_FORMAT``): these keys, whatever part holds them now."""
+        self._flush_pending()  # the checkpoint holds the state of its own step
+        snapshots = self._weights.checkpointed(self._module) if self.checkpoint_snapshots else None
+        trainer = getattr(self._module, "_trainer", None) if self._module is not None else None
+        return {"format": RUN_FILES_FORMAT, "state": self.state.to_dict(),
+                "spike_window": list(self.spikes.window), "anomaly_count": self.anomaly_count,
+                "stage_reference_pending": self._weights.stage_reference_pending,
+                "snapshots": snapshots, "domain_tables": self._losses.gathered(trainer)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = TrainingState.from_dict(state_dict["state"])
+        self.spikes.window.clear()
+        self.spikes.window.extend(state_dict["spike_window"])
+        self._checks.anomaly_count = state_dict["anomaly_count"]
+        self._losses.restored = state_dict.get("domain_tables")  # applied in on_train_start
+        self._weights.restore(state_dict.get("snapshots"),
+                              state_dict.get("stage_reference_pending", False),
+                              stage_named=self.state.stage is not None)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._checks.reset_step()
+        self._losses.reset_step()
+
+    def _emit(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
+        for key, value in metrics.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self._files.write_metrics({"step": step, "time": time.time(), **metrics})
+
+    def _on_mixture_change(self, change: Any) -> None:
+        record = change_dict(change)
+        step = record.pop("step", None)
+        self._files.write_event({"kind": "mixture",
+                                 "step": self.state.step if step is None else step,
+                                 "time": time.time(), **record})
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Lightning hands hooks a wrapped optimizer; compare what it wraps."""
+    return getattr(a, "optimizer", a) is getattr(b, "optimizer", b)
+
+
+def _mixture(trainer: Trainer) -> Any:
+    mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
+    return mixture if mixture is not None and hasattr(mixture, "weights") else None
+
+
+__all__ = ["TrainingStateMonitor"]

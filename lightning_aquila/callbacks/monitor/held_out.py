@@ -1,0 +1,96 @@
+"""Held-out loss per domain: what each validation batch adds (``HeldOutLoss``, a
+torchmetrics ``Metric`` gathered across ranks) and what a validation run ends with
+(:func:`account_held_out`: loss and perplexity per domain, their token-weighted average and
+the worst domain, into the ``TrainingState``). Token-weighted throughout: a domain's loss is
+its summed token losses over its counted tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import Metric
+
+from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.strategies.loss import token_losses
+
+ValLossFn = Callable[[LightningModule, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class HeldOutLoss(Metric):
+    """Per-domain token-weighted held-out loss.
+
+    Each sample's loss sum, token count and domain are kept and gathered across ranks at
+    ``compute``; ranks need not agree beforehand on how many domains exist.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("domain", "loss_sum", "tokens"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, domain: torch.Tensor, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.domain.append(domain.detach().reshape(-1).float())
+        self.loss_sum.append(loss_sum.detach().reshape(-1).float())
+        self.tokens.append(tokens.detach().reshape(-1).float())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss sums and token counts per domain index (float64)."""
+
+        def flat(state: Any) -> torch.Tensor:
+            if isinstance(state, list):
+                return torch.cat(state) if state else torch.zeros(0, device=self.device)
+            return state
+
+        domain = flat(self.domain).long()
+        if domain.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+            return empty, empty
+        size = int(domain.max()) + 1
+        sums = torch.bincount(domain, flat(self.loss_sum).double(), minlength=size)
+        tokens = torch.bincount(domain, flat(self.tokens).double(), minlength=size)
+        return sums, tokens
+
+
+def next_token_loss(
+    pl_module: LightningModule, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss sums and counted tokens of ``pl_module(input_ids)`` against ``labels``
+    (already shifted, -100 ignored): the default held-out measurement."""
+    per_token, mask = token_losses(pl_module(batch["input_ids"]), batch["labels"])
+    return per_token.sum(1), mask.sum(1)  # ignored tokens already hold 0
+
+
+def account_held_out(state: TrainingState, sums: torch.Tensor, tokens: torch.Tensor,
+                     name: Callable[[int], str], step: int) -> dict[str, float]:
+    """Puts a validation run's per-domain loss sums and token counts (``HeldOutLoss.compute``)
+    into ``state`` and returns the ``tsm/val_*`` metrics; nothing when no token was counted."""
+    if tokens.numel() == 0 or float(tokens.sum()) == 0:
+        return {}
+    metrics: dict[str, float] = {}
+    state.val_loss, state.val_ppl = {}, {}
+    for index, (loss_sum, count) in enumerate(zip(sums.tolist(), tokens.tolist())):
+        if count > 0:
+            domain = name(index)
+            state.val_loss[domain] = loss = loss_sum / count
+            state.val_ppl[domain] = ppl = _exp(loss)
+            metrics[f"tsm/val_loss/{domain}"], metrics[f"tsm/val_ppl/{domain}"] = loss, ppl
+    state.val_loss_avg = float(sums.sum() / tokens.sum())
+    state.val_worst_domain = max(state.val_loss, key=state.val_loss.__getitem__)
+    state.val_step = step
+    metrics["tsm/val_loss_avg"] = state.val_loss_avg
+    metrics["tsm/val_ppl_avg"] = _exp(state.val_loss_avg)
+    metrics["tsm/val_loss_worst"] = state.val_loss[state.val_worst_domain]
+    return metrics
+
+
+def _exp(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+__all__ = ["HeldOutLoss", "ValLossFn", "account_held_out", "next_token_loss"]

@@ -1,0 +1,115 @@
+"""Sums of squares of (possibly sharded) tensors, for gradient norms and weight statistics:
+one multi-tensor kernel per device and dtype, reduced over the shards of a DTensor (never
+gathered), and read by the host without stalling the device (``HostRead``)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+
+def shard_spec(tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]] | None:
+    """For a DTensor: its mesh and, per mesh dimension, how a sum of its local shards reduces
+    (sharded dims sum, replicated dims do not). ``None`` for a plain (whole) tensor."""
+    if not isinstance(tensor, DTensor):
+        return None
+    placements = tuple(Partial() if p.is_shard() else Replicate() for p in tensor.placements)
+    return tensor.device_mesh, placements
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class HostRead:
+    """A small device tensor on its way to the host without stalling the device: the copy is
+    queued behind the work that produced it (into pinned memory, with an event), and
+    ``tolist`` waits only for that copy, not for work queued after it. On the CPU it is the
+    tensor itself."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self._event = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def tolist(self) -> list[Any]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def squares_on_device(
+    pieces: Iterable[tuple[Hashable, torch.Tensor, tuple[Any, tuple[Any, ...]] | None]],
+) -> dict[Hashable, torch.Tensor]:
+    """Sum of squared entries per key over ``(key, local tensor, shard spec)`` pieces, as
+    0-dim float64 tensors on the pieces' device: no host sync, so a caller can read them
+    together with other values in one transfer.
+
+    Each rank squares and sums only its local shard; the per-key sums of pieces that share a
+    shard spec go through one reduction over the mesh dimensions that shard them. Whole
+    weights are never gathered, and replicated copies are not counted twice. All ranks must
+    call this with the same keys in the same order (they do: every rank has the same
+    parameter names).
+    """
+    groups: dict[Any, list[tuple[Hashable, torch.Tensor]]] = {}
+    for key, local, spec in pieces:
+        groups.setdefault(spec, []).append((key, local.detach()))
+    totals: dict[Hashable, torch.Tensor] = {}
+    for spec, items in groups.items():
+        keys = list(dict.fromkeys(key for key, _ in items))
+        index = {key: i for i, key in enumerate(keys)}
+        values = _squared_norms([local for _, local in items])
+        positions = torch.tensor([index[key] for key, _ in items], device=values.device)
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device)
+        sums.index_add_(0, positions, values)
+        if spec is not None:
+            mesh, placements = spec
+            sums = DTensor.from_local(sums, mesh, placements, run_check=False).full_tensor()
+        for key, value in zip(keys, sums.unbind()):
+            totals[key] = totals[key] + value if key in totals else value
+    return totals
+
+
+def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's sum of squares (fp32 accumulation, returned as float64), with one
+    multi-tensor kernel per device and dtype (``torch._foreach_norm``, as PyTorch's own
+    ``clip_grad_norm_`` does) instead of a few kernels per tensor: a 1B model has ~150
+    parameters, and at every step the launches add up."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        by_kind.setdefault((tensor.device, tensor.dtype), []).append(i)
+    parts = []
+    for (_, dtype), positions in by_kind.items():
+        batch = [tensors[i] for i in positions]
+        # bf16/fp16 accumulate in fp32, without a cast copy of the tensors
+        wide = {} if dtype in (torch.float64, torch.float32) else {"dtype": torch.float32}
+        parts.append(torch.stack(torch._foreach_norm(batch, 2, **wide)).double())
+    squares = torch.cat(parts).square()
+    order = [i for positions in by_kind.values() for i in positions]
+    if order == sorted(order):
+        return squares
+    place = [0] * len(order)
+    for j, i in enumerate(order):
+        place[i] = j
+    return squares[torch.tensor(place, device=squares.device)]
+
+
+def sum_of_squares(
+    pieces: Iterable[tuple[Hashable, torch.Tensor, tuple[Any, tuple[Any, ...]] | None]],
+) -> dict[Hashable, float]:
+    """``squares_on_device`` read back to the host (one transfer)."""
+    totals = squares_on_device(pieces)
+    if not totals:
+        return {}
+    return dict(zip(totals, torch.stack(list(totals.values())).tolist()))
+
+
+__all__ = ["HostRead", "local_part", "shard_spec", "squares_on_device", "sum_of_squares"]

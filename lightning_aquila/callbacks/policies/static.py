@@ -1,0 +1,157 @@
+"""Fixed mixtures: :class:`StaticMixture` (one set of weights, the baseline) and
+:class:`StagedMixture` (the Aquila2 report's data stages, each in force until a token count or
+a step)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning_aquila.callbacks.policies.base import MixturePolicy
+from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.domain_weights import Bound, check_weight_spec, resolve_weights
+
+
+class StaticMixture(MixturePolicy):
+    """Fixed weights: the baseline.
+
+    Args:
+        weights: a mapping ``domain -> weight`` (rescaled to sum to 1, unlisted domains 0),
+            ``"uniform"``, or ``"natural"``: proportional to each domain's training tokens in
+            the corpus, which the engine reads from the datamodule (``natural_weights()``, as
+            ``DomainDataModule`` offers from its store's metadata). Without those counts it
+            falls back to ``state.tokens_per_domain``, the tokens seen so far (the natural
+            proportions only when training started from them), and keeps the current weights
+            until the monitor has counted some.
+    """
+
+    def __init__(self, weights: Mapping[str, float] | str = "natural", update_every: int = 1,
+                 min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
+        super().__init__(update_every, min_weight, max_weight)
+        check_weight_spec(weights, "StaticMixture(weights)")
+        self.weights = dict(weights) if isinstance(weights, Mapping) else weights
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        super().setup(domains, natural)
+        resolve_weights(self.weights, self.domains, None, "StaticMixture(weights)")
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        counts = self.natural or {d: float(n) for d, n in state.tokens_per_domain.items()
+                                  if d in current}
+        return resolve_weights(self.weights, self.domains, counts, "StaticMixture(weights)")
+
+    def config(self) -> dict[str, Any]:
+        return {"weights": self.weights, **super().config()}
+
+
+class StagedMixture(MixturePolicy):
+    """The Aquila2 report's data stages (K6 → K61 → … → K65): a list of mixtures, each in
+    force until a token count or a step.
+
+    Args:
+        stages: ``[{name, weights, until_tokens | until_step}, ...]`` in order. ``weights`` as
+            for :class:`StaticMixture`. A stage ends once ``state.tokens >= until_tokens``
+            (training tokens over all ranks, as the TSM counts them every
+            ``train_loss_every_n_steps``) or ``state.step >= until_step``; the last stage may
+            leave both out and runs to the end. Stages only move forward.
+    """
+
+    def __init__(self, stages: Sequence[Mapping[str, Any]], update_every: int = 1,
+                 min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
+        super().__init__(update_every, min_weight, max_weight)
+        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
+            raise ValueError(f"StagedMixture(stages) must be a list of stages, got {stages!r}")
+        if not stages:
+            raise ValueError("StagedMixture(stages) needs at least one stage")
+        self.stages = [self._checked(i, stage, last=i == len(stages) - 1)
+                       for i, stage in enumerate(stages)]
+        names = [s["name"] for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StagedMixture(stages): stage names repeat: {names}")
+        for kind in ("until_tokens", "until_step"):
+            ends = [s[kind] for s in self.stages if s.get(kind) is not None]
+            if ends != sorted(ends) or len(set(ends)) != len(ends):
+                raise ValueError(f"StagedMixture(stages): {kind} must increase from stage to "
+                                 f"stage, got {ends}")
+        self.index = 0
+        self.switches: list[dict[str, Any]] = []  # {stage, step, tokens}, one per stage entered
+
+    @staticmethod
+    def _checked(index: int, stage: Mapping[str, Any], last: bool) -> dict[str, Any]:
+        where = f"StagedMixture(stages[{index}])"
+        if not isinstance(stage, Mapping):
+            raise ValueError(f"{where} must be a mapping with name, weights and until_tokens "
+                             f"or until_step, got {stage!r}")
+        unknown = set(stage) - {"name", "weights", "until_tokens", "until_step"}
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use name, "
+                             "weights, until_tokens, until_step")
+        if "weights" not in stage:
+            raise ValueError(f"{where} has no weights")
+        check_weight_spec(stage["weights"], f"{where}.weights")
+        ends = [k for k in ("until_tokens", "until_step") if stage.get(k) is not None]
+        if len(ends) > 1:
+            raise ValueError(f"{where} gives both until_tokens and until_step; give one")
+        if not ends and not last:
+            raise ValueError(f"{where} needs until_tokens or until_step (only the last stage "
+                             "may run to the end)")
+        for key in ends:
+            if not isinstance(stage[key], int) or isinstance(stage[key], bool) or stage[key] <= 0:
+                raise ValueError(f"{where}.{key} must be a positive integer, got "
+                                 f"{stage[key]!r}")
+        weights = stage["weights"]
+        return {"name": str(stage.get("name", f"stage{index}")),
+                "weights": dict(weights) if isinstance(weights, Mapping) else weights,
+                **{k: int(stage[k]) for k in ends}}
+
+    @property
+    def stage(self) -> str:
+        return self.stages[self.index]["name"]
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+        super().setup(domains, natural)
+        for i, stage in enumerate(self.stages):
+            resolve_weights(stage["weights"], self.domains, None,
+                            f"StagedMixture(stages[{i}].weights)")
+
+    def stage_at(self, state: TrainingState) -> int:
+        """The index of the stage in force for ``state`` (never before the current one)."""
+        index = self.index
+        while index < len(self.stages) - 1 and self._ended(self.stages[index], state):
+            index += 1
+        return index
+
+    @staticmethod
+    def _ended(stage: Mapping[str, Any], state: TrainingState) -> bool:
+        if stage.get("until_tokens") is not None:
+            return state.tokens >= stage["until_tokens"]
+        if stage.get("until_step") is not None:
+            return state.step >= stage["until_step"]
+        return False
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        index = self.stage_at(state)
+        if index != self.index or not self.switches:
+            self.index = index
+            self.switches.append({"stage": self.stage, "step": state.step,
+                                  "tokens": state.tokens})
+        counts = self.natural or {d: float(n) for d, n in state.tokens_per_domain.items()
+                                  if d in current}
+        return resolve_weights(self.stages[self.index]["weights"], self.domains, counts,
+                               f"StagedMixture(stages[{self.index}].weights)")
+
+    def config(self) -> dict[str, Any]:
+        return {"stages": self.stages, **super().config()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "switches": [dict(s) for s in self.switches]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.index = int(state["index"])
+        self.switches = [dict(s) for s in state["switches"]]
+
+
+
+__all__ = ["StagedMixture", "StaticMixture"]
