@@ -104,6 +104,24 @@ def test_a_class_name_typo_is_one_line_naming_the_field_and_the_cause(tmp_path):
     assert "module 'lightning_aquila.callbacks' has no attribute 'BanditMixtur'" in first
 
 
+def test_a_callback_argument_its_constructor_refuses_is_one_line_naming_the_cause():
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import Callback
+
+    from lightning_aquila.user_errors import one_line
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback] | None)
+    config = parser.parse_object({"callbacks": [
+        {"class_path": "lightning_aquila.callbacks.TrainingStateMonitor"},
+        {"class_path": "lightning_aquila.callbacks.AdaptiveTrainingEngine",
+         "init_args": {"policy": {"class_path": "lightning_aquila.callbacks.BanditMixture",
+                                  "init_args": {"smoothing": 2.0}}}}]})
+    with pytest.raises(ValueError) as refused:  # jsonargparse's report of the union's types
+        parser.instantiate_classes(config)
+    assert one_line(refused.value) == "BanditMixture(smoothing=2.0) must be in [0, 1)"
+
+
 # -- one run, one folder -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
