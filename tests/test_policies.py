@@ -102,7 +102,7 @@ def test_bounds_no_weights_can_meet_are_refused_naming_the_sums():
 
 
 def test_bounds_that_leave_one_feasible_mixture_warn_naming_the_bound_to_change():
-    policy = BanditMixture(min_weight=0.03, max_weight=0.5)  # the quickstart's bounds
+    policy = BanditMixture(min_weight=0.03, max_weight=0.5)  # over two domains: only 0.5/0.5
     with pytest.warns(UserWarning, match=r"allows only one mixture, \{'a': 0\.5, 'b': 0\.5\}"
                       r".*Raise max_weight \(above 0\.5"):
         policy.setup(["a", "b"])
