@@ -20,6 +20,10 @@ VERBOSE = False
 _USER_ERROR_NAMES = frozenset({"ArgumentError", "MisconfigurationException", "YAMLError",
                                "DataError", "EngineOrderError"})
 
+#: How jsonargparse reports a value no type of a union accepted, e.g. a callback whose
+#: constructor raised: the constructor's own message is one of its nested "- " lines.
+_UNION = re.compile(r"\s*Does not validate against any of the Union subtypes")
+
 #: jsonargparse's explanatory lines, which wrap the cause rather than state it.
 _BOILERPLATE = re.compile(
     r"^\s*(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|"
@@ -42,7 +46,8 @@ def is_user_error(error: BaseException) -> bool:
 def one_line(error: BaseException) -> str:
     """The error's message on one line; a parser dump is reduced to its cause."""
     text = str(error).strip()
-    if "\n" in text and ("Parser key" in text or "Problem with given class_path" in text):
+    if "\n" in text and ("Parser key" in text or "Problem with given class_path" in text
+                         or _UNION.match(text)):
         return summarise_parser_message(text)
     return " ".join(text.split()) or type(error).__name__
 
@@ -62,7 +67,7 @@ def summarise_parser_message(message: str) -> str:
         if indent > depth:
             best, depth = stripped, indent
     first = message.splitlines()[0].strip()
-    cause = best or first
+    cause = best.removeprefix("- ") or first
     field = ".".join(keys)
     where = f"config field {field!r}" if field else ""
     if classes:

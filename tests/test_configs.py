@@ -22,9 +22,18 @@ def bare_argv(monkeypatch):
 
 
 REPO = Path(__file__).resolve().parents[1]
-FIT_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml"))
+
+
+def is_overlay(path: Path) -> bool:
+    """An overlay is given after another config (it has no model of its own)."""
+    return "model" not in (yaml.safe_load(path.read_text()) or {})
+
+
+FIT_CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml")
+                     if not is_overlay(p))
 #: Overlays, given after the quickstart config as their comments say.
-OVERLAYS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*/*.yaml"))
+OVERLAYS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")
+                  if is_overlay(p))
 
 
 def print_config(*configs: str) -> dict:
@@ -38,7 +47,7 @@ def print_config(*configs: str) -> dict:
 
 def test_the_configs_are_found():
     assert "configs/quickstart.yaml" in FIT_CONFIGS and len(FIT_CONFIGS) >= 7
-    assert len(OVERLAYS) >= 4
+    assert "configs/quickstart-reference.yaml" in OVERLAYS and len(OVERLAYS) >= 5
 
 
 @pytest.mark.parametrize("path", FIT_CONFIGS)
@@ -59,6 +68,12 @@ def test_each_overlay_prints_on_top_of_the_quickstart(path):
     logger = overlay.get("trainer", {}).get("logger")
     if logger:
         assert printed["trainer"]["logger"]["class_path"] == logger["class_path"]
+    callbacks = overlay.get("trainer", {}).get("callbacks")
+    if callbacks:  # merged by position or replaced: either way the overlay's classes, in order
+        def names(entries):
+            return [c["class_path"].rsplit(".", 1)[1] for c in entries]
+
+        assert names(printed["trainer"]["callbacks"]) == names(callbacks)
 
 
 def test_a_typo_in_a_config_is_an_error_naming_the_key(tmp_path, capsys):
@@ -70,3 +85,37 @@ def test_a_typo_in_a_config_is_an_error_naming_the_key(tmp_path, capsys):
         run_cli(["fit", "--config", str(path), "--print_config"])
     assert done.value.code != 0
     assert "learning_rte" in capsys.readouterr().err
+
+
+def test_the_quickstart_reference_run_is_the_quickstart_on_the_uniform_mixture_with_no_policy():
+    main = print_config("configs/quickstart.yaml")
+    reference = print_config("configs/quickstart.yaml", "configs/quickstart-reference.yaml")
+    assert reference["model"] == main["model"]
+    assert reference["seed_everything"] == main["seed_everything"]
+    for key in ("accelerator", "devices", "precision", "max_steps", "val_check_interval",
+                "check_val_every_n_epoch", "limit_val_batches", "gradient_clip_val"):
+        assert reference["trainer"][key] == main["trainer"][key], key
+    data = {k: v for k, v in main["data"]["init_args"].items() if k != "weights"}
+    assert {k: v for k, v in reference["data"]["init_args"].items() if k != "weights"} == data
+    assert reference["data"]["init_args"]["weights"] == "uniform"
+    kinds = [c["class_path"].rsplit(".", 1)[1] for c in reference["trainer"]["callbacks"]]
+    assert kinds == ["TrainingStateMonitor", "ModelCheckpoint"]  # no engine, no policy
+    assert reference["trainer"]["callbacks"][0]["init_args"]["val_loss"]
+    assert reference["trainer"]["callbacks"][1]["init_args"]["save_last"]  # --ckpt_path last
+
+
+def test_the_quickstart_policy_is_doremi_reading_what_its_reference_run_writes():
+    main = print_config("configs/quickstart.yaml")
+    reference = print_config("configs/quickstart.yaml", "configs/quickstart-reference.yaml")
+    engine = main["trainer"]["callbacks"][-1]  # last: the reference flag edits the last one
+    assert engine["class_path"].endswith("AdaptiveTrainingEngine")
+    policy = engine["init_args"]["policy"]
+    assert policy["class_path"].endswith("ExcessLossMixture")
+    args = policy["init_args"]
+    written = Path(reference["trainer"]["default_root_dir"]) / "tsm" / "metrics.jsonl"
+    assert Path(args["reference"]) == written
+    assert "configs/quickstart-reference.yaml" in args["reference_command"]
+    # DoReMi as benchmarked: held-out loss, one step per evaluation, from the reference's mixture
+    assert args["signal"] == "val"
+    assert args["update_every"] == main["trainer"]["val_check_interval"]
+    assert main["data"]["init_args"]["weights"] == "uniform"

@@ -102,7 +102,7 @@ def test_bounds_no_weights_can_meet_are_refused_naming_the_sums():
 
 
 def test_bounds_that_leave_one_feasible_mixture_warn_naming_the_bound_to_change():
-    policy = BanditMixture(min_weight=0.03, max_weight=0.5)  # the quickstart's bounds
+    policy = BanditMixture(min_weight=0.03, max_weight=0.5)  # over two domains: only 0.5/0.5
     with pytest.warns(UserWarning, match=r"allows only one mixture, \{'a': 0\.5, 'b': 0\.5\}"
                       r".*Raise max_weight \(above 0\.5"):
         policy.setup(["a", "b"])
@@ -274,9 +274,24 @@ def test_a_reference_without_a_mixture_domain_is_refused_naming_it():
         ExcessLossMixture({"code": 1.0, "web": 1.0}).setup(DOMAINS)
 
 
-def test_a_missing_reference_file_is_refused_naming_it(tmp_path):
-    with pytest.raises(ValueError, match=r"reference file .*nope\.json does not exist"):
-        ExcessLossMixture(str(tmp_path / "nope.json"))
+def test_a_missing_reference_file_is_refused_naming_it_and_what_writes_one(tmp_path):
+    missing = tmp_path / "reference" / "tsm" / "metrics.jsonl"
+    with pytest.raises(ValueError) as refused:
+        ExcessLossMixture(str(missing), signal="val")
+    assert str(refused.value) == (
+        f"ExcessLossMixture: the reference file {missing} does not exist; train the reference "
+        "run first (its TrainingStateMonitor writes <trainer.default_root_dir>/tsm/metrics.jsonl)"
+        " or give a .json/.yaml mapping domain -> loss")
+
+
+def test_a_missing_reference_file_is_refused_naming_the_command_that_writes_it(tmp_path):
+    missing = tmp_path / "reference" / "tsm" / "metrics.jsonl"
+    command = "lightning-aquila fit --config a.yaml\n  --config reference.yaml"  # folded YAML
+    with pytest.raises(ValueError) as refused:
+        ExcessLossMixture(str(missing), signal="val", reference_command=command)
+    assert str(refused.value) == (
+        f"ExcessLossMixture: the reference file {missing} does not exist; create it with: "
+        "lightning-aquila fit --config a.yaml --config reference.yaml")
 
 
 # -- BanditMixture ----------------------------------------------------------------------------

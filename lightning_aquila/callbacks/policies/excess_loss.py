@@ -17,13 +17,17 @@ from lightning_aquila.domain_weights import Bound, as_number, normalized
 
 
 def load_reference_losses(reference: Mapping[str, float] | str,
-                          signal: Literal["train", "val"] = "train") -> dict[str, float]:
+                          signal: Literal["train", "val"] = "train",
+                          command: str | None = None) -> dict[str, float]:
     """Per-domain reference losses from a mapping, or from a file:
 
     * ``*.json`` / ``*.yaml`` / ``*.yml``: a mapping ``domain -> loss``;
     * ``*.jsonl``: a TSM ``metrics.jsonl`` of a reference run; the last finite
       ``tsm/val_loss/<domain>`` (``signal="val"``) or ``tsm/train_loss/<domain>``
       (``signal="train"``) of each domain.
+
+    A missing file is a ``ValueError`` naming it and ``command``, the command that writes it
+    (or, without one, what writes such a file).
     """
     if isinstance(reference, Mapping):
         source, raw = "ExcessLossMixture(reference)", dict(reference)
@@ -34,7 +38,12 @@ def load_reference_losses(reference: Mapping[str, float] | str,
         path = Path(reference)
         source = str(path)
         if not path.is_file():
-            raise ValueError(f"ExcessLossMixture: reference file {source} does not exist")
+            how = (f"create it with: {' '.join(command.split())}" if command else
+                   "train the reference run first (its TrainingStateMonitor writes "
+                   "<trainer.default_root_dir>/tsm/metrics.jsonl) or give a .json/.yaml "
+                   "mapping domain -> loss")
+            raise ValueError(f"ExcessLossMixture: the reference file {source} does not "
+                             f"exist; {how}")
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
             prefix = "tsm/val_loss/" if signal == "val" else "tsm/train_loss/"
@@ -93,12 +102,14 @@ class ExcessLossMixture(MixturePolicy):
             (``state.val_loss``, fresh when ``state.val_step`` moves).
         step_size: the exponentiated-gradient step ``eta`` per nat of excess loss.
         smoothing: the mass ``c`` mixed in from the uniform distribution at every update.
+        reference_command: the command that writes the ``reference`` file, quoted in the
+            error if the file does not exist (e.g. the quickstart's reference run).
     """
 
     def __init__(self, reference: Mapping[str, float] | str,
                  signal: Literal["train", "val"] = "train", step_size: float = 1.0,
                  smoothing: float = 1e-3, update_every: int = 10, min_weight: Bound = 0.0,
-                 max_weight: Bound = 1.0) -> None:
+                 max_weight: Bound = 1.0, reference_command: str | None = None) -> None:
         super().__init__(update_every, min_weight, max_weight)
         if signal not in ("train", "val"):
             raise ValueError(f"ExcessLossMixture(signal={signal!r}) must be 'train' or 'val'")
@@ -108,7 +119,8 @@ class ExcessLossMixture(MixturePolicy):
             raise ValueError(f"ExcessLossMixture(smoothing={smoothing!r}) must be in [0, 1]")
         self.reference = dict(reference) if isinstance(reference, Mapping) else reference
         self.signal, self.step_size, self.smoothing = signal, float(step_size), float(smoothing)
-        self.reference_losses = load_reference_losses(reference, signal)
+        self.reference_command = reference_command
+        self.reference_losses = load_reference_losses(reference, signal, reference_command)
         self.alpha: dict[str, float] | None = None
         self.last_signal_step: int | None = None
         self.updates = 0
@@ -118,7 +130,8 @@ class ExcessLossMixture(MixturePolicy):
         missing = [d for d in self.domains if d not in self.reference_losses]
         if missing:
             raise ValueError(f"ExcessLossMixture: the reference ({self.reference!r}) has no "
-                             f"loss for domain(s) {missing}")
+                             f"loss for domain(s) {missing}: train the reference on this run's "
+                             "domains")
         if self.alpha is not None:  # a resume with other domains: keep the ones that stayed
             kept = {d: self.alpha[d] for d in self.domains if d in self.alpha}
             fresh = 1.0 / len(self.domains)
