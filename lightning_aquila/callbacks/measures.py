@@ -1,6 +1,6 @@
 """What the Training State Monitor measures with, each piece tested on its own: parameter and
-layer names, sharded sums of squares, throughput/MFU, the loss-spike detector, the held-out
-loss metric, and the append-only JSON-lines writer of the run files. Kept apart from
+layer names, sharded sums of squares, throughput/MFU, peak memory, the loss-spike detector, the
+held-out loss metric, and the append-only JSON-lines writer of the run files. Kept apart from
 ``monitor.py`` so that the callback's file holds its hooks and this one the arithmetic."""
 
 from __future__ import annotations
@@ -112,6 +112,15 @@ def throughput(
     per_device = tokens / seconds / replication
     mfu = None if flops_per_token is None else per_device * flops_per_token / peak_flops
     return per_device, mfu
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes the caching allocator has handed out at most on ``device`` since the process
+    started (``torch.cuda.max_memory_allocated``); ``None`` off CUDA, where no allocator
+    keeps that count."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device)
 
 
 class SpikeDetector:

@@ -47,6 +47,7 @@ from lightning_aquila.callbacks.measures import (
     layer_of,
     local_part,
     next_token_loss,
+    peak_memory,
     shard_spec,
     squares_on_device,
     sum_of_squares,
@@ -80,8 +81,12 @@ class TrainingStateMonitor(Callback):
         grad_norm_every_n_steps: global gradient norm and one per optimizer parameter group
             (before clipping).
         lr_every_n_steps: learning rate of each parameter group.
+        loss_every_n_steps: the step's global training loss (``tsm/loss``); default: with
+            the per-domain training loss (``train_loss_every_n_steps``). ``1`` gives a
+            step-by-step loss curve, e.g. to hold two runs' curves against each other, without
+            shortening the interval the per-domain losses (and so a policy) average over.
         throughput_every_n_steps: tokens/s per device and MFU over the interval (validation
-            time excluded).
+            time excluded); on CUDA also the peak memory allocated on any rank so far.
         peak_flops: peak FLOP/s of one device (default: H100 bf16 dense, 989 TFLOP/s).
         flops_per_token: training FLOPs per token; default
             ``pl_module.config.flops_per_token(seq_len)`` when the module has it.
@@ -117,6 +122,7 @@ class TrainingStateMonitor(Callback):
         val_loss_fn: ValLossFn | None = None,
         grad_norm_every_n_steps: int | None = 10,
         lr_every_n_steps: int | None = 10,
+        loss_every_n_steps: int | None = None,
         throughput_every_n_steps: int | None = 10,
         peak_flops: float = 989e12,
         flops_per_token: float | None = None,
@@ -139,6 +145,7 @@ class TrainingStateMonitor(Callback):
         for arg, value in [("train_loss_every_n_steps", train_loss_every_n_steps),
                            ("grad_norm_every_n_steps", grad_norm_every_n_steps),
                            ("lr_every_n_steps", lr_every_n_steps),
+                           ("loss_every_n_steps", loss_every_n_steps),
                            ("throughput_every_n_steps", throughput_every_n_steps),
                            ("mixture_every_n_steps", mixture_every_n_steps),
                            ("weight_stats_every_n_steps", weight_stats_every_n_steps),
@@ -160,6 +167,7 @@ class TrainingStateMonitor(Callback):
         self.val_loss_fn = val_loss_fn or next_token_loss
         self.grad_norm_every_n_steps = grad_norm_every_n_steps
         self.lr_every_n_steps = lr_every_n_steps
+        self.loss_every_n_steps = loss_every_n_steps
         self.throughput_every_n_steps = throughput_every_n_steps
         self.peak_flops = peak_flops
         self.flops_per_token = flops_per_token
@@ -337,6 +345,8 @@ class TrainingStateMonitor(Callback):
         metrics = self._check_step(trainer)
         if _due(self.train_loss_every_n_steps, step):
             metrics.update(self._train_loss(trainer))
+        if _due(self.loss_every_n_steps, step) and self.state.loss is not None:
+            metrics["tsm/loss"] = self.state.loss
         if _due(self.grad_norm_every_n_steps, step) and self.state.grad_norm is not None:
             metrics["tsm/grad_norm"] = self.state.grad_norm
             for group, norm in self.state.grad_norm_groups.items():
@@ -393,7 +403,8 @@ class TrainingStateMonitor(Callback):
         host sync per step, which reads the loss and the gradient norms together (none when
         detection is off and neither the train nor the grad-norm interval is due)."""
         wants_loss = (self.detect_nonfinite or self.detect_spikes
-                      or _due(self.train_loss_every_n_steps, self.state.step))
+                      or _due(self.train_loss_every_n_steps, self.state.step)
+                      or _due(self.loss_every_n_steps, self.state.step))
         has_loss = wants_loss and isinstance(self._step_loss, torch.Tensor)
         names = list(self._grad_groups)
         values: list[torch.Tensor] = []
@@ -520,6 +531,12 @@ class TrainingStateMonitor(Callback):
         metrics = {"tsm/tokens_per_sec": per_device}
         if mfu is not None:
             metrics["tsm/mfu"] = mfu
+        peak = peak_memory(pl_module.device)
+        if peak is not None:  # every rank is on CUDA, or none is
+            peak = torch.tensor([float(peak)], device=pl_module.device)
+            if trainer.world_size > 1:
+                peak = trainer.strategy.reduce(peak, reduce_op="max")
+            metrics["tsm/peak_memory_gib"] = float(peak) / 2**30
         return metrics
 
     def _flops_per_token(self, pl_module: LightningModule) -> float | None:
