@@ -57,6 +57,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with atomic_file(target, "wb", fsync=self.fsync) as handle:
             torch.save(checkpoint, handle)
 
+    def load_checkpoint(self, path: _PATH, map_location: Any = "cpu",
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """As ``TorchCheckpointIO``'s, with the storages mapped to ``"cpu"`` by name rather
+        than by Lightning's identity function: the same placement for plain tensors, and the
+        only one that tensor subclasses in optimizer state (torchao's 8-bit AdamW moments)
+        can be rebuilt with."""
+        return super().load_checkpoint(path, map_location=map_location,
+                                       weights_only=weights_only)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fsync={self.fsync})"
 

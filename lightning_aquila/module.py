@@ -6,6 +6,7 @@ account loss per domain without a second forward pass, in this module or anyone 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from contextlib import nullcontext
@@ -23,7 +24,12 @@ from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choi
 # Handles plain and vocabulary-sharded (tensor-parallel) logits alike; re-exported here.
 from lightning_aquila.strategies.loss import token_losses
 
-__all__ = ["AquilaLM", "token_losses", "warmup_cosine"]
+__all__ = ["OPTIMIZERS", "AquilaLM", "token_losses", "warmup_cosine"]
+
+#: ``optimizer``: ``adamw`` keeps its two moments in fp32 (8 bytes per parameter);
+#: ``adamw8bit`` is torchao's ``AdamW8bit``, moments quantised blockwise to 8 bits (about 2
+#: bytes per parameter), which also shards under FSDP2 and tensor parallelism.
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -46,6 +52,11 @@ class AquilaLM(LightningModule):
             decay to ``min_lr_ratio · learning_rate`` at ``decay_steps`` (default: the
             trainer's ``max_steps``). Defaults follow Aquila2/Llama-2 pretraining.
         weight_decay, betas, eps: AdamW; norms and other 1-D parameters are not decayed.
+        optimizer: ``adamw`` (``torch.optim.AdamW``, fp32 moments) or ``adamw8bit``
+            (``torchao.optim.AdamW8bit``, the ``torchao`` extra: moments quantised to 8 bits
+            in blocks of 256 values, 6 bytes per parameter less than ``adamw``; tensors under
+            4,096 values keep fp32 moments). For models whose fp32 optimizer state does not
+            fit the GPUs (docs/benchmarks.md, "Scaling"); not under DeepSpeed.
         activation_checkpointing: recompute each decoder block in the backward pass.
         compile: ``torch.compile`` each decoder block (``true`` or ``"blocks"``), or the whole
             model, output head and loss included (``"model"``: one graph, fewer kernels).
@@ -72,6 +83,7 @@ class AquilaLM(LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        optimizer: str = "adamw",
         activation_checkpointing: bool = False,
         compile: bool | Literal["blocks", "model"] = False,
         attention: str = "auto",
@@ -85,6 +97,14 @@ class AquilaLM(LightningModule):
                              "'model']")
         check_choice("attention", attention, ATTENTION_IMPLS)
         check_choice("loss_impl", loss_impl, LOSS_IMPLS)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        if optimizer == "adamw8bit":
+            if fused_optimizer:
+                raise ValueError("fused_optimizer=True is torch.optim.AdamW's fused kernel; "
+                                 "optimizer='adamw8bit' has none (leave fused_optimizer unset)")
+            if importlib.util.find_spec("torchao") is None:
+                raise ImportError("optimizer='adamw8bit' needs torchao "
+                                  "(`pip install 'lightning-aquila[torchao]'`)")
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
                              f"got {loss_chunk_size}")
@@ -215,14 +235,16 @@ class AquilaLM(LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-        fused = hp.fused_optimizer
-        if fused is None:
-            fused = self._fused_optimizer_fits(params)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
-             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
-            lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused or None,
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        if hp.optimizer == "adamw8bit":
+            optimizer = self._adamw8bit(groups)
+        else:
+            fused = hp.fused_optimizer
+            if fused is None:
+                fused = self._fused_optimizer_fits(params)
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas),
+                                          eps=hp.eps, fused=fused or None)
         decay_steps = hp.decay_steps or self.trainer.max_steps
         if decay_steps is None or decay_steps <= 0:
             raise ValueError("AquilaLM needs decay_steps or trainer.max_steps for its LR schedule")
@@ -230,6 +252,19 @@ class AquilaLM(LightningModule):
             step, hp.warmup_steps, decay_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def _adamw8bit(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """torchao's 8-bit AdamW over ``groups``. DeepSpeed flattens and partitions the
+        parameters and their optimizer state itself, so it is refused there."""
+        trainer = self._trainer
+        if trainer is not None and "deepspeed" in type(trainer.strategy).__name__.lower():
+            raise ValueError("optimizer='adamw8bit' is for single devices and the FSDP2/TP "
+                             "strategies (aquila_fsdp, aquila_tp_fsdp); DeepSpeed partitions "
+                             "its own optimizer state: use optimizer='adamw' there")
+        from torchao.optim import AdamW8bit
+
+        hp = self.hparams
+        return AdamW8bit(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
 
     def _fused_optimizer_fits(self, params: list[torch.Tensor]) -> bool:
         """Fused AdamW by default only where it is known to work: CUDA parameters, no

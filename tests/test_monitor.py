@@ -9,6 +9,7 @@ of ours but the monitor.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -361,6 +362,43 @@ def test_mfu_uses_the_module_config_flops_per_token_at_the_batch_length(tmp_path
     assert [r["step"] for r in logged] == [2, 4]
     for row in logged:  # sequence length 12
         assert row["tsm/mfu"] == pytest.approx(row["tsm/tokens_per_sec"] * 12_000 / 1e6)
+
+
+def test_peak_memory_is_logged_with_throughput_where_the_allocator_counts_it(tmp_path,
+                                                                            monkeypatch):
+    monitor_module = importlib.import_module("lightning_aquila.callbacks.monitor.throughput")
+
+    trainer = quiet_trainer(tmp_path / "cpu", [TrainingStateMonitor(throughput_every_n_steps=2)],
+                            max_steps=2, limit_val_batches=0)
+    trainer.fit(TinyLM(), TaggedData())
+    assert all("tsm/peak_memory_gib" not in r for r in jsonl(tmp_path / "cpu/tsm/metrics.jsonl"))
+
+    monkeypatch.setattr(monitor_module, "peak_memory", lambda device: 3 * 2**30)
+    trainer = quiet_trainer(tmp_path / "gpu", [TrainingStateMonitor(throughput_every_n_steps=2)],
+                            max_steps=4, limit_val_batches=0)
+    trainer.fit(TinyLM(), TaggedData())
+    rows = [r for r in jsonl(tmp_path / "gpu/tsm/metrics.jsonl") if "tsm/tokens_per_sec" in r]
+    assert [(r["step"], r["tsm/peak_memory_gib"]) for r in rows] == [(2, 3.0), (4, 3.0)]
+
+
+def test_loss_every_step_logs_each_steps_loss_and_keeps_the_domain_interval(tmp_path):
+    class StepLosses(Callback):
+        def __init__(self) -> None:
+            self.losses: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses[trainer.global_step] = outputs["loss"].item()
+
+    recorder = StepLosses()
+    monitor = TrainingStateMonitor(loss_every_n_steps=1, train_loss_every_n_steps=3)
+    trainer = quiet_trainer(tmp_path, [monitor, recorder], max_steps=6, limit_val_batches=0)
+    trainer.fit(TinyLM(), TaggedData())
+    rows = jsonl(tmp_path / "tsm" / "metrics.jsonl")
+    logged = {r["step"]: r["tsm/loss"] for r in rows if "tsm/loss" in r}
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    assert logged == pytest.approx(recorder.losses, rel=1e-6)
+    domain_steps = [r["step"] for r in rows if "tsm/train_loss/code" in r]
+    assert domain_steps == [3, 6]
 
 
 # -- state and run files --------------------------------------------------------------------------

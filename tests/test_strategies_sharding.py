@@ -89,6 +89,18 @@ def test_meta_built_model_gets_aquilas_init_under_tensor_parallel_and_fsdp(tp_fs
         assert len(set(heads)) == 4, name
 
 
+def test_a_meta_built_model_starts_from_the_same_weights_whatever_the_layout(fsdp_meta,
+                                                                            tp_fsdp_dmu):
+    """FSDP2 over two ranks and TP 2 × FSDP2 2 over four draw the same full tensors (same
+    seed), so runs of one configuration at different sizes can be compared step by step."""
+    two, four = fsdp_meta[0]["init"], tp_fsdp_dmu[0]["init"]
+    assert sorted(two) == sorted(four)
+    for name in two:
+        assert (two[name]["mean"], two[name]["std"]) == (four[name]["mean"], four[name]["std"])
+    head = "lm_head.weight"
+    assert two[head]["local_shape"] != four[head]["local_shape"]  # the layouts do differ
+
+
 def test_tensor_parallel_peers_read_the_same_samples_and_data_parallel_ranks_differ(
         tp_fsdp_dmu):
     # Ranks 0,1 form the TP group of data-parallel rank 0; ranks 2,3 that of rank 1.

@@ -36,6 +36,7 @@ from lightning_aquila.model.model import AquilaModel, Block, RMSNorm
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from lightning_aquila.model.config import AquilaConfig
     from lightning_aquila.module import AquilaLM
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -122,7 +123,8 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
                        cpu_offload=plan.cpu_offload,
                        reshard_after_forward=plan.reshard_after_forward)
         if _is_meta(model):
-            materialize(model, torch.device("cpu") if plan.cpu_offload else device)
+            materialize(model, torch.device("cpu") if plan.cpu_offload else device,
+                        draw_on=device)
     elif _is_zero3_partitioned(model):
         init_zero3_partitioned(model)
 
@@ -231,31 +233,68 @@ def _is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def materialize(model: AquilaModel, device: torch.device) -> None:
-    """Allocate each rank's shards on ``device`` and initialise them with Aquila's own init.
+def materialize(model: AquilaModel, device: torch.device,
+                draw_on: torch.device | None = None) -> None:
+    """Allocate each rank's shards on ``device`` and fill them with Aquila's initialisation,
+    the same full tensors whatever the layout.
 
-    Where DTensor has no distributed RNG (CPU), every rank would draw the same numbers for
-    its shard; a per-rank seed keeps the shards independent draws. (Only sharded tensors are
-    random: the replicated ones, the norms, are initialised to ones.)
+    Each parameter is drawn whole, on every rank, from a generator of its own (seeded by the
+    run's seed, ``torch.initial_seed()``, and the parameter's position), and each rank keeps
+    its slice. So an 8-GPU run starts from the very weights that the same run on 2 GPUs, or
+    under another tensor-parallel size, starts from, and their loss curves can be held against
+    each other step by step; the shards are slices of one draw, so independent of each other.
+    It costs one parameter's full size in transient memory, on ``draw_on`` (default
+    ``device``; the GPU when the shards are offloaded to the host).
     """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     model.to_empty(device=device)
-    if device.type == "cpu" and torch.distributed.is_initialized():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch.initial_seed() + torch.distributed.get_rank())
-            model.init_weights()
-    else:
-        model.init_weights()
+    seed = torch.initial_seed()
+    # (a caller may have built the model under ``torch.device("meta")``: not for these tensors)
+    with torch.no_grad(), torch.device(draw_on or device):
+        for index, (name, param) in enumerate(model.named_parameters()):
+            local = param.to_local() if isinstance(param, DTensor) else param
+            std = init_std(model.config, clean_parameter_name(name))
+            if std is None:
+                local.fill_(1.0)
+                continue
+            where = draw_on or local.device
+            generator = torch.Generator(device=where)
+            generator.manual_seed((seed + 7919 * (index + 1)) % 2**63)
+            full = torch.empty(param.shape, dtype=local.dtype, device=where)
+            full.normal_(0.0, std, generator=generator)
+            if isinstance(param, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements)
+                full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            local.copy_(full)
+            del full
+
+
+def init_std(config: AquilaConfig, name: str) -> float | None:
+    """Aquila's initialisation of the parameter ``name`` (``AquilaModel.init_weights``): the
+    standard deviation of its zero-mean normal draw, or ``None`` for the norms (ones). The
+    two projections that write into the residual stream are scaled by 1/sqrt(2·layers)."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return config.init_std / math.sqrt(2 * config.num_layers)
+    return config.init_std
+
+
+def clean_parameter_name(name: str) -> str:
+    """The parameter's name without the wrappers that activation checkpointing and compile
+    insert."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def init_module(model: AquilaModel, name: str, module: nn.Module) -> None:
     """``AquilaModel.init_weights`` for one submodule (the model's rule, applied piecewise
     where the whole model cannot be gathered at once). A test holds it equal to the
     model's own."""
-    config = model.config
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        is_residual = name.endswith(("o_proj", "down_proj"))
-        std = config.init_std / math.sqrt(2 * config.num_layers) if is_residual else config.init_std
-        nn.init.normal_(module.weight, mean=0.0, std=std)
+        nn.init.normal_(module.weight, mean=0.0, std=init_std(model.config, f"{name}.weight"))
     elif isinstance(module, RMSNorm):
         module.reset_parameters()
 

@@ -19,7 +19,9 @@ TRAIN = Path(__file__).with_name("train.py")
 
 def run_training(out: Path, *args: str, devices: int = 1, timeout: float = 300) -> list[dict]:
     """``train.py --out OUT --devices N ARGS``; the per-rank records, rank 0 first."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    paths = [str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     command = [sys.executable, str(TRAIN), "--out", str(out), "--devices", str(devices), *args]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=timeout)

@@ -9,6 +9,8 @@ running the same command again. Every rank writes ``DIR/rank<r>.json``:
 * ``sampler_kwargs``, ``mesh``: what the strategy told the data and how the mesh was cut;
 * ``init``: per parameter, the mean and standard deviation of the full tensor right after
   setup, and a fingerprint of this rank's local shard;
+* ``optimizer_state_types``: the tensor types of this rank's local AdamW first moments at the
+  end (``OptimState8bit`` among them under ``--optimizer adamw8bit``);
 
 and rank 0 writes ``DIR/final_state.pt``, the full (consolidated in memory) model state at
 the end of training.
@@ -136,6 +138,10 @@ class Recorder(Callback):
             get_model_state_dict,
         )
 
+        moments = [state["exp_avg"] for state in trainer.optimizers[0].state.values()
+                   if "exp_avg" in state]
+        self.record["optimizer_state_types"] = sorted({
+            type(m.to_local() if isinstance(m, DTensor) else m).__name__ for m in moments})
         state = get_model_state_dict(
             pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if trainer.is_global_zero:
@@ -151,6 +157,13 @@ class MetaInitAquilaLM(AquilaLM):
         if self.model is None:
             with torch.device("meta"):
                 super().configure_model()
+
+
+def eager_torchao_optimizer() -> None:
+    """torchao's 8-bit AdamW compiles its update once per parameter shape, which takes
+    minutes on two CPU cores; the tests run the same update eagerly (``torch.compile`` is the
+    identity here: nothing else in these runs compiles)."""
+    torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)
 
 
 def main() -> None:
@@ -172,8 +185,11 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="a shard store: use DomainDataModule")
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--optimizer", default="adamw")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.optimizer == "adamw8bit":
+        eager_torchao_optimizer()
 
     seed_everything(7, verbose=False)
     strategy: Any = args.strategy
@@ -181,7 +197,7 @@ def main() -> None:
         strategy = AquilaParallelStrategy(tensor_parallel_size=args.tensor_parallel_size)
     module_cls = MetaInitAquilaLM if args.meta_init else AquilaLM
     model = module_cls(preset="aquila2-tiny", init_from=args.init_from, learning_rate=3e-3,
-                       warmup_steps=1, decay_steps=100,
+                       warmup_steps=1, decay_steps=100, optimizer=args.optimizer,
                        activation_checkpointing=args.activation_checkpointing)
     if args.store:
         from lightning_aquila.datamodules import DomainDataModule

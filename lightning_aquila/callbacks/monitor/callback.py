@@ -69,8 +69,12 @@ class TrainingStateMonitor(Callback):
         grad_norm_every_n_steps: global gradient norm and one per optimizer parameter group
             (before clipping).
         lr_every_n_steps: learning rate of each parameter group.
+        loss_every_n_steps: the step's global training loss (``tsm/loss``) at these steps as
+            well as with the per-domain loss (``train_loss_every_n_steps``). ``1`` gives a
+            step-by-step loss curve, e.g. to hold two runs' curves against each other, without
+            shortening the interval the per-domain losses (and so a policy) average over.
         throughput_every_n_steps: tokens/s per device and MFU over the interval (validation
-            time excluded).
+            time excluded); on CUDA also the peak memory allocated on any rank so far.
         peak_flops: peak FLOP/s of one device (default: H100 bf16 dense, 989 TFLOP/s).
         flops_per_token: training FLOPs per token; default
             ``pl_module.config.flops_per_token(seq_len)`` when the module has it.
@@ -112,6 +116,7 @@ class TrainingStateMonitor(Callback):
         val_loss_fn: ValLossFn | None = None,
         grad_norm_every_n_steps: int | None = 10,
         lr_every_n_steps: int | None = 10,
+        loss_every_n_steps: int | None = None,
         throughput_every_n_steps: int | None = 10,
         peak_flops: float = 989e12,
         flops_per_token: float | None = None,
@@ -135,6 +140,7 @@ class TrainingStateMonitor(Callback):
         for arg, value in [("train_loss_every_n_steps", train_loss_every_n_steps),
                            ("grad_norm_every_n_steps", grad_norm_every_n_steps),
                            ("lr_every_n_steps", lr_every_n_steps),
+                           ("loss_every_n_steps", loss_every_n_steps),
                            ("throughput_every_n_steps", throughput_every_n_steps),
                            ("mixture_every_n_steps", mixture_every_n_steps),
                            ("weight_stats_every_n_steps", weight_stats_every_n_steps),
@@ -156,6 +162,7 @@ class TrainingStateMonitor(Callback):
         self.val_loss_fn = val_loss_fn or next_token_loss
         self.grad_norm_every_n_steps = grad_norm_every_n_steps
         self.lr_every_n_steps = lr_every_n_steps
+        self.loss_every_n_steps = loss_every_n_steps
         self.throughput_every_n_steps = throughput_every_n_steps
         self.peak_flops = peak_flops
         self.flops_per_token = flops_per_token
@@ -182,7 +189,8 @@ class TrainingStateMonitor(Callback):
                                    detect_spikes=detect_spikes, spikes=self.spikes,
                                    max_anomalies=max_anomalies,
                                    grad_norm_every=grad_norm_every_n_steps,
-                                   train_loss_every=train_loss_every_n_steps)
+                                   train_loss_every=train_loss_every_n_steps,
+                                   loss_every=loss_every_n_steps)
         self._weights = WeightStatistics(snapshot_device)
         self._throughput = ThroughputMeter(peak_flops, flops_per_token)
         self._held_out = HeldOutLoss()

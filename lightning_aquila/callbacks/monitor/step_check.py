@@ -89,14 +89,16 @@ class StepChecker:
         detect_nonfinite, detect_spikes, spikes, max_anomalies: as the monitor's arguments.
         grad_norm_every, train_loss_every: the monitor's ``grad_norm_every_n_steps`` and
             ``train_loss_every_n_steps``, when ``tsm/grad_norm`` and ``tsm/loss`` are logged.
+        loss_every: the monitor's ``loss_every_n_steps``: ``tsm/loss`` at these steps too.
     """
 
     def __init__(self, *, detect_nonfinite: bool, detect_spikes: bool, spikes: SpikeDetector,
                  max_anomalies: int, grad_norm_every: int | None,
-                 train_loss_every: int | None) -> None:
+                 train_loss_every: int | None, loss_every: int | None = None) -> None:
         self.detect_nonfinite, self.detect_spikes = detect_nonfinite, detect_spikes
         self.spikes, self.max_anomalies = spikes, max_anomalies
         self.grad_norm_every, self.train_loss_every = grad_norm_every, train_loss_every
+        self.loss_every = loss_every
         self.anomaly_count = 0
         self.deferred = False  # resolved from deferred_checks at train start
         self.pending: StepCheck | None = None  # the last step's check, when deferred
@@ -105,6 +107,9 @@ class StepChecker:
         self.batches = 0
         self.data_index: Any = None  # batch["batch_index"] of the step's last batch
         self.grad_squares: dict[str, torch.Tensor] = {}  # squared norms, on device
+
+    def _logs_loss(self, step: int) -> bool:
+        return due(self.train_loss_every, step) or due(self.loss_every, step)
 
     def wants_grad_norm(self, step: int) -> bool:
         return self.detect_nonfinite or due(self.grad_norm_every, step)
@@ -148,8 +153,7 @@ class StepChecker:
         without waiting (none when detection is off and neither the train-loss nor the
         grad-norm interval is due)."""
         step = state.step
-        wants_loss = (self.detect_nonfinite or self.detect_spikes
-                      or due(self.train_loss_every, step))
+        wants_loss = (self.detect_nonfinite or self.detect_spikes or self._logs_loss(step))
         has_loss = wants_loss and isinstance(self.loss, torch.Tensor)
         names = list(self.grad_squares)
         values: list[torch.Tensor] = []
@@ -193,7 +197,7 @@ class StepChecker:
             return metrics
         loss_sum, count = read[0], read[1]
         state.loss = loss_sum / count
-        if due(self.train_loss_every, check.step):
+        if self._logs_loss(check.step):
             metrics["tsm/loss"] = state.loss
         found: list[Anomaly] = []
         if self.detect_nonfinite and not math.isfinite(state.loss):

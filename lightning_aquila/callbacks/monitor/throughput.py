@@ -71,6 +71,12 @@ class ThroughputMeter:
         metrics = {"tsm/tokens_per_sec": per_device}
         if mfu is not None:
             metrics["tsm/mfu"] = mfu
+        peak = peak_memory(pl_module.device)
+        if peak is not None:  # every rank is on CUDA, or none is
+            peak = torch.tensor([float(peak)], device=pl_module.device)
+            if trainer.world_size > 1:
+                peak = trainer.strategy.reduce(peak, reduce_op="max")
+            metrics["tsm/peak_memory_gib"] = float(peak) / 2**30
         return metrics
 
     def _per_token(self, pl_module: LightningModule) -> float | None:
@@ -82,4 +88,13 @@ class ThroughputMeter:
         return None
 
 
-__all__ = ["ThroughputMeter", "throughput"]
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes the caching allocator has handed out at most on ``device`` since the process
+    started (``torch.cuda.max_memory_allocated``); ``None`` off CUDA, where no allocator
+    keeps that count."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device)
+
+
+__all__ = ["ThroughputMeter", "peak_memory", "throughput"]
