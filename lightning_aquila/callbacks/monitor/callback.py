@@ -8,12 +8,16 @@ It observes only. Everything it needs comes from the Batch and Step output contr
 Ordering: the state is updated in ``on_train_batch_end`` once per optimizer step (held-out
 values in ``on_validation_epoch_end``). Lightning runs callbacks in list order, so a callback
 listed after the monitor (the ATE) sees this step's state, anomalies included, in its own
-``on_train_batch_end``. Every value in the state is reduced across ranks, so every rank reads
-the same numbers. (ModelCheckpoint always runs last, so a checkpoint taken at a step holds the
-monitor state of that step.)
+``on_train_batch_end`` (with ``deferred_checks``, the default on CUDA, the step loss, gradient
+norm and anomalies arrive one step later, each under its own step). Every value in the state
+is reduced across ranks, so every rank reads the same numbers. (ModelCheckpoint always runs
+last, and a checkpoint reads any deferred check first, so it holds the monitor state of its
+own step.)
 
 What it measures, and how, is in the parts next to this file (the package docstring lists
-them); this class holds the configuration and decides when each part runs.
+them); this class holds the configuration and decides when each part runs. It is ~510 lines
+because its constructor documents and checks every argument a YAML config can set; the
+hooks themselves are short.
 """
 
 from __future__ import annotations
