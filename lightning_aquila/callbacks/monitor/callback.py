@@ -282,8 +282,8 @@ class TrainingStateMonitor(Callback):
 
     def _flush_pending(self) -> None:
         """Finishes a deferred check now (before a checkpoint, at the end of training)."""
-        trainer = self._module.trainer if self._module is not None else None
-        if self._checks.pending is None or trainer is None:
+        trainer = getattr(self._module, "_trainer", None)  # None while no trainer holds it
+        if trainer is None:
             return
         for checked_step, found in self._checks.finish_pending(
                 trainer, self.state, self._losses.domains_present, self._files.write_event):

@@ -72,11 +72,11 @@ class ThroughputMeter:
         if mfu is not None:
             metrics["tsm/mfu"] = mfu
         peak = peak_memory(pl_module.device)
-        if peak is not None:  # every rank is on CUDA, or none is
-            peak = torch.tensor([float(peak)], device=pl_module.device)
-            if trainer.world_size > 1:
-                peak = trainer.strategy.reduce(peak, reduce_op="max")
-            metrics["tsm/peak_memory_gib"] = float(peak) / 2**30
+        if peak is not None and trainer.world_size > 1:  # every rank is on CUDA, or none is
+            peak = float(trainer.strategy.reduce(
+                torch.tensor([float(peak)], device=pl_module.device), reduce_op="max"))
+        if peak is not None:
+            metrics["tsm/peak_memory_gib"] = peak / 2**30
         return metrics
 
     def _per_token(self, pl_module: LightningModule) -> float | None:
