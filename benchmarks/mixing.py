@@ -254,18 +254,22 @@ def known_policies() -> list[str]:
     return [p for p in POLICIES if p in found] + [p for p in found if p not in POLICIES]
 
 
-def plan(policies: Sequence[str], seeds: Sequence[int], out: Path) -> tuple[list[Run], Run]:
+def plan(policies: Sequence[str], seeds: Sequence[int], out: Path,
+         reference_seed: int = REFERENCE[1]) -> tuple[list[Run], Run]:
     """The runs in the order they start: the reference first, then seed by seed so that an
-    interrupted benchmark still has whole seeds."""
+    interrupted benchmark still has whole seeds. With ``reference_seed`` one of ``seeds`` the
+    uniform run of that seed is DoReMi's reference (one run fewer, for budgets too small for
+    a run no table row uses)."""
     unknown = [p for p in policies if p not in known_policies()]
     if unknown:
         raise SystemExit(f"unknown policy(ies) {unknown}; known (configs/benchmarks/mixing): "
                          f"{known_policies()}")
-    if REFERENCE[1] in seeds:
+    if reference_seed == REFERENCE[1] and REFERENCE[1] in seeds:
         raise SystemExit(f"seed {REFERENCE[1]} is the DoReMi reference run's; use others")
-    reference = Run(*REFERENCE, out)
-    runs = [reference] if any(p.startswith("doremi") for p in policies) else []
-    runs += [Run(p, s, out) for s in seeds for p in policies]
+    reference = Run(REFERENCE[0], reference_seed, out)
+    runs = [Run(p, s, out) for s in seeds for p in policies]
+    if any(p.startswith("doremi") for p in policies):
+        runs = [reference, *[r for r in runs if r.name != reference.name]]
     return runs, reference
 
 
@@ -433,11 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write last.ckpt every STEPS steps and resume unfinished runs "
                              "from it; with --deadline, runs still going then are stopped "
                              "(for runs longer than one sitting on a lent GPU)")
+    parser.add_argument("--reference-seed", type=int, default=REFERENCE[1],
+                        help="the seed of DoReMi's reference run on the uniform mixture "
+                             f"(default {REFERENCE[1]}, a seed no row uses; one of --seeds "
+                             "makes that seed's uniform run the reference)")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                         help="everything after this goes to every `fit` (e.g. "
                              "--trainer.max_steps 200)")
     args = parser.parse_args(argv)
-    runs, reference = plan(args.policies, args.seeds, args.out)
+    runs, reference = plan(args.policies, args.seeds, args.out, args.reference_seed)
     if args.command == "run" and args.store is None:
         parser.error("run needs --store")
     if args.command == "run":

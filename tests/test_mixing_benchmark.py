@@ -75,6 +75,10 @@ def test_the_plan_refuses_the_reference_seed_and_unknown_policies(tmp_path):
     assert [r.name for r in runs] == ["reference", "uniform-s1", "doremi-s1", "uniform-s2",
                                       "doremi-s2"]
     assert reference.name == "reference"
+    # a seed's own uniform run as the reference: it runs first, and only once
+    runs, reference = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path, reference_seed=1)
+    assert [r.name for r in runs] == ["uniform-s1", "doremi-s1", "uniform-s2", "doremi-s2"]
+    assert reference.name == "uniform-s1"
 
 
 def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, tmp_path):
