@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import tempfile
 import time
@@ -76,6 +77,9 @@ FIT_ROWS: dict[str, dict[str, Any]] = {
     "fit-cudnn-batch12": {**BEST, "loss_impl": "standard", "_batch_scale": 1.5},
     "fit-cudnn-batch16": {**BEST, "loss_impl": "standard", "_batch_scale": 2},
     "fit-best-fsdp": {**BEST, "compile": True, "_strategy": "aquila_fsdp"},
+    # torchao float8 projections (the head stays bf16), on the standard-loss row
+    "fit-float8": {**BEST, "loss_impl": "standard", "float8": "tensorwise"},
+    "fit-float8-rowwise": {**BEST, "loss_impl": "standard", "float8": "rowwise"},
 }
 PLAIN_ROWS = ("litgpt", "aquila-plain", "litgpt-eager", "aquila-plain-eager")
 DEFAULT_ROWS = ("litgpt", "aquila-plain", *FIT_ROWS)
@@ -185,6 +189,8 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
             import flash_attn.cute  # noqa: F401
         except ImportError as error:
             raise Skipped(f"flash-attn-4 is not installed ({error})") from error
+    if options.get("float8") and importlib.util.find_spec("torchao") is None:
+        raise Skipped("torchao is not installed (the float8 rows need it)")
     if device.type != "cuda":
         options.update(compile=options["compile"] and args.compile, fused_optimizer=False)
         if strategy != "auto":

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
+from lightning_aquila.model.float8 import FLOAT8_RECIPES
 from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
 
 # Handles plain and vocabulary-sharded (tensor-parallel) logits alike; re-exported here.
@@ -68,6 +69,11 @@ class AquilaLM(LightningModule):
         fused_optimizer: AdamW's fused CUDA kernel (one launch for all parameters); default:
             on when the parameters are on CUDA, no GradScaler is in use and the strategy is
             not DeepSpeed (which brings its own optimizer handling).
+        float8: ``tensorwise`` or ``rowwise``: the decoder blocks' projections run their
+            matmuls in float8 (torchao ``Float8Linear``, the ``torchao`` extra; GPUs of compute
+            capability 8.9+, emulated on the CPU). The output head, weights and optimizer
+            state are unchanged, so checkpoints interchange with bf16 runs. Not with tensor
+            parallelism.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class AquilaLM(LightningModule):
         loss_impl: str = "standard",
         loss_chunk_size: int = 4096,
         fused_optimizer: bool | None = None,
+        float8: str | None = None,
     ) -> None:
         super().__init__()
         if compile not in (False, True, "blocks", "model"):
@@ -104,6 +111,11 @@ class AquilaLM(LightningModule):
                                  "optimizer='adamw8bit' has none (leave fused_optimizer unset)")
             if importlib.util.find_spec("torchao") is None:
                 raise ImportError("optimizer='adamw8bit' needs torchao "
+                                  "(`pip install 'lightning-aquila[torchao]'`)")
+        if float8 is not None:
+            check_choice("float8", float8, FLOAT8_RECIPES)
+            if importlib.util.find_spec("torchao") is None:
+                raise ImportError("float8 needs torchao "
                                   "(`pip install 'lightning-aquila[torchao]'`)")
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, "

@@ -102,6 +102,8 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
                                  "loss_impl='standard'")
             apply_tensor_parallel(model, tp_mesh, sequence_parallel=plan.sequence_parallel,
                                   loss_parallel=plan.loss_parallel)
+    if lm.hparams.get("float8"):
+        _apply_float8(model, lm.hparams.float8, strategy, mesh)
     if lm.hparams.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     # In place (``Module.compile``): parameter names keep no ``_orig_mod`` prefix.
@@ -127,6 +129,20 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
                         draw_on=device)
     elif _is_zero3_partitioned(model):
         init_zero3_partitioned(model)
+
+
+def _apply_float8(model: AquilaModel, recipe: str, strategy: Any, mesh: Any) -> None:
+    """float8 projections, before activation checkpointing, compile and FSDP wrap them (the
+    order torchao's float8 training expects)."""
+    from lightning_aquila.model.float8 import check_float8_device, convert_to_float8
+
+    if mesh is not None and mesh["tensor_parallel"].size() > 1:
+        raise ValueError("float8 does not combine with tensor parallelism here; use FSDP "
+                         "(aquila_fsdp) or leave model.float8 unset")
+    device = getattr(strategy, "root_device", None)
+    if device is not None and device.type == "cuda":
+        check_float8_device("cuda", torch.cuda.get_device_capability(device))
+    convert_to_float8(model, recipe)
 
 
 # -- tensor parallel ------------------------------------------------------------------------
