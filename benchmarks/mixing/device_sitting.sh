@@ -2,7 +2,10 @@
 # One sitting of the mixing benchmark on a lent GPU machine (docs/benchmarks.md, "Mixing"):
 # runs longer than one 10-minute command go on over several sittings, each resuming from the
 # runs' last.ckpt while the machine stays warm. Carry the corpus archive and the wheels:
-#   carry: .carry/corpus.tar.xz (top folder mixing-corpus/), .whl (zarr stack, jsonargparse)
+#   carry: .carry/corpus.tar.xz, .whl (zarr stack, jsonargparse wheels for the GPU image);
+#   the archive is benchmarks/mixing/README.md's corpus with its tokenizer (42.7 MB, under
+#   one call's 64 MiB):
+#     tar -C /work -cJf .carry/corpus.tar.xz --exclude=mixing-corpus/store.zarr mixing-corpus
 #   POLICIES="uniform doremi" SEEDS=1 REFERENCE_SEED=1 bash benchmarks/mixing/device_sitting.sh
 # Everything the table needs comes back in $OUT/runs.tgz (no checkpoints). A machine lost
 # between sittings loses its store and checkpoints: the store is prepared again (about 30 s
