@@ -289,12 +289,25 @@ def summarise(run: Run, shares: dict[str, float]) -> dict[str, Any] | None:
     last = {d: curves[d][-1][1] for d in record.domains()}
     worst = max(last, key=last.get)
     seconds = json.loads((run.dir / "done.json").read_text())["seconds"] if run.done else None
-    return {
+    return {"reference": reference_of(run),
         "policy": run.policy, "seed": run.seed, "tokens": curves["average"][-1][0],
         "average": curves["average"][-1][1], "worst": last[worst], "worst_domain": worst,
         "token_weighted": sum(shares[d] * last[d] for d in last) / sum(shares[d] for d in last),
         "curve": curves["average"], "seconds": seconds, "done": run.done,
     }
+
+
+def reference_of(run: Run) -> str | None:
+    """The name of the run whose losses a DoReMi run steered toward, from its policy file
+    (``reference`` with seed 0, or ``uniform-sN`` under ``--reference-seed N``)."""
+    path = run.dir / "policy.yaml"
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "reference" and value.strip().endswith("metrics.jsonl"):
+            return Path(value.strip().strip("'\"")).parent.parent.name
+    return None
 
 
 def tokens_to_reach(curve: Sequence[tuple[int, float]], target: float) -> float | None:
@@ -368,6 +381,10 @@ def table(summaries: list[dict[str, Any]]) -> str:
             f"{_spread([s['worst'] for s in runs])} | "
             f"{_spread([s['token_weighted'] for s in runs])} | {reach_text} | "
             f"{no_worse}/{len(reach)} | {statistics.fmean(wall) if wall else 0:.0f} |")
+    references = [f"{s['policy']}-s{s['seed']} <- {s['reference']}" for s in summaries
+                  if s.get("reference")]
+    if references:  # a seed's own uniform run (--reference-seed) or the separate seed-0 one
+        lines += ["", "DoReMi references: " + ", ".join(sorted(references))]
     return "\n".join(lines)
 
 

@@ -107,3 +107,19 @@ def test_the_scheduler_stops_runs_at_the_deadline_when_they_can_resume(store, tm
                                  deadline=mixing.time.time() + 1.0, checkpoint_every=10)
     assert scheduler.run_all(run) == [run]  # stopped, not finished
     assert not run.done and len(json.loads((run.dir / "sittings.json").read_text())) == 1
+
+
+def test_the_table_names_each_doremi_runs_reference(tmp_path):
+    """Under --reference-seed a DoReMi run steers toward its own seed's uniform run: the
+    table says which reference each DoReMi row used."""
+    for reference_seed in (0, 1):
+        out = tmp_path / f"ref{reference_seed}"
+        runs, reference = mixing.plan(["uniform", "doremi"], [1], out, reference_seed)
+        doremi = next(r for r in runs if r.policy == "doremi")
+        mixing.policy_config(doremi, reference.metrics, toy=False)
+        assert mixing.reference_of(doremi) == reference.name
+    assert mixing.reference_of(mixing.Run("uniform", 1, out)) is None  # no policy file
+    row = {"policy": "doremi", "seed": 1, "average": 3.0, "worst": 4.0, "token_weighted": 3.1,
+           "tokens": 100, "curve": [(100, 3.0)], "seconds": 1.0, "done": True,
+           "reference": "uniform-s1"}
+    assert "DoReMi references: doremi-s1 <- uniform-s1" in mixing.table([row])
