@@ -298,15 +298,20 @@ def summarise(run: Run, shares: dict[str, float]) -> dict[str, Any] | None:
 
 
 def reference_of(run: Run) -> str | None:
-    """The name of the run whose losses a DoReMi run steered toward, from its policy file
-    (``reference`` with seed 0, or ``uniform-sN`` under ``--reference-seed N``)."""
+    """The name of the run whose losses a DoReMi run steered toward: the folder of the
+    ``reference`` its policy file names (``reference`` with seed 0, or ``uniform-sN`` under
+    ``--reference-seed N``)."""
+    import yaml
+
     path = run.dir / "policy.yaml"
     if not path.is_file():
         return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        key, _, value = line.strip().partition(":")
-        if key == "reference" and value.strip().endswith("metrics.jsonl"):
-            return Path(value.strip().strip("'\"")).parent.parent.name
+    for callback in yaml.safe_load(path.read_text(encoding="utf-8")).get(
+            "trainer", {}).get("callbacks", []):
+        policy = callback.get("init_args", {}).get("policy", {})
+        reference = policy.get("init_args", {}).get("reference") if policy else None
+        if isinstance(reference, str):
+            return Path(reference).parent.parent.name
     return None
 
 

@@ -105,18 +105,16 @@ class AquilaLM(LightningModule):
         check_choice("attention", attention, ATTENTION_IMPLS)
         check_choice("loss_impl", loss_impl, LOSS_IMPLS)
         check_choice("optimizer", optimizer, OPTIMIZERS)
-        if optimizer == "adamw8bit":
-            if fused_optimizer:
-                raise ValueError("fused_optimizer=True is torch.optim.AdamW's fused kernel; "
-                                 "optimizer='adamw8bit' has none (leave fused_optimizer unset)")
-            if importlib.util.find_spec("torchao") is None:
-                raise ImportError("optimizer='adamw8bit' needs torchao "
-                                  "(`pip install 'lightning-aquila[torchao]'`)")
+        if optimizer == "adamw8bit" and fused_optimizer:
+            raise ValueError("fused_optimizer=True is torch.optim.AdamW's fused kernel; "
+                             "optimizer='adamw8bit' has none (leave fused_optimizer unset)")
         if float8 is not None:
             check_choice("float8", float8, FLOAT8_RECIPES)
-            if importlib.util.find_spec("torchao") is None:
-                raise ImportError("float8 needs torchao "
-                                  "(`pip install 'lightning-aquila[torchao]'`)")
+        torchao_user = ("optimizer='adamw8bit'" if optimizer == "adamw8bit"
+                        else f"float8={float8!r}" if float8 is not None else None)
+        if torchao_user and importlib.util.find_spec("torchao") is None:
+            raise ImportError(f"{torchao_user} needs torchao "
+                              "(`pip install 'lightning-aquila[torchao]'`)")
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
                              f"got {loss_chunk_size}")

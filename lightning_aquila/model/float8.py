@@ -24,11 +24,11 @@ def is_float8_candidate(module: nn.Module, name: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def check_float8_device(device_type: str, capability: tuple[int, int] | None) -> None:
+def check_float8_capability(capability: tuple[int, int]) -> None:
     """float8 matmuls need float8 tensor cores (compute capability 8.9: L4, L40S, H100 and
-    newer). An A100 would fail deep inside ``torch._scaled_mm``; say so before any work. On
-    the CPU torch emulates them, slowly: fine for tests, useless for speed."""
-    if device_type == "cuda" and capability is not None and capability < (8, 9):
+    newer). An A100 would fail deep inside ``torch._scaled_mm``; say so before any work. (On
+    the CPU torch emulates them, slowly: fine for tests, useless for speed.)"""
+    if capability < (8, 9):
         raise ValueError(f"float8 needs a GPU with float8 tensor cores (compute capability "
                          f"8.9 or newer: L40S, H100, ...); this one has "
                          f"{capability[0]}.{capability[1]}. Leave model.float8 unset")

@@ -134,14 +134,14 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
 def _apply_float8(model: AquilaModel, recipe: str, strategy: Any, mesh: Any) -> None:
     """float8 projections, before activation checkpointing, compile and FSDP wrap them (the
     order torchao's float8 training expects)."""
-    from lightning_aquila.model.float8 import check_float8_device, convert_to_float8
+    from lightning_aquila.model.float8 import check_float8_capability, convert_to_float8
 
     if mesh is not None and mesh["tensor_parallel"].size() > 1:
         raise ValueError("float8 does not combine with tensor parallelism here; use FSDP "
                          "(aquila_fsdp) or leave model.float8 unset")
     device = getattr(strategy, "root_device", None)
     if device is not None and device.type == "cuda":
-        check_float8_device("cuda", torch.cuda.get_device_capability(device))
+        check_float8_capability(torch.cuda.get_device_capability(device))
     convert_to_float8(model, recipe)
 
 
