@@ -6,8 +6,10 @@ prints the table of ``docs/benchmarks.md`` ("Mixing").
 Each run is ``fit --config base.yaml --config <policy>.yaml`` with the seed given to both
 ``seed_everything`` (model initialisation) and the datamodule (data order), so the runs of one
 seed differ only in their mixture policy. DoReMi needs a reference run: as in DoReMi it is
-trained on the uniform mixture, here ``uniform`` with seed 0 (a seed no table row uses), and
-its ``tsm/metrics.jsonl`` is written into ``doremi.yaml`` where ``${reference}`` stands.
+trained on a baseline mixture, by default ``uniform`` with seed 0 (a seed no table row uses),
+and its ``tsm/metrics.jsonl`` is written into ``doremi.yaml`` where ``${reference}`` stands.
+A policy file may name another baseline, ``${reference:natural}``: DoReMi's own experiments
+trained the reference on The Pile's default weights, not on uniform ones.
 
 Usage::
 
@@ -28,9 +30,11 @@ over the seeds) of the same seed, interpolated linearly between evaluations.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -48,6 +52,9 @@ POLICIES = ("natural", "uniform", "doremi", "bandit", "aioli")
 STATIC = ("natural", "uniform")
 NOT_POLICIES = ("base", "cpu-toy")
 REFERENCE = ("uniform", 0)  # DoReMi's reference run: (policy, seed)
+#: where a policy file wants a reference run's metrics: ``${reference}`` (the uniform run) or
+#: ``${reference:POLICY}`` (that policy's run)
+REFERENCE_SLOT = re.compile(r"\$\{reference(?::([A-Za-z0-9_-]+))?\}")
 #: --toy: the policies' warm-up shortened to fit the toy run's 50 steps
 TOY_POLICY_ARGS = {"warmup_steps": 25}
 
@@ -92,13 +99,26 @@ class Run:
 
 
 # -- running -----------------------------------------------------------------------------------
-def policy_config(run: Run, reference: Path, toy: bool, checkpoint_every: int | None = None
-                  ) -> Path:
-    """The run's policy file: ``${reference}`` filled in, at toy scale the warm-ups cut, and
+def reference_policy(policy: str) -> str | None:
+    """The policy whose run ``policy``'s file reads as its reference, or ``None`` if it needs
+    none."""
+    found = {m.group(1) or REFERENCE[0] for m in REFERENCE_SLOT.finditer(
+        (CONFIGS / f"{policy}.yaml").read_text(encoding="utf-8"))}
+    if len(found) > 1:
+        raise SystemExit(f"{policy}.yaml names several reference runs: {sorted(found)}")
+    return found.pop() if found else None
+
+
+def policy_config(run: Run, references: dict[str, Path], toy: bool,
+                  checkpoint_every: int | None = None) -> Path:
+    """The run's policy file: ``${reference}`` filled in with the metrics file of the
+    reference run (``references``: policy -> its ``metrics.jsonl``), at toy scale the warm-ups
+    cut, and
     with ``checkpoint_every`` a ``ModelCheckpoint`` (``last.ckpt`` every that many steps) added
     to its callbacks, so that a run longer than one sitting can be resumed."""
     text = (CONFIGS / f"{run.policy}.yaml").read_text(encoding="utf-8")
-    text = text.replace("${reference}", str(reference.resolve()))
+    text = REFERENCE_SLOT.sub(
+        lambda m: str(references[m.group(1) or REFERENCE[0]].resolve()), text)
     if toy:
         for key, value in TOY_POLICY_ARGS.items():
             text = "\n".join(
@@ -121,12 +141,12 @@ def policy_config(run: Run, reference: Path, toy: bool, checkpoint_every: int | 
     return path
 
 
-def fit_command(run: Run, store: str, reference: Path, toy: bool,
+def fit_command(run: Run, store: str, references: dict[str, Path], toy: bool,
                 extra: Sequence[str], checkpoint_every: int | None = None) -> list[str]:
     """``fit`` for the run; with ``checkpoint_every``, resuming its ``last.ckpt`` if an earlier
     sitting left one (the sampler, mixture history and TSM/ATE state resume with it)."""
     configs = [CONFIGS / "base.yaml", *([CONFIGS / "cpu-toy.yaml"] if toy else []),
-               policy_config(run, reference, toy, checkpoint_every)]
+               policy_config(run, references, toy, checkpoint_every)]
     resume = []
     if checkpoint_every:  # an earlier sitting's files may be there, with or without last.ckpt
         resume = ["--reuse_run_dir", "true"]
@@ -150,11 +170,11 @@ class Slot:
 
 @dataclass
 class Scheduler:
-    """Runs ``fit`` for each run, one per device at a time, the DoReMi runs once the reference
-    is done. Without checkpoints it stops starting runs when the next one would not end
-    before ``deadline``; with ``checkpoint_every`` it starts them anyway and stops every run
-    still going at the deadline, to be resumed from its ``last.ckpt`` by the next sitting
-    (for runs longer than one sitting: a GPU lent 10 minutes a command)."""
+    """Runs ``fit`` for each run, one per device at a time, the DoReMi runs once their
+    reference run is done. Without checkpoints it stops starting runs when the next one would
+    not end before ``deadline``; with ``checkpoint_every`` it starts them anyway and stops
+    every run still going at the deadline, to be resumed from its ``last.ckpt`` by the next
+    sitting (for runs longer than one sitting: a GPU lent 10 minutes a command)."""
 
     runs: list[Run]
     devices: list[str]
@@ -165,12 +185,13 @@ class Scheduler:
     checkpoint_every: int | None = None
     durations: list[float] = field(default_factory=list)
 
-    def ready(self, run: Run, reference: Run) -> bool:
-        return not run.policy.startswith("doremi") or reference.done
+    def ready(self, run: Run, references: dict[str, Run]) -> bool:
+        wanted = reference_policy(run.policy)
+        return wanted is None or references[wanted].done
 
-    def launch(self, slot: Slot, run: Run, reference: Run) -> None:
-        command = fit_command(run, self.store, reference.metrics, self.toy, self.extra,
-                              self.checkpoint_every)
+    def launch(self, slot: Slot, run: Run, references: dict[str, Run]) -> None:
+        command = fit_command(run, self.store, {p: r.metrics for p, r in references.items()},
+                              self.toy, self.extra, self.checkpoint_every)
         env = dict(os.environ)
         if slot.device != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = slot.device
@@ -213,8 +234,9 @@ class Scheduler:
                     slot.process.kill()
                 self.finish(slot, stopped=True)
 
-    def run_all(self, reference: Run) -> list[Run]:
-        """Run what is not done yet; returns the runs left unrun."""
+    def run_all(self, references: dict[str, Run]) -> list[Run]:
+        """Run what is not done yet (``references``: the reference run of each policy that
+        DoReMi-style runs read); returns the runs left unrun."""
         todo = [r for r in self.runs if not r.done]
         slots = [Slot(d) for d in self.devices]
         while todo or any(s.process for s in slots):
@@ -230,7 +252,7 @@ class Scheduler:
                 if slot.process is not None:
                     continue
                 busy = {s.run.name for s in slots if s.run is not None}
-                runnable = [r for r in todo if self.ready(r, reference) and r.name not in busy]
+                runnable = [r for r in todo if self.ready(r, references) and r.name not in busy]
                 if not runnable:
                     continue
                 if time.time() + expected > self.deadline:
@@ -238,7 +260,7 @@ class Scheduler:
                     break
                 run = runnable[0]
                 todo.remove(run)
-                self.launch(slot, run, reference)
+                self.launch(slot, run, references)
             if not todo and not any(s.process for s in slots):
                 break
             if not any(s.process for s in slots) and todo:
@@ -255,22 +277,28 @@ def known_policies() -> list[str]:
 
 
 def plan(policies: Sequence[str], seeds: Sequence[int], out: Path,
-         reference_seed: int = REFERENCE[1]) -> tuple[list[Run], Run]:
-    """The runs in the order they start: the reference first, then seed by seed so that an
-    interrupted benchmark still has whole seeds. With ``reference_seed`` one of ``seeds`` the
-    uniform run of that seed is DoReMi's reference (one run fewer, for budgets too small for
-    a run no table row uses)."""
+         reference_seed: int = REFERENCE[1]) -> tuple[list[Run], dict[str, Run]]:
+    """The runs in the order they start, and the reference run of each baseline policy that a
+    DoReMi-style policy reads (``{"uniform": Run}`` for ``doremi``). Reference runs start
+    first, then seed by seed so that an interrupted benchmark still has whole seeds. With
+    ``reference_seed`` one of ``seeds`` that seed's own baseline run is the reference (one run
+    fewer, for budgets too small for a run no table row uses)."""
     unknown = [p for p in policies if p not in known_policies()]
     if unknown:
         raise SystemExit(f"unknown policy(ies) {unknown}; known (configs/benchmarks/mixing): "
                          f"{known_policies()}")
     if reference_seed == REFERENCE[1] and REFERENCE[1] in seeds:
         raise SystemExit(f"seed {REFERENCE[1]} is the DoReMi reference run's; use others")
-    reference = Run(REFERENCE[0], reference_seed, out)
+    wanted = sorted({w for p in policies if (w := reference_policy(p)) is not None})
+    bad = [w for w in wanted if w not in known_policies() or reference_policy(w) is not None]
+    if bad:
+        raise SystemExit(f"reference run(s) of unknown or adaptive policy(ies) {bad}: a "
+                         "reference is trained on a fixed baseline mixture")
+    references = {w: Run(w, reference_seed, out) for w in wanted}
+    first = list(references.values())
     runs = [Run(p, s, out) for s in seeds for p in policies]
-    if any(p.startswith("doremi") for p in policies):
-        runs = [reference, *[r for r in runs if r.name != reference.name]]
-    return runs, reference
+    runs = [*first, *[r for r in runs if r.name not in {f.name for f in first}]]
+    return runs, references
 
 
 # -- reading the runs --------------------------------------------------------------------------
@@ -347,15 +375,22 @@ def _spread(values: Sequence[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
+def best_static(summaries: list[dict[str, Any]]) -> tuple[str | None, dict[int, dict[str, Any]]]:
+    """The finished static policy with the lowest mean final domain average, and its run of
+    each seed: the baseline every "tokens to target" is measured against."""
+    finished = [s for s in summaries if s["done"] and s["policy"] in STATIC]
+    best = min({s["policy"] for s in finished}, key=lambda p: statistics.fmean(
+        s["average"] for s in finished if s["policy"] == p), default=None)
+    return best, {s["seed"]: s for s in finished if s["policy"] == best}
+
+
 def table(summaries: list[dict[str, Any]]) -> str:
-    """The markdown table: per policy, mean ± sample standard deviation over its seeds."""
+    """The markdown table of the finished runs: per policy, mean ± sample standard deviation
+    over its seeds."""
     by_policy: dict[str, list[dict[str, Any]]] = {}
-    for s in summaries:
+    for s in (s for s in summaries if s["done"]):
         by_policy.setdefault(s["policy"], []).append(s)
-    statics = [p for p in STATIC if p in by_policy]
-    best = min(statics, key=lambda p: statistics.fmean(s["average"] for s in by_policy[p]),
-               default=None)
-    baseline = {s["seed"]: s for s in by_policy.get(best, [])}
+    best, baseline = best_static(summaries)
     lines = [f"Best static policy: {best or '-'} (target: its final domain average, per seed)",
              "",
              "| policy | seeds | domain average | worst domain | token-weighted | "
@@ -387,28 +422,61 @@ def table(summaries: list[dict[str, Any]]) -> str:
             f"{_spread([s['token_weighted'] for s in runs])} | {reach_text} | "
             f"{no_worse}/{len(reach)} | {statistics.fmean(wall) if wall else 0:.0f} |")
     references = [f"{s['policy']}-s{s['seed']} <- {s['reference']}" for s in summaries
-                  if s.get("reference")]
+                  if s.get("reference") and s["done"]]
     if references:  # a seed's own uniform run (--reference-seed) or the separate seed-0 one
         lines += ["", "DoReMi references: " + ", ".join(sorted(references))]
     return "\n".join(lines)
 
 
 def per_seed(summaries: list[dict[str, Any]]) -> str:
-    """Every run's final figures, for the seed-by-seed view."""
+    """Every finished run's final figures, for the seed-by-seed view."""
     lines = ["| run | tokens | domain average | worst (domain) | token-weighted |",
              "|---|---:|---:|---:|---:|"]
     order = known_policies()
-    for s in sorted(summaries, key=lambda s: (s["seed"], order.index(s["policy"]))):
+    for s in sorted((s for s in summaries if s["done"]),
+                    key=lambda s: (s["seed"], order.index(s["policy"]))):
         lines.append(f"| {s['policy']}-s{s['seed']} | {s['tokens'] / 1e6:.1f}M | "
                      f"{s['average']:.3f} | {s['worst']:.3f} ({s['worst_domain']}) | "
                      f"{s['token_weighted']:.3f} |")
     return "\n".join(lines)
 
 
+def value_at(curve: Sequence[tuple[int, float]], tokens: float) -> float | None:
+    """The curve's value at ``tokens`` (linear between evaluations); ``None`` outside it."""
+    for (t0, v0), (t1, v1) in itertools.pairwise(curve):
+        if t0 <= tokens <= t1:
+            return v0 if t1 == t0 else v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
+    return curve[-1][1] if curve and curve[-1][0] == tokens else None
+
+
+def stopped(summaries: list[dict[str, Any]]) -> str:
+    """The runs a sitting's deadline stopped before the end, each at its last evaluation
+    against the best static policy of its seed at the same tokens: a partial result is still
+    a comparison at equal tokens, and says whether the run can still reach the target."""
+    best, baseline = best_static(summaries)
+    lines = [f"Stopped before the end, at their last evaluation (best static: {best or '-'}, "
+             "same seed, same tokens):", "",
+             "| run | tokens | domain average | best static there | best static's final "
+             "(target) | reached the target at |", "|---|---:|---:|---:|---:|---:|"]
+    order = known_policies()
+    for s in sorted((s for s in summaries if not s["done"]),
+                    key=lambda s: (s["seed"], order.index(s["policy"]))):
+        base = baseline.get(s["seed"])
+        there = value_at(base["curve"], s["tokens"]) if base else None
+        hit = tokens_to_reach(s["curve"], base["average"]) if base else None
+        lines.append(
+            f"| {s['policy']}-s{s['seed']} | {s['tokens'] / 1e6:.1f}M | {s['average']:.3f} | "
+            f"{'-' if there is None else f'{there:.3f}'} | "
+            f"{'-' if base is None else format(base['average'], '.3f')} | "
+            f"{'not yet' if hit is None else f'{hit / 1e6:.1f}M'} |")
+    return "\n".join(lines)
+
+
 # -- the command -------------------------------------------------------------------------------
 def gather(out: Path, store: str | None, policies: Sequence[str],
            seeds: Sequence[int] | None) -> list[dict[str, Any]]:
-    """The finished runs' summaries. The corpus shares come from the store, and are kept in
+    """Every run's summary, finished (``done``) or stopped at a deadline. The corpus shares
+    come from the store, and are kept in
     ``<out>/shares.json`` so that the table can be printed again where the store is not."""
     saved = out / "shares.json"
     if store is not None:
@@ -424,7 +492,7 @@ def gather(out: Path, store: str | None, policies: Sequence[str],
         policy, _, seed = path.name.rpartition("-s")
         if policy in policies and seed.isdigit() and (seeds is None or int(seed) in seeds):
             summary = summarise(Run(policy, int(seed), out), shares)
-            if summary is not None and summary["done"]:
+            if summary is not None:
                 found.append(summary)
     return found
 
@@ -460,29 +528,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "from it; with --deadline, runs still going then are stopped "
                              "(for runs longer than one sitting on a lent GPU)")
     parser.add_argument("--reference-seed", type=int, default=REFERENCE[1],
-                        help="the seed of DoReMi's reference run on the uniform mixture "
+                        help="the seed of DoReMi's reference run on its baseline mixture "
                              f"(default {REFERENCE[1]}, a seed no row uses; one of --seeds "
-                             "makes that seed's uniform run the reference)")
+                             "makes that seed's own baseline run the reference)")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                         help="everything after this goes to every `fit` (e.g. "
                              "--trainer.max_steps 200)")
     args = parser.parse_args(argv)
-    runs, reference = plan(args.policies, args.seeds, args.out, args.reference_seed)
+    runs, references = plan(args.policies, args.seeds, args.out, args.reference_seed)
     if args.command == "run" and args.store is None:
         parser.error("run needs --store")
     if args.command == "run":
         deadline = time.time() + args.deadline if args.deadline else math.inf
         left = Scheduler(runs, args.gpus, args.store, args.toy, list(args.fit_args),
-                         deadline, args.checkpoint_every).run_all(reference)
+                         deadline, args.checkpoint_every).run_all(references)
         if left:
             print(f"not run: {', '.join(r.name for r in left)}", flush=True)
     summaries = gather(args.out, args.store, args.policies, args.seeds)
     if not summaries:
-        print(f"no finished runs under {args.out}", file=sys.stderr)
+        print(f"no runs with a held-out evaluation under {args.out}", file=sys.stderr)
         return 1
-    print(table(summaries))
-    print()
-    print(per_seed(summaries))
+    if any(s["done"] for s in summaries):
+        print(table(summaries))
+        print()
+        print(per_seed(summaries))
+    if not all(s["done"] for s in summaries):
+        print()
+        print(stopped(summaries))
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1), encoding="utf-8")
     return 0
 

@@ -71,14 +71,36 @@ def test_the_plan_refuses_the_reference_seed_and_unknown_policies(tmp_path):
         mixing.plan(["doremi"], [0, 1], tmp_path)
     with pytest.raises(SystemExit, match="stratified"):
         mixing.plan(["stratified"], [1], tmp_path)
-    runs, reference = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path)
+    runs, references = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path)
     assert [r.name for r in runs] == ["reference", "uniform-s1", "doremi-s1", "uniform-s2",
                                       "doremi-s2"]
-    assert reference.name == "reference"
+    assert {p: r.name for p, r in references.items()} == {"uniform": "reference"}
     # a seed's own uniform run as the reference: it runs first, and only once
-    runs, reference = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path, reference_seed=1)
+    runs, references = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path, reference_seed=1)
     assert [r.name for r in runs] == ["uniform-s1", "doremi-s1", "uniform-s2", "doremi-s2"]
-    assert reference.name == "uniform-s1"
+    assert references["uniform"].name == "uniform-s1"
+    assert mixing.plan(["uniform", "bandit"], [1], tmp_path)[1] == {}  # no DoReMi, no reference
+
+
+def test_a_policy_file_can_name_the_baseline_its_reference_run_trains_on(tmp_path):
+    """``${reference:natural}``: the natural run of the reference seed runs first, and the
+    policy file gets its metrics; plain ``${reference}`` still means the uniform run."""
+    assert mixing.reference_policy("doremi") == "uniform"
+    assert mixing.reference_policy("doremi-natural-ref") == "natural"
+    assert mixing.reference_policy("natural") is None
+    runs, references = mixing.plan(["natural", "doremi", "doremi-natural-ref"], [1], tmp_path,
+                                   reference_seed=1)
+    assert [r.name for r in runs] == ["natural-s1", "uniform-s1", "doremi-s1",
+                                      "doremi-natural-ref-s1"]
+    metrics = {p: r.metrics for p, r in references.items()}
+    doremi = next(r for r in runs if r.policy == "doremi-natural-ref")
+    mixing.policy_config(doremi, metrics, toy=False)
+    assert mixing.reference_of(doremi) == "natural-s1"
+    scheduler = mixing.Scheduler(runs, ["cpu"], "unused", toy=True, extra=[])
+    (references["natural"].dir).mkdir(parents=True)
+    (references["natural"].dir / "done.json").write_text("{}")
+    assert scheduler.ready(doremi, references)  # its natural reference is done...
+    assert not scheduler.ready(runs[2], references)  # ...doremi's uniform one is not
 
 
 def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, tmp_path):
@@ -105,7 +127,7 @@ def test_the_scheduler_stops_runs_at_the_deadline_when_they_can_resume(store, tm
     run = mixing.Run("uniform", 1, out)
     scheduler = mixing.Scheduler([run], ["cpu"], store, toy=True, extra=[],
                                  deadline=mixing.time.time() + 1.0, checkpoint_every=10)
-    assert scheduler.run_all(run) == [run]  # stopped, not finished
+    assert scheduler.run_all({}) == [run]  # stopped, not finished
     assert not run.done and len(json.loads((run.dir / "sittings.json").read_text())) == 1
 
 
@@ -114,12 +136,27 @@ def test_the_table_names_each_doremi_runs_reference(tmp_path):
     table says which reference each DoReMi row used."""
     for reference_seed in (0, 1):
         out = tmp_path / f"ref{reference_seed}"
-        runs, reference = mixing.plan(["uniform", "doremi"], [1], out, reference_seed)
+        runs, references = mixing.plan(["uniform", "doremi"], [1], out, reference_seed)
         doremi = next(r for r in runs if r.policy == "doremi")
-        mixing.policy_config(doremi, reference.metrics, toy=False)
-        assert mixing.reference_of(doremi) == reference.name
+        mixing.policy_config(doremi, {"uniform": references["uniform"].metrics}, toy=False)
+        assert mixing.reference_of(doremi) == references["uniform"].name
     assert mixing.reference_of(mixing.Run("uniform", 1, out)) is None  # no policy file
     row = {"policy": "doremi", "seed": 1, "average": 3.0, "worst": 4.0, "token_weighted": 3.1,
            "tokens": 100, "curve": [(100, 3.0)], "seconds": 1.0, "done": True,
            "reference": "uniform-s1"}
     assert "DoReMi references: doremi-s1 <- uniform-s1" in mixing.table([row])
+
+
+def test_a_run_stopped_at_a_deadline_is_compared_at_equal_tokens():
+    """A run the last sitting stopped is left out of the table, and reported at its last
+    evaluation against the best static run of its seed at the same tokens."""
+    natural = summary("natural", 1, 2.0, 3.0, [(100, 4.0), (200, 3.0), (300, 2.0)])
+    uniform = summary("uniform", 1, 2.5, 3.5, [(100, 4.0), (200, 3.2), (300, 2.5)])
+    doremi = {**summary("doremi", 1, 2.9, 3.9, [(100, 3.5), (250, 2.9)]), "done": False}
+    assert mixing.value_at(natural["curve"], 250) == pytest.approx(2.5)
+    assert mixing.value_at(natural["curve"], 350) is None
+    text = mixing.table([natural, uniform, doremi])
+    assert "| doremi" not in text
+    stopped = mixing.stopped([natural, uniform, doremi])
+    assert "best static: natural" in stopped
+    assert "| doremi-s1 | 0.0M | 2.900 | 2.500 | 2.000 | not yet |" in stopped
