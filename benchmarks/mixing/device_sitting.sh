@@ -9,8 +9,10 @@
 #   POLICIES="uniform doremi" SEEDS=1 REFERENCE_SEED=1 bash benchmarks/mixing/device_sitting.sh
 # Everything the table needs comes back in $OUT/runs.tgz (no checkpoints). A machine lost
 # between sittings loses its store and checkpoints: the store is prepared again (about 30 s
-# on 16 cores) and unfinished runs start over; runs finished earlier can be carried back
-# under .carry/mixing-done/ (unpack runs.tgz there).
+# on 16 cores) and unfinished runs start over. Runs finished earlier are taken from
+# .carry/mixing-done/ (run folders, or runs.tgz files as they came back, which are ~5x
+# smaller): after every sitting put its runs.tgz there and carry that folder too, or a fresh
+# machine trains the finished runs again (it did once, and spent a whole sitting on it).
 set -uo pipefail
 START=$SECONDS
 LIMIT=${LIMIT:-555}            # seconds of this sitting before runs are stopped
@@ -26,8 +28,11 @@ if [ ! -f "$STORE/zarr.json" ]; then
     || { tail -20 /tmp/prepare.log; exit 1; }
   echo "store prepared in $((SECONDS - t)) s"
 fi
-mkdir -p "$RUNS"
-for done in .carry/mixing-done/*/; do
+mkdir -p "$RUNS" /tmp/mixing-done
+for archive in .carry/mixing-done/*.tgz; do  # runs.tgz of earlier sittings, as they came back
+  [ -f "$archive" ] && tar xzf "$archive" -C /tmp/mixing-done
+done
+for done in .carry/mixing-done/*/ /tmp/mixing-done/*/; do
   [ -f "$done/done.json" ] && [ ! -d "$RUNS/$(basename "$done")" ] && cp -r "$done" "$RUNS/"
 done
 # shellcheck disable=SC2086
