@@ -30,6 +30,7 @@ over the seeds) of the same seed, interpolated linearly between evaluations.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -99,6 +100,7 @@ class Run:
 
 
 # -- running -----------------------------------------------------------------------------------
+@functools.cache  # the scheduler asks for every waiting run each time it polls
 def reference_policy(policy: str) -> str | None:
     """The policy whose run ``policy``'s file reads as its reference, or ``None`` if it needs
     none."""
@@ -295,10 +297,9 @@ def plan(policies: Sequence[str], seeds: Sequence[int], out: Path,
         raise SystemExit(f"reference run(s) of unknown or adaptive policy(ies) {bad}: a "
                          "reference is trained on a fixed baseline mixture")
     references = {w: Run(w, reference_seed, out) for w in wanted}
-    first = list(references.values())
-    runs = [Run(p, s, out) for s in seeds for p in policies]
-    runs = [*first, *[r for r in runs if r.name not in {f.name for f in first}]]
-    return runs, references
+    first = {r.name for r in references.values()}
+    rest = [Run(p, s, out) for s in seeds for p in policies]
+    return [*references.values(), *[r for r in rest if r.name not in first]], references
 
 
 # -- reading the runs --------------------------------------------------------------------------
@@ -317,7 +318,8 @@ def summarise(run: Run, shares: dict[str, float]) -> dict[str, Any] | None:
     last = {d: curves[d][-1][1] for d in record.domains()}
     worst = max(last, key=last.get)
     seconds = json.loads((run.dir / "done.json").read_text())["seconds"] if run.done else None
-    return {"reference": reference_of(run),
+    return {
+        "reference": reference_of(run),
         "policy": run.policy, "seed": run.seed, "tokens": curves["average"][-1][0],
         "average": curves["average"][-1][1], "worst": last[worst], "worst_domain": worst,
         "token_weighted": sum(shares[d] * last[d] for d in last) / sum(shares[d] for d in last),
@@ -463,11 +465,12 @@ def stopped(summaries: list[dict[str, Any]]) -> str:
                     key=lambda s: (s["seed"], order.index(s["policy"]))):
         base = baseline.get(s["seed"])
         there = value_at(base["curve"], s["tokens"]) if base else None
-        hit = tokens_to_reach(s["curve"], base["average"]) if base else None
+        target = base["average"] if base else None
+        hit = tokens_to_reach(s["curve"], target) if base else None
         lines.append(
             f"| {s['policy']}-s{s['seed']} | {s['tokens'] / 1e6:.1f}M | {s['average']:.3f} | "
             f"{'-' if there is None else f'{there:.3f}'} | "
-            f"{'-' if base is None else format(base['average'], '.3f')} | "
+            f"{'-' if target is None else f'{target:.3f}'} | "
             f"{'not yet' if hit is None else f'{hit / 1e6:.1f}M'} |")
     return "\n".join(lines)
 
@@ -476,8 +479,8 @@ def stopped(summaries: list[dict[str, Any]]) -> str:
 def gather(out: Path, store: str | None, policies: Sequence[str],
            seeds: Sequence[int] | None) -> list[dict[str, Any]]:
     """Every run's summary, finished (``done``) or stopped at a deadline. The corpus shares
-    come from the store, and are kept in
-    ``<out>/shares.json`` so that the table can be printed again where the store is not."""
+    come from the store, and are kept in ``<out>/shares.json`` so that the table can be
+    printed again where the store is not."""
     saved = out / "shares.json"
     if store is not None:
         shares = corpus_shares(store)

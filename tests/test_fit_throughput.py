@@ -26,5 +26,5 @@ def test_fit_benchmark_smoke_runs_plain_and_fit_rows_and_skips_missing_kernels(c
     flash = by_name["fit-flash"]
     assert "tokens_per_sec" in flash or "flash-attn-4" in flash["skipped"]
     float8 = by_name["fit-float8"]  # emulated on the CPU: it runs, slowly
-    assert float8["tokens_per_sec"] > 0 or "torchao" in float8["skipped"]
+    assert float8.get("tokens_per_sec", 0) > 0 or "torchao" in float8.get("skipped", "")
     assert "| fit-best |" in capsys.readouterr().out
