@@ -41,6 +41,24 @@ def held_out_curves(record: RunRecord) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
+def settled_range(curves: Sequence[Sequence[tuple[float, float]]],
+                  skip: float = 0.1) -> tuple[float, float] | None:
+    """The loss range a comparison panel shows: the curves' values after the first ``skip`` of
+    the longest run's tokens, padded by 5%. The first evaluations sit several nats above the
+    rest (8 against 2.3 at 200M tokens), and on one axis they flatten the end of the curves,
+    where runs differ by hundredths of a nat and a comparison is decided. ``None`` for no
+    points."""
+    end = max((points[-1][0] for points in curves if points), default=None)
+    if end is None:
+        return None
+    values = [v for points in curves for t, v in points if t >= skip * end]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    pad = 0.05 * (high - low) or 0.05
+    return low - pad, high + pad
+
+
 def summarise_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The run's final held-out numbers, for a comparison table.
 
@@ -73,8 +91,9 @@ def summarise_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = None) -> Path:
     """Write one PNG comparing ``run_dirs``: held-out loss against training tokens (domain
-    average, worst domain, one panel per domain) with a line per run, then each run's
-    mixture weights over steps. Returns the PNG's path."""
+    average, worst domain, one panel per domain) with a line per run, each on the
+    :func:`settled_range` of its curves, then each run's mixture weights over steps. Returns
+    the PNG's path."""
     if not run_dirs:
         raise ValueError("compare_runs: give at least one run directory")
     labels = list(labels) if labels is not None else [Path(r).name or str(r) for r in run_dirs]
@@ -110,8 +129,11 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
             if points:
                 ax.plot(*zip(*points), marker="o", ms=3, lw=1.5, color=run_colors(j % 10),
                         label=label)
+        shown = settled_range([runs.get(panel, []) for runs in curves])
+        if shown is not None:
+            ax.set_ylim(*shown)
         ax.set_title(titles.get(panel, f"held-out loss: {panel}"))
-        ax.set_xlabel("training tokens")
+        ax.set_xlabel("training tokens (first 10% above the axis)")
         ax.set_ylabel("nats/token")
     for k, (label, record) in enumerate(zip(labels, records)):
         ax = axes[loss_rows + k // columns][k % columns]
@@ -153,7 +175,9 @@ def summary_table(summaries: Sequence[dict[str, Any]], labels: Sequence[str]) ->
     def number(value: Any, digits: str = ".4f") -> str:
         return "-" if value is None else format(value, digits)
 
-    header = ("run", "step", "tokens", "domain avg", "worst domain", "token-weighted")
+    # per held-out token: weighted by each domain's held-out tokens, not by its corpus share
+    # (equal to the domain average when every domain holds out the same number of tokens)
+    header = ("run", "step", "tokens", "domain avg", "worst domain", "per held-out token")
     rows = [(label, str(s["step"] if s["step"] is not None else "-"),
              "-" if s["tokens"] is None else f"{round(s['tokens']):,}",
              number(s["domain_avg_loss"]),

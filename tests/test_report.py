@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 from lightning_aquila.datamodules.mixture import DomainMixture
 from lightning_aquila.report import NO_DATA, load_run, main, plot_run, read_jsonl, write_report
-from lightning_aquila.report_compare import compare_runs, held_out_curves, summarise_run
+from lightning_aquila.report_compare import (
+    compare_runs,
+    held_out_curves,
+    settled_range,
+    summarise_run,
+)
 
 DOMAINS = ["code", "web", "zh"]
 
@@ -294,6 +299,15 @@ def test_compare_runs_writes_one_figure_of_all_runs(run_dir, short_run, tmp_path
     assert (width, height) == (1560, 1140)
 
 
+def test_compare_panels_show_the_losses_after_the_first_tenth_of_tokens():
+    # the first evaluations (8 nats) would flatten the end, where the runs differ by 0.04
+    a = [(0.0, 8.0), (10.0, 3.0), (50.0, 2.40), (100.0, 2.30)]
+    b = [(0.0, 8.1), (50.0, 2.45), (90.0, 2.34)]
+    low, high = settled_range([a, b])
+    assert low == pytest.approx(2.30 - 0.05 * 0.70) and high == pytest.approx(3.0 + 0.05 * 0.70)
+    assert settled_range([[], []]) is None
+
+
 def test_compare_runs_refuses_a_label_count_that_does_not_match(run_dir, short_run, tmp_path):
     with pytest.raises(ValueError, match="1 labels for 2 runs"):
         compare_runs([str(run_dir), str(short_run)], str(tmp_path / "c.png"), labels=["a"])
@@ -305,6 +319,6 @@ def test_report_compare_prints_one_summary_row_per_run(run_dir, short_run, tmp_p
                  "--output", str(output)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "step", "tokens", "domain", "avg", "worst", "domain",
-                                "token-weighted"]
+                                "per", "held-out", "token"]
     assert [line.split()[:2] for line in lines[1:3]] == [["long", "24"], ["short", "16"]]
     assert lines[3] == f"figure: {output}" and output.is_file()

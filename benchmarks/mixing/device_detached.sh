@@ -7,13 +7,27 @@
 #   POLICIES="doremi bandit" SEEDS="1 2" REFERENCE_SEED=1 GPUS="0 1 2 3" LIMIT=1500 \
 #       bash benchmarks/mixing/device_detached.sh 560      # first call: starts, then waits
 #   bash benchmarks/mixing/device_detached.sh 560          # later calls: wait, collect
+#   bash benchmarks/mixing/device_detached.sh stop         # end it: its runs leave the GPUs
 # The environment (POLICIES, SEEDS, LIMIT, ...) is device_sitting.sh's; LIMIT is now the whole
-# detached sitting's, across calls.
+# detached sitting's, across calls. Send each call as the very next thing after the last one
+# returns (the files of every call stay under its files_at to be copied later): a machine
+# idle for 30 s goes back, and once one did, after a single file copy in between.
 set -uo pipefail
-WAIT=${1:?seconds to wait}
+WAIT=${1:?seconds to wait, or stop}
 PIDFILE=/tmp/mixing-sitting.pid
 LOG=/tmp/mixing-sitting.log
 START=$SECONDS
+if [ "$WAIT" = stop ]; then
+  # the sitting leads its own process session, so its group is the sitting, the driver and
+  # every fit process; `pkill -f` on a pattern also matches the shell running this command
+  [ -f "$PIDFILE" ] && kill -TERM -- "-$(cat "$PIDFILE")" 2>/dev/null
+  for _ in $(seq 1 60); do
+    pgrep -g "$(cat "$PIDFILE" 2>/dev/null || echo 0)" >/dev/null || exit 0
+    sleep 1
+  done
+  kill -KILL -- "-$(cat "$PIDFILE")" 2>/dev/null
+  exit 0
+fi
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "sitting $(cat "$PIDFILE") still running"
 elif [ -f "$PIDFILE" ]; then
