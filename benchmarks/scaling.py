@@ -81,7 +81,7 @@ class Layout:
     micro_batch: int
     seq_len: int
     global_batch: int
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False  # as AquilaLM takes it: true, "op", "every_2"
     compile: bool | str = False
     optimizer: str = "adamw"
     loss_impl: str = "standard"
@@ -157,7 +157,7 @@ def layout_of(config: dict[str, Any]) -> Layout:
     return Layout(
         preset=model["preset"], gpus=gpus, tp=int(tp), micro_batch=micro,
         seq_len=data["seq_len"], global_batch=micro * (gpus // int(tp)) * accumulate,
-        activation_checkpointing=bool(model.get("activation_checkpointing", False)),
+        activation_checkpointing=model.get("activation_checkpointing", False),
         compile=model.get("compile", False), optimizer=model.get("optimizer", "adamw"),
         loss_impl=model.get("loss_impl", "standard"), cpu_offload=offload, strategy=name,
     ).check()
@@ -456,6 +456,8 @@ def estimate_memory(layout: Layout, config: Any | None = None) -> dict[str, floa
       forward to backward;
     * activations: with activation checkpointing each block's bf16 input plus one block
       recomputed, else every block's saved tensors (``activation_bytes_per_token``);
+      ``every_N`` checkpoints that share of the blocks; ``op`` (matmul and attention outputs
+      kept) is not modelled and counted as no checkpointing, which overestimates it;
     * loss: ``standard`` keeps the fp32 log-softmax of the (vocabulary-split) logits and at
       its backward an fp32 and a bf16 gradient of them (10 bytes per logit); ``chunked``
       keeps the hidden states' gradient and the head weight's fp32 gradient, plus one
@@ -467,6 +469,10 @@ def estimate_memory(layout: Layout, config: Any | None = None) -> dict[str, floa
     compile workspaces, hence the fitting rule's margin (``FIT_SHARE``).
     """
     from lightning_aquila import AquilaConfig
+    from lightning_aquila.strategies.activation_checkpoint import (
+        activation_checkpointing_mode,
+        checkpointed_blocks,
+    )
 
     config = config or AquilaConfig.from_name(layout.preset, max_seq_len=layout.seq_len)
     tp, dp = layout.tp, layout.dp
@@ -481,11 +487,12 @@ def estimate_memory(layout: Layout, config: Any | None = None) -> dict[str, floa
     gathered = block_numel * (2 * 2 + 2 + 4) + 2 * head_numel
     tokens = layout.micro_batch * layout.seq_len
     per_token = activation_bytes_per_token(config, tp)
-    if layout.activation_checkpointing:
-        activations = tokens * (config.num_layers * per_token["block_input"]
-                                + per_token["block"])
-    else:
-        activations = tokens * config.num_layers * per_token["block"]
+    mode = activation_checkpointing_mode(layout.activation_checkpointing)
+    checkpointed = 0 if mode == "op" else len(checkpointed_blocks(mode, config.num_layers))
+    activations = tokens * (checkpointed * per_token["block_input"]
+                            + (config.num_layers - checkpointed) * per_token["block"])
+    if checkpointed:
+        activations += tokens * per_token["block"]  # the block being recomputed
     activations += tokens * per_token["final_norm"]
     vocab = config.vocab_size / tp
     if layout.loss_impl == "chunked":
@@ -508,6 +515,11 @@ def fits(total: float, card: str) -> str:
     return f"{verdict} ({share:.0%})"
 
 
+def ac_cell(value: bool | str) -> str:
+    """The memory table's AC column: on and off as before, a selective mode by name."""
+    return {True: "on", False: "off", "none": "off", "full": "on"}.get(value, str(value))
+
+
 def memory_table(layouts: dict[str, Layout]) -> str:
     lines = ["| layout | GPUs | TP × DP | micro-batch | AC | optimizer | parameters | gradients "
              "| optimizer state | gathered | activations | loss | total GiB/GPU | "
@@ -520,7 +532,7 @@ def memory_table(layouts: dict[str, Layout]) -> str:
                                                     "gathered", "activations", "loss", "total")]
         verdicts = [fits(parts["total"], card) for card in CARDS]
         lines.append(f"| {name} | {layout.gpus} | {layout.tp} × {layout.dp} | "
-                     f"{layout.micro_batch} | {'on' if layout.activation_checkpointing else 'off'}"
+                     f"{layout.micro_batch} | {ac_cell(layout.activation_checkpointing)}"
                      f" | {layout.optimizer} | " + " | ".join(cells) + " | "
                      + " | ".join(verdicts) + " |")
     return "\n".join(lines)
@@ -567,6 +579,20 @@ def as_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def as_activation_checkpointing(text: str) -> bool | str:
+    """true/false as before, or one of AquilaLM's modes (``full``, ``op``, ``every_N``)."""
+    try:
+        return as_bool(text)
+    except argparse.ArgumentTypeError:
+        pass
+    from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
+
+    try:
+        return activation_checkpointing_mode(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def as_compile(text: str) -> bool | str:
     return text if text in ("blocks", "model") else as_bool(text)
 
@@ -596,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--tp", type=int, help="tensor-parallel size")
     run_parser.add_argument("--seq-len", type=int)
     run_parser.add_argument("--micro-batch", type=int, help="windows per data-parallel rank")
-    run_parser.add_argument("--activation-checkpointing", type=as_bool)
+    run_parser.add_argument("--activation-checkpointing", type=as_activation_checkpointing,
+                            help="true, false, op or every_N")
     run_parser.add_argument("--compile", type=as_compile, help="false, true/blocks or model")
     run_parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
     run_parser.add_argument("--global-batch", type=int,

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_aquila import AquilaConfig, AquilaLM
 from lightning_aquila.strategies import STRATEGIES
+from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
 
 #: strategies whose data-parallel size on one node is 1 (all its GPUs split each layer)
 _TENSOR_PARALLEL = {"aquila_tp", "aquila_tp_fsdp"}
@@ -227,7 +228,16 @@ def table_row(row: dict[str, Any], loss_steps: list[int]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def main() -> None:
+def activation_checkpointing_flag(text: str) -> str:
+    """``--activation-checkpointing``'s value as its canonical mode (``none``, ``full``,
+    ``op``, ``every_N``), so the JSON row records the mode, not a bare flag."""
+    try:
+        return activation_checkpointing_mode(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", default="single",
@@ -245,7 +255,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--alphabet", type=int, default=1024,
                         help="token ids the synthetic windows count over")
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
+                        type=activation_checkpointing_flag, metavar="MODE",
+                        help="alone: full (every block); or none, full, op, every_N "
+                             "(AquilaLM's activation_checkpointing)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--loss-steps", default="1,5,10,20,35",
@@ -256,7 +269,11 @@ def main() -> None:
     parser.add_argument("--write-init", type=Path, default=None,
                         help="write the seeded initial model here as a Hugging Face "
                              "directory and exit")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.write_init:
         write_init(args.preset, args.seq_len, args.write_init)
         return

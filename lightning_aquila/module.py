@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
 from lightning_aquila.model.float8 import FLOAT8_RECIPES
 from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
+from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
 
 # Handles plain and vocabulary-sharded (tensor-parallel) logits alike; re-exported here.
 from lightning_aquila.strategies.loss import token_losses
@@ -58,7 +59,17 @@ class AquilaLM(LightningModule):
             in blocks of 256 values, 6 bytes per parameter less than ``adamw``; tensors under
             4,096 values keep fp32 moments). For models whose fp32 optimizer state does not
             fit the GPUs (docs/benchmarks.md, "Scaling"); not under DeepSpeed.
-        activation_checkpointing: recompute each decoder block in the backward pass.
+        activation_checkpointing: trade recompute in the backward pass for activation
+            memory (``strategies/activation_checkpoint.py``, torchtitan's modes). ``false`` /
+            ``"none"``: off. ``true`` / ``"full"``: every decoder block keeps only its input
+            and recomputes its forward (about a third more FLOPs, least memory).
+            ``"every_N"``: only every N-th block is checkpointed (torchtitan's numbering:
+            ``every_2`` wraps blocks 1, 3, 5, ...), the rest keep their activations.
+            ``"op"``: every block is checkpointed, but the outputs of its matmuls (all but
+            every second one), attention and reduce-scatters are saved, so only cheap ops
+            are recomputed. Every mode computes the function of no checkpointing (losses and
+            gradients bit for bit in fp32 on the CPU, tests/test_activation_checkpointing.py);
+            any other value is a ``ValueError`` here, before the model is built.
         compile: ``torch.compile`` each decoder block (``true`` or ``"blocks"``), or the whole
             model, output head and loss included (``"model"``: one graph, fewer kernels).
         attention: ``auto`` (cuDNN SDPA on CUDA, plain SDPA elsewhere), ``sdpa``, ``cudnn``
@@ -90,7 +101,7 @@ class AquilaLM(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         optimizer: str = "adamw",
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str = False,
         compile: bool | Literal["blocks", "model"] = False,
         attention: str = "auto",
         loss_impl: str = "standard",
@@ -102,6 +113,7 @@ class AquilaLM(LightningModule):
         if compile not in (False, True, "blocks", "model"):
             raise ValueError(f"compile={compile!r} is not one of [False, True, 'blocks', "
                              "'model']")
+        activation_checkpointing_mode(activation_checkpointing)
         check_choice("attention", attention, ATTENTION_IMPLS)
         check_choice("loss_impl", loss_impl, LOSS_IMPLS)
         check_choice("optimizer", optimizer, OPTIMIZERS)

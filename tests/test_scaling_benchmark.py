@@ -160,6 +160,31 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_fsdp_runs():
         assert estimate == pytest.approx(row["peak_mem_GiB"], rel=0.1)
 
 
+def test_selective_checkpointing_is_estimated_block_by_block():
+    """every_2 keeps the input of the blocks it checkpoints and everything of the others (and
+    one block while it is recomputed); op is not modelled: counted as no checkpointing."""
+    from dataclasses import replace
+
+    from lightning_aquila import AquilaConfig
+
+    layout = scaling.Layout(preset="aquila2-7b", gpus=4, tp=1, micro_batch=1, seq_len=4096,
+                            global_batch=4)
+    config = AquilaConfig.from_name("aquila2-7b", max_seq_len=4096)
+    per, half = scaling.activation_bytes_per_token(config, 1), config.num_layers // 2
+
+    def activations(mode):
+        return scaling.estimate_memory(replace(layout, activation_checkpointing=mode))[
+            "activations"]
+
+    assert activations("every_2") == pytest.approx(4096 * (
+        half * per["block_input"] + (half + 1) * per["block"] + per["final_norm"]))
+    assert activations(True) == activations("full") == pytest.approx(4096 * (
+        config.num_layers * per["block_input"] + per["block"] + per["final_norm"]))
+    assert activations("op") == activations(False) == activations("none")
+    assert [scaling.as_activation_checkpointing(t) for t in ("true", "off", "op", "every_2")] \
+        == [True, False, "op", "every_2"]
+
+
 def test_the_memory_table_in_the_docs_is_what_the_estimate_prints():
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     assert scaling.memory_table(scaling.planned_layouts()) in docs

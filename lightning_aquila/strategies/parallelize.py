@@ -8,8 +8,9 @@ applies depends on where it runs:
   ``aquila_tp_fsdp``): the Megatron-style TP plan over ``device_mesh["tensor_parallel"]`` when
   that dimension is larger than one, then FSDP2 ``fully_shard`` per decoder block and on the
   root over ``device_mesh["data_parallel"]``;
-* under every strategy (single device, DDP, FSDP1, DeepSpeed): activation checkpointing and
-  compile per block or of the whole model, as ``AquilaLM(activation_checkpointing=...,
+* under every strategy (single device, DDP, FSDP1, DeepSpeed): activation checkpointing
+  (full, every N-th block or op-level selective: ``activation_checkpoint.py``) and compile
+  per block or of the whole model, as ``AquilaLM(activation_checkpointing=...,
   compile=...)`` asks.
 
 A model built on the meta device is materialised here, shard by shard, and given Aquila's own
@@ -27,11 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    apply_activation_checkpointing,
-)
 
-from lightning_aquila.model.model import AquilaModel, Block, RMSNorm
+from lightning_aquila.model.model import AquilaModel, RMSNorm
+from lightning_aquila.strategies.activation_checkpoint import apply_activation_checkpointing_mode
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -104,8 +103,8 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
                                   loss_parallel=plan.loss_parallel)
     if lm.hparams.get("float8"):
         _apply_float8(model, lm.hparams.float8, strategy, mesh)
-    if lm.hparams.activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    # full, every N-th block or op-level selective (activation_checkpoint.py)
+    apply_activation_checkpointing_mode(model, lm.hparams.activation_checkpointing)
     # In place (``Module.compile``): parameter names keep no ``_orig_mod`` prefix.
     if lm.hparams.compile == "model":
         model.compile()
