@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.batches import arithmetic_batch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -33,20 +34,13 @@ def _built(mode, **options) -> AquilaLM:
     return lm
 
 
-def _batch(step: int, b: int = 4, t: int = 32) -> dict[str, torch.Tensor]:
-    """Windows of arithmetic sequences: a loss that falls within a few steps."""
-    start = (torch.arange(b) * 7 + step * 3) % 97
-    ids = (start[:, None] + torch.arange(t + 1)) % 97 * (1 + torch.arange(b)[:, None] % 3)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone(), "domain": torch.arange(b) % 2}
-
-
 def _first_gradients_and_losses(mode, steps: int = 4, **options):
     """The gradients of the first backward, and the losses of ``steps`` AdamW steps."""
     lm = _built(mode, **options)
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=3e-3)
     losses, first = [], None
     for step in range(steps):
-        loss = lm.training_step(_batch(step), step)["loss"]
+        loss = lm.training_step(arithmetic_batch(step, 4), step)["loss"]
         optimizer.zero_grad()
         loss.backward()
         if first is None:
@@ -94,7 +88,7 @@ class _OpCounter(TorchDispatchMode):
 def _backward_counts(mode) -> dict:
     """How often the backward of one step calls ``aten.mm`` and the CPU's SDPA forward."""
     lm = _built(mode)
-    loss = lm.training_step(_batch(0), 0)["loss"]
+    loss = lm.training_step(arithmetic_batch(0, 4), 0)["loss"]
     with _OpCounter(torch.ops.aten.mm.default, SDPA_CPU) as counter:
         loss.backward()
     return {"mm": counter.counts[torch.ops.aten.mm.default], "sdpa": counter.counts[SDPA_CPU]}

@@ -4,6 +4,7 @@ only the speed needs a GPU (``benchmarks/fit_throughput.py --rows fit-float8``).
 
 import pytest
 import torch
+from helpers.batches import arithmetic_batch
 
 from lightning_aquila import AquilaLM
 from lightning_aquila.model.float8 import check_float8_capability
@@ -19,23 +20,16 @@ def _built(**kwargs) -> AquilaLM:
     return lm
 
 
-def _batch(step: int, b: int = 8, t: int = 32) -> dict[str, torch.Tensor]:
-    """Windows of arithmetic sequences: a loss that falls within a few steps."""
-    start = (torch.arange(b) * 7 + step * 3) % 97
-    ids = (start[:, None] + torch.arange(t + 1)) % 97 * (1 + torch.arange(b)[:, None] % 3)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone(), "domain": torch.arange(b) % 2}
-
-
 def _adamw_losses(float8: str | None, device: str = "cpu", b: int = 8, t: int = 32,
                   **options) -> list[float]:
-    """The losses of ten AdamW steps from the seed-0 weights on ``_batch``'s batches; under
-    bf16 autocast (and fused AdamW) on CUDA."""
+    """The losses of ten AdamW steps from the seed-0 weights on ``arithmetic_batch``'s
+    batches; under bf16 autocast (and fused AdamW) on CUDA."""
     lm = _built(float8=float8, **options).to(device)
     cuda = device == "cuda"
     optimizer = torch.optim.AdamW(lm.model.parameters(), lr=3e-3, fused=cuda or None)
     curve = []
     for step in range(10):
-        batch = {k: v.to(device) for k, v in _batch(step, b=b, t=t).items()}
+        batch = {k: v.to(device) for k, v in arithmetic_batch(step, b, t).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = lm.training_step(batch, step)["loss"]
         optimizer.zero_grad()
@@ -81,7 +75,7 @@ def test_float8_fits_through_the_trainer(tmp_path):
     trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path)
-    trainer.fit(lm, DataLoader([_batch(i) for i in range(2)], batch_size=None))
+    trainer.fit(lm, DataLoader([arithmetic_batch(i, 8) for i in range(2)], batch_size=None))
     assert trainer.global_step == 2
     assert isinstance(lm.model.layers[0].mlp.down_proj, Float8Linear)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
@@ -74,6 +75,7 @@ def _resolve(namespace: Any, name: str) -> Any | None:
     return None if packet is None else getattr(packet, "default", None)
 
 
+@cache  # looked up once: op mode builds a policy at every checkpointed block call
 def op_save_list() -> frozenset[Any]:
     """The ops whose outputs ``op`` mode saves: torchtitan's list for Llama 3 (``aten.mm``,
     the efficient, flash and cuDNN SDPA kernels, the reduce-scatter of sequence-parallel
