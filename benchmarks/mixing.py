@@ -16,6 +16,8 @@ Usage::
     python benchmarks/mixing.py run --store runs/mixing/corpus.zarr --out runs/mixing \\
         --policies natural uniform doremi bandit aioli --seeds 1 2 3 4 5 --gpus 0 1 2 3
     python benchmarks/mixing.py table --out runs/mixing --store runs/mixing/corpus.zarr
+    python benchmarks/mixing.py select --out runs/mixing --policies doremi aioli --seeds 1 2
+                                      # prints the candidate to confirm on fresh seeds
     python benchmarks/mixing.py run --toy --store STORE --out DIR --policies uniform aioli \\
         --seeds 1 --gpus cpu          # the CI test: tiny model, bundled corpus, CPU
 
@@ -475,6 +477,19 @@ def stopped(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def select(summaries: list[dict[str, Any]], policies: Sequence[str],
+           seeds: Sequence[int]) -> str:
+    """The candidate with the lowest mean final domain average over the selection ``seeds``:
+    the rule fixed before the selection runs, applied by the machine that finishes them so
+    that the confirmation runs can start on fresh seeds at once. Every candidate must have
+    finished every selection seed; a partial comparison picks nothing."""
+    finished = {(s["policy"], s["seed"]): s["average"] for s in summaries if s["done"]}
+    missing = [f"{p}-s{seed}" for p in policies for seed in seeds if (p, seed) not in finished]
+    if missing:
+        raise SystemExit(f"cannot select: not finished: {', '.join(missing)}")
+    return min(policies, key=lambda p: statistics.fmean(finished[p, seed] for seed in seeds))
+
+
 # -- the command -------------------------------------------------------------------------------
 def gather(out: Path, store: str | None, policies: Sequence[str],
            seeds: Sequence[int] | None) -> list[dict[str, Any]]:
@@ -503,9 +518,11 @@ def gather(out: Path, store: str | None, policies: Sequence[str],
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("command", choices=["run", "table"],
+    parser.add_argument("command", choices=["run", "table", "select"],
                         help="run: train what is not done yet, then print the table; "
-                             "table: only print it")
+                             "table: only print it; select: print the policy (of "
+                             "--policies) with the lowest mean final domain average over "
+                             "--seeds")
     parser.add_argument("--store", default=None,
                         help="the shard store the runs train on (required to run; the table "
                              "can use the corpus shares saved by an earlier run)")
@@ -548,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if left:
             print(f"not run: {', '.join(r.name for r in left)}", flush=True)
     summaries = gather(args.out, args.store, args.policies, args.seeds)
+    if args.command == "select":
+        print(select(summaries, args.policies, args.seeds))
+        return 0
     if not summaries:
         print(f"no runs with a held-out evaluation under {args.out}", file=sys.stderr)
         return 1

@@ -66,6 +66,17 @@ def test_the_table_measures_tokens_against_the_best_static_policy_of_each_seed()
     assert "| 1/1 |" in aioli  # worst domain 3.4 <= uniform's 3.5
 
 
+def test_select_picks_the_lowest_mean_over_the_selection_seeds_and_needs_them_all():
+    curve = [(100, 3.0)]
+    runs = [summary("doremi", 1, 2.30, 4.0, curve), summary("doremi", 2, 2.20, 4.0, curve),
+            summary("aioli", 1, 2.26, 4.0, curve), summary("aioli", 2, 2.26, 4.0, curve),
+            summary("aioli", 3, 1.00, 4.0, curve)]  # seed 3 is not a selection seed
+    assert mixing.select(runs, ["aioli", "doremi"], [1, 2]) == "doremi"  # 2.25 < 2.26
+    runs[1]["done"] = False  # a run a deadline stopped does not count
+    with pytest.raises(SystemExit, match="not finished: doremi-s2"):
+        mixing.select(runs, ["aioli", "doremi"], [1, 2])
+
+
 def test_the_plan_refuses_the_reference_seed_and_unknown_policies(tmp_path):
     with pytest.raises(SystemExit, match="seed 0"):
         mixing.plan(["doremi"], [0, 1], tmp_path)
