@@ -28,12 +28,20 @@ One GPU, from the repository root::
 ``--rows a,b,c`` picks rows by name; ``--device cpu --tiny`` is the smoke test the CPU suite
 runs (``aquila2-tiny``, a few steps, no compile, no GPU rows). Rows whose package is missing
 (litgpt, flash-attn-4) are reported as skipped, not failed.
+
+``--profile DIR`` adds ``--profile-steps`` steps after the timed ones (so the timing is
+untouched) under ``torch.profiler`` and, per row, writes ``DIR/<row>.trace.json.gz`` (open it
+in Perfetto) and a summary in the row's JSON: how much of the profiled wall time the GPU ran
+kernels, the host waits on the GPU (synchronize calls, device-to-host copies), and the
+kernels that took the most GPU time. Where a fit row loses to the plain loop, this says
+whether the GPU waited for the host (idle time) or did more work (kernels).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import importlib.util
 import json
 import tempfile
@@ -90,6 +98,94 @@ class Skipped(Exception):
     """A row that cannot run here (a package or the GPU is missing)."""
 
 
+# -- profiling (--profile) ---------------------------------------------------------------------
+#: host calls that wait for the GPU
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+class StepProfiler:
+    """Profiles optimizer steps ``[first, first + count)`` of one row when ``directory`` is
+    set; ``step(i)`` is called at the start of every step ``i`` (and once with the index past
+    the last step). Steps are counted from 0, warmup included."""
+
+    def __init__(self, directory: Path | None, row: str, first: int, count: int,
+                 cuda: bool) -> None:
+        self.directory, self.row, self.first, self.count = directory, row, first, count
+        self.cuda = cuda
+        self.profiler: torch.profiler.profile | None = None
+        self.summary: dict[str, Any] | None = None
+        self._start = 0.0
+
+    def step(self, index: int) -> None:
+        if self.directory is None or self.summary is not None:
+            return
+        if index == self.first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self._start = _mark(self.cuda)
+        elif index == self.first + self.count and self.profiler is not None:
+            wall = _elapsed(self._start, self.cuda)
+            self.profiler.__exit__(None, None, None)
+            self.summary = summarise_profile(self.profiler, wall, self.count)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            trace = self.directory / f"{self.row}.trace.json"
+            self.profiler.export_chrome_trace(str(trace))
+            with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+                packed.write(raw.read())
+            trace.unlink()
+            self.summary["trace"] = f"{trace}.gz"
+            self.profiler = None
+
+
+def summarise_profile(profiler: torch.profiler.profile, wall: float,
+                      steps: int) -> dict[str, Any]:
+    """Per profiled step: wall time, time the GPU ran kernels (overlaps merged), host waits
+    on the GPU, and the ten kernels with the most GPU time."""
+    kernels, syncs, sync_ms, d2h = [], 0, 0.0, 0
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((event.time_range.start, event.time_range.end))
+            d2h += "DtoH" in event.name
+        elif event.name in SYNC_CALLS:
+            syncs += 1
+            sync_ms += event.cpu_time_total / 1e3
+    busy, end = 0.0, -1.0
+    for start, stop in sorted(kernels):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    top = sorted((e for e in profiler.key_averages() if e.self_device_time_total > 0),
+                 key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    wall_ms = 1e3 * wall / steps
+    return {
+        "steps": steps, "wall_ms_per_step": round(wall_ms, 2),
+        "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 2) if kernels else None,
+        "gpu_idle_fraction": round(1 - busy / 1e3 / steps / wall_ms, 4) if kernels else None,
+        "host_syncs_per_step": round(syncs / steps, 2),
+        "host_sync_ms_per_step": round(sync_ms / steps, 2),
+        "d2h_copies_per_step": round(d2h / steps, 2),
+        "top_kernels_ms_per_step": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 3)
+                                    for e in top},
+    }
+
+
+def print_profiles(rows: list[dict[str, Any]]) -> None:
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return
+    print("\n| row | wall ms/step | GPU busy ms/step | GPU idle | host syncs/step | "
+          "sync ms/step | DtoH copies/step |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in profiled:
+        p = r["profile"]
+        idle = "-" if p["gpu_idle_fraction"] is None else f"{p['gpu_idle_fraction']:.1%}"
+        print(f"| {r['row']} | {p['wall_ms_per_step']} | {p['gpu_busy_ms_per_step']} | {idle} | "
+              f"{p['host_syncs_per_step']} | {p['host_sync_ms_per_step']} | "
+              f"{p['d2h_copies_per_step']} |")
+
+
 # -- the plain loop (peer and ours) ------------------------------------------------------------
 def litgpt_model(config: AquilaConfig) -> torch.nn.Module:
     try:
@@ -131,11 +227,16 @@ def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
                              generator=g).to(device) for _ in range(4)]
-    losses, start = [], None
+    losses, start, seconds = [], None, 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    for step in range(args.warmup + args.steps):
+    timed_end = args.warmup + args.steps
+    profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
+    for step in range(timed_end + (args.profile_steps if args.profile else 0)):
         if step == args.warmup:
             start = _mark(cuda)
+        if step == timed_end:
+            seconds = _elapsed(start, cuda)
+        profiler.step(step)
         batch = batches[step % len(batches)]
         with autocast:
             loss = forward_loss(batch[:, :-1], batch[:, 1:])
@@ -143,8 +244,11 @@ def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    seconds = _elapsed(start, cuda)
-    result = _result(row, config, args, args.batch_size, seconds, losses, cuda)
+    if not args.profile:
+        seconds = _elapsed(start, cuda)
+    profiler.step(timed_end + args.profile_steps)
+    result = _result(row, config, args, args.batch_size, seconds, losses[:timed_end], cuda)
+    result["profile"] = profiler.summary
     # the two models must have the same shape for the comparison to mean anything
     result["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return result
@@ -197,22 +301,31 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
             raise Skipped("FSDP rows need a GPU")
     cuda = device.type == "cuda"
 
+    timed_end = args.warmup + args.steps
+    profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
+
     class Clock(Callback):
-        """Reads the clock after a synchronize at the end of warmup and of fit; keeps each
-        step's loss on the device (read once at the end: no per-step host sync)."""
+        """Reads the clock after a synchronize at the end of warmup and of the timed steps;
+        keeps each step's loss on the device (read once at the end: no per-step host sync).
+        Profiled steps, if any, come after the timed ones."""
 
         def __init__(self) -> None:
             self.start: float | None = None
             self.seconds = 0.0
             self.losses: list[torch.Tensor] = []
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            profiler.step(trainer.global_step)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(outputs["loss"].detach())
             if trainer.global_step == args.warmup:
                 self.start = _mark(cuda)
+            elif trainer.global_step == timed_end:
+                self.seconds = _elapsed(self.start, cuda)
 
         def on_train_end(self, trainer, pl_module) -> None:
-            self.seconds = _elapsed(self.start, cuda)
+            profiler.step(trainer.global_step)
 
     clock = Clock()
     callbacks: list[Callback] = [clock]
@@ -228,15 +341,16 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
     trainer = Trainer(
         accelerator=device.type, devices=1, strategy=strategy,
         precision="bf16-mixed" if args.bf16 else "32-true",
-        max_steps=args.warmup + args.steps, gradient_clip_val=1.0, log_every_n_steps=10,
+        max_steps=timed_end + (args.profile_steps if args.profile else 0),
+        gradient_clip_val=1.0, log_every_n_steps=10,
         limit_val_batches=0, logger=CSVLogger(str(workdir / "logs"), name=row),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(workdir / row),
     )
     trainer.fit(module, data)
     result = _result(row, config, args, batch_size, clock.seconds,
-                     clock.losses[args.warmup:], cuda)
-    result.update(options, tsm_ate=callbacks_on, strategy=strategy)
+                     clock.losses[args.warmup:timed_end], cuda)
+    result.update(options, tsm_ate=callbacks_on, strategy=strategy, profile=profiler.summary)
     del trainer, module, data
     return result
 
@@ -303,6 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="corpus folders to prepare (comma-separated; default all six)")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", default=None, help="append one JSON line per row here")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="profile --profile-steps steps after the timed ones; traces and "
+                             "a summary per row go here")
+    parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 15, 8
@@ -351,6 +469,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     f.write(json.dumps(row) + "\n")
             _free(cuda)
     print_table(rows)
+    print_profiles(rows)
     return rows
 
 

@@ -28,3 +28,14 @@ def test_fit_benchmark_smoke_runs_plain_and_fit_rows_and_skips_missing_kernels(c
     float8 = by_name["fit-float8"]  # emulated on the CPU: it runs, slowly
     assert float8.get("tokens_per_sec", 0) > 0 or "torchao" in float8.get("skipped", "")
     assert "| fit-best |" in capsys.readouterr().out
+
+
+def test_profile_adds_untimed_steps_with_a_trace_and_a_summary_per_row(tmp_path):
+    rows = _benchmark().main(["--device", "cpu", "--tiny", "--rows", "aquila-plain,fit-best",
+                              "--profile", str(tmp_path), "--profile-steps", "2"])
+    for row in rows:
+        summary = row["profile"]
+        assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
+        assert summary["gpu_idle_fraction"] is None  # no GPU kernels on the CPU
+        assert (tmp_path / f"{row['row']}.trace.json.gz").stat().st_size > 0
+        assert row["loss_first"] is not None  # the timed steps' losses, not the profiled ones

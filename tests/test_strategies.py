@@ -1,6 +1,8 @@
 """Named strategies, their plans and the pieces that run in one process (the multi-process
 runs are in test_strategies_*.py)."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,26 @@ def test_benchmark_script_runs_without_zarr_neptune_or_jsonargparse():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "aquila_fsdp" in result.stdout
+
+
+def test_the_benchmark_gives_one_loss_curve_on_one_process_and_under_ddp_on_two(tmp_path):
+    """benchmarks/strategies.py end to end on CPU (gloo): every step's loss is recorded, and
+    the same global batches give the same curve on one process and on two, which is what
+    lets a strategy's curve be held against the single-GPU one."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "strategies.py"
+    out = tmp_path / "rows.jsonl"
+    common = ["--preset", "aquila2-tiny", "--seq-len", "64", "--global-batch", "4",
+              "--steps", "3", "--warmup", "2", "--precision", "32-true", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    for strategy, devices in (("single", "1"), ("ddp", "2")):
+        subprocess.run([sys.executable, str(script), "--strategy", strategy,
+                        "--devices", devices, *common], check=True, capture_output=True,
+                       env=env, cwd=tmp_path, timeout=300)
+    single, ddp = (json.loads(line) for line in out.read_text().splitlines())
+    assert list(single["losses"]) == ["1", "2", "3", "4", "5"]
+    assert ddp["data_parallel"] == 2 and ddp["micro_batch"] == 2
+    for step, loss in single["losses"].items():
+        assert ddp["losses"][step] == pytest.approx(loss, abs=1e-4)
 
 
 @pytest.mark.parametrize(("name", "sizes", "fsdp", "offload"), [
