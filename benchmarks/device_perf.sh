@@ -7,8 +7,8 @@
 #   bash benchmarks/device_perf.sh one-gpu    # 4 single-GPU jobs side by side, one per GPU
 #   bash benchmarks/device_perf.sh fsdp       # 1B on 4 GPUs; 7B, seq 4,096: no / op checkpointing
 #   bash benchmarks/device_perf.sh 7b         # 7B: the faster mode at micro-batch 4, seq 8,192
-# one-gpu, each GPU a process with compiled litgpt in it: GPU 0 the fit path at micro-batch 8
-# and its TSM+ATE overhead row, profiled; GPU 1 litgpt and the fit path at micro-batch 16
+# one-gpu, each GPU a process with compiled litgpt in it: GPU 0 the fit path at micro-batch 8,
+# its TSM+ATE overhead row and clipping as a separate pass, profiled; GPU 1 litgpt and the fit path at micro-batch 16
 # (the same work for both); GPU 2 the float8 rows; GPU 3 the 1-GPU baseline of the scaling
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,nohea
 
 case $PHASE in
 one-gpu)
-  CUDA_VISIBLE_DEVICES=0 "${FIT[@]}" --rows litgpt,fit-cudnn,fit-cudnn-no-tsm-ate \
+  CUDA_VISIBLE_DEVICES=0 "${FIT[@]}" --rows litgpt,fit-cudnn,fit-cudnn-no-tsm-ate,fit-cudnn-clip-multiply \
     --profile "$RESULTS/profile" --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1 &
   JOBS=($!)
   CUDA_VISIBLE_DEVICES=1 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-cudnn,fit-float8 \

@@ -82,6 +82,9 @@ FIT_ROWS: dict[str, dict[str, Any]] = {
     "fit-best-big-batch": {**BEST, "_batch_scale": 1.5},
     "fit-best-no-tsm-ate": {**BEST, "_callbacks": False},
     "fit-cudnn-no-tsm-ate": {**BEST, "loss_impl": "standard", "_callbacks": False},
+    # gradient clipping as a separate multiply over every gradient (Lightning's
+    # clip_grad_norm_), against fit-cudnn's clip inside the fused AdamW step
+    "fit-cudnn-clip-multiply": {**BEST, "loss_impl": "standard", "_clip_by_multiply": True},
     "fit-cudnn-batch12": {**BEST, "loss_impl": "standard", "_batch_scale": 1.5},
     "fit-cudnn-batch16": {**BEST, "loss_impl": "standard", "_batch_scale": 2},
     "fit-best-fsdp": {**BEST, "compile": True, "_strategy": "aquila_fsdp"},
@@ -275,6 +278,8 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
             store: str, workdir: Path) -> dict[str, Any]:
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
 
     from lightning_aquila import AquilaLM
     from lightning_aquila.callbacks import (
@@ -284,9 +289,18 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
     )
     from lightning_aquila.datamodules import DomainDataModule
 
+    class ClipByMultiply(AquilaLM):
+        """Clipping as it was before the clip factor went into the fused AdamW step."""
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                        gradient_clip_algorithm=None) -> None:
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer,
+                                     self.trainer.gradient_clip_val, GradClipAlgorithmType.NORM)
+
     options = dict(FIT_ROWS[row])
     batch_size = int(args.batch_size * options.pop("_batch_scale", 1))
     callbacks_on = options.pop("_callbacks", True)
+    module_class = ClipByMultiply if options.pop("_clip_by_multiply", False) else AquilaLM
     strategy = options.pop("_strategy", "auto")
     if options["attention"] == "flash":
         try:
@@ -333,8 +347,8 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
         callbacks += [TrainingStateMonitor(run_dir=str(workdir / row)),
                       AdaptiveTrainingEngine(policy=BanditMixture(update_every=10))]
     torch.manual_seed(0)
-    module = AquilaLM(preset=args.preset, config={"max_seq_len": config.max_seq_len},
-                      learning_rate=3e-4, warmup_steps=10, **options)
+    module = module_class(preset=args.preset, config={"max_seq_len": config.max_seq_len},
+                          learning_rate=3e-4, warmup_steps=10, **options)
     data = DomainDataModule(store, seq_len=args.seq_len, batch_size=batch_size,
                             num_workers=args.num_workers, pin_memory=cuda,
                             val_windows_per_domain=0)

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
@@ -306,8 +307,15 @@ class AquilaLM(LightningModule):
     ) -> None:
         """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales
         gradients in its own step (fused AdamW) because a GradScaler would have scaled them.
-        Under bf16 there is no GradScaler and nothing to unscale, so clip as for any
-        optimizer (the base plugin's ``clip_grad_norm_``)."""
+        Under bf16 there is no GradScaler and nothing to unscale, so clip norms here.
+
+        For fused AdamW on plain (unsharded) parameters the clip needs no multiply pass of
+        its own: the fused kernel divides each gradient by ``optimizer.grad_scale`` as it
+        reads it, and writes the result back to ``.grad`` (the hook GradScaler uses), so the
+        clip factor goes there. That saves one read of every gradient per step, about 4.5
+        GB for a 1B model in fp32 (~1.4 ms on an H100). The update is ``clip_grad_norm_``'s
+        to rounding. Sharded (DTensor) parameters, other optimizers and clipping by value
+        take Lightning's path."""
         plugin = self.trainer.precision_plugin
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         if not fused or getattr(plugin, "scaler", None) is not None:
@@ -318,4 +326,14 @@ class AquilaLM(LightningModule):
             self.trainer.gradient_clip_val or 0.0)
         algorithm = GradClipAlgorithmType(
             gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+        optimizer.grad_scale = None  # set anew every step, or not at all
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if value and algorithm == GradClipAlgorithmType.NORM and grads and not any(
+                isinstance(g, DTensor) for g in grads):
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); divide by its
+            # inverse (a non-finite norm gives non-finite updates, as it does there)
+            optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)
+            return
         Precision.clip_gradients(plugin, optimizer, value, algorithm)

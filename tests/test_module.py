@@ -185,15 +185,34 @@ class _GradNormAfterStep(Callback):
 
 def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path):
     """Lightning's mixed-precision plugin refuses to clip for fused AdamW; under bf16 there
-    is no GradScaler, so AquilaLM clips and the fused step runs on clipped gradients."""
+    is no GradScaler, so AquilaLM clips, inside the fused step (``grad_scale``): the updates
+    are those of unfused AdamW after Lightning's ``clip_grad_norm_``, and the gradients left
+    in ``.grad`` are clipped in both."""
+    params = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=fused)
+        norms = _GradNormAfterStep()
+        trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed",
+                           gradient_clip_val=1e-3, callbacks=[norms])
+        trainer.fit(lm, CountingData())
+        optimizer = trainer.optimizers[0]
+        assert bool(optimizer.defaults["fused"]) is fused
+        if fused:  # the clip went into the fused step (the kernel writes .grad back)
+            assert optimizer.grad_scale.item() > 10
+        assert len(norms.norms) == 3 and max(norms.norms) <= 1e-3 * (1 + 1e-4)
+        params[fused] = [p.detach().clone() for p in lm.parameters()]
+    for got, want in zip(params[True], params[False], strict=True):
+        assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_clipping_by_value_under_fused_adamw_clips_the_gradients(tmp_path):
     lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
-    norms = _GradNormAfterStep()
-    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed",
-                       gradient_clip_val=1e-3, callbacks=[norms])
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="bf16-mixed",
+                       gradient_clip_val=1e-4, gradient_clip_algorithm="value")
     trainer.fit(lm, CountingData())
-    assert trainer.optimizers[0].defaults["fused"] is True
-    assert len(norms.norms) == 3
-    assert max(norms.norms) <= 1e-3 * (1 + 1e-4)
+    assert trainer.optimizers[0].grad_scale is None
+    assert max(p.grad.abs().max().item() for p in lm.parameters()) <= 1e-4
 
 
 def test_fused_adamw_is_off_by_default_on_cpu():
