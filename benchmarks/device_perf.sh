@@ -29,7 +29,7 @@ collect() {  # after every run: what a call killed at its limit has written stil
   tail -c 20000 "$RESULTS"/*.log > "$OUT/logs.txt" 2>/dev/null
 }
 strategies_row() {  # one row on all 4 GPUs, stopped after LIMIT seconds (compile included)
-  timeout "${LIMIT:-280}" "${STRATEGIES[@]}" --strategy aquila_fsdp --devices 4 "$@" \
+  timeout "${LIMIT:-220}" "${STRATEGIES[@]}" --strategy aquila_fsdp --devices 4 "$@" \
     --out "$RESULTS/strategies.jsonl" > "$RESULTS/last.log" 2>&1
   echo "rc $? for $*"; grep -A2 '^| strategy' "$RESULTS/last.log"
   grep -m3 'Error' "$RESULTS/last.log"; cat "$RESULTS/last.log" >> "$RESULTS/fsdp.log"
@@ -61,7 +61,7 @@ one-gpu)
   grep -A2 '^| strategy' "$RESULTS/gpu3.log"
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
 fsdp)
-  LIMIT=200 strategies_row --global-batch 32
+  LIMIT=150 strategies_row --global-batch 32
   for mode in none op; do  # 7B, seq 4,096, micro-batch 2: the row used full
     strategies_row --preset aquila2-7b --seq-len 4096 --global-batch 8 --loss-impl chunked \
       --activation-checkpointing "$mode" --loss-steps 1,5,10
