@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import importlib.util
 import json
 import tempfile
@@ -134,12 +133,9 @@ class StepProfiler:
             self.profiler.__exit__(None, None, None)
             self.summary = summarise_profile(self.profiler, wall, self.count)
             self.directory.mkdir(parents=True, exist_ok=True)
-            trace = self.directory / f"{self.row}.trace.json"
-            self.profiler.export_chrome_trace(str(trace))
-            with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-                packed.write(raw.read())
-            trace.unlink()
-            self.summary["trace"] = f"{trace}.gz"
+            trace = self.directory / f"{self.row}.trace.json.gz"
+            self.profiler.export_chrome_trace(str(trace))  # gzipped by its name
+            self.summary["trace"] = str(trace)
             self.profiler = None
 
 
@@ -230,27 +226,29 @@ def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
                              generator=g).to(device) for _ in range(4)]
-    losses, start, seconds = [], None, 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    timed_end = args.warmup + args.steps
-    profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
-    for step in range(timed_end + (args.profile_steps if args.profile else 0)):
-        if step == args.warmup:
-            start = _mark(cuda)
-        if step == timed_end:
-            seconds = _elapsed(start, cuda)
-        profiler.step(step)
+
+    def train_step(step: int) -> torch.Tensor:
         batch = batches[step % len(batches)]
         with autocast:
             loss = forward_loss(batch[:, :-1], batch[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    if not args.profile:
-        seconds = _elapsed(start, cuda)
-    profiler.step(timed_end + args.profile_steps)
-    result = _result(row, config, args, args.batch_size, seconds, losses[:timed_end], cuda)
+        return loss.detach()
+
+    losses = [train_step(step) for step in range(args.warmup)]
+    start = _mark(cuda)
+    timed_end = args.warmup + args.steps
+    losses += [train_step(step) for step in range(args.warmup, timed_end)]
+    seconds = _elapsed(start, cuda)
+    profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
+    if args.profile:  # untimed steps after the timed ones
+        for step in range(timed_end, timed_end + args.profile_steps):
+            profiler.step(step)
+            train_step(step)
+        profiler.step(timed_end + args.profile_steps)
+    result = _result(row, config, args, args.batch_size, seconds, losses, cuda)
     result["profile"] = profiler.summary
     # the two models must have the same shape for the comparison to mean anything
     result["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)

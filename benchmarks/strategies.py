@@ -65,6 +65,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_every
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_aquila import AquilaConfig, AquilaLM
+from lightning_aquila.model.model import LOSS_IMPLS
 from lightning_aquila.strategies import STRATEGIES
 from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
 
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="alone: full (every block); or none, full, op, every_N "
                              "(AquilaLM's activation_checkpointing)")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--loss-impl", default="standard", choices=["standard", "chunked"],
+    parser.add_argument("--loss-impl", default="standard", choices=LOSS_IMPLS,
                         help="AquilaLM's loss_impl: chunked is what the FSDP configs ship "
                              "(per-block compile leaves the head eager, where full fp32 "
                              "logits are the largest activation)")

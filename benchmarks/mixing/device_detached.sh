@@ -7,6 +7,8 @@
 #   POLICIES="doremi bandit" SEEDS="1 2" REFERENCE_SEED=1 GPUS="0 1 2 3" LIMIT=1500 \
 #       bash benchmarks/mixing/device_detached.sh 560      # first call: starts, then waits
 #   bash benchmarks/mixing/device_detached.sh 560          # later calls: wait, collect
+#   POLICIES=... SEEDS=... bash benchmarks/mixing/device_detached.sh 560
+#                     # once the sitting has ended: a new one, with the runs already done kept
 #   bash benchmarks/mixing/device_detached.sh stop         # end it: its runs leave the GPUs
 # The environment (POLICIES, SEEDS, LIMIT, ...) is device_sitting.sh's; LIMIT is now the whole
 # detached sitting's, across calls. Send each call as the very next thing after the last one
@@ -30,9 +32,9 @@ if [ "$WAIT" = stop ]; then
 fi
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "sitting $(cat "$PIDFILE") still running"
-elif [ -f "$PIDFILE" ]; then
+elif [ -f "$PIDFILE" ] && [ -z "${POLICIES:-}" ]; then
   echo "sitting $(cat "$PIDFILE") has ended"
-else
+else  # no sitting yet, or the last has ended and this call names the runs of a new one
   mkdir -p /tmp/mixing-out
   OUT=/tmp/mixing-out setsid nohup bash benchmarks/mixing/device_sitting.sh \
     > "$LOG" 2>&1 < /dev/null &

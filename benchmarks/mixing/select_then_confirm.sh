@@ -15,7 +15,7 @@ WAIT=${1:?seconds to wait}
 START=$SECONDS
 PIDFILE=/tmp/mixing-sitting.pid
 MARK=/tmp/mixing-confirmation.started
-bash benchmarks/mixing/device_detached.sh "$WAIT"
+POLICIES= bash benchmarks/mixing/device_detached.sh "$WAIT"  # wait for the selection sitting
 if [ -f "$MARK" ] || kill -0 "$(cat "$PIDFILE" 2>/dev/null || echo 0)" 2>/dev/null; then
   exit 0  # the confirmation sitting runs already, or the selection one has not ended
 fi
@@ -24,6 +24,5 @@ CHOSEN=$(PYTHONPATH=$PWD python3 benchmarks/mixing.py select --out /tmp/mixing-r
   --policies $CANDIDATES --seeds $SELECT_SEEDS) || exit 1
 echo "selected $CHOSEN on seeds $SELECT_SEEDS; confirming with ${BASELINES:-} on $CONFIRM_SEEDS"
 echo "$CHOSEN" > "$MARK"
-rm -f "$PIDFILE"
 POLICIES="$CHOSEN ${BASELINES:-}" SEEDS="$CONFIRM_SEEDS" \
   bash benchmarks/mixing/device_detached.sh $((WAIT - (SECONDS - START)))
