@@ -64,6 +64,26 @@ def test_forward_gives_logits_over_the_vocabulary():
     assert torch.isfinite(logits).all()
 
 
+def test_compiled_graph_takes_the_rotary_tables_from_one_opaque_op():
+    """Traced as plain ops, inductor recomputes cos/sin inside every q/k rotation kernel
+    (per batch row and head); the tables must enter the graph as one op's outputs."""
+    config = AquilaConfig.from_name("aquila2-tiny")
+    model = AquilaModel(config)
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    loss, _ = torch.compile(model, backend=capture)(ids, ids)
+    targets = [node.target for graph in graphs for node in graph.graph.nodes
+               if node.op == "call_function"]
+    assert targets.count(torch.ops.lightning_aquila.rope_tables) == 1
+    assert not {torch.sin, torch.cos, torch.outer} & set(targets)
+    torch.testing.assert_close(loss, model(ids, ids)[0], rtol=0, atol=0)
+
+
 def test_model_is_causal():
     torch.manual_seed(0)
     model = AquilaModel(AquilaConfig.from_name("aquila2-tiny")).eval()

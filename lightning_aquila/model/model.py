@@ -84,17 +84,33 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables, computed per call: a (T, D/2) outer product is noise next to attention,
-    and no buffer means nothing to re-create after meta-device or sharded initialisation."""
+@torch.library.custom_op("lightning_aquila::rope_tables", mutates_args=())
+def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@_rope_tables.register_fake
+def _rope_tables_fake(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(seq_len, head_dim, device=device, dtype=dtype),
+            torch.empty(seq_len, head_dim, device=device, dtype=dtype))
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (T, D), computed per call: no buffer means nothing to re-create after
+    meta-device or sharded initialisation. They come from an opaque op because, traced as
+    plain ops, whole-model ``torch.compile`` fuses the cos/sin into every q and k rotation
+    and recomputes them for each batch row and head: 4% of a 1B step's GPU time on an H200
+    (7.4 of 187 ms), 0.7 ms with the tables loaded (docs/benchmarks.md, "Fit path")."""
+    return torch.ops.lightning_aquila.rope_tables(seq_len, head_dim, theta, device, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
