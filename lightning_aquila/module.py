@@ -199,7 +199,10 @@ class AquilaLM(LightningModule):
         self, batch: dict[str, torch.Tensor], batch_idx: int
     ) -> dict[str, torch.Tensor]:
         sums, counts, loss = self._losses(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # On the progress bar only when there is one: Lightning turns progress-bar values
+        # into Python numbers every step, a read that waits for all the GPU's queued work.
+        self.log("train/loss", loss, prog_bar=self._trainer is not None
+                 and self._trainer.progress_bar_callback is not None)
         self._tokens_since_mark += batch["input_ids"].numel()
         return {"loss": loss, "sample_loss": (sums / counts.clamp(min=1)).detach()}
 
@@ -210,12 +213,14 @@ class AquilaLM(LightningModule):
             self._tokens_since_mark = 0
             return
         since, step = self._throughput_mark
+        # Both values are Python floats, which self.log copies to the GPU from pageable
+        # memory, waiting for all queued work: so only as often as loggers write.
         if self.global_step - step >= self.trainer.log_every_n_steps and now > since:
             self.log("train/tokens_per_sec", self._tokens_since_mark / (now - since))
             self._throughput_mark = (now, self.global_step)
             self._tokens_since_mark = 0
-        if self.lr_schedulers() is not None:
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            if self.lr_schedulers() is not None:
+                self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
 
     def _domain_names(self, count: int) -> list[str]:
         mixture = getattr(getattr(self.trainer, "datamodule", None), "mixture", None)

@@ -4,6 +4,7 @@ gathered), and read by the host without stalling the device (``HostRead``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -46,6 +47,14 @@ class HostRead:
         return self._host.tolist()
 
 
+@functools.lru_cache(maxsize=64)
+def _index_on(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``positions`` as an index tensor on ``device``, made once: the parameter groups are
+    the same every step, and ``torch.tensor(..., device=cuda)`` is a copy from pageable
+    host memory that waits for all the work queued on the GPU (a drained queue per step)."""
+    return torch.tensor(positions, device=device)
+
+
 def squares_on_device(
     pieces: Iterable[tuple[Hashable, torch.Tensor, tuple[Any, tuple[Any, ...]] | None]],
 ) -> dict[Hashable, torch.Tensor]:
@@ -67,7 +76,7 @@ def squares_on_device(
         keys = list(dict.fromkeys(key for key, _ in items))
         index = {key: i for i, key in enumerate(keys)}
         values = _squared_norms([local for _, local in items])
-        positions = torch.tensor([index[key] for key, _ in items], device=values.device)
+        positions = _index_on(tuple(index[key] for key, _ in items), values.device)
         sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device)
         sums.index_add_(0, positions, values)
         if spec is not None:

@@ -158,9 +158,11 @@ class StepChecker:
         names = list(self.grad_squares)
         values: list[torch.Tensor] = []
         if has_loss:
+            # torch.full fills on the device; torch.tensor(..., device=cuda) would copy from
+            # pageable memory and wait for everything queued on the GPU
             pair = torch.stack([self.loss.reshape(()),
-                                torch.tensor(float(self.batches), dtype=torch.float64,
-                                             device=self.loss.device)])
+                                torch.full((), float(self.batches), dtype=torch.float64,
+                                           device=self.loss.device)])
             values.append(sum_over_ranks(trainer, pair))
         if names:
             squares = torch.stack([torch.as_tensor(self.grad_squares[n], dtype=torch.float64)
