@@ -7,6 +7,8 @@
 #   bash benchmarks/device_perf.sh one-gpu    # 4 single-GPU jobs side by side, one per GPU
 #   bash benchmarks/device_perf.sh fsdp       # 1B on 4 GPUs; 7B, seq 4,096: no / op checkpointing
 #   bash benchmarks/device_perf.sh 7b         # 7B: the faster mode at micro-batch 4, seq 8,192
+#   bash benchmarks/device_perf.sh recheck    # after the first three: the 1-GPU rows again,
+#       profiled, with the float8 loss curves; the 1B scaling row profiled, and DDP beside it
 # one-gpu, each GPU a process with compiled litgpt in it: GPU 0 the fit path at micro-batch 8,
 # its TSM+ATE overhead row and clipping as a separate pass, profiled; GPU 1 litgpt and the fit path at micro-batch 16
 # (the same work for both); GPU 2 the float8 rows; GPU 3 the 1-GPU baseline of the scaling
@@ -28,12 +30,20 @@ collect() {  # after every run: what a call killed at its limit has written stil
   cp "$RESULTS"/*.jsonl "$OUT/" 2>/dev/null
   tail -c 20000 "$RESULTS"/*.log > "$OUT/logs.txt" 2>/dev/null
 }
-strategies_row() {  # one row on all 4 GPUs, stopped after LIMIT seconds (compile included)
-  timeout "${LIMIT:-220}" "${STRATEGIES[@]}" --strategy aquila_fsdp --devices 4 "$@" \
+strategies_row() {  # one STRATEGY row (aquila_fsdp) on all 4 GPUs, stopped after LIMIT seconds
+  timeout "${LIMIT:-200}" "${STRATEGIES[@]}" --strategy "${STRATEGY:-aquila_fsdp}" --devices 4 "$@" \
     --out "$RESULTS/strategies.jsonl" > "$RESULTS/last.log" 2>&1
-  echo "rc $? for $*"; grep -A2 '^| strategy' "$RESULTS/last.log"
+  echo "rc $? for $*"; grep -A6 '^| strategy' "$RESULTS/last.log"
   grep -m3 'Error' "$RESULTS/last.log"; cat "$RESULTS/last.log" >> "$RESULTS/fsdp.log"
   pkill -f benchmarks/strategies.py; sleep 3; collect  # ranks a timeout left behind
+}
+wait_side_by_side() {  # for the one-GPU jobs in JOBS, collecting as they go; then their tables
+  (while sleep 30; do collect; done) &
+  local collector=$!
+  wait "${JOBS[@]}"
+  kill "$collector"
+  for log in fit_b8 fit_b16 fit_float8 gpu3; do grep -A14 '^device:' "$RESULTS/$log.log"; done
+  grep -A6 '^| strategy' "$RESULTS/gpu3.log"
 }
 nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader
 
@@ -53,12 +63,7 @@ one-gpu)
    "${FIT[@]}" --rows litgpt,fit-best-fsdp --out "$RESULTS/fit_fsdp.jsonl") \
     > "$RESULTS/gpu3.log" 2>&1 &
   JOBS+=($!)
-  (while sleep 30; do collect; done) &
-  COLLECTOR=$!
-  wait "${JOBS[@]}"
-  kill "$COLLECTOR"
-  for log in fit_b8 fit_b16 fit_float8 gpu3; do grep -A14 '^device:' "$RESULTS/$log.log"; done
-  grep -A2 '^| strategy' "$RESULTS/gpu3.log"
+  wait_side_by_side
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
 fsdp)
   LIMIT=150 strategies_row --global-batch 32
@@ -80,6 +85,23 @@ PY
     --activation-checkpointing "$MODE" --loss-steps 1,5,10
   strategies_row --preset aquila2-7b --seq-len 8192 --global-batch 4 --loss-impl chunked \
     --activation-checkpointing "$MODE" --loss-steps 1,5,10 ;;
+recheck)
+  CUDA_VISIBLE_DEVICES=0 "${FIT[@]}" --rows litgpt,aquila-plain,fit-cudnn,fit-cudnn-no-tsm-ate \
+    --profile "$RESULTS/profile" --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1 &
+  JOBS=($!)
+  CUDA_VISIBLE_DEVICES=1 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-cudnn,fit-float8 \
+    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1 &
+  JOBS+=($!)
+  CUDA_VISIBLE_DEVICES=2 "${FIT[@]}" --rows litgpt,fit-cudnn,fit-float8 \
+    --out "$RESULTS/fit_float8.jsonl" > "$RESULTS/fit_float8.log" 2>&1 &
+  JOBS+=($!)
+  CUDA_VISIBLE_DEVICES=3 "${STRATEGIES[@]}" --strategy single --devices 1 \
+    --profile "$RESULTS/profile" --out "$RESULTS/strategies.jsonl" > "$RESULTS/gpu3.log" 2>&1 &
+  JOBS+=($!)
+  wait_side_by_side
+  LIMIT=150 strategies_row --global-batch 32 --profile "$RESULTS/profile"
+  STRATEGY=ddp LIMIT=150 strategies_row --global-batch 32
+  tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 exit 0

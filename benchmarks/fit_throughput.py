@@ -43,8 +43,8 @@ import argparse
 import gc
 import importlib.util
 import json
+import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_aquila.model import AquilaConfig, AquilaModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
+from step_profile import StepProfiler, elapsed, mark, print_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,91 +101,6 @@ QUICK_ROWS = ("litgpt", "aquila-plain", "fit-blocks", "fit-best", "fit-best-no-t
 
 class Skipped(Exception):
     """A row that cannot run here (a package or the GPU is missing)."""
-
-
-# -- profiling (--profile) ---------------------------------------------------------------------
-#: host calls that wait for the GPU
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
-class StepProfiler:
-    """Profiles optimizer steps ``[first, first + count)`` of one row when ``directory`` is
-    set; ``step(i)`` is called at the start of every step ``i`` (and once with the index past
-    the last step). Steps are counted from 0, warmup included."""
-
-    def __init__(self, directory: Path | None, row: str, first: int, count: int,
-                 cuda: bool) -> None:
-        self.directory, self.row, self.first, self.count = directory, row, first, count
-        self.cuda = cuda
-        self.profiler: torch.profiler.profile | None = None
-        self.summary: dict[str, Any] | None = None
-        self._start = 0.0
-
-    def step(self, index: int) -> None:
-        if self.directory is None or self.summary is not None:
-            return
-        if index == self.first and self.profiler is None:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.cuda:
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.__enter__()
-            self._start = _mark(self.cuda)
-        elif index == self.first + self.count and self.profiler is not None:
-            wall = _elapsed(self._start, self.cuda)
-            self.profiler.__exit__(None, None, None)
-            self.summary = summarise_profile(self.profiler, wall, self.count)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            trace = self.directory / f"{self.row}.trace.json.gz"
-            self.profiler.export_chrome_trace(str(trace))  # gzipped by its name
-            self.summary["trace"] = str(trace)
-            self.profiler = None
-
-
-def summarise_profile(profiler: torch.profiler.profile, wall: float,
-                      steps: int) -> dict[str, Any]:
-    """Per profiled step: wall time, time the GPU ran kernels (overlaps merged), host waits
-    on the GPU, and the ten kernels with the most GPU time."""
-    kernels, syncs, sync_ms, d2h = [], 0, 0.0, 0
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.append((event.time_range.start, event.time_range.end))
-            d2h += "DtoH" in event.name
-        elif event.name in SYNC_CALLS:
-            syncs += 1
-            sync_ms += event.cpu_time_total / 1e3
-    busy, end = 0.0, -1.0
-    for start, stop in sorted(kernels):
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    top = sorted((e for e in profiler.key_averages() if e.self_device_time_total > 0),
-                 key=lambda e: e.self_device_time_total, reverse=True)[:10]
-    wall_ms = 1e3 * wall / steps
-    return {
-        "steps": steps, "wall_ms_per_step": round(wall_ms, 2),
-        "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 2) if kernels else None,
-        "gpu_idle_fraction": round(1 - busy / 1e3 / steps / wall_ms, 4) if kernels else None,
-        "host_syncs_per_step": round(syncs / steps, 2),
-        "host_sync_ms_per_step": round(sync_ms / steps, 2),
-        "d2h_copies_per_step": round(d2h / steps, 2),
-        "top_kernels_ms_per_step": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 3)
-                                    for e in top},
-    }
-
-
-def print_profiles(rows: list[dict[str, Any]]) -> None:
-    profiled = [r for r in rows if r.get("profile")]
-    if not profiled:
-        return
-    print("\n| row | wall ms/step | GPU busy ms/step | GPU idle | host syncs/step | "
-          "sync ms/step | DtoH copies/step |\n|---|---:|---:|---:|---:|---:|---:|")
-    for r in profiled:
-        p = r["profile"]
-        idle = "-" if p["gpu_idle_fraction"] is None else f"{p['gpu_idle_fraction']:.1%}"
-        print(f"| {r['row']} | {p['wall_ms_per_step']} | {p['gpu_busy_ms_per_step']} | {idle} | "
-              f"{p['host_syncs_per_step']} | {p['host_sync_ms_per_step']} | "
-              f"{p['d2h_copies_per_step']} |")
 
 
 # -- the plain loop (peer and ours) ------------------------------------------------------------
@@ -238,10 +156,10 @@ def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
         return loss.detach()
 
     losses = [train_step(step) for step in range(args.warmup)]
-    start = _mark(cuda)
+    start = mark(cuda)
     timed_end = args.warmup + args.steps
     losses += [train_step(step) for step in range(args.warmup, timed_end)]
-    seconds = _elapsed(start, cuda)
+    seconds = elapsed(start, cuda)
     profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
     if args.profile:  # untimed steps after the timed ones
         for step in range(timed_end, timed_end + args.profile_steps):
@@ -332,9 +250,9 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(outputs["loss"].detach())
             if trainer.global_step == args.warmup:
-                self.start = _mark(cuda)
+                self.start = mark(cuda)
             elif trainer.global_step == timed_end:
-                self.seconds = _elapsed(self.start, cuda)
+                self.seconds = elapsed(self.start, cuda)
 
         def on_train_end(self, trainer, pl_module) -> None:
             profiler.step(trainer.global_step)
@@ -368,21 +286,6 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _mark(cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    return time.perf_counter()
-
-
-def _elapsed(start: float | None, cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    if start is None:
-        raise RuntimeError("the run ended before warmup did: raise --steps")
-    return time.perf_counter() - start
-
-
 def _result(row: str, config: AquilaConfig, args: argparse.Namespace, batch_size: int,
             seconds: float, losses: list[torch.Tensor], cuda: bool) -> dict[str, Any]:
     tokens = args.steps * batch_size * args.seq_len
@@ -395,6 +298,7 @@ def _result(row: str, config: AquilaConfig, args: argparse.Namespace, batch_size
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "loss_first": round(values[0], 4) if values else None,
         "loss_last": round(values[-1], 4) if values else None,
+        "losses": [round(v, 4) for v in values],
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
     }

@@ -54,8 +54,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,9 @@ from lightning_aquila import AquilaConfig, AquilaLM
 from lightning_aquila.model.model import LOSS_IMPLS
 from lightning_aquila.strategies import STRATEGIES
 from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
+from step_profile import StepProfiler, elapsed, mark, print_profiles
 
 #: strategies whose data-parallel size on one node is 1 (all its GPUs split each layer)
 _TENSOR_PARALLEL = {"aquila_tp", "aquila_tp_fsdp"}
@@ -114,20 +117,30 @@ class GlobalBatchData(LightningDataModule):
 
 
 class Meter(Callback):
-    """Per optimizer step: the global loss; after warmup, wall time and peak memory. Nothing
-    in the timed steps waits for the GPU (a ``lightning-aquila fit`` step does not either):
-    each step's loss stays on the device, the clock is read after a synchronize at the end
-    of warmup and at the end of fit, and the losses are averaged over ranks once, at the
-    end, in one collective."""
+    """Per optimizer step: the global loss; over the timed steps, wall time and peak memory.
+    Nothing in the timed steps waits for the GPU (a ``lightning-aquila fit`` step does not
+    either): each step's loss stays on the device, the clock is read after a synchronize at
+    the end of warmup and of the timed steps, and the losses are averaged over ranks once,
+    at the end, in one collective. With ``profile`` (a directory), ``profile_steps`` more
+    steps run under ``torch.profiler`` on every rank; rank 0 writes its trace there."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, steps: int, profile: Path | None = None,
+                 profile_steps: int = 3, name: str = "row") -> None:
+        self.warmup, self.steps = warmup, steps
         self.losses: dict[int, float] = {}
         self.start: float | None = None
-        self.end: float | None = None
+        self.seconds: float | None = None
+        self.peak_GiB = 0.0
         self._sums: list[torch.Tensor] = []
         self._steps: list[int] = []
         self._step_losses: list[torch.Tensor] = []
+        self._profile = (profile, profile_steps, name)
+        self.profiler: StepProfiler | None = None
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        directory, count, name = self._profile
+        self.profiler = StepProfiler(directory, name, self.warmup + self.steps, count,
+                                     torch.cuda.is_available(), write=trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -137,23 +150,20 @@ class Meter(Callback):
         self._steps.append(trainer.global_step)
         self._step_losses.append(torch.stack(self._sums).float().mean())
         self._sums = []
+        cuda = torch.cuda.is_available()
         if trainer.global_step == self.warmup:
-            _synchronize()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            self.start = time.perf_counter()
+            self.start = mark(cuda)
+        elif trainer.global_step == self.warmup + self.steps:
+            self.seconds = elapsed(self.start, cuda)
+            self.peak_GiB = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        self.profiler.step(trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        _synchronize()
-        self.end = time.perf_counter()
+        if self.seconds is None:
+            raise RuntimeError("fit ended before the timed steps did")
         if self._step_losses:
             mean = trainer.strategy.reduce(torch.stack(self._step_losses), reduce_op="mean")
             self.losses = dict(zip(self._steps, mean.tolist(), strict=True))
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def data_parallel_size(strategy: str, devices: int) -> int:
@@ -167,15 +177,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of "
                          f"data-parallel size {dp} × --accumulate {args.accumulate}")
     micro_batch = args.global_batch // (dp * args.accumulate)
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
     seed_everything(0, verbose=False)
     module = AquilaLM(preset=args.preset, config={"max_seq_len": config.max_seq_len},
                       init_from=args.init_from,
                       learning_rate=args.learning_rate, warmup_steps=args.warmup,
-                      decay_steps=10 * steps, compile=args.compile,
+                      decay_steps=10 * (args.warmup + args.steps), compile=args.compile,
                       activation_checkpointing=args.activation_checkpointing,
                       loss_impl=args.loss_impl)
-    meter = Meter(args.warmup)
+    name = f"{args.strategy}-{args.devices}gpu-{args.preset}-seq{args.seq_len}-b{args.global_batch}"
+    meter = Meter(args.warmup, args.steps, args.profile, args.profile_steps, name)
     trainer = Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=args.devices,
         strategy="auto" if args.strategy == "single" else args.strategy,
@@ -189,12 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     trainer.fit(module, datamodule=data)
 
     cuda = torch.cuda.is_available()
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0],
-                        device=trainer.strategy.root_device)
+    peak = torch.tensor([meter.peak_GiB], device=trainer.strategy.root_device)
     peaks = trainer.strategy.all_gather(peak).flatten().tolist()
     if not trainer.is_global_zero:
         return None
-    seconds = meter.end - meter.start
+    seconds = meter.seconds
     tokens_per_sec = args.steps * args.global_batch * args.seq_len / seconds
     per_gpu = tokens_per_sec / args.devices
     mfu = per_gpu * config.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
@@ -213,6 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "losses": {str(k): round(v, 5) for k, v in sorted(meter.losses.items())},
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "lightning": lightning.__version__,
+        "profile": meter.profiler.summary,
     }
 
 
@@ -291,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-init", type=Path, default=None,
                         help="write the seeded initial model here as a Hugging Face "
                              "directory and exit")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after the timed steps, --profile-steps steps under "
+                             "torch.profiler on every rank; rank 0's trace goes to DIR and "
+                             "a summary (GPU idle, NCCL time compute did not hide) into the row")
+    parser.add_argument("--profile-steps", type=int, default=3)
     return parser
 
 
@@ -313,6 +329,7 @@ def main() -> None:
               *(f"loss@{s}" for s in loss_steps)]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print(table_row(row, loss_steps), flush=True)
+    print_profiles([row], label="strategy")
     print(json.dumps(row), flush=True)
     if args.out:
         append_line(args.out, row)

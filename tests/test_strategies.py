@@ -65,13 +65,20 @@ def test_the_benchmark_gives_one_loss_curve_on_one_process_and_under_ddp_on_two(
     common = ["--preset", "aquila2-tiny", "--seq-len", "64", "--global-batch", "4",
               "--steps", "3", "--warmup", "2", "--precision", "32-true", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
-    for strategy, devices in (("single", "1"), ("ddp", "2")):
+    profile = ["--profile", str(tmp_path / "profile"), "--profile-steps", "2"]
+    for strategy, devices, extra in (("single", "1", []), ("ddp", "2", profile)):
         subprocess.run([sys.executable, str(script), "--strategy", strategy,
-                        "--devices", devices, *common], check=True, capture_output=True,
-                       env=env, cwd=tmp_path, timeout=300)
+                        "--devices", devices, *common, *extra], check=True,
+                       capture_output=True, env=env, cwd=tmp_path, timeout=300)
     single, ddp = (json.loads(line) for line in out.read_text().splitlines())
     assert list(single["losses"]) == ["1", "2", "3", "4", "5"]
+    assert single["profile"] is None
     assert ddp["data_parallel"] == 2 and ddp["micro_batch"] == 2
+    # two profiled steps after the timed ones, rank 0's trace written, the curve unchanged
+    assert list(ddp["losses"]) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert ddp["profile"]["steps"] == 2 and ddp["profile"]["wall_ms_per_step"] > 0
+    assert [p.name for p in (tmp_path / "profile").iterdir()] == [
+        "ddp-2gpu-aquila2-tiny-seq64-b4.trace.json.gz"]
     for step, loss in single["losses"].items():
         assert ddp["losses"][step] == pytest.approx(loss, abs=1e-4)
 
