@@ -159,7 +159,7 @@ def test_a_shipped_yaml_with_true_still_builds_with_every_block_checkpointed(mon
     from test_configs import print_config
 
     monkeypatch.setattr(sys, "argv", ["lightning-aquila"])
-    model = print_config("configs/aquila2-7b-fsdp.yaml")["model"]
+    model = print_config("configs/aquila2-34b-tp-fsdp.yaml")["model"]
     assert model["activation_checkpointing"] is True
     lm = AquilaLM(**{**model, "preset": "aquila2-tiny", "betas": tuple(model["betas"])})
     lm.configure_model()
