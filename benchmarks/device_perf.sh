@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU measurements in three 10-minute calls on one 4-GPU host (nvidia-h200-x4;
+# Issue 14's GPU measurements in four 10-minute calls on one 4-GPU host (nvidia-h200-x4;
 # every ratio is taken within one call, and each row names its GPU). Send each call as soon
 # as the one before returns: the machine goes back after 30 s idle, and /tmp (the wheels,
 # the 1-GPU baseline) only lives while it is warm.
@@ -15,7 +15,7 @@
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
 set -uo pipefail
-PHASE=${1:?one-gpu, fsdp or 7b}
+PHASE=${1:?one-gpu, fsdp, 7b or recheck}
 SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
   python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl .carry/ao/*.whl \

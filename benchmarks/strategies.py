@@ -134,13 +134,11 @@ class Meter(Callback):
         self._sums: list[torch.Tensor] = []
         self._steps: list[int] = []
         self._step_losses: list[torch.Tensor] = []
-        self._profile = (profile, profile_steps, name)
-        self.profiler: StepProfiler | None = None
+        self.profiler = StepProfiler(profile, name, warmup + steps, profile_steps,
+                                     torch.cuda.is_available())
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        directory, count, name = self._profile
-        self.profiler = StepProfiler(directory, name, self.warmup + self.steps, count,
-                                     torch.cuda.is_available(), write=trainer.is_global_zero)
+        self.profiler.write = trainer.is_global_zero  # every rank profiles, rank 0 writes
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

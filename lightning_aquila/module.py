@@ -219,8 +219,9 @@ class AquilaLM(LightningModule):
             self.log("train/tokens_per_sec", self._tokens_since_mark / (now - since))
             self._throughput_mark = (now, self.global_step)
             self._tokens_since_mark = 0
-            if self.lr_schedulers() is not None:
-                self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                self.log("train/lr", scheduler.get_last_lr()[0])
 
     def _domain_names(self, count: int) -> list[str]:
         mixture = getattr(getattr(self.trainer, "datamodule", None), "mixture", None)
