@@ -1,7 +1,7 @@
 """Domain weights, checked in one place: numbers, completeness against the domain list,
-normalisation, bounds per domain, ``"uniform"``/``"natural"`` specs, and the Euclidean
-projection onto the bounded simplex that keeps each policy's proposal within
-``[min_weight, max_weight]``.
+normalisation, bounds per domain, the named fixed mixtures (``"uniform"``, ``"natural"``,
+``"temperature:T"``, ``"unimax:N"``), and the Euclidean projection onto the bounded simplex
+that keeps each policy's proposal within ``[min_weight, max_weight]``.
 
 Both sides of the Mixture contract use it: ``DomainMixture.set_weights`` (the data side,
 ``datamodules/mixture.py``) validates what it is given with :func:`normalized`, and every
@@ -102,20 +102,78 @@ def project_to_bounds(weights: Mapping[str, float], min_weight: Bound = 0.0,
     return {d: float(x) for d, x in zip(domains, w)}
 
 
+#: The named fixed mixtures a weight spec may give instead of a mapping.
+SPEC_NAMES = ("uniform", "natural", "temperature:T", "unimax:N")
+
+
+def parse_spec(spec: str, what: str) -> tuple[str, float | None]:
+    """``"uniform"``/``"natural"`` -> (name, None); ``"temperature:T"``/``"unimax:N"`` ->
+    (name, T or N), the number positive and finite; anything else a ``ValueError`` naming
+    the value and the choices."""
+    name, sep, value = spec.partition(":")
+    if not sep and name in ("uniform", "natural"):
+        return name, None
+    if name in ("temperature", "unimax"):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number > 0:
+            return name, number
+        raise ValueError(f"{what}: {spec!r} needs a positive number after '{name}:' (e.g. "
+                         f"'{name}:{2 if name == 'temperature' else 4}')")
+    raise ValueError(f"{what} must be a mapping domain -> weight or one of {list(SPEC_NAMES)}, "
+                     f"got {spec!r}")
+
+
+def temperature_weights(counts: Mapping[str, float], temperature: float) -> dict[str, float]:
+    """Temperature sampling, ``p_i ∝ n_i^(1/T)`` (mBERT, XLM-R, mT5 sample languages this
+    way): ``T = 1`` is the natural mixture, ``T -> inf`` the uniform one."""
+    powered = {d: float(n) ** (1.0 / temperature) if n > 0 else 0.0 for d, n in counts.items()}
+    return normalized(powered, f"temperature:{temperature:g} weights")
+
+
+def unimax_weights(counts: Mapping[str, float], budget: float, epochs: float
+                   ) -> dict[str, float]:
+    """UniMax (Chung et al. 2023, arXiv 2304.09151, Algorithm 1): the token budget is shared
+    uniformly, but no domain gets more than ``epochs`` passes over its ``counts`` unique
+    tokens; what a capped domain leaves goes to the larger ones, smallest domain first. When
+    the caps leave budget over (every domain capped), the weights are the capped
+    allocations' proportions, i.e. ``epochs`` passes over every domain."""
+    if not budget > 0:
+        raise ValueError(f"unimax:{epochs:g} needs a positive token budget, got {budget!r}")
+    left, allocation = float(budget), {}
+    order = sorted(counts, key=lambda d: (float(counts[d]), d))
+    for index, domain in enumerate(order):
+        share = left / (len(order) - index)
+        allocation[domain] = min(share, epochs * float(counts[domain]))
+        left -= allocation[domain]
+    return normalized({d: allocation[d] for d in counts}, f"unimax:{epochs:g} weights")
+
+
 def resolve_weights(spec: Mapping[str, float] | str, domains: Sequence[str],
-                    natural: Mapping[str, float] | None, what: str) -> dict[str, float] | None:
-    """A weight spec (mapping, ``"uniform"`` or ``"natural"``) as normalised weights over
-    ``domains``; ``None`` when ``"natural"`` is asked and no token counts are known."""
+                    natural: Mapping[str, float] | None, what: str, *,
+                    budget: float | None = None) -> dict[str, float] | None:
+    """A weight spec (a mapping, or one of :data:`SPEC_NAMES`) as normalised weights over
+    ``domains``. ``natural`` holds each domain's (unique training) token counts, which
+    ``"natural"``, ``"temperature:T"`` and ``"unimax:N"`` need, and ``budget`` the run's
+    training tokens, which ``"unimax:N"`` needs; ``None`` when a needed one is not known."""
     if isinstance(spec, str):
-        if spec == "uniform":
+        name, value = parse_spec(spec, what)
+        if name == "uniform":
             return dict.fromkeys(domains, 1.0 / len(domains))
-        if spec == "natural":
-            if not natural:
-                return None
-            counts = {d: float(natural.get(d, 0.0)) for d in domains}
-            total = sum(counts.values())
-            return {d: c / total for d, c in counts.items()} if total > 0 else None
-        raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
+        if not natural:
+            return None
+        counts = {d: float(natural.get(d, 0.0)) for d in domains}
+        if not sum(counts.values()) > 0:
+            return None
+        if name == "natural":
+            return normalized(counts, what)
+        if name == "temperature":
+            return temperature_weights(counts, value)
+        if budget is None:
+            return None
+        return unimax_weights(counts, budget, value)
     return normalized(complete(spec, domains, what), what)
 
 
@@ -162,13 +220,13 @@ def normalized(weights: Mapping[str, Any], what: str, *,
 
 def check_weight_spec(spec: Any, what: str) -> None:
     if isinstance(spec, str):
-        if spec not in ("uniform", "natural"):
-            raise ValueError(f"{what} must be a mapping, 'uniform' or 'natural', got {spec!r}")
+        parse_spec(spec, what)
     elif isinstance(spec, Mapping):
         normalized(spec, what)
     else:
         raise ValueError(f"{what} must be a mapping of domain -> weight, got {spec!r}")
 
 
-__all__ = ["Bound", "as_number", "check_bound", "check_weight_spec", "complete", "normalized",
-           "per_domain_bounds", "project_to_bounds", "refuse_unknown", "resolve_weights"]
+__all__ = ["SPEC_NAMES", "Bound", "as_number", "check_bound", "check_weight_spec", "complete",
+           "normalized", "parse_spec", "per_domain_bounds", "project_to_bounds",
+           "refuse_unknown", "resolve_weights", "temperature_weights", "unimax_weights"]

@@ -234,8 +234,10 @@ class AquilaLM(LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         sums, counts, _ = self._losses(batch)
-        for domain in batch["domain"].unique().tolist():
-            picked = batch["domain"] == domain
+        dev = batch["part"] != 1 if "part" in batch else torch.ones_like(batch["domain"],
+                                                                          dtype=torch.bool)
+        for domain in batch["domain"][dev].unique().tolist():  # val/loss: the dev part only
+            picked = (batch["domain"] == domain) & dev
             pair = torch.stack([sums[picked].sum(), counts[picked].sum().to(sums.dtype)])
             self._val_sums[domain] = self._val_sums.get(domain, 0) + pair.detach()
         # the monitor's held-out loss reads these instead of running the batch again

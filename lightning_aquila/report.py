@@ -125,10 +125,12 @@ def _train_loss_panel(record: RunRecord, ax: Any, domains: list[str], color: dic
 def _held_out_panels(record: RunRecord, by_step: Any, by_tokens: Any, domains: list[str],
                      color: dict) -> None:
     """Held-out loss per domain and the token-weighted average, against steps and against
-    the training tokens seen at that step (what compares runs of different batch sizes)."""
-    curves = [(f"tsm/val_loss/{d}", d, {"color": color[d], "marker": "o", "ms": 3, "lw": 1.5})
-              for d in domains]
-    curves.append(("tsm/val_loss_avg", "token-weighted avg",
+    the training tokens seen at that step (what compares runs of different batch sizes): of
+    the test part when the run has one (what judges it), else of the dev part."""
+    part = record.report_part()
+    curves = [(f"tsm/{part}_loss/{d}", d, {"color": color[d], "marker": "o", "ms": 3,
+                                           "lw": 1.5}) for d in domains]
+    curves.append((f"tsm/{part}_loss_avg", "token-weighted avg",
                    {"color": "black", "ls": "--", "lw": 1.5}))
     for name, label, style in curves:
         steps, values = finite_points(*record.series(name))
@@ -136,8 +138,9 @@ def _held_out_panels(record: RunRecord, by_step: Any, by_tokens: Any, domains: l
         tokens = record.tokens_at(steps)
         pairs = [(t, v) for t, v in zip(tokens, values) if t is not None]
         by_tokens.plot([t for t, _ in pairs], [v for _, v in pairs], label=label, **style)
-    by_step.set_title("held-out loss per domain")
-    by_tokens.set_title("held-out loss against training tokens")
+    name = "test part" if part == "test" else "dev part"
+    by_step.set_title(f"held-out loss per domain ({name})")
+    by_tokens.set_title(f"held-out loss against training tokens ({name})")
     for ax in (by_step, by_tokens):
         ax.set_ylabel("nats/token")
 
@@ -284,7 +287,8 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
         ("last step", last_step),
         ("tokens seen", _count(record.last("tsm/tokens_total"))),
         ("training loss (last step)", record.last("tsm/loss")),
-        ("held-out loss, token-weighted", record.last("tsm/val_loss_avg")),
+        ("dev loss, token-weighted (what policies read)", record.last("tsm/val_loss_avg")),
+        ("test loss, token-weighted (what judges the run)", record.last("tsm/test_loss_avg")),
         ("throughput (last), tokens/s per device", _count(record.last("tsm/tokens_per_sec"))),
         ("MFU (last)", _percent(record.last("tsm/mfu"))),
         ("anomalies", len(record.of_kind("anomaly"))),
@@ -294,7 +298,7 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
     ]
     per_domain = [(d, _count(record.last(f"tsm/tokens/{d}")),
                    record.last(f"tsm/train_loss_ema/{d}"), record.last(f"tsm/val_loss/{d}"),
-                   record.last(f"tsm/val_ppl/{d}"),
+                   record.last(f"tsm/test_loss/{d}"),
                    None if d not in current else f"{current[d]:.3f}") for d in domains]
     events = [(e["step"], e.get("kind"), e.get("type", ""), _event_details(e))
               for e in record.events[-MAX_EVENT_ROWS:]]
@@ -310,7 +314,7 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
         f"<h1>{html.escape(title)}</h1>",
         _table(("", ""), summary),
         "<h2>Domains (last values)</h2>",
-        _table(("domain", "tokens", "train loss (EMA)", "held-out loss", "held-out ppl",
+        _table(("domain", "tokens", "train loss (EMA)", "dev loss", "test loss",
                 "mixture weight (now)"), per_domain),
         f"<img alt='run report' src='data:image/png;base64,{image}'>",
         "<h2>Probes (last values)</h2>", _table(("probe/metric", "value"), probes),

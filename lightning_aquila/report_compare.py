@@ -18,12 +18,16 @@ from lightning_aquila.atomic import write_bytes_atomically
 from lightning_aquila.run_record import RunRecord, load_run
 
 
-def held_out_curves(record: RunRecord) -> dict[str, list[tuple[float, float]]]:
-    """``(tokens, loss)`` points of the held-out loss: one curve per domain, ``"average"``
-    (the plain mean over domains, so every domain counts alike) and ``"worst"`` (the highest
-    domain loss), at the validation steps where every domain was measured."""
+def held_out_curves(record: RunRecord, part: str | None = None
+                    ) -> dict[str, list[tuple[float, float]]]:
+    """``(tokens, loss)`` points of the held-out loss of ``part`` (``"test"`` or ``"val"``,
+    the dev part; default: ``record.report_part()``, the test part when the run has one):
+    one curve per domain, ``"average"`` (the plain mean over domains, so every domain counts
+    alike) and ``"worst"`` (the highest domain loss), at the validation steps where every
+    domain was measured."""
     domains = record.domains()
-    per_domain = {d: dict(zip(*record.series(f"tsm/val_loss/{d}"))) for d in domains}
+    part = part or record.report_part()
+    per_domain = {d: dict(zip(*record.series(f"tsm/{part}_loss/{d}"))) for d in domains}
     steps = sorted({s for points in per_domain.values() for s in points})
     tokens = dict(zip(steps, record.tokens_at(steps)))
     curves: dict[str, list[tuple[float, float]]] = {d: [] for d in [*domains, "average",
@@ -60,32 +64,34 @@ def settled_range(curves: Sequence[Sequence[tuple[float, float]]],
 
 
 def summarise_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run's final held-out numbers, for a comparison table.
+    """The run's final held-out numbers, for a comparison table, on the part reports judge
+    by (``part``: ``"test"``, or ``"val"`` for a run without a test part).
 
-    Keys: ``run`` (the folder), ``step`` and ``tokens`` (of the last validation where every
-    domain was measured), ``domain_avg_loss`` (mean over domains), ``worst_domain`` and
-    ``worst_domain_loss``, ``token_weighted_loss`` (``tsm/val_loss_avg``: loss per held-out
-    token over all domains) and ``val_loss`` (per domain). Losses are ``None`` when the run
-    has no validation yet."""
+    Keys: ``run`` (the folder), ``part``, ``step`` and ``tokens`` (of the last validation
+    where every domain was measured), ``domain_avg_loss`` (mean over domains),
+    ``worst_domain`` and ``worst_domain_loss``, ``token_weighted_loss``
+    (``tsm/<part>_loss_avg``: loss per held-out token over all domains) and ``losses`` (per
+    domain). Losses are ``None`` when the run has no validation yet."""
     record = load_run(run_dir)
     domains = record.domains()
-    per_domain = {d: dict(zip(*record.series(f"tsm/val_loss/{d}"))) for d in domains}
+    part = record.report_part()
+    per_domain = {d: dict(zip(*record.series(f"tsm/{part}_loss/{d}"))) for d in domains}
     complete = [s for s in sorted({s for p in per_domain.values() for s in p})
                 if all(math.isfinite(per_domain[d].get(s, math.nan)) for d in domains)]
-    summary: dict[str, Any] = {"run": str(run_dir), "step": None, "tokens": None,
-                               "domain_avg_loss": None, "worst_domain": None,
+    summary: dict[str, Any] = {"run": str(run_dir), "part": part, "step": None,
+                               "tokens": None, "domain_avg_loss": None, "worst_domain": None,
                                "worst_domain_loss": None, "token_weighted_loss": None,
-                               "val_loss": {}}
+                               "losses": {}}
     if not complete or not domains:
         return summary
     step = complete[-1]
     losses = {d: per_domain[d][step] for d in domains}
     worst = max(losses, key=losses.__getitem__)
-    weighted = dict(zip(*record.series("tsm/val_loss_avg"))).get(step)
+    weighted = dict(zip(*record.series(f"tsm/{part}_loss_avg"))).get(step)
     summary.update(step=step, tokens=record.tokens_at([step])[0],
                    domain_avg_loss=sum(losses.values()) / len(losses), worst_domain=worst,
                    worst_domain_loss=losses[worst], token_weighted_loss=weighted,
-                   val_loss=losses)
+                   losses=losses)
     return summary
 
 
@@ -109,7 +115,6 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
     from lightning_aquila.report import NO_DATA
 
     records = [load_run(r) for r in run_dirs]
-    curves = [held_out_curves(r) for r in records]
     domains = list(dict.fromkeys(d for r in records for d in r.domains()))
     loss_panels = ["average", "worst", *domains]
     columns = 3
@@ -120,8 +125,11 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
                              squeeze=False)
     run_colors = colormaps["tab10"]
     domain_colors = {d: colormaps["tab20"](i % 20) for i, d in enumerate(domains)}
-    titles = {"average": "held-out loss: mean over domains",
-              "worst": "held-out loss: worst domain"}
+    part = "test" if any(r.report_part() == "test" for r in records) else "val"
+    curves = [held_out_curves(r, part) for r in records]
+    name = "test part" if part == "test" else "dev part"
+    titles = {"average": f"held-out loss: mean over domains ({name})",
+              "worst": f"held-out loss: worst domain ({name})"}
     for i, panel in enumerate(loss_panels):
         ax = axes[i // columns][i % columns]
         for j, (label, runs) in enumerate(zip(labels, curves)):
@@ -132,7 +140,7 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
         shown = settled_range([runs.get(panel, []) for runs in curves])
         if shown is not None:
             ax.set_ylim(*shown)
-        ax.set_title(titles.get(panel, f"held-out loss: {panel}"))
+        ax.set_title(titles.get(panel, f"held-out loss: {panel} ({name})"))
         ax.set_xlabel("training tokens (first 10% above the axis)")
         ax.set_ylabel("nats/token")
     for k, (label, record) in enumerate(zip(labels, records)):
@@ -177,8 +185,9 @@ def summary_table(summaries: Sequence[dict[str, Any]], labels: Sequence[str]) ->
 
     # per held-out token: weighted by each domain's held-out tokens, not by its corpus share
     # (equal to the domain average when every domain holds out the same number of tokens)
-    header = ("run", "step", "tokens", "domain avg", "worst domain", "per held-out token")
-    rows = [(label, str(s["step"] if s["step"] is not None else "-"),
+    header = ("run", "part", "step", "tokens", "domain avg", "worst domain",
+              "per held-out token")
+    rows = [(label, s.get("part", "val"), str(s["step"] if s["step"] is not None else "-"),
              "-" if s["tokens"] is None else f"{round(s['tokens']):,}",
              number(s["domain_avg_loss"]),
              "-" if s["worst_domain"] is None else

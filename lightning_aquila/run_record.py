@@ -115,7 +115,10 @@ class RunRecord:
 
     def tokens_at(self, steps: Sequence[int]) -> list[float | None]:
         """Training tokens seen (``tsm/tokens_total``) at each step, linear between the
-        steps that logged it; ``None`` outside them (0 tokens at step 0)."""
+        steps that logged it (0 tokens at step 0) and, after the last one, at the last
+        interval's tokens per step (a run's final evaluation may fall between two of the
+        monitor's token counts; the tokens per step do not change within a run); ``None``
+        before step 0 or when no count was logged."""
         known = dict(zip(*finite_points(*self.series("tsm/tokens_total"))))
         known.setdefault(0, 0.0)
         points = sorted(known.items())
@@ -126,8 +129,17 @@ class RunRecord:
                 if s0 <= step <= s1:
                     value = t0 + (t1 - t0) * (step - s0) / (s1 - s0)
                     break
+            if value is None and len(points) > 1 and step > points[-1][0]:
+                (s0, t0), (s1, t1) = points[-2:]
+                value = t1 + (t1 - t0) / (s1 - s0) * (step - s1)
             result.append(known.get(step, value))
         return result
+
+    def report_part(self) -> str:
+        """The held-out part reports judge the run by: ``"test"`` when the run logged it
+        (``tsm/test_loss/<domain>``), else ``"val"`` (runs from before the dev/test split, or
+        with ``test_windows_per_domain=0``, where the dev loss is all there is)."""
+        return "test" if self.names("tsm/test_loss/") else "val"
 
     def domains(self) -> list[str]:
         for event in reversed(self.of_kind("session_start")):

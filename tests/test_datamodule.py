@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from conftest import DMU_DOMAIN_STRIDE, DMU_HELDOUT_OFFSET
@@ -76,25 +75,6 @@ def test_the_mixture_is_available_before_setup_with_natural_weights(dmu_make_sto
                                                                                 "zh": 0.5}
     partial = DomainDataModule(dm.store_url, weights={"en": 3})
     assert partial.mixture.weights == {"en": 1.0, "zh": 0.0}
-
-
-def test_validation_loaders_are_one_per_domain_in_mixture_order(dmu_make_store):
-    url = dmu_make_store({"b": 2000, "a": 2000}, heldout=16 * 40 + 1)
-    dm = DomainDataModule(url, seq_len=16, batch_size=4, val_windows_per_domain=10)
-    dm.setup("validate")
-    loaders = dm.val_dataloader()
-    assert dm.mixture.domains == ["a", "b"] and len(loaders) == 2
-    written_as = {"b": 0, "a": 1}  # the synthetic store wrote "b" first
-    for index, (name, loader) in enumerate(zip(dm.mixture.domains, loaders)):
-        batches = list(loader)
-        assert [tuple(b["domain"].shape) for b in batches] == [(4,), (4,), (2,)]
-        assert all(b["labels"].shape == b["input_ids"].shape for b in batches)
-        ids = torch.cat([b["input_ids"] for b in batches])
-        assert ids.shape == (10, 16)
-        assert (torch.cat([b["domain"] for b in batches]) == index).all()
-        local = ids[:, 0] - written_as[name] * DMU_DOMAIN_STRIDE - DMU_HELDOUT_OFFSET
-        # held-out windows, spread over the whole split (0 ... 39)
-        assert local.tolist() == [16 * w for w in np.linspace(0, 39, 10).round().astype(int)]
 
 
 @pytest.mark.parametrize("hook", ["on_train_batch_start", "on_train_batch_end"])

@@ -272,11 +272,12 @@ def test_summarise_run_gives_the_last_held_out_losses(run_dir):
     record = load_run(run_dir)
     losses = {d: record.last(f"tsm/val_loss/{d}") for d in DOMAINS}
     worst = max(losses, key=losses.__getitem__)
-    assert summary == {
-        "run": str(run_dir), "step": 24, "tokens": record.last("tsm/tokens_total"),
+    assert summary == {  # this run's data has no test part: the dev losses are all there is
+        "run": str(run_dir), "part": "val", "step": 24,
+        "tokens": record.last("tsm/tokens_total"),
         "domain_avg_loss": pytest.approx(sum(losses.values()) / 3), "worst_domain": worst,
         "worst_domain_loss": losses[worst],
-        "token_weighted_loss": record.last("tsm/val_loss_avg"), "val_loss": losses}
+        "token_weighted_loss": record.last("tsm/val_loss_avg"), "losses": losses}
 
 
 def test_held_out_curves_put_each_validation_at_the_tokens_seen_by_then(run_dir):
@@ -318,7 +319,8 @@ def test_report_compare_prints_one_summary_row_per_run(run_dir, short_run, tmp_p
     assert main(["--compare", str(run_dir), str(short_run), "--labels", "long", "short",
                  "--output", str(output)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["run", "step", "tokens", "domain", "avg", "worst", "domain",
-                                "per", "held-out", "token"]
-    assert [line.split()[:2] for line in lines[1:3]] == [["long", "24"], ["short", "16"]]
+    assert lines[0].split() == ["run", "part", "step", "tokens", "domain", "avg", "worst",
+                                "domain", "per", "held-out", "token"]
+    assert [line.split()[:3] for line in lines[1:3]] == [["long", "val", "24"],
+                                                         ["short", "val", "16"]]
     assert lines[3] == f"figure: {output}" and output.is_file()

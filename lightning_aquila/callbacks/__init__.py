@@ -10,6 +10,7 @@ from lightning_aquila.callbacks.monitor import TrainingStateMonitor
 from lightning_aquila.callbacks.policies import (
     AioliMixture,
     BanditMixture,
+    EffectiveDataMixture,
     ExcessLossMixture,
     MixturePolicy,
     StagedMixture,
@@ -23,6 +24,7 @@ __all__ = [
     "AioliMixture",
     "Anomaly",
     "BanditMixture",
+    "EffectiveDataMixture",
     "EngineOrderError",
     "ExcessLossMixture",
     "MixturePolicy",

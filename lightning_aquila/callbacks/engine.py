@@ -208,7 +208,12 @@ class AdaptiveTrainingEngine(Callback):
             self._base = None  # penalties now apply to the new configuration
         self._resume_reasons = []
         if self.policy is not None:
-            self.policy.setup(list(mixture.domains), _natural_weights(trainer))
+            per_step = getattr(mixture, "tokens_per_step", None)
+            budget = (int(per_step) * trainer.max_steps
+                      if per_step and trainer.max_steps and trainer.max_steps > 0 else None)
+            self.policy.setup(list(mixture.domains), _natural_weights(trainer),
+                              unique_tokens=getattr(mixture, "unique_tokens", None),
+                              budget_tokens=budget)
             self._update(trainer, "start", stage_reason=reason)
         elif reason is not None:
             self._enter_stage(trainer, "initial" if reason == "start" else f"resume@{step}",

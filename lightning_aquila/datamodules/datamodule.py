@@ -1,9 +1,11 @@
 """DomainDataModule: the DMU as a LightningDataModule.
 
-It serves packed training windows drawn by ``MixtureSampler`` from a shard store, one
-validation loader per domain from the held-out split, and ``mixture`` (the contract the TSM
-and ATE use). Its ``state_dict`` is the sampler's *consumed* position plus the mixture
-history, which is what Lightning puts into every checkpoint.
+It serves packed training windows drawn by ``MixtureSampler`` from a shard store, two
+validation loaders from the held-out split (its ``dev`` part, which decisions may read, then
+its ``test`` part, which only reports read; every batch says its ``domain`` and ``part``),
+and ``mixture`` (the contract the TSM and ATE use). Its ``state_dict`` is the sampler's
+*consumed* position plus the mixture history, which is what Lightning puts into every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -14,14 +16,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_aquila.datamodules.dataset import HeldOutWindows, TrainWindows, spread_windows
+from lightning_aquila.datamodules.dataset import (
+    HeldOutWindows,
+    PartView,
+    TrainWindows,
+    interleave,
+    spread_windows,
+)
 from lightning_aquila.datamodules.mixture import DomainMixture
 from lightning_aquila.datamodules.sampler import MixtureSampler
 from lightning_aquila.datamodules.shard_format import DataError
-from lightning_aquila.datamodules.store import ShardStore
+from lightning_aquila.datamodules.split import PARTS
+from lightning_aquila.datamodules.store import ShardStore, heldout_parts
+from lightning_aquila.domain_weights import SPEC_NAMES, parse_spec, resolve_weights
 
 STATE_VERSION = 1
 
@@ -34,8 +45,11 @@ class DomainDataModule(LightningDataModule):
         seq_len: tokens per training sample; windows of ``seq_len + 1`` tokens are packed from
             each domain's stream (documents separated by eos) with stride ``seq_len``.
         weights: initial mixture: a mapping ``domain -> weight`` (rescaled to sum to 1; left
-            out domains get 0), ``"natural"`` (proportional to training tokens) or
-            ``"uniform"``.
+            out domains get 0), ``"natural"`` (proportional to training tokens),
+            ``"uniform"``, ``"temperature:T"`` (``p_i ∝ n_i^(1/T)`` over training tokens
+            ``n_i``) or ``"unimax:N"`` (UniMax: uniform, but no domain past ``N`` epochs of
+            the run's token budget, ``trainer.max_steps`` global batches; the rest to the
+            larger domains).
         batch_size: samples per batch per data-parallel rank.
         num_workers: DataLoader worker processes for training (they only read windows; the
             sampler stays in the main process). Validation loaders read in the main process.
@@ -45,8 +59,10 @@ class DomainDataModule(LightningDataModule):
             Keep it when the world size changes and a resumed run draws what it would have.
         tokenizer: the tokenizer the store must have been prepared with (checked in
             ``setup``, as is the model's ``tokenizer`` attribute when it has one).
-        val_windows_per_domain: held-out windows per domain, spread over the split (0: no
-            validation loaders).
+        val_windows_per_domain: ``dev`` held-out windows per domain, spread over the part
+            (0: no dev loader). Policies and rollback read these losses.
+        test_windows_per_domain: ``test`` held-out windows per domain (default: as many as
+            ``val_windows_per_domain``; 0: no test loader). Only reports read these.
         val_batch_size: batch size of the validation loaders (default: ``batch_size``).
         domains: the store's domains to use (default: all, sorted by name).
         prefetch_factor: batches each worker reads ahead (see docs/data.md: this bounds how
@@ -66,12 +82,13 @@ class DomainDataModule(LightningDataModule):
         self,
         store: str,
         seq_len: int = 2048,
-        weights: Mapping[str, float] | Literal["natural", "uniform"] = "natural",
+        weights: Mapping[str, float] | str = "natural",
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
         tokenizer: str | None = None,
         val_windows_per_domain: int = 32,
+        test_windows_per_domain: int | None = None,
         val_batch_size: int | None = None,
         domains: Sequence[str] | None = None,
         prefetch_factor: int = 2,
@@ -94,8 +111,19 @@ class DomainDataModule(LightningDataModule):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 raise DataError(f"{name} must be an integer >= 1 or None, got {value!r}")
-        if not isinstance(weights, Mapping) and weights not in ("natural", "uniform"):
-            raise DataError(f"weights must be a mapping, 'natural' or 'uniform', got {weights!r}")
+        if test_windows_per_domain is not None and (
+                not isinstance(test_windows_per_domain, int)
+                or isinstance(test_windows_per_domain, bool) or test_windows_per_domain < 0):
+            raise DataError("test_windows_per_domain must be an integer >= 0 or None, got "
+                            f"{test_windows_per_domain!r}")
+        if isinstance(weights, str):
+            try:
+                parse_spec(weights, "weights")
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+        elif not isinstance(weights, Mapping):
+            raise DataError(f"weights must be a mapping domain -> weight or one of "
+                            f"{list(SPEC_NAMES)}, got {weights!r}")
         if domains is not None and (not isinstance(domains, (list, tuple)) or not all(
                 isinstance(d, str) for d in domains)):
             raise DataError(f"domains must be a list of domain names, got {domains!r}")
@@ -108,6 +136,8 @@ class DomainDataModule(LightningDataModule):
         self.seed, self.tokenizer = seed, tokenizer
         self.weights_config = weights
         self.val_windows_per_domain = val_windows_per_domain
+        self.test_windows_per_domain = (val_windows_per_domain if test_windows_per_domain
+                                        is None else test_windows_per_domain)
         self.val_batch_size = val_batch_size or batch_size
         self.domain_selection = list(domains) if domains is not None else None
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
@@ -117,6 +147,7 @@ class DomainDataModule(LightningDataModule):
         self._mixture: DomainMixture | None = None
         self.sampler: MixtureSampler | None = None
         self._checked = False
+        self._views: dict[str, list[PartView]] | None = None
         self._pending_state: Mapping[str, Any] | None = None
         self.num_replicas, self.rank = 1, 0
 
@@ -152,18 +183,34 @@ class DomainDataModule(LightningDataModule):
             if store.info(name).tokens("train") == 0:
                 raise DataError(f"{store.where(name, 'train')} is empty: it has no training "
                                 "tokens")
-        if self.weights_config == "natural":
-            weights = {d: float(store.info(d).tokens("train")) for d in domains}
-        elif self.weights_config == "uniform":
-            weights = dict.fromkeys(domains, 1.0)
-        else:
-            weights = dict(self.weights_config)
+        unique = {d: store.info(d).tokens("train") for d in domains}
         try:
-            return DomainMixture(domains, weights, normalize=True,
+            if isinstance(self.weights_config, str):
+                weights = resolve_weights(self.weights_config, domains, unique, "weights",
+                                          budget=self._budget_tokens())
+                if weights is None:  # only unimax:N can be unresolved: no budget yet
+                    raise DataError(f"weights {self.weights_config!r} need the run's token "
+                                    "budget (trainer.max_steps), which is known only inside "
+                                    "a fit with max_steps set")
+            else:
+                weights = dict(self.weights_config)
+            return DomainMixture(domains, weights, normalize=True, unique_tokens=unique,
                                  reason=f"initial ({self.weights_config})"
                                  if isinstance(self.weights_config, str) else "initial")
+        except DataError:
+            raise
         except ValueError as exc:
             raise DataError(f"shard store {store.url!r}: {exc}") from None
+
+    def _budget_tokens(self) -> int | None:
+        """The run's training tokens: ``trainer.max_steps`` global batches of ``seq_len``
+        tokens; ``None`` outside a fit or without ``max_steps``."""
+        trainer = getattr(self, "trainer", None)
+        steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+        if steps is None or steps <= 0:
+            return None
+        replicas, _ = self._world()
+        return steps * self.batch_size * replicas * self._accumulation() * self.seq_len
 
     # -- checks ------------------------------------------------------------------------------
     def check(self) -> None:
@@ -203,13 +250,15 @@ class DomainDataModule(LightningDataModule):
                     f"seq_len {self.seq_len} is too long for {store.where(name, 'train')}: its "
                     f"token stream has {tokens} tokens, a window needs {self.seq_len + 1}"
                 )
-            if self.val_windows_per_domain:
+            parts = (self.val_windows_per_domain > 0) + (self.test_windows_per_domain > 0)
+            if parts:
                 held = store.info(name).tokens("heldout")
-                if held < self.seq_len + 1:
+                if held < parts * self.seq_len + 1:
                     raise DataError(
-                        f"{store.where(name, 'heldout')} has {held} tokens, too few for one "
-                        f"window of seq_len {self.seq_len}; prepare with a larger "
-                        "--held-out-fraction, or set val_windows_per_domain=0"
+                        f"{store.where(name, 'heldout')} has {held} tokens, too few for "
+                        f"{'a dev and a test window' if parts == 2 else 'one window'} of "
+                        f"seq_len {self.seq_len}; prepare with a larger --held-out-fraction, "
+                        "or set val_windows_per_domain=0 and test_windows_per_domain=0"
                     )
         if self.verify != "none":
             store.verify(domains, full=self.verify == "full")
@@ -260,6 +309,7 @@ class DomainDataModule(LightningDataModule):
                 block_windows=max(1, chunk // self.seq_len), shuffle_blocks=self.shuffle_blocks,
                 epoch_batches=self.epoch_batches, accumulate=self._accumulation(),
             )
+            self.mixture.tokens_per_step = self.sampler.global_batch * self.seq_len
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None
                 self.load_state_dict(state)
@@ -283,29 +333,80 @@ class DomainDataModule(LightningDataModule):
             persistent_workers=workers > 0, pin_memory=self.pin_memory,
         )
 
+    def heldout_views(self) -> dict[str, list[PartView]]:
+        """Each held-out part (``dev``, ``test``) of each domain, in mixture order, as the
+        store records it (``heldout_parts``). A domain prepared before parts were recorded
+        is split by a hash over its held-out documents, and one whose documents leave a part
+        without a window (a single held-out document) is split into two halves of its
+        held-out stream instead; both are said once, naming the domains."""
+        if self._views is not None:
+            return self._views
+        views: dict[str, list[PartView]] = {name: [] for name in PARTS}
+        unrecorded, halved = [], []
+        for name in self.domains:
+            ranges, recorded = heldout_parts(self.store, name)
+            if not recorded:
+                unrecorded.append(name)
+            found = {part: PartView(ranges[part]) for part in PARTS}
+            if any(v.windows(self.seq_len) == 0 for v in found.values()):
+                halved.append(name)
+                total = self.store.info(name).tokens("heldout")
+                middle = ((total - 1) // self.seq_len // 2) * self.seq_len
+                found = {"dev": PartView([(0, middle + 1)]),
+                         "test": PartView([(middle + 1, total)])}
+            for part in PARTS:
+                views[part].append(found[part])
+        if unrecorded:
+            rank_zero_warn(
+                f"shard store {self.store.url!r}: domain(s) {unrecorded} were prepared before "
+                "held-out parts were recorded; their held-out documents are split into dev "
+                "and test by a hash of (segment, document), the same on every run. Prepare "
+                "them again to record the split in the store.")
+        if halved:
+            rank_zero_warn(
+                f"shard store {self.store.url!r}: the held-out documents of domain(s) "
+                f"{halved} leave the dev or the test part without a window of seq_len "
+                f"{self.seq_len}; each is split into two halves of its held-out tokens "
+                "instead (disjoint tokens, not whole documents). Prepare with a larger "
+                "--held-out-fraction for a split on whole documents.")
+        self._views = views
+        return views
+
     def val_dataloader(self) -> list[DataLoader]:
-        if not self.val_windows_per_domain:
-            return []
+        """The ``dev`` loader, then the ``test`` one (each left out at 0 windows): each
+        holds the spread windows of every domain, taken one domain at a time in turn."""
         if self.sampler is None:
             self.setup("validate")
         loaders = []
-        for index, name in enumerate(self.domains):
-            available = self.store.stream(name, "heldout").windows(self.seq_len)
-            wanted = self.val_windows_per_domain
-            if self.num_replicas > 1:
-                wanted = max(self.num_replicas, wanted - wanted % self.num_replicas)
-            ids = spread_windows(available, wanted)
-            if len(ids) < self.num_replicas:
-                raise DataError(f"{self.store.where(name, 'heldout')} has {len(ids)} windows, "
-                                f"fewer than the {self.num_replicas} data-parallel ranks")
-            dataset = HeldOutWindows(self.store_url, name, index, self.seq_len, ids,
-                                     storage_options=self.storage_options)
-            sampler = (DistributedSampler(dataset, num_replicas=self.num_replicas,
-                                          rank=self.rank, shuffle=False, drop_last=True)
-                       if self.num_replicas > 1 else None)
-            loaders.append(DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler,
-                                      shuffle=False))
+        for part, wanted in (("dev", self.val_windows_per_domain),
+                             ("test", self.test_windows_per_domain)):
+            if wanted:
+                loaders.append(self._heldout_loader(part, wanted))
         return loaders
+
+    def _heldout_loader(self, part: str, wanted: int) -> DataLoader:
+        if self.num_replicas > 1:
+            wanted = max(self.num_replicas, wanted - wanted % self.num_replicas)
+        views = self.heldout_views()[part]
+        per_domain = []
+        for name, view in zip(self.domains, views):
+            ids = spread_windows(view.windows(self.seq_len), wanted)
+            if self.num_replicas > 1:
+                ids = ids[:len(ids) - len(ids) % self.num_replicas]
+            if len(ids) < self.num_replicas:
+                raise DataError(f"{self.store.where(name, 'heldout')} has {len(ids)} {part} "
+                                f"windows, fewer than the {self.num_replicas} data-parallel "
+                                "ranks")
+            per_domain.append(ids)
+        domains, windows = interleave(per_domain)
+        dataset = HeldOutWindows(self.store_url, self.domains, views, domains, windows,
+                                 self.seq_len, PARTS.index(part),
+                                 storage_options=self.storage_options)
+        sampler = (DistributedSampler(dataset, num_replicas=self.num_replicas, rank=self.rank,
+                                      shuffle=False, drop_last=True)
+                   if self.num_replicas > 1 else None)
+        return DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler,
+                          shuffle=False)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Counts the training batches the loop actually takes: the sampler has drawn ahead

@@ -73,23 +73,70 @@ class TrainWindows(Dataset):
         return _batch(windows, spec[:, 0])
 
 
-class HeldOutWindows(Dataset):
-    """Fixed windows of one domain's held-out split, for a per-domain validation loader."""
+class PartView:
+    """One held-out part of one domain as a flat sequence: the concatenation of its token
+    ranges in the domain's held-out stream (``store.heldout_parts``), read through it."""
 
-    def __init__(self, url: str, domain: str, domain_index: int, seq_len: int,
-                 window_ids: Sequence[int], *,
+    def __init__(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self.ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        lengths = np.array([b - a for a, b in self.ranges], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.n_tokens = int(self.starts[-1])
+
+    def windows(self, seq_len: int) -> int:
+        """Windows of ``seq_len + 1`` tokens at stride ``seq_len`` (as training windows)."""
+        return max(0, (self.n_tokens - 1) // seq_len)
+
+    def read(self, stream: TokenStream, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype=np.uint32)
+        pos = start
+        while pos < stop:
+            index = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            begin, end = self.ranges[index]
+            local = begin + pos - int(self.starts[index])
+            take = min(end - local, stop - pos)
+            stream.read(local, local + take, out=out[pos - start:pos - start + take])
+            pos += take
+        return out
+
+
+class HeldOutWindows(Dataset):
+    """Fixed held-out windows of one part (dev or test) of several domains: item ``i`` is
+    window ``windows[i]`` of the part of domain ``domains[i]`` (an index into ``names``),
+    read through that domain's :class:`PartView`. Every item carries its ``domain`` and its
+    ``part`` (0 dev, 1 test), so one loader serves all domains."""
+
+    def __init__(self, url: str, names: Sequence[str], views: Sequence[PartView],
+                 domains: Sequence[int], windows: Sequence[int], seq_len: int, part: int, *,
                  storage_options: Mapping[str, Any] | None = None) -> None:
-        self.seq_len, self.domain_index = int(seq_len), int(domain_index)
-        self.window_ids = np.asarray(window_ids, dtype=np.int64)
-        self.streams = _LazyStreams(url, storage_options, [domain], "heldout", cache_chunks=4)
+        self.seq_len, self.part = int(seq_len), int(part)
+        self.views = list(views)
+        self.domains = np.asarray(domains, dtype=np.int64)
+        self.window_ids = np.asarray(windows, dtype=np.int64)
+        self.streams = _LazyStreams(url, storage_options, names, "heldout", cache_chunks=4)
 
     def __len__(self) -> int:
         return len(self.window_ids)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        domain = int(self.domains[index])
         start = int(self.window_ids[index]) * self.seq_len
-        window = self.streams.get()[0].read(start, start + self.seq_len + 1)
-        return _batch(window, np.array(self.domain_index))
+        window = self.views[domain].read(self.streams.get()[domain], start,
+                                         start + self.seq_len + 1)
+        batch = _batch(window, np.array(domain))
+        batch["part"] = torch.tensor(self.part, dtype=torch.int64)
+        return batch
+
+
+def interleave(per_domain: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(domain index, window) pairs taking one window of each domain in turn, so that any
+    prefix of the loader (``limit_val_batches``) covers every domain about equally."""
+    pairs = [(i, int(ids[k])) for k in range(max((len(ids) for ids in per_domain), default=0))
+             for i, ids in enumerate(per_domain) if k < len(ids)]
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    domains, windows = zip(*pairs)
+    return np.array(domains, dtype=np.int64), np.array(windows, dtype=np.int64)
 
 
 def spread_windows(available: int, wanted: int) -> np.ndarray:

@@ -72,6 +72,12 @@ class DomainMixture:
 
     The sampler binds ``next_batch_index`` (the first batch it has not yet drawn) so that a
     change is stamped with the batch from which it really applies.
+
+    Two facts about the data that repetition-aware policies read (optional in the contract):
+    ``unique_tokens``, each domain's training tokens in the store (one epoch), and
+    ``tokens_per_step``, the tokens of one global batch (one optimizer step; set by the
+    datamodule once it knows the world size), whose product with ``trainer.max_steps`` is the
+    run's token budget.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class DomainMixture:
         *,
         normalize: bool = True,
         reason: str = "initial",
+        unique_tokens: Mapping[str, int] | None = None,
     ) -> None:
         if len(domains) == 0:
             raise ValueError("a mixture needs at least one domain")
@@ -93,6 +100,9 @@ class DomainMixture:
                                                              normalize=normalize)
         self.history: list[MixtureChange] = [MixtureChange(0, dict(self.configured), reason)]
         self.skips: list[BatchSkip] = []
+        self.unique_tokens: dict[str, int] | None = (
+            {d: int(unique_tokens[d]) for d in self.domains} if unique_tokens else None)
+        self.tokens_per_step: int | None = None
         self._next_batch_index: Callable[[], int] = lambda: 0
         self._consumed_batches: Callable[[], int] = lambda: 0
         self._listeners: list[Callable[[MixtureChange], None]] = []

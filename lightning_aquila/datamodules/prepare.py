@@ -69,6 +69,7 @@ class PrepareReport:
     #: this run's tokens and pieces (documents, or parts of documents) per split
     split_tokens: dict[str, int] = field(default_factory=dict)
     split_pieces: dict[str, int] = field(default_factory=dict)
+    split_parts: dict[str, int] = field(default_factory=dict)
     #: the domain's tokens per split after the run
     domain_tokens: dict[str, int] = field(default_factory=dict)
 
@@ -287,6 +288,7 @@ def prepare(
         report.split_mode = plan.mode
         report.split_tokens = dict(router.tokens)
         report.split_pieces = dict(router.pieces)
+        report.split_parts = dict(router.parts)
         after = writer.commit()
         report.heldout_documents = after.documents("heldout")
         report.domain_tokens = {split: after.tokens(split) for split in SPLITS}
@@ -316,7 +318,8 @@ def _print_summary(report: PrepareReport, verbose: bool) -> None:
     tokens, pieces = report.split_tokens, report.split_pieces
     print(f"  this run: train {tokens.get('train', 0):,} tokens ({pieces.get('train', 0):,} "
           f"pieces), held out {tokens.get('heldout', 0):,} tokens "
-          f"({pieces.get('heldout', 0):,} pieces; {how})")
+          f"({pieces.get('heldout', 0):,} pieces: {report.split_parts.get('dev', 0):,} dev, "
+          f"{report.split_parts.get('test', 0):,} test; {how})")
     print(f"  domain now: train {report.domain_tokens['train']:,} tokens, held out "
           f"{report.domain_tokens['heldout']:,} tokens")
 

@@ -10,6 +10,9 @@ Layout (the full description is ``docs/data-format.md``)::
         tokens   uint32 [tokens]       documents' token ids, eos after each document
         offsets  int64  [documents+1]  where each document starts inside the segment
         quality  float32 [documents]   optional score per document (NaN where unknown)
+        part     uint8 [documents]     held-out segments: 0 dev, 1 test, 255 unassigned
+                                       (written since the dev/test split; older segments
+                                       lack it; readers assign 255 and missing ones by hash)
 
 Segments exist so that nothing committed is ever rewritten: a ``prepare`` run writes new
 segments, then commits them by rewriting the domain's attributes (one metadata object, which
@@ -36,6 +39,8 @@ MANIFEST_KEY = "lightning_aquila"
 SPLITS = ("train", "heldout")
 #: 256 Ki tokens = 1 MiB per decompressed chunk: large enough that decompression runs at
 #: >100 M tokens/s, small enough that the loader's chunk cache holds a few per domain.
+#: A held-out document's ``part`` when its writer gave none (readers assign it by hash).
+UNASSIGNED_PART = 255
 DEFAULT_CHUNK_TOKENS = 1 << 18
 OFFSETS_CHUNK = 1 << 16
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -215,5 +220,6 @@ def damaged(where: str, what: str, exc: Exception) -> DataError:
 
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_KEY",
-           "OFFSETS_CHUNK", "SPLITS", "DataError", "DomainInfo", "Segment", "check_domain_name",
-           "checked_manifest", "codecs", "damaged", "storage_options_from_json", "zarr_store"]
+           "OFFSETS_CHUNK", "SPLITS", "UNASSIGNED_PART", "DataError", "DomainInfo", "Segment",
+           "check_domain_name", "checked_manifest", "codecs", "damaged",
+           "storage_options_from_json", "zarr_store"]

@@ -16,6 +16,13 @@ Two rules, both pure functions of the sources' content hashes, so a store is rep
   the whole run, the run's last window is held out. A held-out window and the training tokens
   on either side of it become separate pieces ("documents" of their splits); only a
   document's last piece ends with eos, so no document boundary is invented.
+
+Every held-out piece then belongs to one of two **parts**, by the same kind of hash: ``dev``
+(what mixture policies and any other decision may read) or ``test`` (what only reports read),
+half each on average. Under the documents rule a held-out document is in one part whole;
+under the windows rule each window is, and neighbouring windows of different parts become
+separate pieces. The part of each held-out piece is recorded in the store (``part``, 0 dev,
+1 test), so the split is a fact of the data, not of the code that reads it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ MAX_WHOLE_DOCUMENT_SHARE = 0.25
 SMALL_RUN_BYTES = 64 << 10
 
 Key = tuple[str, int]  # (source sha256, record number)
+#: The held-out parts, by their recorded number: 0 for dev, 1 for test.
+PARTS = ("dev", "test")
+#: The share of held-out pieces in the test part.
+TEST_FRACTION = 0.5
 
 
 class SplitSink(Protocol):
@@ -46,7 +57,8 @@ class SplitSink(Protocol):
 
     def extend(self, split: str, tokens: np.ndarray) -> None: ...
 
-    def end_document(self, split: str, quality: float | None = None) -> None: ...
+    def end_document(self, split: str, quality: float | None = None,
+                     part: int | None = None) -> None: ...
 
 
 def _hash(text: str) -> float:
@@ -67,6 +79,13 @@ def held_out(sha256: str, record: int, fraction: float) -> bool:
 def window_held_out(sha256: str, record: int, window: int, fraction: float) -> bool:
     """Whether window ``window`` of a document is held out (the ``windows`` rule)."""
     return fraction > 0 and _hash(f"{sha256}:{record}:{window}") < fraction
+
+
+def heldout_part(sha256: str, record: int, window: int | None = None) -> int:
+    """The part of a held-out document (or of one of its windows, under the windows rule):
+    1 (test) when its hash is below :data:`TEST_FRACTION`, else 0 (dev)."""
+    key = f"{sha256}:{record}" if window is None else f"{sha256}:{record}:{window}"
+    return int(_hash(f"{key}:part") < TEST_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,10 @@ class _Window:
     ends: bool = False
     quality: float | None = None
 
+    @property
+    def part(self) -> int:
+        return heldout_part(self.key[0], self.key[1], self.index)
+
 
 @dataclass
 class SplitRouter:
@@ -122,7 +145,8 @@ class SplitRouter:
     ``begin`` a document, ``add`` its tokens (in any number of parts), ``end`` it; ``finish``
     after the run's last document. Counts per split (``tokens``, ``pieces``) and per source
     (``by_source[sha]``: ``train``/``heldout`` tokens, ``train_pieces``/``heldout_pieces``)
-    are what the summary and the source records report.
+    are what the summary and the source records report; ``parts`` counts the held-out
+    pieces of each part (``dev``, ``test``).
     """
 
     sink: SplitSink
@@ -133,6 +157,7 @@ class SplitRouter:
     tokens: Counter[str] = field(default_factory=Counter)
     pieces: Counter[str] = field(default_factory=Counter)
     by_source: dict[str, Counter[str]] = field(default_factory=dict)
+    parts: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self._key: Key = ("", 0)
@@ -142,6 +167,7 @@ class SplitRouter:
         self._current: _Window | None = None  # windows mode: the window being filled
         self._held_back: _Window | None = None  # windows mode: complete, not yet written
         self._open: dict[str, bool] = {"train": False, "heldout": False}
+        self._part: int | None = None  # the part of the held-out piece being written
 
     # -- documents ---------------------------------------------------------------------------
     def begin(self, sha256: str, record: int, quality: float | None = None) -> None:
@@ -149,6 +175,7 @@ class SplitRouter:
         if self.plan.mode == "documents":
             chosen = held_out(sha256, record, self.fraction) or self.plan.forced == self._key
             self._split = "heldout" if chosen else "train"
+            self._part = heldout_part(sha256, record) if chosen else None
         else:
             self._current = _Window(self._key, 0, [], quality=quality)
 
@@ -215,6 +242,10 @@ class SplitRouter:
         sha = window.key[0]
         if self._open[other]:  # the document goes on in the other split: a new piece
             self._close(other, window.quality, sha)
+        if split == "heldout":
+            if self._open["heldout"] and self._part != window.part:  # and in the other part
+                self._close("heldout", window.quality, sha)
+            self._part = window.part
         for part in window.tokens:
             self._write(split, part, sha)
         if window.ends:
@@ -228,7 +259,10 @@ class SplitRouter:
         self.by_source.setdefault(sha, Counter())[split] += len(ids)
 
     def _close(self, split: str, quality: float | None, sha: str) -> None:
-        self.sink.end_document(split, quality)
+        part = self._part if split == "heldout" else None
+        self.sink.end_document(split, quality, part)
+        if part is not None:
+            self.parts[PARTS[part]] += 1
         self._open[split] = False
         self.pieces[split] += 1
         self.by_source.setdefault(sha, Counter())[f"{split}_pieces"] += 1

@@ -24,6 +24,7 @@ from zarr.core.sync import sync
 from lightning_aquila.datamodules.shard_format import (
     MANIFEST_KEY,
     SPLITS,
+    UNASSIGNED_PART,
     DataError,
     DomainInfo,
     Segment,
@@ -31,6 +32,7 @@ from lightning_aquila.datamodules.shard_format import (
     damaged,
     zarr_store,
 )
+from lightning_aquila.datamodules.split import PARTS, heldout_part
 from lightning_aquila.datamodules.writer import DomainWriter, SegmentWriter
 
 
@@ -132,9 +134,10 @@ class ShardStore:
                         raise DataError(f"{where}: offsets array has shape {offsets.shape}, "
                                         f"the metadata says {seg.documents} documents")
                     arrays = [tokens, offsets]
-                    quality = self._array(name, split, seg.id, "quality")
-                    if quality is not None:  # segments written before quality was on lack it
-                        arrays.append(quality)
+                    for optional in ("quality", "part"):  # older segments may lack them
+                        array = self._array(name, split, seg.id, optional)
+                        if array is not None:
+                            arrays.append(array)
                     for array in arrays:
                         missing = missing_chunks(array)
                         if missing:
@@ -242,18 +245,57 @@ class TokenStream:
 
 
 
+def _whole(array: zarr.Array, where: str) -> np.ndarray:
+    """A small 1-D array (offsets, parts) read whole, chunk by chunk."""
+    parts = [read_chunk(array, i, where) for i in range(array.nchunks)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=array.dtype)
+
+
+def heldout_parts(store: ShardStore, domain: str
+                  ) -> tuple[dict[str, list[tuple[int, int]]], bool]:
+    """Where each held-out part lies in the domain's held-out stream: ``{"dev": [(start,
+    stop), ...], "test": [...]}`` token ranges (adjacent documents of one part merged), and
+    whether every segment recorded its parts. A segment written before the dev/test split
+    has no ``part`` array; its documents are assigned by the same kind of hash over (segment
+    id, document number), which is fixed for a given store; so is a document written without
+    a part (``UNASSIGNED_PART``)."""
+    ranges: dict[str, list[tuple[int, int]]] = {name: [] for name in PARTS}
+    recorded = True
+    base = 0
+    for seg in store.info(domain).segments.get("heldout", ()):
+        where = store.where(domain, "heldout", seg.id)
+        offsets = _whole(store.array(domain, "heldout", seg.id, "offsets"), where)
+        array = store._array(domain, "heldout", seg.id, "part")
+        parts = (np.full(seg.documents, UNASSIGNED_PART, dtype=np.uint8) if array is None
+                 else _whole(array, where))
+        unassigned = np.flatnonzero(parts == UNASSIGNED_PART)
+        if len(unassigned):
+            recorded = False
+            parts = parts.copy()
+            parts[unassigned] = [heldout_part(seg.id, int(i)) for i in unassigned]
+        for part, begin, end in zip(parts.tolist(), offsets[:-1].tolist(),
+                                    offsets[1:].tolist()):
+            found = ranges[PARTS[int(part)]]
+            start, stop = base + int(begin), base + int(end)
+            if found and found[-1][1] == start:
+                found[-1] = (found[-1][0], stop)
+            else:
+                found.append((start, stop))
+        base += seg.tokens
+    return ranges, recorded
+
+
 def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iterator[np.ndarray]:
     """Each document's tokens (eos included), in store order; for tools and tests."""
     stream = store.stream(domain, split)
     for seg_index, seg in enumerate(store.info(domain).segments.get(split, ())):
         array = store.array(domain, split, seg.id, "offsets")
         where = store.where(domain, split, seg.id)
-        offsets = np.concatenate([read_chunk(array, i, where) for i in range(array.nchunks)]
-                                 or [np.zeros(0, dtype=np.int64)])
+        offsets = _whole(array, where)
         base = int(stream.starts[seg_index])
         for begin, end in itertools.pairwise(offsets):
             yield stream.read(base + int(begin), base + int(end))
 
 
 __all__ = ["DataError", "DomainInfo", "DomainWriter", "Segment", "SegmentWriter", "ShardStore",
-           "TokenStream", "iter_documents", "missing_chunks", "read_chunk"]
+           "TokenStream", "heldout_parts", "iter_documents", "missing_chunks", "read_chunk"]

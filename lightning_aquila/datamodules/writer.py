@@ -23,6 +23,7 @@ from lightning_aquila.datamodules.shard_format import (
     MANIFEST_KEY,
     OFFSETS_CHUNK,
     SPLITS,
+    UNASSIGNED_PART,
     DataError,
     DomainInfo,
     Segment,
@@ -65,7 +66,8 @@ class _ArrayAppender:
 class SegmentWriter:
     """Writes one new segment of one split; documents are appended, then ``close``d."""
 
-    def __init__(self, group: zarr.Group, *, chunk_tokens: int, with_quality: bool) -> None:
+    def __init__(self, group: zarr.Group, *, chunk_tokens: int, with_quality: bool,
+                 with_part: bool = False) -> None:
         self.group = group
         config = {"write_empty_chunks": True}  # a missing chunk must always mean damage
         self.tokens = _ArrayAppender(group.create_array(
@@ -77,6 +79,9 @@ class SegmentWriter:
         self.quality = _ArrayAppender(group.create_array(
             "quality", shape=(0,), chunks=(OFFSETS_CHUNK,), dtype="float32",
             compressors=codecs(), config=config)) if with_quality else None
+        self.part = _ArrayAppender(group.create_array(
+            "part", shape=(0,), chunks=(OFFSETS_CHUNK,), dtype="uint8",
+            compressors=codecs(), config=config)) if with_part else None
         self.offsets.extend(np.zeros(1, dtype=np.int64))
         self.documents = 0
         self.max_token_id = -1
@@ -87,14 +92,20 @@ class SegmentWriter:
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
             self.tokens.extend(tokens)
 
-    def end_document(self, quality: float | None = None) -> None:
+    def end_document(self, quality: float | None = None, part: int | None = None) -> None:
+        """Ends the current document; ``part`` (0 dev, 1 test) for a held-out one, where
+        the segment records parts (none given: ``UNASSIGNED_PART``, which readers assign
+        as they do documents of segments written before parts were recorded)."""
         self.documents += 1
         self.offsets.extend(np.array([self.tokens.count], dtype=np.int64))
         if self.quality is not None:
             self.quality.extend(np.array([np.nan if quality is None else quality]))
+        if self.part is not None:
+            self.part.extend(np.array([UNASSIGNED_PART if part is None else part],
+                                      dtype=np.uint8))
 
     def close(self) -> Segment:
-        for appender in (self.tokens, self.offsets, self.quality):
+        for appender in (self.tokens, self.offsets, self.quality, self.part):
             if appender is not None:
                 appender.flush()
         return Segment(self.group.basename, self.tokens.count, self.documents, self.max_token_id)
@@ -209,19 +220,23 @@ class DomainWriter:
         if split not in self._writers:
             group = self.group.require_group(split).create_group(self._segment_id)
             self._writers[split] = SegmentWriter(group, chunk_tokens=self.chunk_tokens,
-                                                 with_quality=self.with_quality)
+                                                 with_quality=self.with_quality,
+                                                 with_part=split == "heldout")
         return self._writers[split]
 
     def extend(self, split: str, tokens: np.ndarray) -> None:
         self.writer(split).extend(tokens)
 
-    def end_document(self, split: str, quality: float | None = None) -> None:
-        self.writer(split).end_document(quality)
+    def end_document(self, split: str, quality: float | None = None,
+                     part: int | None = None) -> None:
+        self.writer(split).end_document(quality, part)
 
-    def add_document(self, split: str, tokens: np.ndarray, quality: float | None = None) -> None:
-        """A whole document (its tokens should end with eos)."""
+    def add_document(self, split: str, tokens: np.ndarray, quality: float | None = None,
+                     part: int | None = None) -> None:
+        """A whole document (its tokens should end with eos); ``part`` as in
+        ``SegmentWriter.end_document``."""
         self.extend(split, tokens)
-        self.end_document(split, quality)
+        self.end_document(split, quality, part)
 
     def add_source(self, record: Mapping[str, Any]) -> None:
         self.sources.append(dict(record))

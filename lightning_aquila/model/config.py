@@ -124,6 +124,13 @@ PRESETS: dict[str, AquilaConfig] = {
         name="aquila2-125m", hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
         intermediate_size=2048, max_seq_len=1024,
     ),
+    # ~21M parameters at a 32k vocabulary: the mixing benchmark's model
+    # (configs/benchmarks/mixing), a hundred runs of one GPU sitting. Give vocab_size/bos/eos
+    # of the store's tokenizer in the config.
+    "aquila2-20m": AquilaConfig(
+        name="aquila2-20m", hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2,
+        intermediate_size=704, max_seq_len=1024,
+    ),
     # ~2.8M parameters on the bundled tokenizer: the CPU quickstart's few hundred steps
     # take minutes on two cores.
     "aquila2-mini": AquilaConfig(

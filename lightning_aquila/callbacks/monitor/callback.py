@@ -36,6 +36,7 @@ from lightning_aquila.callbacks.monitor.held_out import (
     HeldOutLoss,
     ValLossFn,
     account_held_out,
+    held_out_metrics,
     next_token_loss,
 )
 from lightning_aquila.callbacks.monitor.norms import local_part, shard_spec, squares_on_device
@@ -67,7 +68,11 @@ class TrainingStateMonitor(Callback):
         train_loss_every_n_steps: per-domain training loss (mean of ``sample_loss`` over the
             interval, summed and counted per domain across ranks), its EMA, tokens per domain.
         ema_decay: weight of the previous EMA at each interval.
-        val_loss: held-out loss and perplexity per domain at every validation run.
+        val_loss: held-out loss and perplexity per domain at every validation run: of the
+            ``dev`` part (batches whose ``part`` is 0, or that carry none) as ``tsm/val_*``
+            and in ``state.val_*``, which policies read; of the ``test`` part (``part`` 1) as
+            ``tsm/test_*`` only, for reports, so that no decision reads the numbers that
+            judge the run.
         val_loss_fn: ``fn(pl_module, batch) -> (loss_sum (B,), tokens (B,))``; the default is a
             no-grad next-token cross-entropy of ``pl_module(batch["input_ids"])``.
         grad_norm_every_n_steps: global gradient norm and one per optimizer parameter group
@@ -197,7 +202,8 @@ class TrainingStateMonitor(Callback):
                                    loss_every=loss_every_n_steps)
         self._weights = WeightStatistics(snapshot_device)
         self._throughput = ThroughputMeter(peak_flops, flops_per_token)
-        self._held_out = HeldOutLoss()
+        self._held_out = HeldOutLoss()  # dev
+        self._held_out_test = HeldOutLoss()
         self._files = RunFiles()
         self._module: LightningModule | None = None
         self._mixture_listened: Any = None
@@ -422,7 +428,9 @@ class TrainingStateMonitor(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._held_out = self._held_out.to(pl_module.device)
+        self._held_out_test = self._held_out_test.to(pl_module.device)
         self._held_out.reset()
+        self._held_out_test.reset()
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -445,15 +453,31 @@ class TrainingStateMonitor(Callback):
         else:
             with torch.no_grad():
                 loss_sum, tokens = self.val_loss_fn(pl_module, batch)
-        self._held_out.update(batch["domain"], loss_sum, tokens)
+        part = batch.get("part")
+        if part is None:
+            self._held_out.update(batch["domain"], loss_sum, tokens)
+            return
+        test = part.reshape(-1).to(loss_sum.device) == 1
+        for metric, picked in ((self._held_out, ~test), (self._held_out_test, test)):
+            metric.update(batch["domain"].reshape(-1)[picked.to(batch["domain"].device)],
+                          loss_sum.reshape(-1)[picked], tokens.reshape(-1)[picked])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.val_loss or trainer.sanity_checking:
             return
-        sums, tokens = self._held_out.compute()  # every rank: gathers across ranks
-        self._held_out.reset()
-        self._emit(trainer, trainer.global_step, account_held_out(
-            self.state, sums, tokens, self._losses.name, trainer.global_step))
+        step = trainer.global_step
+        metrics: dict[str, float] = {}
+        for part, metric in (("val", self._held_out), ("test", self._held_out_test)):
+            if metric.update_count == 0:  # no batch of this part (the same on every rank:
+                continue                      # each takes its share of every loader)
+            sums, tokens = metric.compute()  # every rank: gathers across ranks
+            metric.reset()
+            if part == "val":
+                metrics.update(account_held_out(self.state, sums, tokens, self._losses.name,
+                                                step))
+            else:
+                metrics.update(held_out_metrics(sums, tokens, self._losses.name, part)[1])
+        self._emit(trainer, step, metrics)
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Held-out loss per domain: what each validation batch adds (``HeldOutLoss``, a
-torchmetrics ``Metric`` gathered across ranks) and what a validation run ends with
-(:func:`account_held_out`: loss and perplexity per domain, their token-weighted average and
-the worst domain, into the ``TrainingState``). Token-weighted throughout: a domain's loss is
-its summed token losses over its counted tokens."""
+torchmetrics ``Metric`` gathered across ranks, one per held-out part) and what a validation
+run ends with: loss and perplexity per domain, their token-weighted average and the worst
+domain (:func:`held_out_metrics`), for the ``dev`` part also into the ``TrainingState``
+(:func:`account_held_out`), which is all policies read. The ``test`` part is logged only.
+Token-weighted throughout: a domain's loss is its summed token losses over its counted
+tokens."""
 
 from __future__ import annotations
 
@@ -66,26 +68,41 @@ def next_token_loss(
     return per_token.sum(1), mask.sum(1)  # ignored tokens already hold 0
 
 
-def account_held_out(state: TrainingState, sums: torch.Tensor, tokens: torch.Tensor,
-                     name: Callable[[int], str], step: int) -> dict[str, float]:
-    """Puts a validation run's per-domain loss sums and token counts (``HeldOutLoss.compute``)
-    into ``state`` and returns the ``tsm/val_*`` metrics; nothing when no token was counted."""
+def held_out_metrics(sums: torch.Tensor, tokens: torch.Tensor, name: Callable[[int], str],
+                     prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-domain losses and the ``tsm/<prefix>_*`` metrics of one part's loss sums and
+    token counts (``HeldOutLoss.compute``): loss and perplexity per domain, their
+    token-weighted average and the worst domain; both empty when no token was counted."""
     if tokens.numel() == 0 or float(tokens.sum()) == 0:
-        return {}
+        return {}, {}
+    losses: dict[str, float] = {}
     metrics: dict[str, float] = {}
-    state.val_loss, state.val_ppl = {}, {}
     for index, (loss_sum, count) in enumerate(zip(sums.tolist(), tokens.tolist())):
         if count > 0:
             domain = name(index)
-            state.val_loss[domain] = loss = loss_sum / count
-            state.val_ppl[domain] = ppl = _exp(loss)
-            metrics[f"tsm/val_loss/{domain}"], metrics[f"tsm/val_ppl/{domain}"] = loss, ppl
-    state.val_loss_avg = float(sums.sum() / tokens.sum())
-    state.val_worst_domain = max(state.val_loss, key=state.val_loss.__getitem__)
+            losses[domain] = loss = loss_sum / count
+            metrics[f"tsm/{prefix}_loss/{domain}"] = loss
+            metrics[f"tsm/{prefix}_ppl/{domain}"] = _exp(loss)
+    average = float(sums.sum() / tokens.sum())
+    metrics[f"tsm/{prefix}_loss_avg"] = average
+    metrics[f"tsm/{prefix}_ppl_avg"] = _exp(average)
+    metrics[f"tsm/{prefix}_loss_worst"] = max(losses.values())
+    return losses, metrics
+
+
+def account_held_out(state: TrainingState, sums: torch.Tensor, tokens: torch.Tensor,
+                     name: Callable[[int], str], step: int) -> dict[str, float]:
+    """Puts a validation run's ``dev`` loss sums and token counts into ``state`` (what
+    policies read) and returns the ``tsm/val_*`` metrics; nothing when no token was
+    counted. The ``test`` part never enters the state: see :func:`held_out_metrics`."""
+    losses, metrics = held_out_metrics(sums, tokens, name, "val")
+    if not losses:
+        return {}
+    state.val_loss = losses
+    state.val_ppl = {d: _exp(loss) for d, loss in losses.items()}
+    state.val_loss_avg = metrics["tsm/val_loss_avg"]
+    state.val_worst_domain = max(losses, key=losses.__getitem__)
     state.val_step = step
-    metrics["tsm/val_loss_avg"] = state.val_loss_avg
-    metrics["tsm/val_ppl_avg"] = _exp(state.val_loss_avg)
-    metrics["tsm/val_loss_worst"] = state.val_loss[state.val_worst_domain]
     return metrics
 
 
@@ -93,4 +110,5 @@ def _exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-__all__ = ["HeldOutLoss", "ValLossFn", "account_held_out", "next_token_loss"]
+__all__ = ["HeldOutLoss", "ValLossFn", "account_held_out", "held_out_metrics",
+           "next_token_loss"]

@@ -21,7 +21,9 @@ One file per policy family; the update rules, with formulas, are in ``docs/engin
   ``StagedMixture``);
 * ``excess_loss.py``: DoReMi-style excess loss over a reference (``ExcessLossMixture``);
 * ``bandit.py``: Online Data Mixing, an EXP3 bandit (``BanditMixture``);
-* ``aioli.py``: a mixing law learned from held-out losses (``AioliMixture``).
+* ``aioli.py``: a mixing law learned from held-out losses (``AioliMixture``);
+* ``effective_data.py``: the remaining budget planned by each domain's dev-loss drop per
+  effective (repetition-discounted) token, no reference (``EffectiveDataMixture``).
 
 The weight arithmetic they share with the data side (checks, normalisation, the projection
 onto the bounds) is ``lightning_aquila.domain_weights``.
@@ -30,6 +32,7 @@ onto the bounds) is ``lightning_aquila.domain_weights``.
 from lightning_aquila.callbacks.policies.aioli import AioliMixture
 from lightning_aquila.callbacks.policies.bandit import BanditMixture
 from lightning_aquila.callbacks.policies.base import MixturePolicy
+from lightning_aquila.callbacks.policies.effective_data import EffectiveDataMixture
 from lightning_aquila.callbacks.policies.excess_loss import (
     ExcessLossMixture,
     load_reference_losses,
@@ -37,6 +40,7 @@ from lightning_aquila.callbacks.policies.excess_loss import (
 from lightning_aquila.callbacks.policies.static import StagedMixture, StaticMixture
 from lightning_aquila.domain_weights import project_to_bounds, resolve_weights
 
-__all__ = ["AioliMixture", "BanditMixture", "ExcessLossMixture", "MixturePolicy",
+__all__ = ["AioliMixture", "BanditMixture", "EffectiveDataMixture", "ExcessLossMixture",
+           "MixturePolicy",
            "StagedMixture", "StaticMixture", "load_reference_losses", "project_to_bounds",
            "resolve_weights"]

@@ -126,9 +126,10 @@ class AioliMixture(MixturePolicy):
         self.matrices = 0  # A matrices estimated so far
 
     # -- set-up ------------------------------------------------------------------------------
-    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
+              **context: Any) -> None:
         changed = self.domains is not None and list(domains) != self.domains
-        super().setup(domains, natural)
+        super().setup(domains, natural, **context)
         if changed:  # another domain list on resume: what was learnt no longer applies
             self._reset()
         if isinstance(self.prior, (Mapping, str)) and self.prior != "initial":

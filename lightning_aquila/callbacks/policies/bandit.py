@@ -66,8 +66,9 @@ class BanditMixture(MixturePolicy):
         self.updates = 0
         self.epsilon: float | None = None  # the last update's eps: the next one's temperature
 
-    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
-        super().setup(domains, natural)
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
+              **context: Any) -> None:
+        super().setup(domains, natural, **context)
         self.rewards = {d: self.rewards.get(d, 0.0) for d in self.domains}
 
     def exploration(self, t: int) -> float:

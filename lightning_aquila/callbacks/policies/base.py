@@ -42,6 +42,8 @@ class MixturePolicy(ABC):
         self.max_weight = dict(max_weight) if isinstance(max_weight, Mapping) else max_weight
         self.domains: list[str] | None = None
         self.natural: dict[str, float] | None = None
+        self.unique_tokens: dict[str, float] | None = None
+        self.budget_tokens_hint: int | None = None
 
     @property
     def name(self) -> str:
@@ -52,12 +54,19 @@ class MixturePolicy(ABC):
         """The name of the data stage in force, for policies that have stages."""
         return None
 
-    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
-        """Called by the engine when training starts: the mixture's domains and, when the
-        datamodule knows them, each domain's training tokens in the corpus. Also checks the
-        bounds can be met. Subclasses extend it to check their domain names."""
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None, *,
+              unique_tokens: Mapping[str, float] | None = None,
+              budget_tokens: int | None = None) -> None:
+        """Called by the engine when training starts, with what the mixture and the trainer
+        can tell: the domains; each domain's share of the corpus (``natural``) and its unique
+        training tokens (``unique_tokens``), when the datamodule knows them; and the run's
+        training tokens (``budget_tokens``: ``trainer.max_steps`` times the tokens of a global
+        batch), when both are known. Also checks the bounds can be met. Subclasses extend it
+        to check their domain names."""
         self.domains = list(domains)
         self.natural = dict(natural) if natural else None
+        self.unique_tokens = dict(unique_tokens) if unique_tokens else None
+        self.budget_tokens_hint = budget_tokens
         try:
             project_to_bounds(dict.fromkeys(self.domains, 1.0 / len(self.domains)),
                               self.min_weight, self.max_weight)
@@ -83,6 +92,15 @@ class MixturePolicy(ABC):
             f"({'above' if pinned is hi else 'below'} {1 / len(self.domains):.3g} for equal "
             "bounds) to give it room.", UserWarning, stacklevel=3)
 
+    def counts(self, state: TrainingState, current: Mapping[str, float]
+               ) -> dict[str, float] | None:
+        """Token counts per domain for the specs that need them (``natural``,
+        ``temperature:T``, ``unimax:N``): the unique training tokens, else the corpus shares;
+        without either, the tokens the monitor has counted so far (the natural proportions
+        only when training started from them)."""
+        return self.unique_tokens or self.natural or {
+            d: float(n) for d, n in state.tokens_per_domain.items() if d in current}
+
     def due(self, step: int) -> bool:
         return step > 0 and step % self.update_every == 0
 
@@ -90,7 +108,8 @@ class MixturePolicy(ABC):
                 ) -> dict[str, float] | None:
         """New weights within the bounds (summing to 1), or ``None`` to keep ``current``."""
         if self.domains is None or set(self.domains) != set(current):
-            self.setup(list(current), self.natural)
+            self.setup(list(current), self.natural, unique_tokens=self.unique_tokens,
+                       budget_tokens=self.budget_tokens_hint)
         weights = self._propose(state, {d: float(current[d]) for d in self.domains})
         return None if weights is None else self.bounded(weights)
 

@@ -125,8 +125,9 @@ class ExcessLossMixture(MixturePolicy):
         self.last_signal_step: int | None = None
         self.updates = 0
 
-    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
-        super().setup(domains, natural)
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
+              **context: Any) -> None:
+        super().setup(domains, natural, **context)
         missing = [d for d in self.domains if d not in self.reference_losses]
         if missing:
             raise ValueError(f"ExcessLossMixture: the reference ({self.reference!r}) has no "

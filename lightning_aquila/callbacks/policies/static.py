@@ -17,12 +17,14 @@ class StaticMixture(MixturePolicy):
 
     Args:
         weights: a mapping ``domain -> weight`` (rescaled to sum to 1, unlisted domains 0),
-            ``"uniform"``, or ``"natural"``: proportional to each domain's training tokens in
-            the corpus, which the engine reads from the datamodule (``natural_weights()``, as
-            ``DomainDataModule`` offers from its store's metadata). Without those counts it
-            falls back to ``state.tokens_per_domain``, the tokens seen so far (the natural
+            ``"uniform"``, ``"natural"`` (proportional to each domain's training tokens in the
+            corpus), ``"temperature:T"`` (``p_i ∝ n_i^(1/T)``) or ``"unimax:N"`` (uniform, no
+            domain past ``N`` epochs of the run's budget, UniMax). The engine reads the token
+            counts from the mixture (``unique_tokens``) or the datamodule
+            (``natural_weights()``) and the budget from ``trainer.max_steps``. Without counts
+            it falls back to ``state.tokens_per_domain``, the tokens seen so far (the natural
             proportions only when training started from them), and keeps the current weights
-            until the monitor has counted some.
+            until the monitor has counted some (``unimax:N`` also until the budget is known).
     """
 
     def __init__(self, weights: Mapping[str, float] | str = "natural", update_every: int = 1,
@@ -31,15 +33,15 @@ class StaticMixture(MixturePolicy):
         check_weight_spec(weights, "StaticMixture(weights)")
         self.weights = dict(weights) if isinstance(weights, Mapping) else weights
 
-    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
-        super().setup(domains, natural)
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
+              **context: Any) -> None:
+        super().setup(domains, natural, **context)
         resolve_weights(self.weights, self.domains, None, "StaticMixture(weights)")
 
     def _propose(self, state: TrainingState, current: dict[str, float]
                  ) -> dict[str, float] | None:
-        counts = self.natural or {d: float(n) for d, n in state.tokens_per_domain.items()
-                                  if d in current}
-        return resolve_weights(self.weights, self.domains, counts, "StaticMixture(weights)")
+        return resolve_weights(self.weights, self.domains, self.counts(state, current),
+                               "StaticMixture(weights)", budget=self.budget_tokens_hint)
 
     def config(self) -> dict[str, Any]:
         return {"weights": self.weights, **super().config()}
@@ -109,8 +111,9 @@ class StagedMixture(MixturePolicy):
     def stage(self) -> str:
         return self.stages[self.index]["name"]
 
-    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None) -> None:
-        super().setup(domains, natural)
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
+              **context: Any) -> None:
+        super().setup(domains, natural, **context)
         for i, stage in enumerate(self.stages):
             resolve_weights(stage["weights"], self.domains, None,
                             f"StagedMixture(stages[{i}].weights)")
@@ -137,10 +140,10 @@ class StagedMixture(MixturePolicy):
             self.index = index
             self.switches.append({"stage": self.stage, "step": state.step,
                                   "tokens": state.tokens})
-        counts = self.natural or {d: float(n) for d, n in state.tokens_per_domain.items()
-                                  if d in current}
-        return resolve_weights(self.stages[self.index]["weights"], self.domains, counts,
-                               f"StagedMixture(stages[{self.index}].weights)")
+        return resolve_weights(self.stages[self.index]["weights"], self.domains,
+                               self.counts(state, current),
+                               f"StagedMixture(stages[{self.index}].weights)",
+                               budget=self.budget_tokens_hint)
 
     def config(self) -> dict[str, Any]:
         return {"stages": self.stages, **super().config()}

@@ -1,0 +1,261 @@
+"""EffectiveDataMixture and the fixed mixtures it is measured against (temperature sampling,
+UniMax), on constructed TrainingStates: the plan shares the remaining budget by marginal
+dev-loss value, caps repetition, follows the measured slopes, reads nothing before its
+warm-up and nothing that is not finite, resumes exactly, and is chosen from YAML."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from lightning_aquila.callbacks.policies import EffectiveDataMixture, MixturePolicy, StaticMixture
+from lightning_aquila.callbacks.policies.effective_data import (
+    effective_tokens,
+    marginal_value,
+    plan_tokens,
+)
+from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.domain_weights import resolve_weights, temperature_weights, unimax_weights
+
+UNIQUE = {"small": 1_000_000, "mid": 4_000_000, "large": 16_000_000}
+DOMAINS = list(UNIQUE)
+
+
+def policy(budget_epochs: float = 3.0, **kwargs) -> EffectiveDataMixture:
+    made = EffectiveDataMixture(**kwargs)
+    made.setup(DOMAINS, unique_tokens=UNIQUE,
+               budget_tokens=int(budget_epochs * sum(UNIQUE.values())))
+    return made
+
+
+def evaluation(step: int, tokens: dict[str, float], dev: dict[str, float]) -> TrainingState:
+    """A state as the TSM publishes it after a dev evaluation at ``step``."""
+    return TrainingState(step=step, tokens=int(sum(tokens.values())),
+                         tokens_per_domain={d: int(n) for d, n in tokens.items()},
+                         val_loss=dict(dev), val_step=step)
+
+
+def run(made: EffectiveDataMixture, curves, steps: int = 40, stop: int | None = None,
+        start: dict[str, float] | None = None) -> tuple[list[dict[str, float]], dict]:
+    """Train the budget in ``steps`` equal intervals (the first ``stop`` of them): each
+    interval's tokens follow the current weights, then ``curves(tokens) -> dev losses`` is
+    evaluated and the policy asked. Returns the weights after each interval and the tokens
+    each domain had."""
+    budget = made.budget
+    weights = made.propose(TrainingState(), start or dict.fromkeys(DOMAINS, 1 / 3))
+    tokens = dict.fromkeys(DOMAINS, 0.0)
+    seen = [weights]
+    for i in range(1, (stop or steps) + 1):
+        for d in DOMAINS:
+            tokens[d] += weights[d] * budget / steps
+        proposal = made.propose(evaluation(25 * i, tokens, curves(tokens)), weights)
+        weights = proposal or weights
+        seen.append(dict(weights))
+    return seen, tokens
+
+
+def power_law(scales: dict[str, float], exponent: float = 0.3):
+    """Dev loss ``2 + A_d (n/1e6)^-alpha`` of each domain's own tokens (no repetition)."""
+    return lambda tokens: {d: 2.0 + scales[d] * max(tokens[d] / 1e6, 1e-3) ** -exponent
+                           for d in DOMAINS}
+
+
+# -- the fixed mixtures ------------------------------------------------------------------------
+def test_temperature_weights_are_token_counts_to_the_power_one_over_t():
+    weights = temperature_weights(UNIQUE, 2.0)
+    assert weights == pytest.approx({"small": 1 / 7, "mid": 2 / 7, "large": 4 / 7})
+    assert temperature_weights(UNIQUE, 1.0) == pytest.approx(
+        {d: n / 21e6 for d, n in UNIQUE.items()})
+
+
+def test_unimax_shares_the_budget_uniformly_below_the_caps():
+    assert unimax_weights(UNIQUE, 0.5 * 21e6, 4) == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3))
+
+
+def test_unimax_caps_small_domains_at_n_epochs_and_gives_the_rest_to_larger_ones():
+    budget = 3 * 21e6  # 63M tokens: small capped at 4M, mid at 16M, large takes 43M
+    weights = unimax_weights(UNIQUE, budget, 4)
+    assert weights == pytest.approx({"small": 4 / 63, "mid": 16 / 63, "large": 43 / 63})
+
+
+def test_unimax_past_every_cap_gives_every_domain_n_epochs():
+    assert unimax_weights(UNIQUE, 100 * 21e6, 4) == pytest.approx(
+        {d: n / 21e6 for d, n in UNIQUE.items()})
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("temperature", "needs a positive number"), ("temperature:0", "needs a positive number"),
+    ("unimax:x", "needs a positive number"), ("zipf:2", "one of")])
+def test_malformed_weight_specs_are_refused_naming_the_value(spec, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_weights(spec, DOMAINS, UNIQUE, "weights")
+
+
+def test_static_unimax_uses_the_budget_the_engine_gives():
+    static = StaticMixture("unimax:4")
+    static.setup(DOMAINS, unique_tokens=UNIQUE, budget_tokens=63_000_000)
+    assert static.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3)) == pytest.approx(
+        {"small": 4 / 63, "mid": 16 / 63, "large": 43 / 63})
+
+
+def test_static_unimax_without_a_budget_keeps_the_current_weights():
+    static = StaticMixture("unimax:4")
+    static.setup(DOMAINS, unique_tokens=UNIQUE)
+    assert static.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3)) is None
+
+
+# -- the plan ------------------------------------------------------------------------------------
+def test_effective_tokens_count_the_first_epoch_in_full_and_repeats_less():
+    unique = np.array([1e6])
+    assert effective_tokens(np.array([0.5e6]), unique, 1.5)[0] == 0.5e6
+    twice, thrice = effective_tokens(np.array([2e6, 3e6]), np.array([1e6, 1e6]), 1.5)
+    assert 1e6 < twice < 2e6 and twice < thrice < 3e6
+    assert thrice - twice < twice - 1e6  # each repetition is worth less than the last
+    assert effective_tokens(np.array([1e9]), unique, 1.5)[0] == pytest.approx(2.5e6)
+
+
+def test_plan_equalises_the_marginal_value_of_the_domains_it_gives_tokens():
+    consumed = np.array([3e6, 1e6, 0.5e6])
+    unique = np.array(list(UNIQUE.values()), dtype=float)
+    scale = np.array([1.0, 2.0, 0.5])
+    final = plan_tokens(consumed, unique, 30e6, scale, 1.5, 0.3)
+    assert final.sum() == pytest.approx(30e6)
+    assert (final >= consumed - 1e-6).all()
+    value = marginal_value(final, unique, scale, 1.5, 0.3)
+    growing = final > consumed + 1e3
+    assert growing.all()
+    assert value[growing] == pytest.approx(np.full(3, value[0]), rel=0.02)
+
+
+def test_plan_gives_nothing_to_a_domain_already_past_its_worth():
+    consumed = np.array([20e6, 0.0, 0.0])  # 20 epochs of "small" already
+    unique = np.array(list(UNIQUE.values()), dtype=float)
+    final = plan_tokens(consumed, unique, 40e6, np.ones(3), 1.5, 0.3)
+    assert final[0] == pytest.approx(20e6) and final.sum() == pytest.approx(40e6)
+
+
+def test_the_first_plan_is_uniform_while_no_domain_repeats():
+    weights = policy(budget_epochs=0.1).propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    assert weights == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3), abs=1e-3)
+
+
+def test_the_first_plan_caps_a_small_domain_that_uniform_would_repeat():
+    weights = policy(budget_epochs=3.0).propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    epochs = {d: weights[d] * 63e6 / UNIQUE[d] for d in DOMAINS}
+    assert weights["small"] < weights["mid"] < weights["large"]
+    assert epochs["small"] < 63e6 / 3 / UNIQUE["small"]  # fewer than uniform's 21 epochs
+    assert epochs["small"] > epochs["mid"] > epochs["large"]  # more than natural's 3
+
+
+def test_a_prior_temperature_starts_from_temperature_sampling():
+    weights = policy(budget_epochs=0.1, prior_temperature=2.0).propose(
+        TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    assert weights == pytest.approx(temperature_weights(UNIQUE, 2.0), abs=2e-3)
+
+
+def test_a_domain_ahead_of_its_plan_late_in_the_run_draws_less_but_not_nothing():
+    made = policy(budget_epochs=0.5)
+    start = made.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    budget = made.budget
+    tokens = {d: 0.95 * budget * start[d] for d in DOMAINS}
+    tokens["mid"] += 0.04 * budget  # 4% of the budget more than planned, 5% left
+    weights = made.propose(evaluation(500, tokens, dict.fromkeys(DOMAINS, 3.0)), start)
+    assert start["mid"] / 2 - 1e-9 <= weights["mid"] < start["mid"]
+    assert all(start[d] / 2 - 1e-9 <= weights[d] <= 2 * start[d] + 1e-9 for d in DOMAINS)
+
+
+def test_max_epochs_is_a_hard_cap():
+    weights = policy(budget_epochs=1.0, max_epochs=2.0).propose(
+        TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    assert weights["small"] * 21e6 == pytest.approx(2 * UNIQUE["small"], rel=1e-3)
+
+
+# -- the adaptation ----------------------------------------------------------------------------
+def test_a_domain_that_learns_more_per_token_gets_more():
+    _, equal = run(policy(budget_epochs=0.2), power_law(dict.fromkeys(DOMAINS, 2.0)))
+    _, steep = run(policy(budget_epochs=0.2), power_law({"small": 2.0, "mid": 6.0,
+                                                         "large": 2.0}))
+    assert steep["mid"] > 1.2 * equal["mid"]
+
+
+def test_a_domain_whose_dev_loss_stops_falling_gets_less_before_it_rises():
+    def curves(tokens):
+        losses = power_law(dict.fromkeys(DOMAINS, 2.0))(tokens)
+        losses["mid"] = 2.0 + 2.0 * max(min(tokens["mid"], 0.5e6) / 1e6, 1e-3) ** -0.3
+        return losses  # "mid" stops improving after 0.5M of its tokens
+
+    _, flat = run(policy(budget_epochs=0.2), curves)
+    _, equal = run(policy(budget_epochs=0.2), power_law(dict.fromkeys(DOMAINS, 2.0)))
+    assert flat["mid"] < 0.8 * equal["mid"]
+
+
+def test_no_dev_loss_is_read_before_the_warm_up():
+    made = policy(budget_epochs=1.0, warmup_fraction=0.5, inertia=0.0)
+    start = made.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    tokens = {d: 0.4 * 21e6 * start[d] for d in DOMAINS}  # 40% of the budget
+    skewed = {"small": 9.0, "mid": 2.0, "large": 2.0}
+    made.propose(evaluation(100, tokens, skewed), start)
+    assert made.records == [] and made.scale is None
+
+
+def test_a_non_finite_dev_loss_does_not_steer():
+    made = policy(budget_epochs=1.0, warmup_fraction=0.0)
+    made.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    tokens = dict.fromkeys(DOMAINS, 1e6)
+    made.propose(evaluation(25, tokens, {"small": math.nan, "mid": 3.0, "large": 3.0}),
+                 dict.fromkeys(DOMAINS, 1 / 3))
+    assert made.records == []
+
+
+def test_missing_unique_tokens_or_budget_are_refused_naming_them():
+    with pytest.raises(ValueError, match=r"unique training tokens.*'mid'"):
+        EffectiveDataMixture().setup(DOMAINS, unique_tokens={"small": 1, "large": 2},
+                                     budget_tokens=10)
+    with pytest.raises(ValueError, match=r"trainer\.max_steps"):
+        EffectiveDataMixture().setup(DOMAINS, unique_tokens=UNIQUE)
+
+
+def test_weights_stay_within_bounds_and_sum_to_one():
+    made = policy(budget_epochs=3.0, min_weight=0.1, max_weight=0.6)
+    for weights in run(made, power_law({"small": 1.0, "mid": 5.0, "large": 0.5}))[0]:
+        assert sum(weights.values()) == pytest.approx(1.0)
+        assert all(0.1 - 1e-9 <= w <= 0.6 + 1e-9 for w in weights.values())
+
+
+def test_resuming_from_the_state_dict_continues_exactly():
+    curves = power_law({"small": 1.0, "mid": 4.0, "large": 2.0})
+    whole, _ = run(policy(), curves)
+    for cut in (3, 16, 30):  # before the warm-up ends, just after, and late
+        first = policy()
+        head, tokens = run(first, curves, stop=cut)
+        saved = json.loads(json.dumps(first.state_dict()))  # what a checkpoint can hold
+        second = policy()
+        second.load_state_dict(saved)
+        assert second.state_dict() == first.state_dict()
+        weights, rest = head[-1], []
+        for i in range(cut + 1, 41):
+            for d in DOMAINS:
+                tokens[d] += weights[d] * second.budget / 40
+            weights = second.propose(evaluation(25 * i, tokens, curves(tokens)),
+                                     weights) or weights
+            rest.append(dict(weights))
+        assert head + rest == whole
+
+
+def test_it_is_chosen_from_yaml_by_class_path():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--policy", type=MixturePolicy)
+    config = yaml.safe_load("""
+policy:
+  class_path: lightning_aquila.callbacks.EffectiveDataMixture
+  init_args: {repetition_epochs: 1.0, window: 6, update_every: 50}
+""")
+    built = parser.instantiate_classes(parser.parse_object(config)).policy
+    assert isinstance(built, EffectiveDataMixture)
+    assert (built.repetition_epochs, built.window, built.update_every) == (1.0, 6, 50)
