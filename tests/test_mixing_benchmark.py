@@ -25,19 +25,87 @@ def store(tmp_path_factory) -> str:
         "en_legal": "common_licenses", "en_prose": "alice_in_wonderland", "code_c": "brotli"})
 
 
-def test_the_driver_runs_two_policies_and_prints_their_table(store, tmp_path, capsys):
+def test_the_driver_runs_two_settings_and_prints_their_tables(store, tmp_path, capsys):
     out = tmp_path / "runs"
-    code = mixing.main(["run", "--toy", "--store", store, "--out", str(out),
-                        "--policies", "uniform", "aioli", "--seeds", "1", "--gpus", "cpu"])
+    code = mixing.main(["run", "--toy", "--out", str(out), "--gpus", "cpu", "cpu",
+                        "--evaluations", "4", "--json", str(tmp_path / "all.json"),
+                        "--settings", f"short={store}:0.02", f"long={store}:0.04",
+                        "--wave", "uniform effective-data:1"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    summaries = json.loads((out / "summary.json").read_text())
-    assert sorted((s["policy"], s["seed"]) for s in summaries) == [("aioli", 1), ("uniform", 1)]
-    assert all(s["tokens"] == 50 * 4 * 64 for s in summaries)  # cpu-toy: 50 steps x 4 x 64
-    assert "| uniform | 1 |" in printed and "| aioli | 1 |" in printed
-    events = [json.loads(line) for line in (out / "aioli-s1/tsm/events.jsonl").open()]
-    probes = [e for e in events if e["kind"] == "mixture" and e.get("step") == 25]
-    assert probes and max(probes[0]["weights"].values()) == pytest.approx(0.75)
+    everything = json.loads((tmp_path / "all.json").read_text())
+    for name, epochs in (("short", 0.02), ("long", 0.04)):
+        about = json.loads((out / name / "setting.json").read_text())
+        interval = round(round(epochs * about["train_tokens"] / (4 * 64)) / 4)
+        assert about["eval_interval"] == interval and about["max_steps"] == 4 * interval
+        assert sum(about["shares"].values()) == pytest.approx(1.0)
+        found = sorted((s["policy"], s["seed"]) for s in everything[name])
+        assert found == [("effective-data", 1), ("uniform", 1)]
+        assert all(s["tokens"] == 4 * interval * 4 * 64 and s["part"] == "test"
+                   for s in everything[name])
+        assert f"### {name}:" in printed
+    assert "| effective-data | 1 |" in printed and "Best fixed mixture: uniform" in printed
+    events = [json.loads(line) for line in
+              (out / "short/effective-data-s1/tsm/events.jsonl").open()]
+    assert any(e["kind"] == "mixture" and "EffectiveDataMixture" in e.get("reason", "")
+               for e in events)
+
+
+def test_best_fixed_runs_wait_for_the_fixed_runs_then_become_the_best_ones(tmp_path):
+    settings = {"s": mixing.Setting("s", "unused", 1)}
+    runs = mixing.plan(list(settings.values()), [(["natural", "uniform"], [1]),
+                                                 (["@best-fixed"], [2])], tmp_path)
+    scheduler = mixing.Scheduler(runs, ["cpu"], settings, {"s": mixing.Geometry(1, 1, 1, 1, 1)},
+                                 toy=True, extra=[])
+    placeholder = runs[-1]
+    assert not scheduler.ready(placeholder)
+    for run, loss in zip(runs[:2], (3.0, 2.5)):  # uniform is the better fixed mixture
+        write_run(run, loss)
+    assert scheduler.ready(placeholder)
+    assert scheduler.resolve(placeholder).name == "uniform-s2"
+    write_run(mixing.Run("s", "uniform", 2, tmp_path), 2.4)
+    assert scheduler.resolve(placeholder) is None  # done already
+
+
+def write_run(run, loss: float) -> None:
+    """A finished run's monitor files with one test evaluation of two domains."""
+    (run.dir / "tsm").mkdir(parents=True, exist_ok=True)
+    rows = [{"step": 10, "time": 1.0, "tsm/tokens_total": 1000.0},
+            {"step": 10, "time": 1.0, "tsm/test_loss/a": loss, "tsm/test_loss/b": loss}]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run.dir / "tsm" / "events.jsonl").write_text(json.dumps(
+        {"kind": "session_start", "step": 0, "time": 0.0, "domains": ["a", "b"]}) + "\n")
+    (run.dir / "done.json").write_text(json.dumps({"seconds": 1.0}))
+
+
+def test_settings_and_waves_are_parsed_or_refused_naming_the_value():
+    assert mixing.Setting.parse("a=/data/x.zarr:0.5") == mixing.Setting("a", "/data/x.zarr",
+                                                                          0.5)
+    assert mixing.Setting.parse("b=s3://bucket/x.zarr:3").store == "s3://bucket/x.zarr"
+    for bad in ("a:/x.zarr", "a=/x.zarr", "a=/x.zarr:0", "=x:1"):
+        with pytest.raises(SystemExit, match="NAME=STORE:EPOCHS"):
+            mixing.Setting.parse(bad)
+    assert mixing.parse_wave("uniform natural:1,2") == (["uniform", "natural"], [1, 2])
+    with pytest.raises(SystemExit, match="unknown policy"):
+        mixing.parse_wave("stratified:1")
+    with pytest.raises(SystemExit, match="expected"):
+        mixing.parse_wave("uniform")
+
+
+def test_fixed_policies_are_the_files_that_run_no_mixture_policy():
+    assert [p for p in mixing.known_policies() if mixing.is_fixed(p)] == [
+        "natural", "uniform", "temperature", "unimax"]
+
+
+def test_the_plan_runs_waves_in_order_seed_by_seed_longest_setting_first(tmp_path):
+    settings = [mixing.Setting("small", "x", 1), mixing.Setting("big", "y", 1)]
+    runs = mixing.plan(settings, [(["uniform", "doremi"], [2, 3]), (["@best-fixed"], [4])],
+                       tmp_path, reference_seed=1, sizes={"small": 10, "big": 20})
+    assert [(r.setting, r.name) for r in runs] == [
+        ("big", "uniform-s2"), ("big", "uniform-s1"), ("big", "doremi-s2"),
+        ("small", "uniform-s2"), ("small", "uniform-s1"), ("small", "doremi-s2"),
+        ("big", "uniform-s3"), ("big", "doremi-s3"), ("small", "uniform-s3"),
+        ("small", "doremi-s3"), ("big", "@best-fixed-s4"), ("small", "@best-fixed-s4")]
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -47,127 +115,76 @@ def test_tokens_to_reach_interpolates_between_evaluations():
     assert mixing.tokens_to_reach(curve, 2.9) is None
 
 
-def summary(policy: str, seed: int, average: float, worst: float, curve) -> dict:
-    return {"policy": policy, "seed": seed, "tokens": curve[-1][0], "average": average,
-            "worst": worst, "worst_domain": "x", "token_weighted": average, "curve": curve,
-            "seconds": 60.0, "done": True}
+def summary(policy: str, seed: int, average: float, worst: float, curve, done=True) -> dict:
+    return {"setting": "s", "policy": policy, "seed": seed, "part": "test",
+            "tokens": curve[-1][0], "average": average, "worst": worst, "worst_domain": "x",
+            "per_domain": {}, "token_weighted": average, "curve": curve, "seconds": 60.0,
+            "done": done}
 
 
-def test_the_table_measures_tokens_against_the_best_static_policy_of_each_seed():
+def test_the_table_compares_each_seed_with_the_best_fixed_mixture():
     runs = [
         summary("natural", 1, 3.2, 4.0, [(100, 3.6), (200, 3.2)]),
         summary("uniform", 1, 3.0, 3.5, [(100, 3.4), (200, 3.0)]),
-        summary("aioli", 1, 2.9, 3.4, [(100, 3.0), (200, 2.9)]),  # reaches 3.0 at 100: -50%
+        summary("uniform", 2, 3.1, 3.6, [(100, 3.5), (200, 3.1)]),
+        summary("effective-data", 1, 2.9, 3.4, [(100, 3.0), (200, 2.9)]),  # 3.0 at 100: -50%
+        summary("effective-data", 2, 3.13, 3.5, [(100, 3.6), (200, 3.13)]),  # +0.03: worse
     ]
     text = mixing.table(runs)
-    assert "Best static policy: uniform" in text
-    aioli = next(line for line in text.splitlines() if line.startswith("| aioli"))
-    assert "0.0M (+50.0%), 1/1 seeds reach it" in aioli
-    assert "| 1/1 |" in aioli  # worst domain 3.4 <= uniform's 3.5
-
-
-def test_select_picks_the_lowest_mean_over_the_selection_seeds_and_needs_them_all():
-    curve = [(100, 3.0)]
-    runs = [summary("doremi", 1, 2.30, 4.0, curve), summary("doremi", 2, 2.20, 4.0, curve),
-            summary("aioli", 1, 2.26, 4.0, curve), summary("aioli", 2, 2.26, 4.0, curve),
-            summary("aioli", 3, 1.00, 4.0, curve)]  # seed 3 is not a selection seed
-    assert mixing.select(runs, ["aioli", "doremi"], [1, 2]) == "doremi"  # 2.25 < 2.26
-    runs[1]["done"] = False  # a run a deadline stopped does not count
-    with pytest.raises(SystemExit, match="not finished: doremi-s2"):
-        mixing.select(runs, ["aioli", "doremi"], [1, 2])
-
-
-def test_the_plan_refuses_the_reference_seed_and_unknown_policies(tmp_path):
-    with pytest.raises(SystemExit, match="seed 0"):
-        mixing.plan(["doremi"], [0, 1], tmp_path)
-    with pytest.raises(SystemExit, match="stratified"):
-        mixing.plan(["stratified"], [1], tmp_path)
-    runs, references = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path)
-    assert [r.name for r in runs] == ["reference", "uniform-s1", "doremi-s1", "uniform-s2",
-                                      "doremi-s2"]
-    assert {p: r.name for p, r in references.items()} == {"uniform": "reference"}
-    # a seed's own uniform run as the reference: it runs first, and only once
-    runs, references = mixing.plan(["uniform", "doremi"], [1, 2], tmp_path, reference_seed=1)
-    assert [r.name for r in runs] == ["uniform-s1", "doremi-s1", "uniform-s2", "doremi-s2"]
-    assert references["uniform"].name == "uniform-s1"
-    assert mixing.plan(["uniform", "bandit"], [1], tmp_path)[1] == {}  # no DoReMi, no reference
-
-
-def test_a_policy_file_can_name_the_baseline_its_reference_run_trains_on(tmp_path):
-    """``${reference:natural}``: the natural run of the reference seed runs first, and the
-    policy file gets its metrics; plain ``${reference}`` still means the uniform run."""
-    assert mixing.reference_policy("doremi") == "uniform"
-    assert mixing.reference_policy("doremi-natural-ref") == "natural"
-    assert mixing.reference_policy("natural") is None
-    runs, references = mixing.plan(["natural", "doremi", "doremi-natural-ref"], [1], tmp_path,
-                                   reference_seed=1)
-    assert [r.name for r in runs] == ["natural-s1", "uniform-s1", "doremi-s1",
-                                      "doremi-natural-ref-s1"]
-    metrics = {p: r.metrics for p, r in references.items()}
-    doremi = next(r for r in runs if r.policy == "doremi-natural-ref")
-    mixing.policy_config(doremi, metrics, toy=False)
-    assert mixing.reference_of(doremi) == "natural-s1"
-    scheduler = mixing.Scheduler(runs, ["cpu"], "unused", toy=True, extra=[])
-    (references["natural"].dir).mkdir(parents=True)
-    (references["natural"].dir / "done.json").write_text("{}")
-    assert scheduler.ready(doremi, references)  # its natural reference is done...
-    assert not scheduler.ready(runs[2], references)  # ...doremi's uniform one is not
+    assert "Best fixed mixture: uniform" in text
+    assert ("| effective-data | 1,2 | 3.015 ± 0.163 | -0.035 (-0.100, +0.030) | 1/2 | "
+            "3.450 ± 0.071 | -0.100 |") in text
+    assert "1/2 seeds (+50.0%)" in text
+    verdict = mixing.verdict(runs, "effective-data")
+    assert "paired mean -0.0350, worst seed +0.0300" in verdict and "must MISSED" in verdict
+    regret = mixing.compare(runs[3], runs[1])["regret"]
+    assert regret == [(100, pytest.approx(-0.4)), (200, pytest.approx(-0.1))]
 
 
 def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, tmp_path):
     """--checkpoint-every: a run cut short (here by a smaller max_steps, as a deadline would)
     is resumed by the next sitting from last.ckpt, not restarted, and counted once."""
     out = tmp_path / "runs"
-    args = ["run", "--toy", "--store", store, "--out", str(out), "--policies", "uniform",
-            "--seeds", "1", "--gpus", "cpu", "--checkpoint-every", "10"]
+    args = ["run", "--toy", "--out", str(out), "--settings", f"toy={store}:0.03",
+            "--wave", "uniform:1", "--gpus", "cpu", "--checkpoint-every", "10"]
     assert mixing.main([*args, "--fit-args", "--trainer.max_steps", "30"]) == 0
-    run = mixing.Run("uniform", 1, out)
+    run = mixing.Run("toy", "uniform", 1, out)
     assert run.last_checkpoint.is_file()
     (run.dir / "done.json").unlink()  # as if the deadline had stopped it after step 30
     run.add_sitting(12.5)
     assert mixing.main(args) == 0
     events = [json.loads(line) for line in (run.dir / "tsm/events.jsonl").open()]
     assert [e["step"] for e in events if e["kind"] == "session_start"] == [0, 30]
-    summary = json.loads((out / "summary.json").read_text())[0]
-    assert summary["tokens"] == 50 * 4 * 64
+    steps = json.loads((out / "toy" / "setting.json").read_text())["max_steps"]
+    summary = mixing.summarise(run)
+    assert summary["tokens"] == steps * 4 * 64
     assert summary["seconds"] > 12.5  # both sittings' wall time
 
 
-def test_the_scheduler_stops_runs_at_the_deadline_when_they_can_resume(store, tmp_path):
-    out = tmp_path / "runs"
-    run = mixing.Run("uniform", 1, out)
-    scheduler = mixing.Scheduler([run], ["cpu"], store, toy=True, extra=[],
-                                 deadline=mixing.time.time() + 1.0, checkpoint_every=10)
-    assert scheduler.run_all({}) == [run]  # stopped, not finished
-    assert not run.done and len(json.loads((run.dir / "sittings.json").read_text())) == 1
-
-
-def test_the_table_names_each_doremi_runs_reference(tmp_path):
-    """Under --reference-seed a DoReMi run steers toward its own seed's uniform run: the
-    table says which reference each DoReMi row used."""
-    for reference_seed in (0, 1):
-        out = tmp_path / f"ref{reference_seed}"
-        runs, references = mixing.plan(["uniform", "doremi"], [1], out, reference_seed)
-        doremi = next(r for r in runs if r.policy == "doremi")
-        mixing.policy_config(doremi, {"uniform": references["uniform"].metrics}, toy=False)
-        assert mixing.reference_of(doremi) == references["uniform"].name
-    assert mixing.reference_of(mixing.Run("uniform", 1, out)) is None  # no policy file
-    row = {"policy": "doremi", "seed": 1, "average": 3.0, "worst": 4.0, "token_weighted": 3.1,
-           "tokens": 100, "curve": [(100, 3.0)], "seconds": 1.0, "done": True,
-           "reference": "uniform-s1"}
-    assert "DoReMi references: doremi-s1 <- uniform-s1" in mixing.table([row])
+def test_a_doremi_run_waits_for_its_reference_and_names_it(store, tmp_path):
+    settings = {"toy": mixing.Setting("toy", store, 0.03)}
+    geometry = {"toy": mixing.Geometry.of(settings["toy"], True, 4)}
+    runs = mixing.plan(list(settings.values()), [(["doremi-natural-ref"], [2])], tmp_path)
+    scheduler = mixing.Scheduler(runs, ["cpu"], settings, geometry, toy=True, extra=[])
+    reference, doremi = runs
+    assert reference.name == "natural-s1" and not scheduler.ready(doremi)
+    reference.dir.mkdir(parents=True)
+    (reference.dir / "done.json").write_text("{}")
+    assert scheduler.ready(doremi)
+    mixing.policy_config(doremi, geometry["toy"], 1, toy=True)
+    assert mixing.reference_of(doremi) == "natural-s1"
+    text = (doremi.dir / "policy.yaml").read_text()
+    assert f"update_every: {geometry['toy'].eval_interval}" in text and "${" not in text
 
 
 def test_a_run_stopped_at_a_deadline_is_compared_at_equal_tokens():
-    """A run the last sitting stopped is left out of the table, and reported at its last
-    evaluation against the best static run of its seed at the same tokens."""
     natural = summary("natural", 1, 2.0, 3.0, [(100, 4.0), (200, 3.0), (300, 2.0)])
     uniform = summary("uniform", 1, 2.5, 3.5, [(100, 4.0), (200, 3.2), (300, 2.5)])
-    doremi = {**summary("doremi", 1, 2.9, 3.9, [(100, 3.5), (250, 2.9)]), "done": False}
+    doremi = summary("doremi", 1, 2.9, 3.9, [(100, 3.5), (250, 2.9)], done=False)
     assert mixing.value_at(natural["curve"], 250) == pytest.approx(2.5)
     assert mixing.value_at(natural["curve"], 350) is None
     text = mixing.table([natural, uniform, doremi])
     assert "| doremi" not in text
     stopped = mixing.stopped([natural, uniform, doremi])
-    assert "best static: natural" in stopped
+    assert "best fixed: natural" in stopped
     assert "| doremi-s1 | 0.0M | 2.900 | 2.500 | 2.000 | not yet |" in stopped

@@ -79,7 +79,9 @@ DEBIAN = {  # Debian 12 "bookworm" binary packages
     "manpages": "6.03-2",  # Linux man-pages: various permissive (see copyright)
     "manpages-dev": "6.03-2",
     "manpages-zh": "1.6.4.0-1",  # GFDL-1.2+
-    "linux-libc-dev": "6.1.192-2",  # GPL-2.0 WITH Linux-syscall-note
+    # 6.1.192-2 left the archive for a security update; the headers used are unchanged
+    # (every output file still matches manifest.json)
+    "linux-libc-dev": "6.1.192-3",  # GPL-2.0 WITH Linux-syscall-note
     "fortunes": "1:1.99.1-7.3",  # BSD-4-Clause (fortune-mod)
     "sword-text-web": "426.0-1",  # World English Bible, public domain
     "dict-devil": "1.0-13.1",  # public domain
@@ -114,6 +116,7 @@ def fetch_pypi(name: str, version: str, cache: Path) -> Path:
 def fetch_deb(name: str, version: str, cache: Path) -> Path:
     root = cache / "deb" / name
     if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)  # dpkg-deb -x makes only the last level
         run(["apt-get", "download", f"{name}={version}"], cache)
         deb = next(cache.glob(f"{name}_{version.replace(':', '%3a')}_*.deb"))
         run(["dpkg-deb", "-x", str(deb), str(root)], cache)

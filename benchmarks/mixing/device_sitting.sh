@@ -1,44 +1,74 @@
 #!/usr/bin/env bash
-# One sitting of the mixing benchmark on a lent GPU machine (docs/benchmarks.md, "Mixing"):
-# runs longer than one 10-minute command go on over several sittings, each resuming from the
-# runs' last.ckpt while the machine stays warm. Carry the corpus archive and the wheels:
-#   carry: .carry/corpus.tar.xz, .whl (zarr stack, jsonargparse wheels for the GPU image);
-#   the archive is benchmarks/mixing/README.md's corpus with its tokenizer (42.7 MB, under
-#   one call's 64 MiB):
-#     tar -C /work -cJf .carry/corpus.tar.xz --exclude=mixing-corpus/store.zarr mixing-corpus
-#   POLICIES="uniform doremi" SEEDS=1 REFERENCE_SEED=1 bash benchmarks/mixing/device_sitting.sh
-# Everything the table needs comes back in $OUT/runs.tgz (no checkpoints). A machine lost
-# between sittings loses its store and checkpoints: the store is prepared again (about 30 s
-# on 16 cores) and unfinished runs start over. Runs finished earlier are taken from
-# .carry/mixing-done/ (run folders, or runs.tgz files as they came back, which are ~5x
-# smaller): after every sitting put its runs.tgz there and carry that folder too, or a fresh
-# machine trains the finished runs again (it did once, and spent a whole sitting on it).
+# One sitting of the mixing benchmark on a lent GPU machine (docs/benchmarks.md, "Mixing"),
+# started detached by device_detached.sh. It installs the carried wheels, prepares a shard
+# store from every corpus archive in the inbox (device_detached.sh copies .carry/corpus*.tar.xz
+# there on every call, so a corpus may arrive with a later call), then runs
+# benchmarks/mixing.py over SETTINGS in the order of WAVES, SLOTS runs at a time on the GPU;
+# a setting's runs start once its store is ready. Results: /tmp/mixing/runs (no checkpoints).
+#   SETTINGS   "NAME=STORE:EPOCHS ..." with STORE a corpus archive's top folder, or that
+#              folder followed by -cut for its CUT share of documents (cut_corpus.py)
+#   WAVES      "POLICIES:SEEDS;POLICIES:SEEDS;..." (mixing.py --wave, in order)
+#   CUT        the share of documents of the -cut stores (default 0.15)
+#   SLOTS      runs at a time on the GPU (default 8)
+#   FIT_ARGS   extra arguments for every fit
+# Archives: tar of a folder with <domain>/*.jsonl and tokenizer/ (build_corpus.py's layout);
+# the store is /tmp/mixing/stores/<folder>.zarr.
 set -uo pipefail
-START=$SECONDS
-LIMIT=${LIMIT:-555}            # seconds of this sitting before runs are stopped
-GPUS=${GPUS:-0}
-STORE=/tmp/mixing-store.zarr
-RUNS=/tmp/mixing-runs
-python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -3
-if [ ! -f "$STORE/zarr.json" ]; then
-  mkdir -p /tmp/mixing-corpus-src && tar xJf .carry/corpus.tar.xz -C /tmp/mixing-corpus-src
-  t=$SECONDS
-  AQUILA="python3 -m lightning_aquila.cli" bash benchmarks/mixing/prepare_store.sh \
-    /tmp/mixing-corpus-src/mixing-corpus "$STORE" > /tmp/prepare.log 2>&1 \
-    || { tail -20 /tmp/prepare.log; exit 1; }
-  echo "store prepared in $((SECONDS - t)) s"
+WORK=/tmp/mixing
+INBOX=$WORK/inbox
+STORES=$WORK/stores
+CORPORA=$WORK/corpora
+RUNS=$WORK/runs
+CUT=${CUT:-0.15}
+SLOTS=${SLOTS:-8}
+SETTINGS=${SETTINGS:-"a-0.5ep=mixing-corpus:0.5 a-3ep=mixing-corpus-cut:3 b-0.5ep=mixing-corpus-b:0.5 b-3ep=mixing-corpus-b:3"}
+WAVES=${WAVES:-"natural uniform temperature unimax effective-data:1,2,3;effective-data @best-fixed:4,5;doremi bandit aioli:1,2,3"}
+export AQUILA="python3 -m lightning_aquila.cli" OMP_NUM_THREADS=2 PYTHONPATH=$PWD
+mkdir -p "$INBOX" "$STORES" "$CORPORA" "$RUNS"
+if [ ! -f "$WORK/wheels.installed" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -3
+  touch "$WORK/wheels.installed"
 fi
-mkdir -p "$RUNS" /tmp/mixing-done
-for archive in .carry/mixing-done/*.tgz; do  # runs.tgz of earlier sittings, as they came back
-  [ -f "$archive" ] && tar xzf "$archive" -C /tmp/mixing-done
+
+prepare_inbox() {  # every archive not yet prepared: unpack, prepare its store (and its cut)
+  for archive in "$INBOX"/*.tar.xz; do
+    [ -f "$archive" ] || continue
+    [ -f "$archive.taken" ] && continue
+    touch "$archive.taken"
+    local t=$SECONDS top
+    top=$(tar tJf "$archive" | head -1 | cut -d/ -f1)
+    tar xJf "$archive" -C "$CORPORA"
+    bash benchmarks/mixing/prepare_store.sh "$CORPORA/$top" "$STORES/$top.zarr" \
+      > "$WORK/prepare-$top.log" 2>&1 || { tail -5 "$WORK/prepare-$top.log"; continue; }
+    echo "[$(date +%T)] store $top prepared in $((SECONDS - t)) s"
+    if [[ " $SETTINGS " == *"=$top-cut:"* ]]; then
+      python3 benchmarks/mixing/cut_corpus.py "$CORPORA/$top" "$CORPORA/$top-cut" \
+        --fraction "$CUT" > "$WORK/cut-$top.log" 2>&1 \
+      && bash benchmarks/mixing/prepare_store.sh "$CORPORA/$top-cut" "$STORES/$top-cut.zarr" \
+        > "$WORK/prepare-$top-cut.log" 2>&1 \
+      && echo "[$(date +%T)] store $top-cut prepared ($CUT of the documents)"
+    fi
+  done
+}
+
+prepare_inbox
+settings=()
+for s in $SETTINGS; do  # NAME=FOLDER:EPOCHS -> NAME=STORE:EPOCHS
+  name=${s%%=*}; rest=${s#*=}; settings+=("$name=$STORES/${rest%:*}.zarr:${rest##*:}")
 done
-for done in .carry/mixing-done/*/ /tmp/mixing-done/*/; do
-  [ -f "$done/done.json" ] && [ ! -d "$RUNS/$(basename "$done")" ] && cp -r "$done" "$RUNS/"
-done
+waves=()
+IFS=';' read -ra parts <<< "$WAVES"
+for w in "${parts[@]}"; do waves+=(--wave "$w"); done
+gpus=()
+for _ in $(seq 1 "$SLOTS"); do gpus+=(0); done
 # shellcheck disable=SC2086
-PYTHONPATH=$PWD python3 benchmarks/mixing.py run --store "$STORE" --out "$RUNS" \
-  --policies ${POLICIES:-uniform doremi} --seeds ${SEEDS:-1} --gpus $GPUS \
-  --reference-seed "${REFERENCE_SEED:-0}" --checkpoint-every "${CHECKPOINT_EVERY:-500}" \
-  --deadline $((LIMIT - (SECONDS - START))) \
-  --fit-args --trainer.max_steps "${MAX_STEPS:-6104}" ${FIT_ARGS:-} 2>&1 | tail -25
-tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude checkpoints .
+python3 benchmarks/mixing.py run --wait-for-stores --out "$RUNS" --gpus "${gpus[@]}" \
+  --settings "${settings[@]}" "${waves[@]}" --json "$RUNS/summary.json" \
+  --fit-args ${FIT_ARGS:-} > "$WORK/driver.log" 2>&1 &
+driver=$!
+while kill -0 "$driver" 2>/dev/null; do
+  prepare_inbox
+  sleep 10
+done
+wait "$driver"
+echo "[$(date +%T)] sitting ended"
