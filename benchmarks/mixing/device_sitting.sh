@@ -23,12 +23,17 @@ CUT=${CUT:-0.15}
 SLOTS=${SLOTS:-8}
 SETTINGS=${SETTINGS:-"a-0.5ep=mixing-corpus:0.5 a-3ep=mixing-corpus-cut:3 b-0.5ep=mixing-corpus-b:0.5 b-3ep=mixing-corpus-b:3"}
 WAVES=${WAVES:-"natural uniform temperature unimax effective-data:1,2,3;effective-data @best-fixed:4,5;doremi bandit aioli:1,2,3"}
-export AQUILA="python3 -m lightning_aquila.cli" OMP_NUM_THREADS=2 PYTHONPATH=$PWD
 mkdir -p "$INBOX" "$STORES" "$CORPORA" "$RUNS"
 if [ ! -f "$WORK/wheels.installed" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -3
   touch "$WORK/wheels.installed"
 fi
+# the sitting runs a copy of the code: a later call re-sends the working tree, which must not
+# change the code of runs still to start
+rm -rf "$WORK/code" && mkdir -p "$WORK/code"
+tar cf - --exclude=./.carry --exclude=./.whl --exclude=./.git . | tar xf - -C "$WORK/code"
+cd "$WORK/code" || exit 1
+export AQUILA="python3 -m lightning_aquila.cli" OMP_NUM_THREADS=2 PYTHONPATH=$PWD
 
 prepare_inbox() {  # every archive not yet prepared: unpack, prepare its store (and its cut)
   for archive in "$INBOX"/*.tar.xz; do
