@@ -36,7 +36,7 @@ import re
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ BUDGETS = {  # bytes of text per domain
     "zh": 26_000_000,
 }
 SAMPLE_BYTES = 8_000_000  # per domain, for the tokenizer sample
+CACHE = Path("/tmp/lightning-aquila-mixing-src")
+MANIFEST = Path(__file__).resolve().parent / "manifest.json"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -400,41 +402,45 @@ DOMAINS: dict[str, Callable[[Path], dict[str, list[Doc]]]] = {
 }
 
 
-def write_sample(out: Path, sample: Path) -> None:
-    """The tokenizer's training sample: the first SAMPLE_BYTES of each domain's jsonl lines
-    (files in sorted order)."""
+def write_sample(out: Path, sample: Path, domains: Sequence[str] = tuple(DOMAINS),
+                 sample_bytes: int = SAMPLE_BYTES) -> None:
+    """The tokenizer's training sample: the first ``sample_bytes`` of each domain's jsonl
+    lines (files in sorted order)."""
     sample.mkdir(parents=True, exist_ok=True)
-    for domain in sorted(DOMAINS):
+    for domain in sorted(domains):
         lines, used = [], 0
         for path in sorted((out / domain).glob("*.jsonl")):
             for line in path.read_text("utf-8").splitlines(keepends=True):
-                if used >= SAMPLE_BYTES:
+                if used >= sample_bytes:
                     break
                 lines.append(line)
                 used += len(line.encode())
         (sample / f"{domain}.jsonl").write_text("".join(lines), "utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/lightning-aquila-mixing-src"))
+def main(argv: list[str] | None = None, *,
+         domains: dict[str, Callable[[Path], dict[str, list[Doc]]]] = DOMAINS,
+         cache: Path = CACHE, manifest: Path = MANIFEST,
+         description: str = __doc__, sample_bytes: int = SAMPLE_BYTES) -> int:
+    """Build a corpus: this one, or another builder's ``domains`` (corpus_b/build.py)."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=cache)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--manifest", type=Path,
-                        default=Path(__file__).resolve().parent / "manifest.json")
+    parser.add_argument("--manifest", type=Path, default=manifest)
     parser.add_argument("--sample", type=Path, help="also write the tokenizer sample here")
-    parser.add_argument("--domain", action="append", choices=sorted(DOMAINS),
+    parser.add_argument("--domain", action="append", choices=sorted(domains),
                         help="rebuild only these domains (default: all; deduplication across "
                              "domains then only sees the ones rebuilt)")
     args = parser.parse_args(argv)
-    args.cache.mkdir(parents=True, exist_ok=True)
+    (args.cache / "deb").mkdir(parents=True, exist_ok=True)  # fetch_deb unpacks in there
     seen: set[str] = set()
-    manifest: dict[str, Any] = (json.loads(args.manifest.read_text())
-                                if args.domain and args.manifest.exists() else {})
-    for domain in sorted(args.domain or DOMAINS):
-        manifest[domain] = write_domain(domain, DOMAINS[domain](args.cache), args.out, seen)
-    args.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    written: dict[str, Any] = (json.loads(args.manifest.read_text())
+                               if args.domain and args.manifest.exists() else {})
+    for domain in sorted(args.domain or domains):
+        written[domain] = write_domain(domain, domains[domain](args.cache), args.out, seen)
+    args.manifest.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     if args.sample:
-        write_sample(args.out, args.sample)
+        write_sample(args.out, args.sample, list(domains), sample_bytes)
     return 0
 
 

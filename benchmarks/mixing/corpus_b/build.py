@@ -29,23 +29,21 @@ order, one .jsonl per domain (see README.md).
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import json
 import re
 import struct
 import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 # corpus A's builder (benchmarks/mixing/build_corpus.py), which puts the repository root on
 # sys.path for its own helpers (corpus/build_corpus.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from build_corpus import budgeted, cap, decode, fetch_deb, generated
+from build_corpus import main as build_main
 
-from corpus.build_corpus import Doc, b64, looks_like_table, normalise, pack, write_domain
+from corpus.build_corpus import Doc, b64, looks_like_table, normalise, pack
 
 # --- pinned sources: Debian 12 "bookworm" binary packages, as released ----------------------
 DEBIAN = {
@@ -338,43 +336,10 @@ DOMAINS: dict[str, Callable[[Path], dict[str, list[Doc]]]] = {
 }
 
 
-def write_sample(out: Path, sample: Path) -> None:
-    """The tokenizer's training sample: the first SAMPLE_BYTES of each domain's jsonl lines
-    (files in sorted order)."""
-    sample.mkdir(parents=True, exist_ok=True)
-    for domain in sorted(DOMAINS):
-        lines, used = [], 0
-        for path in sorted((out / domain).glob("*.jsonl")):
-            for line in path.read_text("utf-8").splitlines(keepends=True):
-                if used >= SAMPLE_BYTES:
-                    break
-                lines.append(line)
-                used += len(line.encode())
-        (sample / f"{domain}.jsonl").write_text("".join(lines), "utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path,
-                        default=Path("/tmp/lightning-aquila-mixing-b-src"))
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--manifest", type=Path,
-                        default=Path(__file__).resolve().parent / "manifest.json")
-    parser.add_argument("--sample", type=Path, help="also write the tokenizer sample here")
-    parser.add_argument("--domain", action="append", choices=sorted(DOMAINS),
-                        help="rebuild only these domains (default: all; deduplication across "
-                             "domains then only sees the ones rebuilt)")
-    args = parser.parse_args(argv)
-    (args.cache / "deb").mkdir(parents=True, exist_ok=True)  # fetch_deb unpacks in there
-    seen: set[str] = set()
-    manifest: dict[str, Any] = (json.loads(args.manifest.read_text())
-                                if args.domain and args.manifest.exists() else {})
-    for domain in sorted(args.domain or DOMAINS):
-        manifest[domain] = write_domain(domain, DOMAINS[domain](args.cache), args.out, seen)
-    args.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if args.sample:
-        write_sample(args.out, args.sample)
-    return 0
+    return build_main(argv, domains=DOMAINS, cache=Path("/tmp/lightning-aquila-mixing-b-src"),
+                      manifest=Path(__file__).resolve().parent / "manifest.json",
+                      description=__doc__, sample_bytes=SAMPLE_BYTES)
 
 
 if __name__ == "__main__":
