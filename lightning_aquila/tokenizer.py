@@ -20,7 +20,6 @@ tokenizers use (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ...).
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -105,6 +104,13 @@ def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
     take ids ``vocab_size - 2`` and ``vocab_size - 1``. Raises ``ValueError`` when the text is
     too small to learn that many tokens, since the special ids would then move. The file is
     written to a temporary name and renamed, so a reader never sees half a tokenizer.
+
+    Args:
+        files: input files (.jsonl, .txt, optionally .gz); on the command line globs, and
+            --input is repeatable
+        output: directory to write tokenizer.json into
+        vocab_size: total ids, bos and eos included
+        text_field: field holding the text in .jsonl records
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     learned = vocab_size - 2
@@ -255,7 +261,9 @@ def special_token_ids(tokenizer: Tokenizer | PathLike) -> tuple[int | None, int 
     return found.bos_id, found.eos_id
 
 
-def _expand(patterns: list[str]) -> list[str]:
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """The files ``train-tokenizer --input`` names: each glob expanded (sorted), each file
+    once; a pattern that matches nothing is a ``FileNotFoundError``."""
     files: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) or (
@@ -265,36 +273,3 @@ def _expand(patterns: list[str]) -> list[str]:
         files.extend(m for m in matches if m not in files)
     return files
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``lightning-aquila train-tokenizer --input GLOB [--input GLOB ...] --output DIR``."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-aquila train-tokenizer", allow_abbrev=False,
-        description="Train a byte-level BPE tokenizer (bos/eos as the two highest ids) on "
-                    ".jsonl/.txt files and write DIR/tokenizer.json.")
-    parser.add_argument("--input", action="append", required=True, metavar="GLOB",
-                        help="input files (.jsonl, .txt, optionally .gz); repeatable")
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="directory to write tokenizer.json into")
-    parser.add_argument("--vocab-size", type=int, default=8192,
-                        help="total ids, bos and eos included (default: 8192)")
-    parser.add_argument("--text-field", default="text",
-                        help="field holding the text in .jsonl records (default: text)")
-    args = parser.parse_args(argv)
-    try:
-        files = _expand(args.input)
-        path = train_tokenizer(files, args.output, args.vocab_size, args.text_field)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    tokenizer = load_tokenizer(path)
-    bos, eos = special_token_ids(tokenizer)
-    print(f"trained on {len(files)} file(s)")
-    print(f"vocab size: {tokenizer.get_vocab_size()}")
-    print(f"bos: {BOS} = {bos}, eos: {EOS} = {eos}")
-    print(f"hash: {tokenizer_hash(tokenizer)}")
-    print(f"wrote: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

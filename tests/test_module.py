@@ -153,7 +153,7 @@ def test_learning_rate_follows_the_schedule_during_fit(tmp_path):
 def test_checkpoint_carries_the_resolved_config_and_exports_to_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lightning_aquila.export import main as export_main
+    from lightning_aquila.cli.tools import export_hf_command as export_main
 
     lm = AquilaLM(preset="aquila2-tiny", config={"rope_theta": 20000.0}, warmup_steps=1)
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)

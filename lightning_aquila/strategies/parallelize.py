@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_aquila.model.hf import DTYPES
 from lightning_aquila.model.model import AquilaModel, RMSNorm
 from lightning_aquila.strategies.activation_checkpoint import apply_activation_checkpointing_mode
 
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
     from lightning_aquila.model.config import AquilaConfig
     from lightning_aquila.module import AquilaLM
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,15 @@ class ParallelPlan:
     def __post_init__(self) -> None:
         for field in ("param_dtype", "reduce_dtype"):
             value = getattr(self, field)
-            if value not in (None, "auto", *_DTYPES):
-                raise ValueError(f"{field} must be one of {['auto', *_DTYPES]} or None, "
+            if value not in (None, "auto", *DTYPES):
+                raise ValueError(f"{field} must be one of {['auto', *DTYPES]} or None, "
                                  f"got {value!r}")
 
     def dtype(self, field: str, device: torch.device) -> torch.dtype | None:
         value = getattr(self, field)
         if value == "auto":
             return torch.bfloat16 if device.type == "cuda" else None
-        return _DTYPES[value] if value is not None else None
+        return DTYPES[value] if value is not None else None
 
 
 def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:

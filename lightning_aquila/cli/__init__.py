@@ -1,10 +1,13 @@
 """The ``lightning-aquila`` command: a small dispatcher that imports only what a command needs.
 
-``fit``/``validate``/``test``/``predict`` are LightningCLI (``lightning_aquila.trainer_cli``),
-so trainer, model, data, callbacks and logger all come from YAML and ``--print_config`` works.
-The data tools (``prepare``, ``inspect``, ``train-tokenizer``), ``report``, ``consolidate`` and
-``export-hf`` are plain argparse commands. Nothing heavy (torch, Lightning) is imported here:
+``fit``/``validate``/``test``/``predict`` are LightningCLI (``cli/trainer.py``), so trainer,
+model, data, callbacks and logger all come from YAML and ``--print_config`` works. The data
+and run tools (``prepare``, ``inspect``, ``remove-domain``, ``train-tokenizer``, ``report``,
+``consolidate``, ``export-hf``) take their flags from a function's signature (``cli/tools.py``,
+jsonargparse). Nothing heavy (torch, Lightning, jsonargparse) is imported here:
 ``lightning-aquila --help`` must answer at once, and a data tool must not pay for Lightning.
+The rest of the package: ``errors.py`` (one-line errors), ``run_folder.py`` (one run, one
+folder), ``console.py`` (progress bar and model summary).
 
 User errors (a bad config file, an unknown class, bad data) are printed as one line naming the
 file or field; ``--verbose`` (anywhere on the command line) shows the full message and
@@ -13,11 +16,9 @@ traceback instead.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Any
 
-from lightning_aquila import user_errors
+from lightning_aquila.cli import errors
 
 #: The LightningCLI commands -> one-line help.
 TRAINER_COMMANDS: dict[str, str] = {
@@ -27,21 +28,23 @@ TRAINER_COMMANDS: dict[str, str] = {
     "predict": "run the predict loop of a config on a checkpoint",
 }
 
-#: name -> (module, function taking argv and returning an exit code, one-line help)
+#: name -> (module, the function there whose signature and docstring are the tool's flags,
+#: one-line help). ``cli/tools.py`` runs each (``COMMANDS``) and prints what it did.
 TOOLS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("lightning_aquila.datamodules.prepare", "main",
+    "prepare": ("lightning_aquila.datamodules.prepare", "prepare",
                 "tokenize raw text into a domain of a zarr shard store"),
-    "inspect": ("lightning_aquila.datamodules.prepare", "inspect_main",
+    "inspect": ("lightning_aquila.cli.tools", "inspect_store",
                 "print the domains, documents and tokens of a shard store"),
-    "remove-domain": ("lightning_aquila.datamodules.edit", "main",
+    "remove-domain": ("lightning_aquila.datamodules.edit", "remove_domain",
                       "take a domain out of a shard store (atomically)"),
-    "train-tokenizer": ("lightning_aquila.tokenizer", "main",
+    "train-tokenizer": ("lightning_aquila.tokenizer", "train_tokenizer",
                         "train a byte-level BPE tokenizer on jsonl/txt files"),
+    # report.py still parses its own arguments (argparse): ``main`` takes them as a list
     "report": ("lightning_aquila.report", "main",
                "write the PNG + HTML run report of a run directory (or --compare runs)"),
-    "consolidate": ("lightning_aquila.strategies.consolidate", "main",
+    "consolidate": ("lightning_aquila.cli.tools", "consolidate_checkpoint",
                     "merge a sharded checkpoint into one file and/or a Hugging Face directory"),
-    "export-hf": ("lightning_aquila.export", "main",
+    "export-hf": ("lightning_aquila.cli.tools", "export_checkpoint",
                   "export a Lightning checkpoint as a Hugging Face Llama directory"),
 }
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     verbose = VERBOSE_FLAG in words
     words = [w for w in words if w != VERBOSE_FLAG]
-    user_errors.VERBOSE = verbose
+    errors.VERBOSE = verbose
     if not words or words[0] in ("-h", "--help"):
         print(help_text())
         return 0 if words else 2
@@ -82,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if command in TOOLS:
-            module, function, _ = TOOLS[command]
-            return int(getattr(importlib.import_module(module), function)(words[1:]) or 0)
-        user_errors.check_config_files(words[1:])
-        from lightning_aquila.trainer_cli import run_cli
+            from lightning_aquila.cli.tools import run_tool
+
+            return run_tool(command, words[1:])
+        errors.check_config_files(words[1:])
+        from lightning_aquila.cli.trainer import run_cli
 
         if argv is None:
             # From the console script LightningCLI reads sys.argv itself (passing it again as
@@ -96,19 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             run_cli(words)
         return 0
     except Exception as error:
-        if verbose or not user_errors.is_user_error(error):
+        if verbose or not errors.is_user_error(error):
             raise
-        print(f"lightning-aquila {command}: {user_errors.one_line(error)}\n"
+        print(f"lightning-aquila {command}: {errors.one_line(error)}\n"
               f"(run again with {VERBOSE_FLAG} for the traceback)", file=sys.stderr)
         return 1
 
-
-def __getattr__(name: str) -> Any:
-    # The LightningCLI pieces moved to trainer_cli (importing them costs seconds).
-    if name in ("AquilaCLI", "run_cli", "check_config_groups", "with_atomic_checkpoint_io"):
-        return getattr(importlib.import_module("lightning_aquila.trainer_cli"), name)
-    raise AttributeError(f"module 'lightning_aquila.cli' has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
