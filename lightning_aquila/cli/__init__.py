@@ -6,8 +6,8 @@ and run tools (``prepare``, ``inspect``, ``remove-domain``, ``train-tokenizer``,
 ``consolidate``, ``export-hf``) take their flags from a function's signature (``cli/tools.py``,
 jsonargparse). Nothing heavy (torch, Lightning, jsonargparse) is imported here:
 ``lightning-aquila --help`` must answer at once, and a data tool must not pay for Lightning.
-The rest of the package: ``errors.py`` (one-line errors), ``run_folder.py`` (one run, one
-folder), ``console.py`` (progress bar and model summary).
+The rest of the package: ``commands.py`` (the command list), ``errors.py`` (one-line errors),
+``run_folder.py`` (one run, one folder), ``console.py`` (progress bar and model summary).
 
 User errors (a bad config file, an unknown class, bad data) are printed as one line naming the
 file or field; ``--verbose`` (anywhere on the command line) shows the full message and
@@ -19,36 +19,11 @@ from __future__ import annotations
 import sys
 
 from lightning_aquila.cli import errors
-
-#: The LightningCLI commands -> one-line help.
-TRAINER_COMMANDS: dict[str, str] = {
-    "fit": "train a model from a YAML config (resume with --ckpt_path last)",
-    "validate": "run the validation loop of a config on a checkpoint",
-    "test": "run the test loop of a config on a checkpoint",
-    "predict": "run the predict loop of a config on a checkpoint",
-}
-
-#: name -> (module, the function there whose signature and docstring are the tool's flags,
-#: one-line help). ``cli/tools.py`` runs each (``COMMANDS``) and prints what it did.
-TOOLS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("lightning_aquila.datamodules.prepare", "prepare",
-                "tokenize raw text into a domain of a zarr shard store"),
-    "inspect": ("lightning_aquila.cli.tools", "inspect_store",
-                "print the domains, documents and tokens of a shard store"),
-    "remove-domain": ("lightning_aquila.datamodules.edit", "remove_domain",
-                      "take a domain out of a shard store (atomically)"),
-    "train-tokenizer": ("lightning_aquila.tokenizer", "train_tokenizer",
-                        "train a byte-level BPE tokenizer on jsonl/txt files"),
-    # report.py still parses its own arguments (argparse): ``main`` takes them as a list
-    "report": ("lightning_aquila.report", "main",
-               "write the PNG + HTML run report of a run directory (or --compare runs)"),
-    "consolidate": ("lightning_aquila.cli.tools", "consolidate_checkpoint",
-                    "merge a sharded checkpoint into one file and/or a Hugging Face directory"),
-    "export-hf": ("lightning_aquila.cli.tools", "export_checkpoint",
-                  "export a Lightning checkpoint as a Hugging Face Llama directory"),
-}
+from lightning_aquila.cli.commands import TOOLS, TRAINER_COMMANDS
 
 VERBOSE_FLAG = "--verbose"
+
+__all__ = ["TOOLS", "TRAINER_COMMANDS", "main"]
 
 
 def help_text() -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
+from lightning_aquila.cli.commands import TOOLS
 from lightning_aquila.cli.errors import OneLineErrors
 
 
@@ -39,8 +40,6 @@ class ToolParser(OneLineErrors, ArgumentParser):
 
 def tool_function(tool: str) -> Callable[..., Any]:
     """The function whose parameters are ``tool``'s flags (``TOOLS``)."""
-    from lightning_aquila.cli import TOOLS
-
     module, function, _ = TOOLS[tool]
     return getattr(importlib.import_module(module), function)
 

@@ -26,15 +26,15 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 import lightning_aquila.strategies  # noqa: F401  (registers our named strategies)
 from lightning_aquila.checkpoint import AtomicCheckpointIO
-from lightning_aquila.cli import errors
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
+from lightning_aquila.cli.errors import OneLineErrors
 from lightning_aquila.cli.run_folder import fill_run_paths, has_last_checkpoint, previous_run_files
 from lightning_aquila.module import AquilaLM
 
 REUSE_FLAG = "reuse_run_dir"
 
 
-class AquilaArgumentParser(errors.OneLineErrors, LightningArgumentParser):
+class AquilaArgumentParser(OneLineErrors, LightningArgumentParser):
     """No prefix matching, and a parse error as one line (the full report with
     ``--verbose``)."""
 
