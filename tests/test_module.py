@@ -8,7 +8,8 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila import AquilaLM
-from lightning_aquila.module import token_losses, warmup_cosine
+from lightning_aquila.model.head_loss import token_losses
+from lightning_aquila.module import warmup_cosine
 
 
 class CountingSequences(Dataset):
