@@ -21,7 +21,7 @@ TOOLS: dict[str, tuple[str, str, str]] = {
     "remove-domain": ("lightning_aquila.datamodules.edit", "remove_domain",
                       "take a domain out of a shard store (atomically)"),
     "train-tokenizer": ("lightning_aquila.tokenizer", "train_tokenizer",
-                        "train a byte-level BPE tokenizer on jsonl/txt files"),
+                        "train a byte-level BPE tokenizer on jsonl/txt/parquet files"),
     # report.py still parses its own arguments (argparse): ``main`` takes them as a list
     "report": ("lightning_aquila.report", "main",
                "write the PNG + HTML run report of a run directory (or --compare runs)"),

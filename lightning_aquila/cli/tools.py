@@ -247,7 +247,8 @@ def train_tokenizer_command(argv: Sequence[str] | None = None) -> int:
 
     parser = tool_parser(
         "train-tokenizer", "Train a byte-level BPE tokenizer (bos/eos as the two highest ids) "
-        "on .jsonl/.txt files and write DIR/tokenizer.json.", flags={"files": "--input"})
+        "on .jsonl/.txt/.parquet files and write DIR/tokenizer.json.",
+        flags={"files": "--input", "fmt": "--format"})
     args = parse(parser, argv)
     try:
         args.files = expand_inputs(args.files)
