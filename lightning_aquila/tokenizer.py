@@ -230,10 +230,14 @@ def special_token_ids(tokenizer: Tokenizer | PathLike) -> tuple[int | None, int 
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """The files ``train-tokenizer --input`` names: each glob expanded (sorted), each file
-    once; a pattern that matches nothing is a ``FileNotFoundError``."""
+    """The files ``train-tokenizer --input`` names: each local glob expanded (sorted), each
+    file once, a URL as given (the reader expands it); a local pattern that matches nothing is
+    a ``FileNotFoundError``."""
     files: list[str] = []
     for pattern in patterns:
+        if "://" in pattern:
+            files.append(pattern)
+            continue
         matches = sorted(glob.glob(pattern, recursive=True)) or (
             [pattern] if os.path.isfile(pattern) else [])
         if not matches:

@@ -36,6 +36,17 @@ class ToolParser(OneLineErrors, ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
+        #: flags that append to a list each time they are given (``--input``)
+        self.repeatable: list[str] = []
+
+    def parse_argv(self, argv: Sequence[str] | None) -> Namespace:
+        """``argv`` (default: the process's) parsed, each repeatable flag given to
+        jsonargparse as its appending form ``FLAG+``."""
+        words = list(sys.argv[1:] if argv is None else argv)
+        for flag in self.repeatable:
+            words = [f"{flag}+{w[len(flag):]}" if w == flag or w.startswith(f"{flag}=")
+                     else w for w in words]
+        return self.parse_args(words)
 
 
 def tool_function(tool: str) -> Callable[..., Any]:
@@ -52,12 +63,12 @@ def tool_parser(tool: str, description: str, *, positional: Iterable[str] = (),
     parameters as positional arguments."""
     function = tool_function(tool)
     parser = ToolParser(prog=f"lightning-aquila {tool}", description=description)
-    names = typing.get_type_hints(function).keys() - {"return"}
+    hints = typing.get_type_hints(function)
     positional, skip = set(positional), set(skip)
-    parser.add_function_arguments(function, skip=names - positional, as_group=False,
+    parser.add_function_arguments(function, skip=hints.keys() - positional, as_group=False,
                                   as_positional=True)
     parser.add_function_arguments(function, skip=skip | positional, as_group=False)
-    hints = typing.get_type_hints(function)
+    # argparse has no public way to rename a flag: its option strings and their index
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -72,22 +83,13 @@ def tool_parser(tool: str, description: str, *, positional: Iterable[str] = (),
         parser._option_string_actions[flag] = action
         if appends:
             parser._option_string_actions[flag + "+"] = action
-            parser.repeatable = (*getattr(parser, "repeatable", ()), flag)
+            parser.repeatable.append(flag)
     return parser
 
 
 def add_switch(parser: ArgumentParser, *names: str, help: str) -> None:
     """A boolean flag that means true alone (``--quiet``), as the tools' own flags do."""
     parser.add_argument(*names, type=bool, nargs="?", const=True, default=False, help=help)
-
-
-def parse(parser: ToolParser, argv: Sequence[str] | None) -> Namespace:
-    """``argv`` parsed, each repeatable flag given as jsonargparse's appending ``FLAG+``."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    for flag in getattr(parser, "repeatable", ()):
-        words = [f"{flag}+{w[len(flag):]}" if w == flag or w.startswith(f"{flag}=") else w
-                 for w in words]
-    return parser.parse_args(words)
 
 
 def call(function: Callable[..., Any], args: Namespace, **given: Any) -> Any:
@@ -116,7 +118,7 @@ def prepare_command(argv: Sequence[str] | None = None) -> int:
     add_switch(parser, "--quiet", help="no progress bars")
     add_switch(parser, "-v", "--verbose",
                help="name every skipped source, not only the first few")
-    args = parse(parser, argv)
+    args = parser.parse_argv(argv)
     if args.threads:
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     try:
@@ -212,7 +214,7 @@ def inspect_table(store: Any) -> str:
 def inspect_command(argv: Sequence[str] | None = None) -> int:
     parser = tool_parser("inspect", "Print the domains, documents and tokens of a shard store.",
                          positional={"store"})
-    return call(inspect_store, parse(parser, argv))
+    return call(tool_function("inspect"), parser.parse_argv(argv))
 
 
 # -- remove-domain ------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ def remove_domain_command(argv: Sequence[str] | None = None) -> int:
         "remove-domain", "Take a domain out of a shard store: one atomic metadata write, "
         "then its files are deleted (see docs/data.md for runs training from the store).",
         positional={"url", "domain"})
-    args = parse(parser, argv)
+    args = parser.parse_argv(argv)
     try:
         call(tool_function("remove-domain"), args)
     except DataError as exc:
@@ -249,7 +251,7 @@ def train_tokenizer_command(argv: Sequence[str] | None = None) -> int:
         "train-tokenizer", "Train a byte-level BPE tokenizer (bos/eos as the two highest ids) "
         "on .jsonl/.txt/.parquet files and write DIR/tokenizer.json.",
         flags={"files": "--input", "fmt": "--format"})
-    args = parse(parser, argv)
+    args = parser.parse_argv(argv)
     try:
         args.files = expand_inputs(args.files)
         path = call(tool_function("train-tokenizer"), args)
@@ -352,7 +354,7 @@ def _checkpoint_command(tool: str, argv: Sequence[str] | None) -> int:
     summary = (function.__doc__ or "").split("\n\n", 1)[0].replace("``", "")
     parser = tool_parser(tool, " ".join(summary.split()), positional={"checkpoint"})
     try:
-        call(function, parse(parser, argv))
+        call(function, parser.parse_argv(argv))
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         parser.error(str(error))
     return 0
