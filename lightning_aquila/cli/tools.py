@@ -84,6 +84,7 @@ def tool_parser(tool: str, description: str, *, positional: Iterable[str] = (),
         if appends:
             parser._option_string_actions[flag + "+"] = action
             parser.repeatable.append(flag)
+            action.metavar = flag.lstrip("-").upper()  # one value each time, not a list
     return parser
 
 
