@@ -23,11 +23,9 @@ from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
 from lightning_aquila.model.float8 import FLOAT8_RECIPES
 from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
 from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
+from lightning_aquila.strategies.parallelize import prepare_model
 
-# Handles plain and vocabulary-sharded (tensor-parallel) logits alike; re-exported here.
-from lightning_aquila.strategies.loss import token_losses
-
-__all__ = ["OPTIMIZERS", "AquilaLM", "token_losses", "warmup_cosine"]
+__all__ = ["OPTIMIZERS", "AquilaLM", "warmup_cosine"]
 
 #: ``optimizer``: ``adamw`` keeps its two moments in fp32 (8 bytes per parameter);
 #: ``adamw8bit`` is torchao's ``AdamW8bit``, moments quantised blockwise to 8 bits (about 2
@@ -156,9 +154,14 @@ class AquilaLM(LightningModule):
             meta = self.device_mesh is not None
             with torch.device("meta") if meta else nullcontext():
                 self.model = AquilaModel(self.config, **kernels)
-        from lightning_aquila.strategies.parallelize import prepare_model
-
-        prepare_model(self, self.model)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        # the device matters only for sharding and float8 (read it only then, as not every
+        # strategy knows it this early)
+        uses_device = strategy is not None and (self.device_mesh is not None or hp.float8)
+        prepare_model(self.model, mesh=self.device_mesh,
+                      plan=getattr(strategy, "parallel_plan", None),  # AquilaParallelStrategy's
+                      device=strategy.root_device if uses_device else None, float8=hp.float8,
+                      activation_checkpointing=hp.activation_checkpointing, compile=hp.compile)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -320,10 +323,10 @@ class AquilaLM(LightningModule):
         For fused AdamW on plain (unsharded) parameters the clip needs no multiply pass of
         its own: the fused kernel divides each gradient by ``optimizer.grad_scale`` as it
         reads it, and writes the result back to ``.grad`` (the hook GradScaler uses), so the
-        clip factor goes there. That saves one read of every gradient per step, about 4.5
-        GB for a 1B model in fp32 (~1.4 ms on an H100). The update is ``clip_grad_norm_``'s
-        to rounding. Sharded (DTensor) parameters, other optimizers and clipping by value
-        take Lightning's path."""
+        clip factor goes there. That saves one read of every gradient per step
+        (docs/benchmarks.md). The update is ``clip_grad_norm_``'s to rounding. Sharded
+        (DTensor) parameters, other optimizers and clipping by value take Lightning's
+        path."""
         plugin = self.trainer.precision_plugin
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         if not fused or getattr(plugin, "scaler", None) is not None:

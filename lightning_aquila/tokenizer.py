@@ -20,16 +20,13 @@ tokenizers use (``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ...).
 
 from __future__ import annotations
 
-import argparse
 import glob
-import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -47,46 +44,7 @@ SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 #: configuration file names them.
 EOS_SPELLINGS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>")
 BOS_SPELLINGS = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
-#: Plain-text files are handed to the trainer in pieces of about this many characters, so a
-#: large .txt never has to fit in memory (pieces end at line breaks).
-TXT_PIECE_CHARS = 1 << 20
-
 PathLike = str | os.PathLike[str]
-
-
-def _open_text(path: str) -> IO[str]:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_documents(files: Iterable[str], text_field: str = "text") -> Iterator[str]:
-    """Texts of ``.jsonl`` records (their ``text_field``) and of ``.txt`` files, one at a time:
-    the trainer only counts words, so nothing needs to be held in memory."""
-    for path in files:
-        name = path.removesuffix(".gz")
-        with _open_text(path) as handle:
-            if name.endswith(".jsonl"):
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    text = record.get(text_field) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{number}: no string field {text_field!r}")
-                    if text:
-                        yield text
-            else:
-                piece: list[str] = []
-                size = 0
-                for line in handle:
-                    piece.append(line)
-                    size += len(line)
-                    if size >= TXT_PIECE_CHARS:
-                        yield "".join(piece)
-                        piece, size = [], 0
-                if piece:
-                    yield "".join(piece)
 
 
 def _new_tokenizer() -> Tokenizer:
@@ -97,15 +55,30 @@ def _new_tokenizer() -> Tokenizer:
 
 
 def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
-                    text_field: str = "text") -> Path:
-    """Train a byte-level BPE tokenizer on ``files`` (.jsonl, .txt, optionally .gz) and write
-    ``output/tokenizer.json``; returns its path.
+                    text_field: str = "text", *,
+                    fmt: Literal["auto", "txt", "jsonl", "parquet"] = "auto",
+                    on_error: Literal["stop", "skip"] = "stop") -> Path:
+    """Train a byte-level BPE tokenizer on ``files`` and write ``output/tokenizer.json``;
+    returns its path. The files are read as ``prepare`` reads them
+    (``datamodules/sources.py``: jsonl, txt, parquet, optionally compressed, local or any
+    fsspec URL), a document at a time: the trainer only counts words.
 
     ``vocab_size - 2`` tokens are learned (the 256 byte symbols included) and ``<s>``/``</s>``
     take ids ``vocab_size - 2`` and ``vocab_size - 1``. Raises ``ValueError`` when the text is
     too small to learn that many tokens, since the special ids would then move. The file is
     written to a temporary name and renamed, so a reader never sees half a tokenizer.
+
+    Args:
+        files: input files (.jsonl, .txt, .parquet, optionally compressed); on the command
+            line globs, and --input is repeatable
+        output: directory to write tokenizer.json into
+        vocab_size: total ids, bos and eos included
+        text_field: jsonl field / parquet column holding the text
+        fmt: input format (on the command line --format; default: by extension)
+        on_error: a corrupt record: stop naming file and line, or skip it
     """
+    from lightning_aquila.datamodules.sources import read_texts
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     learned = vocab_size - 2
     if learned <= len(alphabet):
@@ -116,7 +89,8 @@ def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
     tokenizer = _new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=learned, initial_alphabet=alphabet,
                                   special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator(iter_documents(files, text_field), trainer)
+    texts = read_texts(files, text_field=text_field, fmt=fmt, on_error=on_error)
+    tokenizer.train_from_iterator(texts, trainer)
     if tokenizer.get_vocab_size() != learned:
         raise ValueError(f"the input only supports {tokenizer.get_vocab_size()} tokens, not "
                          f"{learned}: give more text or a smaller vocab_size")
@@ -255,9 +229,15 @@ def special_token_ids(tokenizer: Tokenizer | PathLike) -> tuple[int | None, int 
     return found.bos_id, found.eos_id
 
 
-def _expand(patterns: list[str]) -> list[str]:
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """The files ``train-tokenizer --input`` names: each local glob expanded (sorted), each
+    file once, a URL as given (the reader expands it); a local pattern that matches nothing is
+    a ``FileNotFoundError``."""
     files: list[str] = []
     for pattern in patterns:
+        if "://" in pattern:
+            files.append(pattern)
+            continue
         matches = sorted(glob.glob(pattern, recursive=True)) or (
             [pattern] if os.path.isfile(pattern) else [])
         if not matches:
@@ -265,36 +245,3 @@ def _expand(patterns: list[str]) -> list[str]:
         files.extend(m for m in matches if m not in files)
     return files
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``lightning-aquila train-tokenizer --input GLOB [--input GLOB ...] --output DIR``."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-aquila train-tokenizer", allow_abbrev=False,
-        description="Train a byte-level BPE tokenizer (bos/eos as the two highest ids) on "
-                    ".jsonl/.txt files and write DIR/tokenizer.json.")
-    parser.add_argument("--input", action="append", required=True, metavar="GLOB",
-                        help="input files (.jsonl, .txt, optionally .gz); repeatable")
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="directory to write tokenizer.json into")
-    parser.add_argument("--vocab-size", type=int, default=8192,
-                        help="total ids, bos and eos included (default: 8192)")
-    parser.add_argument("--text-field", default="text",
-                        help="field holding the text in .jsonl records (default: text)")
-    args = parser.parse_args(argv)
-    try:
-        files = _expand(args.input)
-        path = train_tokenizer(files, args.output, args.vocab_size, args.text_field)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    tokenizer = load_tokenizer(path)
-    bos, eos = special_token_ids(tokenizer)
-    print(f"trained on {len(files)} file(s)")
-    print(f"vocab size: {tokenizer.get_vocab_size()}")
-    print(f"bos: {BOS} = {bos}, eos: {EOS} = {eos}")
-    print(f"hash: {tokenizer_hash(tokenizer)}")
-    print(f"wrote: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

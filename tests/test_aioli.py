@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from lightning_aquila.callbacks.aioli import AioliMixture
 from lightning_aquila.callbacks.policies import MixturePolicy
+from lightning_aquila.callbacks.policies.aioli import AioliMixture
 from lightning_aquila.callbacks.state import TrainingState
 
 DOMAINS = ["code", "web", "books"]

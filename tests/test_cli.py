@@ -123,7 +123,7 @@ def test_a_callback_argument_its_constructor_refuses_is_one_line_naming_the_caus
     from jsonargparse import ArgumentParser
     from lightning.pytorch import Callback
 
-    from lightning_aquila.user_errors import one_line
+    from lightning_aquila.cli.errors import one_line
 
     parser = ArgumentParser()
     parser.add_argument("--callbacks", type=list[Callback] | None)
@@ -283,7 +283,7 @@ def test_shipped_configs_leave_output_paths_to_default_root_dir():
 # -- what a run prints ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("flops", "shown"), [(0, False), (5_000_000, True)])
 def test_the_model_summary_shows_flops_only_when_measured(flops, shown, caplog):
-    from lightning_aquila.console import CompactModelSummary
+    from lightning_aquila.cli.console import CompactModelSummary
 
     with caplog.at_level("INFO", logger="lightning.pytorch.callbacks.model_summary"):
         CompactModelSummary.summarize([("Name", ["model"]), ("Params", ["2.8 M"])], 2_800_000,
@@ -293,7 +293,7 @@ def test_the_model_summary_shows_flops_only_when_measured(flops, shown, caplog):
 
 
 def test_verbose_raises_the_error_itself_for_its_traceback(tmp_path):
-    from lightning_aquila.user_errors import ConfigFileError
+    from lightning_aquila.cli.errors import ConfigFileError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: 5\n   accelerator: cpu\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_aquila.cli import run_cli
+from lightning_aquila.cli.trainer import run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,7 @@ from lightning_aquila import AquilaLM
 from lightning_aquila.atomic import atomic_file, partial_files, replace_directory
 from lightning_aquila.callbacks import TrainingStateMonitor
 from lightning_aquila.checkpoint import AtomicCheckpointIO
-from lightning_aquila.cli import with_atomic_checkpoint_io
+from lightning_aquila.cli.trainer import with_atomic_checkpoint_io
 from lightning_aquila.datamodules import DomainDataModule
 from lightning_aquila.strategies import AquilaParallelStrategy
 
@@ -231,7 +231,7 @@ def test_the_cli_writes_checkpoints_atomically_unless_configured_otherwise():
 def test_the_cli_trainer_gets_atomic_checkpoint_io(crash_store, monkeypatch):
     from lightning.pytorch import LightningDataModule
 
-    from lightning_aquila.cli import AquilaCLI
+    from lightning_aquila.cli.trainer import AquilaCLI
 
     monkeypatch.setattr(sys, "argv", ["lightning-aquila"])
     cli = AquilaCLI(AquilaLM, LightningDataModule, subclass_mode_data=True, run=False,

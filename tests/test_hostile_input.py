@@ -32,9 +32,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from lightning_aquila.cli.tools import inspect_command as inspect_main  # noqa: E402
 from lightning_aquila.datamodules import DataError, DomainDataModule, ShardStore  # noqa: E402
 from lightning_aquila.datamodules.mixture import DomainMixture  # noqa: E402
-from lightning_aquila.datamodules.prepare import inspect_main, prepare  # noqa: E402
+from lightning_aquila.datamodules.prepare import prepare  # noqa: E402
 from lightning_aquila.datamodules.store import DomainWriter, iter_documents  # noqa: E402
 
 #: hypothesis runs many examples in one test function: temporary folders are made per example
@@ -584,7 +585,7 @@ def cli_parser() -> Any:
     """The parser ``lightning-aquila fit`` uses (LightningCLI's, built once)."""
     from lightning.pytorch import LightningDataModule
 
-    from lightning_aquila.cli import AquilaCLI
+    from lightning_aquila.cli.trainer import AquilaCLI
     from lightning_aquila.module import AquilaLM
 
     class ParserOnly(AquilaCLI):
@@ -717,7 +718,7 @@ def run_spec(parser: Any, text: str, state: Any) -> dict[str, float]:
     """What ``lightning-aquila fit`` does with a config up to the first batch: parse,
     instantiate, then the datamodule builds its mixture and the engine asks its policy."""
     from lightning_aquila.callbacks.engine import AdaptiveTrainingEngine
-    from lightning_aquila.cli import check_config_groups
+    from lightning_aquila.cli.trainer import check_config_groups
 
     config = parser.parse_string(text)
     check_config_groups(config)  # AquilaCLI.before_instantiate_classes

@@ -8,7 +8,8 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_aquila import AquilaLM
-from lightning_aquila.module import token_losses, warmup_cosine
+from lightning_aquila.model.head_loss import token_losses
+from lightning_aquila.module import warmup_cosine
 
 
 class CountingSequences(Dataset):
@@ -153,7 +154,7 @@ def test_learning_rate_follows_the_schedule_during_fit(tmp_path):
 def test_checkpoint_carries_the_resolved_config_and_exports_to_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lightning_aquila.export import main as export_main
+    from lightning_aquila.cli.tools import export_hf_command as export_main
 
     lm = AquilaLM(preset="aquila2-tiny", config={"rope_theta": 20000.0}, warmup_steps=1)
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)

@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lightning_aquila.datamodules.prepare import inspect_main, main, prepare
+from lightning_aquila.cli.tools import inspect_command as inspect_main
+from lightning_aquila.cli.tools import prepare_command as main
+from lightning_aquila.datamodules.prepare import prepare
 from lightning_aquila.datamodules.store import DataError, ShardStore, iter_documents
 
 TEXTS = [

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_aquila.cli.tools import prepare_command as main
 from lightning_aquila.datamodules import DomainDataModule
-from lightning_aquila.datamodules.prepare import guess_language, main, prepare
+from lightning_aquila.datamodules.prepare import guess_language, prepare
 from lightning_aquila.datamodules.split import HELDOUT_WINDOW_TOKENS
 from lightning_aquila.datamodules.store import ShardStore, iter_documents
 from lightning_aquila.tokenizer import load_tokenizer

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from lightning_aquila.datamodules.prepare import main, prepare
+from lightning_aquila.cli.tools import prepare_command as main
+from lightning_aquila.datamodules.prepare import prepare
 from lightning_aquila.datamodules.store import DataError, ShardStore, iter_documents
 
 TEXTS = ["a first small document", "and a second one", "the third and last"]

@@ -14,11 +14,11 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from lightning_aquila import AquilaConfig, AquilaLM, AquilaModel
+from lightning_aquila.cli.tools import consolidate_command as consolidate_main
+from lightning_aquila.model.head_loss import token_cross_entropy
+from lightning_aquila.model.model import init_module
 from lightning_aquila.strategies import AquilaParallelStrategy, ParallelPlan
-from lightning_aquila.strategies.consolidate import main as consolidate_main
-from lightning_aquila.strategies.loss import token_cross_entropy
 from lightning_aquila.strategies.model_parallel import resolve_mesh_sizes
-from lightning_aquila.strategies.parallelize import init_module
 
 
 def test_importing_lightning_aquila_loads_neither_torch_nor_lightning():

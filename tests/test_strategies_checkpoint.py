@@ -11,7 +11,7 @@ import torch
 from distributed_helpers.launch import losses, run_training, tiny_init
 
 from lightning_aquila import import_hf
-from lightning_aquila.strategies.consolidate import main as consolidate_main
+from lightning_aquila.cli.tools import consolidate_command as consolidate_main
 
 STRATEGIES = ["aquila_fsdp", "aquila_tp"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from lightning_aquila.cli.tools import train_tokenizer_command as main
 from lightning_aquila.tokenizer import (
     DEFAULT_TOKENIZER,
     load_tokenizer,
-    main,
     special_token_ids,
     tokenizer_hash,
     train_tokenizer,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from lightning_aquila.strategies.loss import token_losses
+from lightning_aquila.model.head_loss import token_losses
 
 #: The bundled task: hand-written English and Chinese cloze items with one right completion.
 BUNDLED_TASK = Path(__file__).resolve().parents[1] / "assets" / "probes" / "cloze_bilingual.jsonl"

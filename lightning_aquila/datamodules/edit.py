@@ -16,18 +16,14 @@ reading it now goes on undisturbed.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import zarr
 
 from lightning_aquila.datamodules.shard_format import (
     MANIFEST_KEY,
-    DataError,
     checked_manifest,
-    storage_options_from_json,
     zarr_store,
 )
 from lightning_aquila.datamodules.store import ShardStore
@@ -37,7 +33,14 @@ def remove_domain(url: str, domain: str, *, keep_data: bool = False,
                   storage_options: Mapping[str, Any] | None = None) -> None:
     """Unlist ``domain`` from the store's manifest (atomically), then delete its files
     unless ``keep_data``. A domain the store does not list is a ``DataError`` naming the
-    domains it has; the store is then unchanged."""
+    domains it has; the store is then unchanged.
+
+    Args:
+        url: store path or URL
+        domain: the domain to remove
+        keep_data: only unlist the domain; leave its files for runs reading them
+        storage_options: fsspec options for a remote store (JSON on the command line)
+    """
     ShardStore(url, storage_options).info(domain)  # opens and checks the store; names domains
     root = zarr.open_group(zarr_store(url, read_only=False, storage_options=storage_options),
                            mode="r+")
@@ -47,25 +50,3 @@ def remove_domain(url: str, domain: str, *, keep_data: bool = False,
     if not keep_data and domain in root:
         del root[domain]
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-aquila remove-domain", allow_abbrev=False,
-        description="Take a domain out of a shard store: one atomic metadata write, then its "
-                    "files are deleted (see docs/data.md for runs training from the store).")
-    parser.add_argument("store", metavar="STORE", help="store path or URL")
-    parser.add_argument("domain", metavar="NAME", help="the domain to remove")
-    parser.add_argument("--keep-data", action="store_true",
-                        help="only unlist the domain; leave its files for runs reading them")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help="fsspec options for a remote store, as JSON")
-    args = parser.parse_args(argv)
-    try:
-        remove_domain(args.store, args.domain, keep_data=args.keep_data,
-                      storage_options=storage_options_from_json(args.storage_options))
-    except DataError as exc:
-        print(f"lightning-aquila remove-domain: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"removed domain {args.domain!r} from {args.store}"
-          + (" (its files are kept)" if args.keep_data else ""))
-    return 0

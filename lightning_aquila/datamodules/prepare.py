@@ -1,7 +1,8 @@
-"""``lightning-aquila prepare`` and ``lightning-aquila inspect``.
+"""``lightning-aquila prepare``: raw text into one domain of a shard store.
 
 Reading the inputs is ``sources.py``'s job and choosing the held-out part ``split.py``'s;
-this file tokenizes, writes the domain, and holds the two commands.
+this file tokenizes and writes the domain. The commands' flags are ``prepare``'s parameters;
+they and their output are in ``cli/tools.py``.
 
 ``prepare`` tokenizes raw text (txt, jsonl, parquet; local or any fsspec URL, optionally
 gzip/bz2/xz compressed) into one domain of a shard store. It streams: sources are read in
@@ -15,10 +16,8 @@ the split does not depend on batch sizes or thread timing, and no split ends up 
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,7 +30,6 @@ from lightning_aquila.datamodules.shard_format import (
     SPLITS,
     DataError,
     check_domain_name,
-    storage_options_from_json,
 )
 from lightning_aquila.datamodules.sources import (
     TXT_PIECE_CHARS,
@@ -48,7 +46,6 @@ from lightning_aquila.datamodules.split import (
     SplitRouter,
     plan_split,
 )
-from lightning_aquila.datamodules.store import ShardStore
 from lightning_aquila.datamodules.writer import DomainWriter
 
 
@@ -228,6 +225,31 @@ def prepare(
     Raises ``DataError`` (and changes nothing) for bad input, and for a run that would leave
     the domain without training tokens, or without held-out tokens when
     ``held_out_fraction > 0``; an input without documents adds nothing and raises too.
+
+    Args:
+        inputs: file, glob, directory or fsspec URL; on the command line --input, repeat for
+            more
+        domain: domain name (a group of the store)
+        output: store path or URL
+        tokenizer: tokenizer.json, or a directory in the Hugging Face from_pretrained layout
+            (tokenizer.json + tokenizer_config.json / special_tokens_map.json); default: the
+            bundled one
+        fmt: input format (on the command line --format; default: by extension); applies to
+            every file of a directory input too
+        text_field: jsonl field / parquet column holding the text
+        quality_field: optional numeric field / column stored as per-document quality
+        language: language tag (default: the domain name's prefix when it is a two-letter
+            code or 'code', e.g. en_prose -> en; else unknown)
+        held_out_fraction: fraction of documents (or, for one or a few large documents, of
+            token windows) kept for validation
+        eos_token: the token that ends each document (default: the tokenizer configuration's
+            eos_token, else </s>, <|endoftext|>, ...)
+        on_error: a corrupt record: stop naming file and line, or skip and count
+        chunk_tokens: tokens per zarr chunk of a new domain
+        batch_chars: characters of text tokenized per batch
+        piece_chars: a txt document is read in pieces of about this many characters
+        storage_options: fsspec options for remote inputs/outputs (JSON on the command line)
+        progress: show progress bars
     """
     check_domain_name(domain)
     if not 0 <= held_out_fraction < 1:
@@ -294,138 +316,3 @@ def prepare(
         report.domain_tokens = {split: after.tokens(split) for split in SPLITS}
     return report
 
-
-# -- commands -------------------------------------------------------------------------------
-def _print_summary(report: PrepareReport, verbose: bool) -> None:
-    """What a run did: skipped duplicates (counted; named with ``-v``), then the split
-    sizes of this run and of the domain after it."""
-    shown = len(report.skipped) if verbose else 3
-    if report.skipped:
-        names = ", ".join(report.skipped[:shown])
-        more = (f", ... ({len(report.skipped) - shown} more; -v lists all)"
-                if len(report.skipped) > shown else "")
-        print(f"skipped {len(report.skipped)} source(s) already in domain {report.domain!r} "
-              f"(same content): {names}{more}")
-    if not report.added:
-        if not report.skipped:
-            print("nothing to do")
-        return
-    print(f"domain {report.domain!r} (language {report.language!r}): added "
-          f"{len(report.added)} source(s), {report.documents:,} documents, "
-          f"{report.tokens:,} tokens -> {report.store}")
-    how = ("whole documents" if report.split_mode == "documents" else
-           f"windows of {HELDOUT_WINDOW_TOKENS} tokens cut from the documents")
-    tokens, pieces = report.split_tokens, report.split_pieces
-    print(f"  this run: train {tokens.get('train', 0):,} tokens ({pieces.get('train', 0):,} "
-          f"pieces), held out {tokens.get('heldout', 0):,} tokens "
-          f"({pieces.get('heldout', 0):,} pieces: {report.split_parts.get('dev', 0):,} dev, "
-          f"{report.split_parts.get('test', 0):,} test; {how})")
-    print(f"  domain now: train {report.domain_tokens['train']:,} tokens, held out "
-          f"{report.domain_tokens['heldout']:,} tokens")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-aquila prepare", allow_abbrev=False,
-        description="Tokenize raw text into one domain of a zarr shard store (idempotent: "
-                    "sources already in the domain, by content hash, are skipped).")
-    parser.add_argument("--input", action="append", required=True, metavar="GLOB_OR_URL",
-                        help="file, glob, directory or fsspec URL; repeat for more")
-    parser.add_argument("--domain", required=True, help="domain name (a group of the store)")
-    parser.add_argument("--output", required=True, metavar="STORE", help="store path or URL")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="tokenizer.json, or a directory in the Hugging Face "
-                             "from_pretrained layout (tokenizer.json + tokenizer_config.json "
-                             "/ special_tokens_map.json) (default: bundled)")
-    parser.add_argument("--eos-token", default=None, metavar="TEXT",
-                        help="the token that ends each document (default: the tokenizer "
-                             "configuration's eos_token, else </s>, <|endoftext|>, ...)")
-    parser.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "parquet"],
-                        help="input format (default: by extension); applies to every file "
-                             "of a directory input too")
-    parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
-    parser.add_argument("--quality-field", default=None,
-                        help="optional numeric field / column stored as per-document quality")
-    parser.add_argument("--language", default=None,
-                        help="language tag (default: the domain name's prefix when it is a "
-                             "two-letter code or 'code', e.g. en_prose -> en; else unknown)")
-    parser.add_argument("--held-out-fraction", type=float, default=0.01,
-                        help="fraction of documents (or, for one or a few large documents, "
-                             "of token windows) kept for validation (default 0.01)")
-    parser.add_argument("--on-error", default="stop", choices=["stop", "skip"],
-                        help="a corrupt record: stop naming file and line, or skip and count")
-    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
-                        help="tokens per zarr chunk of a new domain (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="tokenizer threads (default: all cores)")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help="fsspec options for remote inputs/outputs, as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="name every skipped source, not only the first few")
-    args = parser.parse_args(argv)
-    if args.threads:
-        os.environ["RAYON_NUM_THREADS"] = str(args.threads)
-    try:
-        report = prepare(
-            args.input, args.domain, args.output, args.tokenizer, fmt=args.format,
-            text_field=args.text_field, quality_field=args.quality_field,
-            language=args.language, held_out_fraction=args.held_out_fraction,
-            eos_token=args.eos_token, on_error=args.on_error, chunk_tokens=args.chunk_tokens,
-            storage_options=storage_options_from_json(args.storage_options),
-            progress=not args.quiet,
-        )
-    except DataError as exc:
-        print(f"lightning-aquila prepare: error: {exc}", file=sys.stderr)
-        return 1
-    _print_summary(report, args.verbose)
-    if report.bad_records:
-        print(f"warning: skipped {report.bad_records} bad record(s), e.g.:", file=sys.stderr)
-        for source in report.added:
-            for example in source["bad_examples"]:
-                print(f"  {example}", file=sys.stderr)
-    return 0
-
-
-def inspect_table(store: ShardStore) -> str:
-    """The ``inspect`` table: one row per domain, share = the domain's part of all tokens."""
-    rows = []
-    total = sum(info.total_tokens for info in store.domains.values()) or 1
-    for name, info in store.domains.items():
-        rows.append([name, info.language, f"{info.total_documents:,}", f"{info.total_tokens:,}",
-                     f"{info.total_tokens / total:.1%}", f"{info.tokens('heldout'):,}"])
-    docs = sum(info.total_documents for info in store.domains.values())
-    rows.append(["total", "", f"{docs:,}", f"{total if store.domains else 0:,}",
-                 "100.0%" if store.domains else "", ""])
-    header = ["domain", "language", "documents", "tokens", "share", "held-out tokens"]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w)
-                       for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
-
-
-def inspect_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-aquila inspect", allow_abbrev=False,
-        description="Print the domains, documents and tokens of a shard store.")
-    parser.add_argument("store", metavar="STORE", help="store path or URL")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help="fsspec storage options as JSON (e.g. credentials of a remote store)")
-    parser.add_argument("--verify", action="store_true",
-                        help="also read every chunk (catches missing or corrupt chunks)")
-    args = parser.parse_args(argv)
-    try:
-        store = ShardStore(args.store, storage_options_from_json(args.storage_options))
-        print(f"{store.url}: {len(store.domains)} domain(s); splits {', '.join(SPLITS)}")
-        print(inspect_table(store))
-        if args.verify:
-            store.verify(full=True)
-            print("verified: every chunk is present and intact")
-    except DataError as exc:
-        print(f"lightning-aquila inspect: error: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -24,7 +24,6 @@ A format change starts here; the reader and the writer follow from what this fil
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -74,19 +73,6 @@ def zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] 
         return LocalStore(url.removeprefix("file://"), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
                                 read_only=read_only)
-
-
-def storage_options_from_json(text: str | None) -> dict[str, Any]:
-    """``--storage-options`` of the data commands: a JSON object, or nothing."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"--storage-options is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise DataError("--storage-options must be a JSON object")
-    return value
 
 
 # -- metadata -------------------------------------------------------------------------------
@@ -221,5 +207,4 @@ def damaged(where: str, what: str, exc: Exception) -> DataError:
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_KEY",
            "OFFSETS_CHUNK", "SPLITS", "UNASSIGNED_PART", "DataError", "DomainInfo", "Segment",
-           "check_domain_name", "checked_manifest", "codecs", "damaged",
-           "storage_options_from_json", "zarr_store"]
+           "check_domain_name", "checked_manifest", "codecs", "damaged", "zarr_store"]

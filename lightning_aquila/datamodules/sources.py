@@ -1,7 +1,8 @@
 """Where ``prepare`` reads its text: finding the input files (a path, glob, directory or any
 fsspec URL, optionally compressed), hashing them, and streaming their records (txt pieces,
 jsonl lines, parquet rows) with file and line named on every error. Kept apart from
-``prepare.py``, which tokenizes and writes what this yields.
+``prepare.py``, which tokenizes and writes what this yields; ``train-tokenizer`` reads its
+text here too (:func:`read_texts`).
 """
 
 from __future__ import annotations
@@ -310,6 +311,21 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def read_texts(paths: Sequence[str], *, text_field: str = "text", fmt: str = "auto",
+               on_error: str = "stop",
+               storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """The non-empty texts of ``paths`` (in their order), read as ``prepare`` reads them: a
+    jsonl record's or parquet row's ``text_field``, a txt file in pieces cut at line ends.
+    For readers that need the text only (``train-tokenizer``); bad records as in
+    :class:`RecordReader`."""
+    for path in paths:
+        for source in find_sources([path], fmt, storage_options):
+            reader = RecordReader(source, text_field=text_field, quality_field=None,
+                                  on_error=on_error, stats=SourceStats(),
+                                  progress=tqdm(disable=True))
+            yield from (piece.text for piece in reader.pieces() if piece.text)
 
 
 # -- records --------------------------------------------------------------------------------

@@ -24,14 +24,27 @@ IGNORE_INDEX = -100
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per token in fp32, shaped like ``labels`` (0 where a label is -100): the
-    standard path. Under tensor parallelism with ``loss_parallel`` the logits are a
-    vocabulary-sharded DTensor and the loss comes back replicated (``strategies/loss.py``)."""
+    standard path.
+
+    Under ``aquila_tp``/``aquila_tp_fsdp`` with ``loss_parallel`` the logits are a DTensor
+    sharded on the vocabulary. Inside ``torch.distributed.tensor.parallel.loss_parallel()``
+    (which ``AquilaParallelStrategy`` enters around every step and backward pass)
+    ``F.cross_entropy`` computes on the shards: a max and a sum of exponentials all-reduced
+    over the TP group, the target logit taken from the rank that holds it. Full-vocabulary
+    logits are never gathered, and the loss comes back replicated."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="none")
     if isinstance(loss, DTensor):
         # Replicated over the TP group: each rank holds every token's loss, not a shard.
         loss = loss.to_local()
     return loss.view_as(labels)
+
+
+def token_losses(logits: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp32 cross-entropy (B, T) of plain or vocabulary-sharded logits
+    (:func:`token_cross_entropy`) and the mask of the tokens that count."""
+    return token_cross_entropy(logits, labels), labels != IGNORE_INDEX
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -21,6 +21,14 @@ from lightning_aquila.atomic import PARTIAL_SUFFIX, replace_directory
 from lightning_aquila.model.config import AquilaConfig
 from lightning_aquila.model.model import AquilaModel
 
+#: dtypes by the names a config or a command gives them: ``--dtype`` of ``export-hf`` and
+#: ``consolidate``, and the FSDP plan's ``param_dtype``/``reduce_dtype``.
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
 # (our parameter name, Hugging Face name); {i} is the layer index.
 _NAME_MAP = [
     ("embed_tokens.weight", "model.embed_tokens.weight"),

@@ -108,8 +108,7 @@ def rope_cos_sin(
     """Rotary tables (T, D), computed per call: no buffer means nothing to re-create after
     meta-device or sharded initialisation. They come from an opaque op because, traced as
     plain ops, whole-model ``torch.compile`` fuses the cos/sin into every q and k rotation
-    and recomputes them for each batch row and head: 4% of a 1B step's GPU time on an H200
-    (7.4 of 187 ms), 0.7 ms with the tables loaded (docs/benchmarks.md, "Fit path")."""
+    and recomputes them for each batch row and head (docs/benchmarks.md, "Fit path")."""
     return torch.ops.lightning_aquila.rope_tables(seq_len, head_dim, theta, device, dtype)
 
 
@@ -247,14 +246,30 @@ class AquilaModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2/Megatron initialisation: N(0, std), with the two projections that write
-        into the residual stream scaled by 1/sqrt(2·layers) so its variance stays flat.
-        Works on materialised, FSDP-sharded (DTensor) or TP-sharded parameters."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        """Aquila's initialisation (:func:`init_std`) of every parameter. Works on
+        materialised, FSDP-sharded (DTensor) or TP-sharded parameters."""
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_residual = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+            init_module(self, name, module)
+
+
+def init_std(config: AquilaConfig, name: str) -> float | None:
+    """Aquila's initialisation of the parameter ``name``, the one rule for
+    ``AquilaModel.init_weights`` and for sharded materialisation (``strategies/parallelize.py``):
+    the standard deviation of its zero-mean normal draw, or ``None`` for the norms (ones).
+    GPT-2/Megatron: ``config.init_std``, and the two projections that write into the residual
+    stream scaled by 1/sqrt(2·layers) so its variance stays flat."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return config.init_std / math.sqrt(2 * config.num_layers)
+    return config.init_std
+
+
+@torch.no_grad()
+def init_module(model: AquilaModel, name: str, module: nn.Module) -> None:
+    """:func:`init_std`'s rule for one submodule ``name`` of ``model`` (its own parameters
+    only), so a model that cannot be gathered whole can be initialised piecewise."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=init_std(model.config, f"{name}.weight"))
+    elif isinstance(module, RMSNorm):
+        module.reset_parameters()

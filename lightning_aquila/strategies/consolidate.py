@@ -8,11 +8,11 @@ that wrote them. This command assembles the full tensors on one machine (CPU mem
 them) into a standard Lightning checkpoint: ``state_dict`` with the model's full weights and
 ``optimizer_states`` keyed by parameter index as ``torch.optim`` does, so the file resumes
 under any strategy (a single device included) and ``lightning-aquila export-hf`` reads it.
+The command's flags and output are in ``cli/tools.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import tempfile
@@ -21,11 +21,6 @@ from typing import Any
 
 import torch
 
-from lightning_aquila.atomic import atomic_file
-from lightning_aquila.export import model_from_checkpoint
-from lightning_aquila.model import export_hf
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 
@@ -104,43 +99,3 @@ def consolidate(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f"{path} is neither a sharded Lightning checkpoint (.metadata and "
                      f"{_META_FILE}) nor a DeepSpeed one (*/..model_states.pt)")
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lightning-aquila consolidate", description=__doc__,
-                                     allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a sharded checkpoint directory")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="single-file Lightning checkpoint to write")
-    parser.add_argument("--hf-dir", type=Path, default=None,
-                        help="Hugging Face (Llama) directory to write with export_hf")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",
-                        help="dtype of the Hugging Face weights (default: bf16)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.json (or its directory) to copy into --hf-dir")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="leave the optimizer state out of --output")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the outputs if they exist")
-    args = parser.parse_args(argv)
-    if args.output is None and args.hf_dir is None:
-        parser.error("give --output FILE, --hf-dir DIR or both")
-    if args.output is not None and args.output.exists() and not args.overwrite:
-        parser.error(f"{args.output} exists (pass --overwrite)")
-    try:
-        checkpoint = consolidate(args.checkpoint)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        parser.error(str(error))
-    if args.output is not None:
-        if args.weights_only:
-            checkpoint = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
-        with atomic_file(args.output, "wb") as handle:  # no truncated file if killed
-            torch.save(checkpoint, handle)
-        print(f"wrote {args.output}")
-    if args.hf_dir is not None:
-        model = model_from_checkpoint(checkpoint)
-        export_hf(model, args.hf_dir, dtype=_DTYPES[args.dtype], tokenizer=args.tokenizer,
-                  overwrite=args.overwrite)
-        print(f"wrote {args.hf_dir} ({model.config.num_params / 1e6:.1f}M parameters, "
-              f"{args.dtype})")
-    return 0

@@ -1,8 +1,10 @@
 """Applies the parallel plans to an AquilaModel from outside the model code (torchtitan's
 split): tensor parallel, activation checkpointing, ``torch.compile`` and FSDP2, in that order.
 
-``prepare_model`` is called from ``AquilaLM.configure_model`` under every strategy. What it
-applies depends on where it runs:
+``prepare_model`` is called from ``AquilaLM.configure_model`` under every strategy, with plain
+values (the mesh, the plan, the device and the module's options), not the LightningModule, as
+torchtitan's ``parallelize_llama(model, parallel_dims, job_config)``. What it applies depends
+on where it runs:
 
 * under Lightning's ``ModelParallelStrategy`` (our ``aquila_fsdp``, ``aquila_tp``,
   ``aquila_tp_fsdp``): the Megatron-style TP plan over ``device_mesh["tensor_parallel"]`` when
@@ -14,32 +16,28 @@ applies depends on where it runs:
   compile=...)`` asks.
 
 A model built on the meta device is materialised here, shard by shard, and given Aquila's own
-initialisation (``AquilaModel.init_weights``). Left to Lightning, materialisation would call
-each submodule's ``reset_parameters`` (Kaiming-uniform linears, unit-variance embeddings)
-instead. Under DeepSpeed ZeRO-3 the parameters are partitioned as they are created, so the
-initialisation runs on one gathered module at a time.
+initialisation (``init_std`` of ``model/model.py``, the rule ``AquilaModel.init_weights``
+applies). Left to Lightning, materialisation would call each submodule's
+``reset_parameters`` (Kaiming-uniform linears, unit-variance embeddings) instead. Under
+DeepSpeed ZeRO-3 the parameters are partitioned as they are created, so the initialisation
+runs on one gathered module at a time.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lightning_aquila.model.model import AquilaModel, RMSNorm
+from lightning_aquila.model.hf import DTYPES
+from lightning_aquila.model.model import AquilaModel, init_module, init_std
 from lightning_aquila.strategies.activation_checkpoint import apply_activation_checkpointing_mode
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from lightning_aquila.model.config import AquilaConfig
-    from lightning_aquila.module import AquilaLM
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -75,23 +73,33 @@ class ParallelPlan:
     def __post_init__(self) -> None:
         for field in ("param_dtype", "reduce_dtype"):
             value = getattr(self, field)
-            if value not in (None, "auto", *_DTYPES):
-                raise ValueError(f"{field} must be one of {['auto', *_DTYPES]} or None, "
+            if value not in (None, "auto", *DTYPES):
+                raise ValueError(f"{field} must be one of {['auto', *DTYPES]} or None, "
                                  f"got {value!r}")
 
     def dtype(self, field: str, device: torch.device) -> torch.dtype | None:
         value = getattr(self, field)
         if value == "auto":
             return torch.bfloat16 if device.type == "cuda" else None
-        return _DTYPES[value] if value is not None else None
+        return DTYPES[value] if value is not None else None
 
 
-def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
-    """Called from ``AquilaLM.configure_model`` once the decoder exists."""
-    trainer = getattr(lm, "_trainer", None)
-    strategy = trainer.strategy if trainer is not None else None
-    mesh = getattr(lm, "device_mesh", None)  # set by ModelParallelStrategy before this hook
-    plan: ParallelPlan = getattr(strategy, "parallel_plan", None) or ParallelPlan()
+def prepare_model(model: AquilaModel, *, mesh: DeviceMesh | None = None,
+                  plan: ParallelPlan | None = None, device: torch.device | None = None,
+                  float8: str | None = None, activation_checkpointing: bool | str = False,
+                  compile: bool | str = False) -> None:
+    """Apply the plans to ``model`` in place, in the order above, and materialise it if it
+    was built on the meta device.
+
+    Args:
+        model: the decoder (on the meta device under ``ModelParallelStrategy``).
+        mesh: the strategy's 2-D mesh (``data_parallel`` × ``tensor_parallel``), or ``None``
+            under strategies that shard (or replicate) the model themselves.
+        plan: how to shard over ``mesh`` (default: ``ParallelPlan()``).
+        device: the rank's device (the strategy's ``root_device``); needed with ``mesh``.
+        float8, activation_checkpointing, compile: ``AquilaLM``'s arguments of those names.
+    """
+    plan = plan or ParallelPlan()
     if mesh is not None:
         tp_mesh = mesh["tensor_parallel"]
         if tp_mesh.size() > 1:
@@ -101,18 +109,19 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
                                  "loss_impl='standard'")
             apply_tensor_parallel(model, tp_mesh, sequence_parallel=plan.sequence_parallel,
                                   loss_parallel=plan.loss_parallel)
-    if lm.hparams.get("float8"):
-        _apply_float8(model, lm.hparams.float8, strategy, mesh)
+    if float8:
+        _apply_float8(model, float8, device, mesh)
     # full, every N-th block or op-level selective (activation_checkpoint.py)
-    apply_activation_checkpointing_mode(model, lm.hparams.activation_checkpointing)
+    apply_activation_checkpointing_mode(model, activation_checkpointing)
     # In place (``Module.compile``): parameter names keep no ``_orig_mod`` prefix.
-    if lm.hparams.compile == "model":
+    if compile == "model":
         model.compile()
-    elif lm.hparams.compile:
+    elif compile:
         for block in model.layers:
             block.compile()
     if mesh is not None:
-        device = strategy.root_device
+        if device is None:
+            raise ValueError("prepare_model needs the rank's device with a device mesh")
         dp_mesh = mesh["data_parallel"]
         # FSDP2 reduces the gradients across data-parallel ranks, so it is needed whenever
         # there are several; on one rank it still gives mixed precision and offload, and a
@@ -130,7 +139,8 @@ def prepare_model(lm: AquilaLM, model: AquilaModel) -> None:
         init_zero3_partitioned(model)
 
 
-def _apply_float8(model: AquilaModel, recipe: str, strategy: Any, mesh: Any) -> None:
+def _apply_float8(model: AquilaModel, recipe: str, device: torch.device | None,
+                  mesh: Any) -> None:
     """float8 projections, before activation checkpointing, compile and FSDP wrap them (the
     order torchao's float8 training expects)."""
     from lightning_aquila.model.float8 import check_float8_capability, convert_to_float8
@@ -138,7 +148,6 @@ def _apply_float8(model: AquilaModel, recipe: str, strategy: Any, mesh: Any) -> 
     if mesh is not None and mesh["tensor_parallel"].size() > 1:
         raise ValueError("float8 does not combine with tensor parallelism here; use FSDP "
                          "(aquila_fsdp) or leave model.float8 unset")
-    device = getattr(strategy, "root_device", None)
     if device is not None and device.type == "cuda":
         check_float8_capability(torch.cuda.get_device_capability(device))
     convert_to_float8(model, recipe)
@@ -287,31 +296,10 @@ def materialize(model: AquilaModel, device: torch.device,
             del full
 
 
-def init_std(config: AquilaConfig, name: str) -> float | None:
-    """Aquila's initialisation of the parameter ``name`` (``AquilaModel.init_weights``): the
-    standard deviation of its zero-mean normal draw, or ``None`` for the norms (ones). The
-    two projections that write into the residual stream are scaled by 1/sqrt(2·layers)."""
-    if name.endswith("norm.weight"):
-        return None
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return config.init_std / math.sqrt(2 * config.num_layers)
-    return config.init_std
-
-
 def clean_parameter_name(name: str) -> str:
     """The parameter's name without the wrappers that activation checkpointing and compile
     insert."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-def init_module(model: AquilaModel, name: str, module: nn.Module) -> None:
-    """``AquilaModel.init_weights`` for one submodule (the model's rule, applied piecewise
-    where the whole model cannot be gathered at once). A test holds it equal to the
-    model's own."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=init_std(model.config, f"{name}.weight"))
-    elif isinstance(module, RMSNorm):
-        module.reset_parameters()
 
 
 def _is_zero3_partitioned(model: nn.Module) -> bool:
@@ -322,7 +310,8 @@ def _is_zero3_partitioned(model: nn.Module) -> bool:
 def init_zero3_partitioned(model: AquilaModel) -> None:
     """DeepSpeed ZeRO-3 partitions each parameter as soon as its module is built, so the
     model's own ``init_weights`` only saw empty partitions. Gather one module at a time,
-    initialise on rank 0, and let DeepSpeed scatter the result back."""
+    initialise it on rank 0 (``init_module``, the model's rule piece by piece), and let
+    DeepSpeed scatter the result back."""
     import deepspeed
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
 from lightning_aquila.callbacks.state import TrainingState
-from lightning_aquila.strategies.loss import token_losses
+from lightning_aquila.model.head_loss import token_losses
 
 ValLossFn = Callable[[LightningModule, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 

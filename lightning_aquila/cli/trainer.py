@@ -1,12 +1,12 @@
 """``lightning-aquila fit/validate/test/predict``: LightningCLI with our defaults.
 
 - The model is fixed to AquilaLM; any LightningDataModule is the data.
-- Output paths a config leaves unset follow ``trainer.default_root_dir`` (``run_location``);
+- Output paths a config leaves unset follow ``trainer.default_root_dir`` (``run_folder``);
   ``fit`` refuses to start a fresh run in a folder that holds another run
   (``--reuse_run_dir true`` allows it), and ``--ckpt_path last`` without a checkpoint says
   so in one line and starts fresh.
 - No prefix abbreviations (``--trainer.max_step`` is an error, not ``max_steps``), and parser
-  errors are one line naming the field (``user_errors``; ``--verbose`` shows them in full).
+  errors are one line naming the field (``errors``; ``--verbose`` shows them in full).
 - A step progress bar and a summary without "Total Flops: 0" (``console``).
 - Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
   another ``CheckpointIO``; see ``docs/crash-safety.md``.
@@ -25,31 +25,22 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 import lightning_aquila.strategies  # noqa: F401  (registers our named strategies)
-from lightning_aquila import user_errors
 from lightning_aquila.checkpoint import AtomicCheckpointIO
-from lightning_aquila.console import CompactModelSummary, StepProgressBar
+from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
+from lightning_aquila.cli.errors import OneLineErrors
+from lightning_aquila.cli.run_folder import fill_run_paths, has_last_checkpoint, previous_run_files
 from lightning_aquila.module import AquilaLM
-from lightning_aquila.run_location import fill_run_paths, has_last_checkpoint, previous_run_files
 
 REUSE_FLAG = "reuse_run_dir"
 
 
-class AquilaArgumentParser(LightningArgumentParser):
+class AquilaArgumentParser(OneLineErrors, LightningArgumentParser):
     """No prefix matching, and a parse error as one line (the full report with
     ``--verbose``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
-        if not self.exit_on_error or user_errors.VERBOSE:
-            super().error(message, ex)
-        prog = self.prog.replace(" [options]", "")
-        print(f"{prog}: error: {user_errors.one_line(ValueError(message))}\n"
-              f"(`{prog} --help` lists the flags; --verbose shows the full message)",
-              file=sys.stderr)
-        self.exit(2)
 
 
 def _is_checkpoint(class_path: str) -> bool:

@@ -13,7 +13,6 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
@@ -60,8 +59,27 @@ class CompactModelSummary(ModelSummary):
                   trainable_parameters: int, model_size: float,
                   total_training_modes: dict[str, int], total_flops: int,
                   **summarize_kwargs: Any) -> None:
-        table = _format_summary_table(total_parameters, trainable_parameters, model_size,
-                                      total_training_modes, total_flops, *summary_data)
-        if not total_flops:
-            table = table.rsplit("\n", 1)[0]
-        log.info("\n" + table)
+        drop = None if total_flops else _DropLastLine("Total Flops")
+        if drop is not None:
+            log.addFilter(drop)
+        try:
+            ModelSummary.summarize(summary_data, total_parameters, trainable_parameters,
+                                   model_size, total_training_modes, total_flops,
+                                   **summarize_kwargs)
+        finally:
+            if drop is not None:
+                log.removeFilter(drop)
+
+
+class _DropLastLine(logging.Filter):
+    """Takes the last line off a logged message when it ends with ``suffix``."""
+
+    def __init__(self, suffix: str) -> None:
+        super().__init__()
+        self.suffix = suffix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.endswith(self.suffix):
+            record.msg, record.args = message.rsplit("\n", 1)[0], ()
+        return True

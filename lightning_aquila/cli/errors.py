@@ -9,7 +9,9 @@ dispatcher before anything heavy.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 #: Set by ``lightning-aquila --verbose``: print errors in full.
@@ -20,20 +22,28 @@ VERBOSE = False
 _USER_ERROR_NAMES = frozenset({"ArgumentError", "MisconfigurationException", "YAMLError",
                                "DataError", "EngineOrderError"})
 
-#: How jsonargparse reports a value no type of a union accepted, e.g. a callback whose
-#: constructor raised: the constructor's own message is one of its nested "- " lines.
-_UNION = re.compile(r"\s*Does not validate against any of the Union subtypes")
-
-#: jsonargparse's explanatory lines, which wrap the cause rather than state it.
-_BOILERPLATE = re.compile(
-    r"^\s*(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|"
-    r"Given value( type)?:|Expected a <class 'NoneType'>|Not a valid subclass of|"
-    r"Subclass types expect one of:|- a class path|- a dict with|- a dict without|"
-    r"Problem with given class_path|Parser key)")
+#: The two facts a jsonargparse report states only in its text: the field it was parsing
+#: and the class it tried. Each is the first line of one link of the exception chain.
+_FIELD = re.compile(r'^Parser key "([^"]+)"')
+_CLASS = re.compile(r"^Problem with given class_path '([^']+)'")
 
 
 class ConfigFileError(ValueError):
     """A config file that does not exist or is not valid YAML."""
+
+
+class OneLineErrors:
+    """Mixin for a jsonargparse ``ArgumentParser``: a parse error is printed as one line
+    (:func:`one_line`) with a hint, and the full report only with ``--verbose``."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:
+        if not self.exit_on_error or VERBOSE:  # type: ignore[attr-defined]
+            super().error(message, ex)  # type: ignore[misc]
+        prog = self.prog.replace(" [options]", "")  # type: ignore[attr-defined]
+        print(f"{prog}: error: {one_line(ex if ex is not None else ValueError(message))}\n"
+              f"(`{prog} --help` lists the flags; --verbose shows the full message)",
+              file=sys.stderr)
+        self.exit(2)  # type: ignore[attr-defined]
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -44,36 +54,35 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line; a parser dump is reduced to its cause."""
-    text = str(error).strip()
-    if "\n" in text and ("Parser key" in text or "Problem with given class_path" in text
-                         or _UNION.match(text)):
-        return summarise_parser_message(text)
-    return " ".join(text.split()) or type(error).__name__
-
-
-def summarise_parser_message(message: str) -> str:
-    """``field: cause`` from jsonargparse's nested report: the chain of ``Parser key`` names
-    (the field), the class paths it tried, and the most deeply nested explanatory line (the
-    cause, e.g. ``module 'x' has no attribute 'Y'``)."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    classes = re.findall(r"Problem with given class_path '([^']+)'", message)
-    best, depth = "", -1
-    for line in message.splitlines():
-        stripped = line.strip()
-        if not stripped or _BOILERPLATE.match(line) or stripped.startswith("- Key "):
-            continue
-        indent = len(line) - len(line.lstrip())
-        if indent > depth:
-            best, depth = stripped, indent
-    first = message.splitlines()[0].strip()
-    cause = best.removeprefix("- ") or first
-    field = ".".join(keys)
+    """The error's message on one line. A jsonargparse report (each level of the config it
+    descended raised ``from`` the error below) becomes ``config field 'a.b' (class_path 'C'):
+    cause``, the cause being the message of the innermost error, raised by the code that
+    refused the value (a constructor, an import)."""
+    chain = [error]
+    while _raised_by_jsonargparse(chain[-1]) and chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    if len(chain) == 1:
+        return " ".join(str(error).split()) or type(error).__name__
+    # (a link that re-raises the one below with the same message adds nothing)
+    firsts = [str(link).strip().split("\n", 1)[0] for link, below in pairwise(chain)
+              if str(link) != str(below)]
+    field = ".".join(m.group(1) for m in map(_FIELD.match, firsts) if m)
+    classes = [m.group(1) for m in map(_CLASS.match, firsts) if m]
     where = f"config field {field!r}" if field else ""
     if classes:
         where += f"{' ' if where else ''}(class_path {classes[-1]!r})"
-    cause = cause.rstrip(":")
+    cause = " ".join(str(chain[-1]).split()).rstrip(":") or type(chain[-1]).__name__
     return f"{where}: {cause}" if where else cause
+
+
+def _raised_by_jsonargparse(error: BaseException) -> bool:
+    """Whether the innermost frame ``error`` was raised in belongs to jsonargparse."""
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return str(frame.tb_frame.f_globals.get("__name__", "")).startswith("jsonargparse")
 
 
 def config_paths(words: Sequence[str]) -> list[str]:
