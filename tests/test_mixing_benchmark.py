@@ -188,3 +188,29 @@ def test_a_run_stopped_at_a_deadline_is_compared_at_equal_tokens():
     stopped = mixing.stopped([natural, uniform, doremi])
     assert "best fixed: natural" in stopped
     assert "| doremi-s1 | 0.0M | 2.900 | 2.500 | 2.000 | not yet |" in stopped
+
+
+@pytest.mark.parametrize("policy", mixing.known_policies())
+def test_every_policy_file_filled_by_the_driver_is_a_valid_config(policy, store, tmp_path):
+    import contextlib
+    import io
+
+    import yaml
+
+    from lightning_aquila.cli import main as run_cli
+
+    setting = mixing.Setting("toy", store, 0.05)
+    geometry = mixing.Geometry.of(setting, True, 4)
+    filled = mixing.policy_config(mixing.Run("toy", policy, 1, tmp_path), geometry, 1, True)
+    assert "${" not in filled.read_text()
+    args = ["fit", "--config", str(mixing.CONFIGS / "base.yaml"), "--config",
+            str(mixing.CONFIGS / "cpu-toy.yaml"), "--config", str(filled), "--print_config"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        run_cli(args)
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(out.getvalue())
+    for callback in printed["trainer"]["callbacks"] or []:
+        policy_args = callback.get("init_args", {}).get("policy") or {}
+        if "update_every" in policy_args.get("init_args", {}):
+            assert policy_args["init_args"]["update_every"] in (geometry.eval_interval, 10)
