@@ -119,7 +119,10 @@ def test_the_summary_reports_the_size_of_each_split(tmp_path, capsys):
     info = ShardStore(url).info("legal")
     assert (f"domain now: train {info.tokens('train'):,} tokens, held out "
             f"{info.tokens('heldout'):,} tokens") in out
-    assert f"({info.documents('heldout'):,} pieces; windows of 1024 tokens" in out
+    segment = info.segments["heldout"][0]
+    parts = ShardStore(url).array("legal", "heldout", segment.id, "part")[:].tolist()
+    assert (f"({info.documents('heldout'):,} pieces: {parts.count(0)} dev, "
+            f"{parts.count(1)} test; windows of 1024 tokens") in out
 
 
 def test_a_directory_input_honours_format_for_files_without_extensions(tmp_path):
