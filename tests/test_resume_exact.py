@@ -46,7 +46,7 @@ class Recorder(pl.LightningModule):
         return self.layer(features).pow(2).mean()
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        assert (batch["domain"] == dataloader_idx).all()
+        assert (batch["part"] == dataloader_idx).all()  # the dev loader, then the test one
         self.val_records.append((self.global_step, dataloader_idx,
                                  batch["input_ids"][:, 0].tolist()))
 
