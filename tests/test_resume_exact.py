@@ -7,6 +7,7 @@ The two-process case runs this file as a script under Lightning's ``ddp`` strate
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ class Recorder(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         assert (batch["part"] == dataloader_idx).all()  # the dev loader, then the test one
-        self.val_records.append((self.global_step, dataloader_idx,
+        self.val_records.append((self.global_step, dataloader_idx, batch["domain"].tolist(),
                                  batch["input_ids"][:, 0].tolist()))
 
     def configure_optimizers(self):
@@ -172,10 +173,10 @@ def test_resume_is_exact_on_two_processes(dmu_make_store, tmp_path):
     # each rank trained on its own samples
     for (_, _, ids0, _), (_, _, ids1, _) in zip(wholes[0]["records"], wholes[1]["records"]):
         assert not torch.equal(ids0, ids1)
-    # and validated on its own half of each domain's 4 held-out windows
-    for domain in range(3):
-        halves = [{w for step, d, ws in whole["val"] if d == domain and step == EPOCH_BATCHES
-                   for w in ws} for whole in wholes]
+    # and validated on its own half of each domain's 4 windows of each held-out part
+    for part, domain in itertools.product((0, 1), range(3)):
+        halves = [{w for step, p, ds, ws in whole["val"] if p == part and step == EPOCH_BATCHES
+                   for d, w in zip(ds, ws) if d == domain} for whole in wholes]
         assert len(halves[0]) == len(halves[1]) == 2 and not halves[0] & halves[1]
 
 
