@@ -337,8 +337,9 @@ class DomainDataModule(LightningDataModule):
         """Each held-out part (``dev``, ``test``) of each domain, in mixture order, as the
         store records it (``heldout_parts``). A domain prepared before parts were recorded
         is split by a hash over its held-out documents, and one whose documents leave a part
-        without a window (a single held-out document) is split into two halves of its
-        held-out stream instead; both are said once, naming the domains."""
+        without a window (a single held-out document) has its held-out windows split in two
+        halves instead, the first dev, the second test; both are said once, naming the
+        domains."""
         if self._views is not None:
             return self._views
         views: dict[str, list[PartView]] = {name: [] for name in PARTS}
@@ -352,8 +353,10 @@ class DomainDataModule(LightningDataModule):
                 halved.append(name)
                 total = self.store.info(name).tokens("heldout")
                 middle = ((total - 1) // self.seq_len // 2) * self.seq_len
+                # the stream's own windows, first half dev, second half test (a window's
+                # last token is the next one's first, as in training windows)
                 found = {"dev": PartView([(0, middle + 1)]),
-                         "test": PartView([(middle + 1, total)])}
+                         "test": PartView([(middle, total)])}
             for part in PARTS:
                 views[part].append(found[part])
         if unrecorded:
@@ -366,8 +369,8 @@ class DomainDataModule(LightningDataModule):
             rank_zero_warn(
                 f"shard store {self.store.url!r}: the held-out documents of domain(s) "
                 f"{halved} leave the dev or the test part without a window of seq_len "
-                f"{self.seq_len}; each is split into two halves of its held-out tokens "
-                "instead (disjoint tokens, not whole documents). Prepare with a larger "
+                f"{self.seq_len}; each one's held-out windows are split into two halves "
+                "instead (disjoint windows, not whole documents). Prepare with a larger "
                 "--held-out-fraction for a split on whole documents.")
         self._views = views
         return views
