@@ -66,7 +66,7 @@ CONFIGS = ROOT / "configs" / "benchmarks" / "mixing"
 #: follows these.
 POLICIES = ("natural", "uniform", "temperature", "unimax", "effective-data", "doremi",
             "bandit", "aioli")
-NOT_POLICIES = ("base", "cpu-toy")
+NOT_POLICIES = ("base", "cpu-toy", "cpu-small")
 BEST_FIXED = "@best-fixed"
 #: where a policy file wants a reference run's metrics: ``${reference}`` (the uniform run) or
 #: ``${reference:POLICY}`` (that policy's run)
@@ -116,13 +116,13 @@ class Geometry:
     warmup_steps: int
 
     @classmethod
-    def of(cls, setting: Setting, toy: bool, evaluations: int) -> Geometry:
+    def of(cls, setting: Setting, overlay: Path | None, evaluations: int) -> Geometry:
         from lightning_aquila.datamodules.store import ShardStore
 
         store = ShardStore(setting.store)
         tokens = sum(store.info(d).tokens("train") for d in store.domains)
         data = {}
-        for path in [CONFIGS / "base.yaml", *([CONFIGS / "cpu-toy.yaml"] if toy else [])]:
+        for path in [CONFIGS / "base.yaml", *([overlay] if overlay else [])]:
             data.update(yaml.safe_load(path.read_text())["data"]["init_args"])
         per_step = int(data["batch_size"]) * int(data["seq_len"])
         steps = max(1, round(setting.epochs * tokens / per_step))
@@ -242,10 +242,11 @@ def plan(settings: Sequence[Setting], waves: Sequence[tuple[list[str], list[int]
     return runs
 
 
-def describe(setting: Setting, out: Path, toy: bool, evaluations: int) -> Geometry:
+def describe(setting: Setting, out: Path, overlay: Path | None, evaluations: int
+             ) -> Geometry:
     """The setting's geometry, also written to ``<out>/<setting>/setting.json`` with the
     store, the budget and the corpus shares, for the tables."""
-    geometry = Geometry.of(setting, toy, evaluations)
+    geometry = Geometry.of(setting, overlay, evaluations)
     folder = out / setting.name
     folder.mkdir(parents=True, exist_ok=True)
     about = {"store": setting.store, "epochs": setting.epochs, **vars(geometry),
@@ -255,7 +256,7 @@ def describe(setting: Setting, out: Path, toy: bool, evaluations: int) -> Geomet
 
 
 # -- running -----------------------------------------------------------------------------------
-def policy_config(run: Run, geometry: Geometry, reference_seed: int, toy: bool,
+def policy_config(run: Run, geometry: Geometry, reference_seed: int,
                   checkpoint_every: int | None = None) -> Path:
     """The run's policy file with its slots filled (``${reference...}``, ``${eval_interval}``,
     ``${warmup_steps}``) and, with ``checkpoint_every``, a ``ModelCheckpoint`` (``last.ckpt``
@@ -282,12 +283,12 @@ def policy_config(run: Run, geometry: Geometry, reference_seed: int, toy: bool,
 
 
 def fit_command(run: Run, setting: Setting, geometry: Geometry, reference_seed: int,
-                toy: bool, extra: Sequence[str], checkpoint_every: int | None = None
-                ) -> list[str]:
+                overlay: Path | None, extra: Sequence[str],
+                checkpoint_every: int | None = None) -> list[str]:
     """``fit`` for the run; with ``checkpoint_every``, resuming its ``last.ckpt`` if an earlier
     sitting left one (the sampler, mixture history and TSM/ATE state resume with it)."""
-    configs = [CONFIGS / "base.yaml", *([CONFIGS / "cpu-toy.yaml"] if toy else []),
-               policy_config(run, geometry, reference_seed, toy, checkpoint_every)]
+    configs = [CONFIGS / "base.yaml", *([overlay] if overlay else []),
+               policy_config(run, geometry, reference_seed, checkpoint_every)]
     resume = []
     if checkpoint_every:  # an earlier sitting's files may be there, with or without last.ckpt
         resume = ["--reuse_run_dir", "true"]
@@ -325,7 +326,7 @@ class Scheduler:
     devices: list[str]
     settings: dict[str, Setting]
     geometry: dict[str, Geometry]
-    toy: bool
+    overlay: Path | None
     extra: list[str]
     reference_seed: int = 1
     deadline: float = math.inf
@@ -343,7 +344,7 @@ class Scheduler:
             if self.wait_for_stores and not Path(f"{store}.ready").is_file():
                 return False
             self.geometry[setting] = describe(self.settings[setting], self.runs[0].out,
-                                              self.toy, self.evaluations)
+                                              self.overlay, self.evaluations)
         return True
 
     def ready(self, run: Run) -> bool:
@@ -376,7 +377,8 @@ class Scheduler:
 
     def launch(self, slot: Slot, run: Run) -> None:
         command = fit_command(run, self.settings[run.setting], self.geometry[run.setting],
-                              self.reference_seed, self.toy, self.extra, self.checkpoint_every)
+                              self.reference_seed, self.overlay, self.extra,
+                              self.checkpoint_every)
         env = dict(os.environ)
         if slot.device != "cpu":
             env["CUDA_VISIBLE_DEVICES"] = slot.device
@@ -760,6 +762,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the seed of the reference runs DoReMi policies read")
     parser.add_argument("--toy", action="store_true",
                         help="add configs/benchmarks/mixing/cpu-toy.yaml: tiny model on CPU")
+    parser.add_argument("--overlay", type=Path, default=None,
+                        help="a config given after base.yaml for every run (and read for the "
+                             "batch geometry), instead of --toy's")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds from now after which no run starts that would not end "
                              "in time (by the longest run so far)")
@@ -778,14 +783,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = [Setting.parse(t) for t in args.settings]
         if not settings or not args.wave:
             parser.error("run needs --settings and at least one --wave")
-        geometry = {s.name: describe(s, args.out, args.toy, args.evaluations)
+        overlay = args.overlay or (CONFIGS / "cpu-toy.yaml" if args.toy else None)
+        geometry = {s.name: describe(s, args.out, overlay, args.evaluations)
                     for s in settings if not args.wait_for_stores
                     or Path(f"{s.store}.ready").is_file()}
         waves = [parse_wave(w) for w in args.wave]
         runs = plan(settings, waves, args.out, args.reference_seed,
                     {name: g.max_steps * g.tokens_per_step for name, g in geometry.items()})
         deadline = time.time() + args.deadline if args.deadline else math.inf
-        left = Scheduler(runs, args.gpus, {s.name: s for s in settings}, geometry, args.toy,
+        left = Scheduler(runs, args.gpus, {s.name: s for s in settings}, geometry, overlay,
                          list(args.fit_args), args.reference_seed, deadline,
                          args.checkpoint_every, args.evaluations,
                          args.wait_for_stores).run_all()

@@ -56,7 +56,7 @@ def test_best_fixed_runs_wait_for_the_fixed_runs_then_become_the_best_ones(tmp_p
     runs = mixing.plan(list(settings.values()), [(["natural", "uniform"], [1]),
                                                  (["@best-fixed"], [2])], tmp_path)
     scheduler = mixing.Scheduler(runs, ["cpu"], settings, {"s": mixing.Geometry(1, 1, 1, 1, 1)},
-                                 toy=True, extra=[])
+                                 overlay=None, extra=[])
     placeholder = runs[-1]
     assert not scheduler.ready(placeholder)
     for run, loss in zip(runs[:2], (3.0, 2.5)):  # uniform is the better fixed mixture
@@ -163,15 +163,16 @@ def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, 
 
 def test_a_doremi_run_waits_for_its_reference_and_names_it(store, tmp_path):
     settings = {"toy": mixing.Setting("toy", store, 0.03)}
-    geometry = {"toy": mixing.Geometry.of(settings["toy"], True, 4)}
+    toy = mixing.CONFIGS / "cpu-toy.yaml"
+    geometry = {"toy": mixing.Geometry.of(settings["toy"], toy, 4)}
     runs = mixing.plan(list(settings.values()), [(["doremi-natural-ref"], [2])], tmp_path)
-    scheduler = mixing.Scheduler(runs, ["cpu"], settings, geometry, toy=True, extra=[])
+    scheduler = mixing.Scheduler(runs, ["cpu"], settings, geometry, overlay=toy, extra=[])
     reference, doremi = runs
     assert reference.name == "natural-s1" and not scheduler.ready(doremi)
     reference.dir.mkdir(parents=True)
     (reference.dir / "done.json").write_text("{}")
     assert scheduler.ready(doremi)
-    mixing.policy_config(doremi, geometry["toy"], 1, toy=True)
+    mixing.policy_config(doremi, geometry["toy"], 1)
     assert mixing.reference_of(doremi) == "natural-s1"
     text = (doremi.dir / "policy.yaml").read_text()
     assert f"update_every: {geometry['toy'].eval_interval}" in text and "${" not in text
@@ -200,8 +201,8 @@ def test_every_policy_file_filled_by_the_driver_is_a_valid_config(policy, store,
     from lightning_aquila.cli import main as run_cli
 
     setting = mixing.Setting("toy", store, 0.05)
-    geometry = mixing.Geometry.of(setting, True, 4)
-    filled = mixing.policy_config(mixing.Run("toy", policy, 1, tmp_path), geometry, 1, True)
+    geometry = mixing.Geometry.of(setting, mixing.CONFIGS / "cpu-toy.yaml", 4)
+    filled = mixing.policy_config(mixing.Run("toy", policy, 1, tmp_path), geometry, 1)
     assert "${" not in filled.read_text()
     args = ["fit", "--config", str(mixing.CONFIGS / "base.yaml"), "--config",
             str(mixing.CONFIGS / "cpu-toy.yaml"), "--config", str(filled), "--print_config"]
