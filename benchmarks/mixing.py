@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import math
 import os
@@ -499,6 +498,13 @@ def summarise(run: Run, shares: dict[str, float] | None = None) -> dict[str, Any
     }
 
 
+def value_at(curve: Sequence[tuple[float, float]], tokens: float) -> float | None:
+    """The curve's value at ``tokens`` (linear between evaluations); ``None`` outside it."""
+    from lightning_aquila.report_compare import value_at as interpolated
+
+    return interpolated(curve, tokens)
+
+
 def tokens_to_reach(curve: Sequence[tuple[float, float]], target: float) -> float | None:
     """The training tokens at which the curve first reaches ``target`` (linear between
     evaluations); ``None`` if it never does."""
@@ -511,14 +517,6 @@ def tokens_to_reach(curve: Sequence[tuple[float, float]], target: float) -> floa
             return t0 + (l0 - target) / (l0 - loss) * (tokens - t0)
         previous = (tokens, loss)
     return None
-
-
-def value_at(curve: Sequence[tuple[float, float]], tokens: float) -> float | None:
-    """The curve's value at ``tokens`` (linear between evaluations); ``None`` outside it."""
-    for (t0, v0), (t1, v1) in itertools.pairwise(curve):
-        if t0 <= tokens <= t1:
-            return v0 if t1 == t0 else v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
-    return curve[-1][1] if curve and curve[-1][0] == tokens else None
 
 
 def best_fixed(summaries: Sequence[dict[str, Any]]) -> tuple[str | None, dict[int, dict]]:
@@ -652,26 +650,34 @@ def per_seed(summaries: list[dict[str, Any]]) -> str:
 
 
 def stopped(summaries: list[dict[str, Any]]) -> str:
-    """The runs stopped before the end, each at its last evaluation against the best fixed
-    run of its seed at the same tokens: a partial result is still a comparison at equal
-    tokens."""
+    """The runs stopped before the end, each at its last evaluation against the fixed runs of
+    its seed at the same tokens (finished or stopped: the best of them there, the lower
+    envelope of the fixed mixtures): a partial result is still a comparison at equal
+    tokens. With a finished best fixed mixture, also whether the run reached its final."""
+    from lightning_aquila.report_compare import envelope_gap
+
     best, baseline = best_fixed(summaries)
     lines = [f"Stopped before the end, at their last evaluation (best fixed: {best or '-'}, "
              "same seed, same tokens):", "",
-             "| run | tokens | domain average | best fixed there | best fixed's final | "
-             "reached it at |", "|---|---:|---:|---:|---:|---:|"]
+             "| run | tokens | domain average | best fixed there (policy) | gap | best "
+             "fixed's final | reached it at |", "|---|---:|---:|---:|---:|---:|---:|"]
     order = known_policies()
     for s in sorted((s for s in summaries if not s["done"]),
                     key=lambda s: (s["seed"], order.index(s["policy"]))):
+        fixed = {f["policy"]: f["curve"] for f in summaries
+                 if f["seed"] == s["seed"] and is_fixed(f["policy"]) and f is not s}
+        there = {p: v for p, c in fixed.items() if (v := value_at(c, s["tokens"])) is not None}
+        gap = envelope_gap([(s["tokens"], s["average"])], list(fixed.values()))
+        lowest = min(there, key=there.get) if there else None
         base = baseline.get(s["seed"])
-        there = value_at(base["curve"], s["tokens"]) if base else None
         target = base["average"] if base else None
         hit = tokens_to_reach(s["curve"], target) if base else None
         lines.append(
             f"| {s['policy']}-s{s['seed']} | {s['tokens'] / 1e6:.1f}M | {s['average']:.3f} | "
-            f"{'-' if there is None else f'{there:.3f}'} | "
+            f"{'-' if lowest is None else f'{there[lowest]:.3f} ({lowest})'} | "
+            f"{_signed(gap[0][1]) if gap else '-'} | "
             f"{'-' if target is None else f'{target:.3f}'} | "
-            f"{'not yet' if hit is None else f'{hit / 1e6:.1f}M'} |")
+            f"{'-' if base is None else 'not yet' if hit is None else f'{hit / 1e6:.1f}M'} |")
     return "\n".join(lines)
 
 

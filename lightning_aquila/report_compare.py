@@ -8,6 +8,7 @@ run's TSM files through :func:`lightning_aquila.run_record.load_run`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -43,6 +44,32 @@ def held_out_curves(record: RunRecord, part: str | None = None
             curves["average"].append((tokens[step], sum(values.values()) / len(values)))
             curves["worst"].append((tokens[step], max(values.values())))
     return curves
+
+
+def is_fixed(record: RunRecord) -> bool:
+    """A run on a fixed mixture: its sampler used one set of weights throughout."""
+    return len(record.mixture_history()) <= 1
+
+
+def value_at(points: Sequence[tuple[float, float]], tokens: float) -> float | None:
+    """The curve's value at ``tokens``, linear between its points; ``None`` outside them."""
+    for (t0, v0), (t1, v1) in itertools.pairwise(points):
+        if t0 <= tokens <= t1:
+            return v0 if t1 == t0 else v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
+    return points[-1][1] if points and points[-1][0] == tokens else None
+
+
+def envelope_gap(points: Sequence[tuple[float, float]],
+                 fixed: Sequence[Sequence[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """A curve minus the lower envelope of the ``fixed`` mixtures' curves (the best fixed
+    mixture at each token count), at the curve's points where some fixed curve is defined:
+    negative where the run is ahead of every fixed mixture."""
+    gaps = []
+    for tokens, value in points:
+        there = [v for curve in fixed if (v := value_at(curve, tokens)) is not None]
+        if there:
+            gaps.append((tokens, value - min(there)))
+    return gaps
 
 
 def settled_range(curves: Sequence[Sequence[tuple[float, float]]],
@@ -116,7 +143,13 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
 
     records = [load_run(r) for r in run_dirs]
     domains = list(dict.fromkeys(d for r in records for d in r.domains()))
-    loss_panels = ["average", "worst", *domains]
+    part = "test" if any(r.report_part() == "test" for r in records) else "val"
+    curves = [held_out_curves(r, part) for r in records]
+    fixed = [c["average"] for r, c in zip(records, curves) if is_fixed(r) and c["average"]]
+    if fixed:  # each run's distance to the best fixed mixture at every token count
+        for runs in curves:
+            runs["gap"] = envelope_gap(runs["average"], fixed)
+    loss_panels = ["average", "worst", *(["gap"] if fixed else []), *domains]
     columns = 3
     loss_rows = math.ceil(len(loss_panels) / columns)
     mix_rows = math.ceil(len(records) / columns)
@@ -125,11 +158,10 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
                              squeeze=False)
     run_colors = colormaps["tab10"]
     domain_colors = {d: colormaps["tab20"](i % 20) for i, d in enumerate(domains)}
-    part = "test" if any(r.report_part() == "test" for r in records) else "val"
-    curves = [held_out_curves(r, part) for r in records]
     name = "test part" if part == "test" else "dev part"
     titles = {"average": f"held-out loss: mean over domains ({name})",
-              "worst": f"held-out loss: worst domain ({name})"}
+              "worst": f"held-out loss: worst domain ({name})",
+              "gap": f"gap to the best of {len(fixed)} fixed mixtures (mean over domains)"}
     for i, panel in enumerate(loss_panels):
         ax = axes[i // columns][i % columns]
         for j, (label, runs) in enumerate(zip(labels, curves)):
@@ -140,6 +172,8 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
         shown = settled_range([runs.get(panel, []) for runs in curves])
         if shown is not None:
             ax.set_ylim(*shown)
+        if panel == "gap":
+            ax.axhline(0.0, color="black", lw=0.8)
         ax.set_title(titles.get(panel, f"held-out loss: {panel} ({name})"))
         ax.set_xlabel("training tokens (first 10% above the axis)")
         ax.set_ylabel("nats/token")

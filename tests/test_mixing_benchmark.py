@@ -188,7 +188,11 @@ def test_a_run_stopped_at_a_deadline_is_compared_at_equal_tokens():
     assert "| doremi" not in text
     stopped = mixing.stopped([natural, uniform, doremi])
     assert "best fixed: natural" in stopped
-    assert "| doremi-s1 | 0.0M | 2.900 | 2.500 | 2.000 | not yet |" in stopped
+    assert "| doremi-s1 | 0.0M | 2.900 | 2.500 (natural) | +0.400 | 2.000 | not yet |" in stopped
+    # all stopped: each against the best fixed run there, none finished to reach
+    runs = [{**natural, "done": False}, {**uniform, "done": False}, doremi]
+    assert "| doremi-s1 | 0.0M | 2.900 | 2.500 (natural) | +0.400 | - | - |" in mixing.stopped(
+        runs)
 
 
 @pytest.mark.parametrize("policy", mixing.known_policies())
