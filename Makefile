@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
-#   make quickstart   venv + install, then train a tiny Aquila2 on the bundled corpus (CPU):
-#                     a reference run on the uniform mixture, the run with DoReMi mixing, and
-#                     the reports (runs/quickstart/report.html, runs/quickstart/compare.png)
+#   make quickstart   venv + install, then train a tiny Aquila2 on the bundled corpus (CPU)
+#                     with the monitor and the engine on, and write the run report
+#                     (runs/quickstart/report.html)
 #   make test         venv + install, then ruff and the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -16,14 +16,6 @@ STAMP  := $(VENV)/.installed
 # instead of starting a second run in the same folder, which fit refuses.
 RUN_DIR ?= runs/quickstart
 STORE   := $(RUN_DIR)/corpus.zarr
-# The quickstart's policy (DoReMi: configs/quickstart.yaml) steers by each domain's held-out
-# loss in excess of a reference run's final one: the same model and data on the uniform
-# mixture (configs/quickstart-reference.yaml), trained first into its own folder. Once it has
-# finished, REF_DONE marks it and a repeated `make quickstart` does not start it again
-# (delete that file to retrain it; an interrupted reference run is resumed).
-REF_DIR   ?= $(RUN_DIR)-reference
-REFERENCE := $(REF_DIR)/tsm/metrics.jsonl
-REF_DONE  := $(REF_DIR)/finished
 DOMAINS := $(notdir $(patsubst %/,%,$(wildcard corpus/*/)))
 
 .PHONY: install test quickstart docs clean
@@ -44,19 +36,12 @@ test: $(STAMP)
 quickstart: $(STAMP)
 	@for d in $(DOMAINS); do \
 	  $(BIN)/lightning-aquila prepare --input "corpus/$$d/*.jsonl" --domain $$d \
-	    --output $(STORE) --held-out-fraction 0.05 || exit 1; \
+	    --output $(STORE) --held-out-fraction 0.1 --quiet || exit 1; \
 	done
 	$(BIN)/lightning-aquila inspect $(STORE)
-	if [ -f $(REF_DONE) ]; then echo "reference run: finished ($(REF_DONE))"; else \
-	  $(BIN)/lightning-aquila fit --config configs/quickstart.yaml \
-	    --config configs/quickstart-reference.yaml --trainer.default_root_dir $(REF_DIR) \
-	    --data.init_args.store $(STORE) --ckpt_path last && touch $(REF_DONE); fi
 	$(BIN)/lightning-aquila fit --config configs/quickstart.yaml \
-	  --trainer.default_root_dir $(RUN_DIR) --data.init_args.store $(STORE) \
-	  --trainer.callbacks.init_args.policy.init_args.reference $(REFERENCE) --ckpt_path last
+	  --trainer.default_root_dir $(RUN_DIR) --data.init_args.store $(STORE) --ckpt_path last
 	$(BIN)/lightning-aquila report $(RUN_DIR)
-	$(BIN)/lightning-aquila report --compare $(REF_DIR) $(RUN_DIR) \
-	  --labels "uniform (reference)" DoReMi --output $(RUN_DIR)/compare.png
 
 docs: $(STAMP)
 	$(BIN)/pip install -q -e ".[docs]"

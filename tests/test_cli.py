@@ -108,15 +108,16 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
 
 
 def test_a_class_name_typo_is_one_line_naming_the_field_and_the_cause(tmp_path):
-    config = QUICKSTART.read_text().replace("callbacks.ExcessLossMixture",
-                                            "callbacks.ExcessLossMixtur")
+    config = QUICKSTART.read_text().replace(
+        "        policy: null", "        policy:\n"
+        "          class_path: lightning_aquila.callbacks.EffectiveDataMixtur")
     path = tmp_path / "typo.yaml"
     path.write_text(config)
     code, err = run(["fit", "--config", str(path), "--print_config"])
     assert code == 2
     first, _hint = err.strip().splitlines()
     assert "'trainer.callbacks.policy'" in first
-    assert "module 'lightning_aquila.callbacks' has no attribute 'ExcessLossMixtur'" in first
+    assert "module 'lightning_aquila.callbacks' has no attribute 'EffectiveDataMixtur'" in first
 
 
 def test_a_callback_argument_its_constructor_refuses_is_one_line_naming_the_cause():
@@ -153,20 +154,13 @@ def store(tmp_path_factory) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """Reference losses of the two domains for the quickstart's ExcessLossMixture."""
-    path = tmp_path_factory.mktemp("reference") / "reference.json"
-    path.write_text(json.dumps({"code": 6.0, "prose": 6.0}))
-    return str(path)
-
-
-def fit_args(root: Path, store: str, reference: str, max_steps: int, *extra: str) -> list[str]:
-    """The quickstart config at toy size, its policy pointed at ``reference`` with the flag
-    its comment gives for another reference run."""
+def fit_args(root: Path, store: str, max_steps: int, *extra: str) -> list[str]:
+    """The quickstart config at toy size, with the policy its engine comment's one flag gives
+    (EffectiveDataMixture: the engine's policy is null in the quickstart itself)."""
     return ["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(root),
             "--data.init_args.store", store, "--trainer.max_steps", str(max_steps),
-            "--trainer.callbacks.init_args.policy.init_args.reference", reference,
+            "--trainer.callbacks.init_args.policy",
+            "lightning_aquila.callbacks.EffectiveDataMixture",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2",
             "--data.init_args.val_windows_per_domain", "2", "--data.init_args.num_workers", "0",
@@ -174,15 +168,14 @@ def fit_args(root: Path, store: str, reference: str, max_steps: int, *extra: str
 
 
 @pytest.fixture(scope="module")
-def first_run(store, reference, tmp_path_factory) -> tuple[Path, Path, str]:
+def first_run(store, tmp_path_factory) -> tuple[Path, Path, str]:
     """(working directory, run folder, stderr) of a 2-step run started with
     ``--ckpt_path last`` in an empty folder."""
     cwd = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         patch.setattr(sys, "argv", ["lightning-aquila"])
-        code, err = run(fit_args(Path("runs/mine"), store, reference, 2, "--ckpt_path",
-                                 "last"))
+        code, err = run(fit_args(Path("runs/mine"), store, 2, "--ckpt_path", "last"))
     assert code == 0, err[-3000:]
     return cwd, cwd / "runs" / "mine", err
 
@@ -197,27 +190,28 @@ def test_every_file_of_a_run_goes_under_its_default_root_dir(first_run):
     assert len(list((root / ".neptune" / "offline").iterdir())) == 1
 
 
-def test_the_reference_flag_points_the_quickstart_policy_at_another_reference(first_run,
-                                                                               reference):
+def test_one_flag_gives_the_quickstart_engine_a_policy(first_run):
     _, root, _ = first_run
     engine = yaml.safe_load((root / "config.yaml").read_text())["trainer"]["callbacks"][-1]
-    policy = engine["init_args"]["policy"]
-    assert policy["class_path"].endswith("ExcessLossMixture")
-    assert policy["init_args"]["reference"] == reference
+    assert engine["class_path"].endswith("AdaptiveTrainingEngine")
+    assert engine["init_args"]["policy"]["class_path"].endswith("EffectiveDataMixture")
+    events = [json.loads(line) for line in (root / "tsm" / "events.jsonl").open()]
+    assert any(e["kind"] == "stage" and e.get("policy") == "EffectiveDataMixture"
+               for e in events)
 
 
-def test_the_quickstart_without_its_reference_run_names_the_file_and_the_command(
-        store, tmp_path, monkeypatch):
+def test_doremi_without_its_reference_run_names_the_file(store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    policy = yaml.safe_load(QUICKSTART.read_text())["trainer"]["callbacks"][-1]["init_args"][
-        "policy"]["init_args"]
     code, err = run(["fit", "--config", str(QUICKSTART), "--data.init_args.store", store,
-                     "--trainer.default_root_dir", "run"])
+                     "--trainer.default_root_dir", "run", "--trainer.callbacks.init_args.policy",
+                     "lightning_aquila.callbacks.ExcessLossMixture",
+                     "--trainer.callbacks.init_args.policy.reference",
+                     "runs/quickstart-reference/tsm/metrics.jsonl"])
     assert code == 1
     first, hint = err.strip().splitlines()[-2:]
-    assert first == ("lightning-aquila fit: ExcessLossMixture: the reference file "
-                     "runs/quickstart-reference/tsm/metrics.jsonl does not exist; create it "
-                     f"with: {' '.join(policy['reference_command'].split())}")
+    assert first.startswith("lightning-aquila fit: ExcessLossMixture: the reference file "
+                            "runs/quickstart-reference/tsm/metrics.jsonl does not exist; "
+                            "train the reference run first")
     assert "--verbose" in hint and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
@@ -229,11 +223,11 @@ def test_ckpt_path_last_without_a_checkpoint_says_so_and_starts_fresh(first_run)
 
 
 def test_a_fresh_run_in_a_folder_holding_a_run_is_refused_in_one_line(first_run, store,
-                                                                      reference, monkeypatch):
+                                                                      monkeypatch):
     cwd, root, _ = first_run
     monkeypatch.chdir(cwd)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    code, err = run(fit_args(Path("runs/mine"), store, reference, 2))
+    code, err = run(fit_args(Path("runs/mine"), store, 2))
     assert code == 2
     first, _hint = err.strip().splitlines()[-2:]
     assert "runs/mine already holds a run (runs/mine/tsm/metrics.jsonl, " in first
@@ -242,10 +236,10 @@ def test_a_fresh_run_in_a_folder_holding_a_run_is_refused_in_one_line(first_run,
 
 
 def test_resume_with_ckpt_path_last_continues_in_the_same_folder_counting_steps(
-        first_run, store, reference, monkeypatch, capsys):
+        first_run, store, monkeypatch, capsys):
     cwd, root, _ = first_run
     monkeypatch.chdir(cwd)
-    code, err = run(fit_args(Path("runs/mine"), store, reference, 4, "--ckpt_path", "last"))
+    code, err = run(fit_args(Path("runs/mine"), store, 4, "--ckpt_path", "last"))
     assert code == 0, err[-3000:]
     events = [json.loads(line) for line in (root / "tsm" / "events.jsonl").open()]
     assert [e["step"] for e in events if e["kind"] == "session_start"] == [0, 2]
@@ -256,10 +250,10 @@ def test_resume_with_ckpt_path_last_continues_in_the_same_folder_counting_steps(
 
 
 def test_a_fit_failing_before_its_first_step_is_one_line_and_leaves_no_tracker_run(
-        tmp_path, reference, monkeypatch):
+        tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     missing = str(tmp_path / "no-such-store.zarr")
-    code, err = run(fit_args(Path("run"), missing, reference, 2))
+    code, err = run(fit_args(Path("run"), missing, 2))
     assert code == 1
     first, hint = err.strip().splitlines()[-2:]
     assert first.startswith("lightning-aquila fit: ") and missing in first

@@ -106,18 +106,17 @@ def test_the_quickstart_reference_run_is_the_quickstart_on_the_uniform_mixture_w
     assert reference["trainer"]["callbacks"][1]["init_args"]["save_last"]  # --ckpt_path last
 
 
-def test_the_quickstart_policy_is_doremi_reading_what_its_reference_run_writes():
+def test_the_quickstart_keeps_unimax_weights_with_the_monitor_and_rollback_on():
     main = print_config("configs/quickstart.yaml")
-    reference = print_config("configs/quickstart.yaml", "configs/quickstart-reference.yaml")
-    engine = main["trainer"]["callbacks"][-1]  # last: the reference flag edits the last one
+    engine = main["trainer"]["callbacks"][-1]  # last: one flag gives it a policy
     assert engine["class_path"].endswith("AdaptiveTrainingEngine")
-    policy = engine["init_args"]["policy"]
-    assert policy["class_path"].endswith("ExcessLossMixture")
-    args = policy["init_args"]
+    assert engine["init_args"]["policy"] is None and engine["init_args"]["rollback"]
+    assert main["trainer"]["callbacks"][0]["class_path"].endswith("TrainingStateMonitor")
+    assert main["data"]["init_args"]["weights"] == "unimax:4"
+
+
+def test_the_doremi_recipe_reads_what_the_reference_run_writes():
+    reference = print_config("configs/quickstart.yaml", "configs/quickstart-reference.yaml")
     written = Path(reference["trainer"]["default_root_dir"]) / "tsm" / "metrics.jsonl"
-    assert Path(args["reference"]) == written
-    assert "configs/quickstart-reference.yaml" in args["reference_command"]
-    # DoReMi as benchmarked: held-out loss, one step per evaluation, from the reference's mixture
-    assert args["signal"] == "val"
-    assert args["update_every"] == main["trainer"]["val_check_interval"]
-    assert main["data"]["init_args"]["weights"] == "uniform"
+    recipe = (REPO / "configs/quickstart-reference.yaml").read_text()
+    assert f"--trainer.callbacks.init_args.policy.reference {written}" in recipe
