@@ -36,7 +36,7 @@ import re
 import struct
 import sys
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,12 +318,9 @@ def zh(cache: Path) -> dict[str, list[Doc]]:
 
 
 # --- en_prose --------------------------------------------------------------------------------
-def world_english_bible(cache: Path) -> list[Doc]:
-    """The World English Bible (public domain) from its SWORD module: zlib blocks, one per
-    book, of OSIS markup; footnotes and markup dropped, paragraphs and titles kept."""
-    root = fetch_deb("sword-text-web", DEBIAN["sword-text-web"], cache) \
-        / "usr/share/sword/modules/texts/ztext/engWEB2015eb"
-    docs = []
+def sword_books(root: Path) -> Iterator[tuple[str, int, str]]:
+    """(testament, book number, text) of a SWORD zText module: zlib blocks, one per book, of
+    OSIS markup; footnotes and markup dropped, paragraphs and titles kept."""
     for testament in ("ot", "nt"):
         index = (root / f"{testament}.bzs").read_bytes()
         data = (root / f"{testament}.bzz").read_bytes()
@@ -335,9 +332,15 @@ def world_english_bible(cache: Path) -> list[Doc]:
             osis = re.sub(r"<(div|chapter|lg|l)\b[^>]*/>", "\n", osis)
             osis = re.sub(r"<[^>]+>", "", osis)
             text = "\n".join(" ".join(line.split()) for line in osis.split("\n"))
-            text = normalise(re.sub(r"\n{3,}", "\n\n", text))
-            docs.extend(Doc(t, f"sword-text-web/{testament}/book{i:02d}") for t in cap(text))
-    return docs
+            yield testament, i, normalise(re.sub(r"\n{3,}", "\n\n", text))
+
+
+def world_english_bible(cache: Path) -> list[Doc]:
+    """The World English Bible (public domain) from its SWORD module (:func:`sword_books`)."""
+    root = fetch_deb("sword-text-web", DEBIAN["sword-text-web"], cache) \
+        / "usr/share/sword/modules/texts/ztext/engWEB2015eb"
+    return [Doc(t, f"sword-text-web/{testament}/book{i:02d}")
+            for testament, i, text in sword_books(root) for t in cap(text)]
 
 
 def en_prose(cache: Path) -> dict[str, list[Doc]]:

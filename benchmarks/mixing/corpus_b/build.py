@@ -30,17 +30,14 @@ order, one .jsonl per domain (see README.md).
 from __future__ import annotations
 
 import gzip
-import re
-import struct
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 # corpus A's builder (benchmarks/mixing/build_corpus.py), which puts the repository root on
 # sys.path for its own helpers (corpus/build_corpus.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build_corpus import budgeted, cap, decode, fetch_deb, generated
+from build_corpus import budgeted, cap, decode, fetch_deb, generated, sword_books
 from build_corpus import main as build_main
 
 from corpus.build_corpus import Doc, b64, looks_like_table, normalise, pack
@@ -187,21 +184,8 @@ def sword_ztext(pkg: str, module: str, cache: Path) -> list[Doc]:
     markup dropped, paragraphs and titles kept (corpus A's rule for the World English Bible),
     each book cut into documents of at most 20 KB, then those in hash order to the budget."""
     root = deb(pkg, cache) / "usr/share/sword/modules/texts/ztext" / module
-    units = {}
-    for testament in ("ot", "nt"):
-        index = (root / f"{testament}.bzs").read_bytes()
-        data = (root / f"{testament}.bzz").read_bytes()
-        for i in range(len(index) // 12):
-            offset, size, _ = struct.unpack("<III", index[12 * i:12 * i + 12])
-            osis = zlib.decompress(data[offset:offset + size]).decode("utf-8")
-            osis = re.sub(r"<note\b.*?</note>", "", osis, flags=re.S)
-            osis = re.sub(r"<title\b[^>]*>(.*?)</title>", r"\n\n\1\n\n", osis, flags=re.S)
-            osis = re.sub(r"<(div|chapter|lg|l)\b[^>]*/>", "\n", osis)
-            osis = re.sub(r"<[^>]+>", "", osis)
-            text = "\n".join(" ".join(line.split()) for line in osis.split("\n"))
-            text = normalise(re.sub(r"\n{3,}", "\n\n", text))
-            for j, t in enumerate(cap(text)):
-                units[f"{pkg}/{testament}/book{i:02d}/{j:03d}"] = t
+    units = {f"{pkg}/{testament}/book{i:02d}/{j:03d}": t
+             for testament, i, text in sword_books(root) for j, t in enumerate(cap(text))}
     return budgeted(units, BUDGETS[pkg], lambda k: k.rsplit("/", 1)[0])
 
 
