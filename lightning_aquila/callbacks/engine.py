@@ -26,7 +26,6 @@ import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from lightning_aquila.callbacks.rollback import (
 )
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 from lightning_aquila.domain_weights import project_to_bounds
+from lightning_aquila.tracking.run_files import jsonable
 
 
 def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
@@ -384,7 +384,7 @@ class AdaptiveTrainingEngine(Callback):
     def _event(self, kind: str, **fields: Any) -> None:
         record = getattr(self.monitor, "record_event", None)
         if callable(record):
-            record(kind, **_jsonable(fields))
+            record(kind, **jsonable(fields))
 
     @staticmethod
     def _log(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
@@ -400,7 +400,7 @@ class AdaptiveTrainingEngine(Callback):
         mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
         policy = None
         if self.policy is not None:
-            policy = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config()),
+            policy = {"class": _qualname(self.policy), "config": jsonable(self.policy.config()),
                       "state": self.policy.state_dict()}
         return {
             "policy": policy,
@@ -428,7 +428,7 @@ class AdaptiveTrainingEngine(Callback):
             if saved is not None:
                 self._resume_reasons.append(f"policy removed (was {saved['class']})")
             return
-        mine = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config())}
+        mine = {"class": _qualname(self.policy), "config": jsonable(self.policy.config())}
         if saved is not None and _names_class(saved["class"], type(self.policy)) and (
                 _canonical(saved["config"]) == _canonical(mine["config"])):
             self.policy.load_state_dict(saved["state"])
@@ -481,22 +481,8 @@ def _names_class(path: str, cls: type) -> bool:
         return False
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Anomaly):
-        return _jsonable(asdict(value))
-    return str(value)
-
-
 def _canonical(config: Any) -> str:
-    return json.dumps(_jsonable(config), sort_keys=True)
+    return json.dumps(jsonable(config), sort_keys=True)
 
 
 def _brief(config: Mapping[str, Any]) -> str:
