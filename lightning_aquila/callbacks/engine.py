@@ -26,9 +26,9 @@ import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -42,6 +42,7 @@ from lightning_aquila.callbacks.rollback import (
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 from lightning_aquila.domain_weights import project_to_bounds
 from lightning_aquila.tracking.run_files import jsonable
+from lightning_aquila.tracking.run_log import RunLog
 
 
 def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
@@ -75,7 +76,8 @@ class AdaptiveTrainingEngine(Callback):
             ``ExcessLossMixture``, ``BanditMixture``, or your own); ``None`` leaves the mixture
             to the datamodule (useful for rollback alone).
         monitor: the Training State Monitor to read; default: the first callback in
-            ``trainer.callbacks`` that has a ``TrainingState`` as ``state``.
+            ``trainer.callbacks`` that has a ``TrainingState`` as ``state``. The engine
+            records its changes, stages and rollbacks in the monitor's ``run_log``.
         rollback: restore model and optimizer from the last good checkpoint when the monitor
             flags one of ``rollback_on`` at the current step.
         rollback_on: anomaly kinds that trigger a rollback (``"spike"``, ``"nonfinite_loss"``,
@@ -144,6 +146,7 @@ class AdaptiveTrainingEngine(Callback):
         self._checkpoints = CheckpointFinder()
         self._base: dict[str, float] | None = None  # the last weights before penalties
         self._trainer: Trainer | None = None
+        self._run_log: RunLog | None = None  # the monitor's, found at setup
 
     # -- finding the parts -------------------------------------------------------------------
     def _find_monitor(self, trainer: Trainer) -> Callback:
@@ -181,6 +184,10 @@ class AdaptiveTrainingEngine(Callback):
         if stage != "fit":
             return
         self.monitor = self._find_monitor(trainer)
+        self._run_log = getattr(self.monitor, "run_log", None)
+        if self._run_log is None:  # a monitor of another kind: log to the loggers only
+            self._run_log = RunLog()
+            self._run_log.open(Path(trainer.default_root_dir), write=False)
         callbacks = list(trainer.callbacks)
         if self.monitor in callbacks and self in callbacks and (
                 callbacks.index(self.monitor) > callbacks.index(self)):
@@ -242,12 +249,9 @@ class AdaptiveTrainingEngine(Callback):
                                            *(a.step for a in state.anomalies)])
             if offending:
                 self._roll_back(trainer, pl_module, offending[0])
-                # Steps up to now trained on the weights just thrown away: a deferred check
-                # of this step would only report that again.
+                # Steps up to now trained on the weights just thrown away (the monitor, told
+                # by the rollback event, does not read this step's deferred check either).
                 self._anomalies_through = step
-                discard = getattr(self.monitor, "discard_pending_check", None)
-                if callable(discard):
-                    discard()
                 return
         if self.policy is not None and self.policy.due(step):
             self._update(trainer, "update")
@@ -302,15 +306,14 @@ class AdaptiveTrainingEngine(Callback):
         self._log(trainer, {f"ate/weight/{d}": float(w) for d, w in record["weights"].items()}
                   | {"ate/changes": float(len(self.changes))}, step)
         if not hasattr(mixture, "add_listener"):  # else the monitor logs it as "mixture"
-            self._event("mixture", **{k: v for k, v in record.items() if k != "step"},
-                        step=step)
+            self._event("mixture", step, **{k: v for k, v in record.items() if k != "step"})
         return record
 
     def _enter_stage(self, trainer: Trainer, name: str, reason: str) -> None:
         step = trainer.global_step
         self.stages.append({"name": name, "step": step, "reason": reason})
-        self._event("stage", name=name, reason=reason,
-                    policy=self.policy.name if self.policy is not None else None, step=step)
+        self._event("stage", step, name=name, reason=reason,
+                    policy=self.policy.name if self.policy is not None else None)
         self._log(trainer, {"ate/stage": float(len(self.stages) - 1)}, step)
         rank_zero_info(f"AdaptiveTrainingEngine: stage {name!r} from step {step} ({reason})")
 
@@ -364,8 +367,8 @@ class AdaptiveTrainingEngine(Callback):
             rank_zero_warn("AdaptiveTrainingEngine(skip_batches=...): the mixture has no "
                            "skip_batches(); only the batches since the checkpoint are skipped")
         self.rollbacks.append(record)
-        self._event("rollback", **{k: v for k, v in record.items() if k != "step"},
-                    step=anomaly.step)
+        self._event("rollback", anomaly.step,
+                    **{k: v for k, v in record.items() if k != "step"})
         self._log(trainer, {"ate/rollbacks": float(len(self.rollbacks))}, anomaly.step)
         rank_zero_warn(
             f"AdaptiveTrainingEngine: {what}: restored model and optimizer from {path} (step "
@@ -380,19 +383,12 @@ class AdaptiveTrainingEngine(Callback):
             self._apply(trainer, self._base or mixture.weights,
                         f"rollback: down-weight {anomaly.domains}", rollback=len(self.rollbacks))
 
-    # -- logging -----------------------------------------------------------------------------
-    def _event(self, kind: str, **fields: Any) -> None:
-        record = getattr(self.monitor, "record_event", None)
-        if callable(record):
-            record(kind, **jsonable(fields))
+    # -- logging: through the monitor's run log ----------------------------------------------
+    def _event(self, kind: str, step: int, **fields: Any) -> None:
+        self._run_log.event(kind, step, **fields)
 
-    @staticmethod
-    def _log(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+    def _log(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        self._run_log.log_metrics(trainer, step, metrics)
 
     # -- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

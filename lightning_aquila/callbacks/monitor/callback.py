@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -79,7 +80,9 @@ class TrainingStateMonitor(Callback):
             shortening the interval the per-domain losses (and so a policy) average over.
         throughput_every_n_steps: tokens/s per device and MFU over the interval (validation
             time excluded); on CUDA also the peak memory allocated on any rank so far.
-        peak_flops: peak FLOP/s of one device (default: H100 bf16 dense, 989 TFLOP/s).
+        peak_flops: peak FLOP/s of one device; default: what Lightning's
+            ``get_available_flops`` knows of the device at the trainer's precision (none on
+            CPU or an unlisted chip: then no MFU).
         flops_per_token: training FLOPs per token; default
             ``pl_module.config.flops_per_token(seq_len)`` when the module has it.
         mixture_every_n_steps: ``trainer.datamodule.mixture.weights``.
@@ -122,7 +125,7 @@ class TrainingStateMonitor(Callback):
         lr_every_n_steps: int | None = 10,
         loss_every_n_steps: int | None = None,
         throughput_every_n_steps: int | None = 10,
-        peak_flops: float = 989e12,
+        peak_flops: float | None = None,
         flops_per_token: float | None = None,
         mixture_every_n_steps: int | None = 10,
         weight_stats_every_n_steps: int | None = 100,
@@ -157,7 +160,7 @@ class TrainingStateMonitor(Callback):
         if max_anomalies < 1:
             raise ValueError(f"TrainingStateMonitor(max_anomalies={max_anomalies!r}) must be "
                              "at least 1")
-        if peak_flops <= 0:
+        if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"TrainingStateMonitor(peak_flops={peak_flops!r}) must be positive")
         self.domains = list(domains) if domains is not None else None
         self.train_loss_every_n_steps = train_loss_every_n_steps
@@ -240,6 +243,9 @@ class TrainingStateMonitor(Callback):
         self._module = pl_module
         self.run_dir = resolve_run_dir(trainer, self.run_dir_arg)
         self.run_log.open(self.run_dir, write=self.run_files and trainer.is_global_zero)
+        self._throughput.peak_flops = (
+            self.peak_flops if self.peak_flops is not None
+            else get_available_flops(trainer.strategy.root_device, _dtype(trainer.precision)))
         strategy = type(trainer.strategy).__name__
         if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
             self._warn_once(strategy, f"TrainingStateMonitor: under {strategy} parameters and "
@@ -512,6 +518,15 @@ class TrainingStateMonitor(Callback):
 def _same(a: Any, b: Any) -> bool:
     """Lightning hands hooks a wrapped optimizer; compare what it wraps."""
     return getattr(a, "optimizer", a) is getattr(b, "optimizer", b)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    """The dtype matrix products run in under a trainer's ``precision`` (``"bf16-mixed"``)."""
+    for prefix, dtype in (("bf16", torch.bfloat16), ("16", torch.float16),
+                          ("64", torch.float64)):
+        if str(precision).startswith(prefix):
+            return dtype
+    return torch.float32
 
 
 def _mixture(trainer: Trainer) -> Any:
