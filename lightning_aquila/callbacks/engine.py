@@ -3,7 +3,8 @@
 It only decides. What it reads is the ``TrainingState`` that the Training State Monitor
 publishes (reduced across ranks, so every rank takes the same decision without talking to
 the others); what it changes goes through the Mixture contract
-(``trainer.datamodule.mixture.set_weights``); how it decides is a
+(``trainer.datamodule.mixture.set_weights``, ``lightning_aquila.mixture_protocol``: what the
+mixture offers beyond it is found once, at setup); how it decides is a
 :class:`~lightning_aquila.callbacks.policies.MixturePolicy`.
 
 **Ordering rule.** The engine acts in ``on_train_batch_end``, once per optimizer step, on the
@@ -22,7 +23,6 @@ from it is ``rollback.py``; what the policies decide is ``policies/``.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -41,22 +41,9 @@ from lightning_aquila.callbacks.rollback import (
 )
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 from lightning_aquila.domain_weights import project_to_bounds
+from lightning_aquila.mixture_protocol import MixtureAccess
 from lightning_aquila.tracking.run_files import jsonable
 from lightning_aquila.tracking.run_log import RunLog
-
-
-def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
-    """The Mixture contract is ``set_weights(weights, reason=...)``; a mixture that takes more
-    keywords (ours records ``step``, ``policy`` and ``stage`` in its history) gets those too,
-    so a user's own datamodule needs only what the contract names."""
-    try:
-        params = inspect.signature(mixture.set_weights).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return mixture.set_weights(weights, reason=reason, **{
-        k: v for k, v in metadata.items() if takes_any or k in params})
-
 
 #: Weights closer than this to the current ones are not a change.
 WEIGHT_TOLERANCE = 1e-9
@@ -147,6 +134,7 @@ class AdaptiveTrainingEngine(Callback):
         self._base: dict[str, float] | None = None  # the last weights before penalties
         self._trainer: Trainer | None = None
         self._run_log: RunLog | None = None  # the monitor's, found at setup
+        self._data: MixtureAccess | None = None  # trainer.datamodule.mixture, found at setup
 
     # -- finding the parts -------------------------------------------------------------------
     def _find_monitor(self, trainer: Trainer) -> Callback:
@@ -163,15 +151,22 @@ class AdaptiveTrainingEngine(Callback):
         )
 
     @staticmethod
-    def _mixture(trainer: Trainer) -> Any:
-        mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
-        if mixture is None or not hasattr(mixture, "set_weights"):
+    def _find_mixture(trainer: Trainer) -> MixtureAccess:
+        datamodule = getattr(trainer, "datamodule", None)
+        found = MixtureAccess.of(datamodule, "AdaptiveTrainingEngine")
+        if found is None:
             raise ValueError(
                 "AdaptiveTrainingEngine changes the data through trainer.datamodule.mixture "
                 "(domains, weights, set_weights); the datamodule "
-                f"{type(getattr(trainer, 'datamodule', None)).__name__} has none"
+                f"{type(datamodule).__name__} has none"
             )
-        return mixture
+        return found
+
+    @property
+    def _mixture(self) -> MixtureAccess:
+        if self._data is None:
+            raise EngineOrderError("AdaptiveTrainingEngine has no mixture yet (before fit)")
+        return self._data
 
     def _state(self) -> TrainingState:
         if self.monitor is None:
@@ -184,6 +179,7 @@ class AdaptiveTrainingEngine(Callback):
         if stage != "fit":
             return
         self.monitor = self._find_monitor(trainer)
+        self._data = self._find_mixture(trainer)
         self._run_log = getattr(self.monitor, "run_log", None)
         if self._run_log is None:  # a monitor of another kind: log to the loggers only
             self._run_log = RunLog()
@@ -202,12 +198,12 @@ class AdaptiveTrainingEngine(Callback):
         """Set the policy's weights before the first batch is drawn, and name the stage: the
         policy's first one on a fresh run, a new one on a resume whose policy or mixture
         configuration changed (see ``load_state_dict``)."""
-        mixture = self._mixture(trainer)
+        mixture = self._mixture
         step = trainer.global_step
         self._last_step = step
         self._anomalies_through = step  # earlier anomalies belong to an earlier session
         if self._saved_history_length is not None:  # resumed: did the datamodule's YAML move?
-            history = list(getattr(mixture, "history", []))
+            history = mixture.history()
             self._resume_reasons += [str(c.reason) for c in history[self._saved_history_length:]
                                      if str(getattr(c, "reason", "")).startswith("resume:")]
         reason = "; ".join(self._resume_reasons) or (None if self.stages else "start")
@@ -215,12 +211,9 @@ class AdaptiveTrainingEngine(Callback):
             self._base = None  # penalties now apply to the new configuration
         self._resume_reasons = []
         if self.policy is not None:
-            per_step = getattr(mixture, "tokens_per_step", None)
-            budget = (int(per_step) * trainer.max_steps
-                      if per_step and trainer.max_steps and trainer.max_steps > 0 else None)
-            self.policy.setup(list(mixture.domains), _natural_weights(trainer),
-                              unique_tokens=getattr(mixture, "unique_tokens", None),
-                              budget_tokens=budget)
+            self.policy.setup(mixture.domains, mixture.natural_weights(),
+                              unique_tokens=mixture.unique_tokens(),
+                              budget_tokens=mixture.budget_tokens(trainer.max_steps))
             self._update(trainer, "start", stage_reason=reason)
         elif reason is not None:
             self._enter_stage(trainer, "initial" if reason == "start" else f"resume@{step}",
@@ -259,9 +252,8 @@ class AdaptiveTrainingEngine(Callback):
     def _update(self, trainer: Trainer, why: str, stage_reason: str | None = None) -> None:
         """Ask the policy; record a stage when it enters one (or ``stage_reason`` says the run
         starts one), then apply its weights when they differ from the mixture's."""
-        mixture = self._mixture(trainer)
         before = self.policy.stage
-        proposal = self.policy.propose(self._state(), dict(mixture.weights))
+        proposal = self.policy.propose(self._state(), self._mixture.weights)
         stage = self.policy.stage
         if stage_reason is not None:
             name = stage or (self.policy.name if stage_reason == "start"
@@ -279,7 +271,7 @@ class AdaptiveTrainingEngine(Callback):
                **extra: Any) -> dict[str, Any] | None:
         """Set ``weights`` (times the rollback penalties, within the policy's bounds) on the
         mixture, unless they are the current ones; log and record the change."""
-        mixture = self._mixture(trainer)
+        mixture = self._mixture
         self._base = dict(weights)
         if self.penalties:
             weights = {d: w * self.penalties.get(d, 1.0) for d, w in weights.items()}
@@ -297,15 +289,15 @@ class AdaptiveTrainingEngine(Callback):
         total = sum(weights.values())
         if math.isfinite(total) and total > 0:  # else the mixture raises, naming the values
             weights = {d: w / total for d, w in weights.items()}
-        change = set_weights(mixture, dict(weights), reason, step=step, policy=policy,
-                             stage=self._stage_name(), **extra)
+        change = mixture.set_weights(dict(weights), reason, step=step, policy=policy,
+                                     stage=self._stage_name(), **extra)
         record = {"step": step, "batch_index": getattr(change, "batch_index", None),
                   "weights": dict(getattr(change, "weights", weights)), "reason": reason,
                   "policy": policy, "stage": self._stage_name(), **extra}
         self.changes.append(record)
         self._log(trainer, {f"ate/weight/{d}": float(w) for d, w in record["weights"].items()}
                   | {"ate/changes": float(len(self.changes))}, step)
-        if not hasattr(mixture, "add_listener"):  # else the monitor logs it as "mixture"
+        if not mixture.observable:  # else the monitor, listening to it, records the change
             self._event("mixture", step, **{k: v for k, v in record.items() if k != "step"})
         return record
 
@@ -345,7 +337,7 @@ class AdaptiveTrainingEngine(Callback):
             rank_zero_warn(f"AdaptiveTrainingEngine: {message}; training goes on")
             return
         path, restored_step = found
-        position = _data_position(trainer, self._state())
+        position = self._data_position(self._state())
         checkpoint = restore_model_and_optimizer(trainer, pl_module, path)
         saved = checkpoint.get("callbacks", {}).get(self.state_key, {})
         # Trained on by the abandoned steps, never by the restored model: [start, stop).
@@ -357,12 +349,11 @@ class AdaptiveTrainingEngine(Callback):
             "undone_steps": {"start": restored_step + 1, "stop": anomaly.step + 1},
             "skipped_batches": replaced, "skipped_ahead": None,
         }
-        mixture = self._mixture(trainer)
-        if self.skip_batches and hasattr(mixture, "skip_batches"):
-            skip = mixture.skip_batches(self.skip_batches, reason=f"rollback: {anomaly.kind}",
-                                        step=anomaly.step)
-            record["skipped_ahead"] = {"start": skip.batch_index,
-                                       "stop": skip.batch_index + skip.count}
+        mixture = self._mixture
+        skip = (mixture.skip_batches(self.skip_batches, f"rollback: {anomaly.kind}",
+                                     anomaly.step) if self.skip_batches else None)
+        if skip is not None:
+            record["skipped_ahead"] = {"start": skip[0], "stop": skip[1]}
         elif self.skip_batches:
             rank_zero_warn("AdaptiveTrainingEngine(skip_batches=...): the mixture has no "
                            "skip_batches(); only the batches since the checkpoint are skipped")
@@ -390,10 +381,15 @@ class AdaptiveTrainingEngine(Callback):
     def _log(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         self._run_log.log_metrics(trainer, step, metrics)
 
+    def _data_position(self, state: TrainingState) -> int:
+        """Batches consumed so far: the mixture's own count when it has one (``DomainMixture``:
+        the sampler's global batch index, skips included), else the monitor's per-rank count."""
+        consumed = self._data.consumed_batches() if self._data is not None else None
+        return int(consumed) if consumed is not None else int(state.batch_index)
+
     # -- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
         policy = None
         if self.policy is not None:
             policy = {"class": _qualname(self.policy), "config": jsonable(self.policy.config()),
@@ -405,9 +401,9 @@ class AdaptiveTrainingEngine(Callback):
             "stages": [dict(s) for s in self.stages],
             "penalties": dict(self.penalties),
             "base_weights": None if self._base is None else dict(self._base),
-            "data_position": (_data_position(trainer, self.monitor.state)
+            "data_position": (self._data_position(self.monitor.state)
                               if trainer is not None and self.monitor is not None else None),
-            "mixture_history_length": len(getattr(mixture, "history", []) or []),
+            "mixture_history_length": len(self._data.history()) if self._data else 0,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -437,26 +433,6 @@ class AdaptiveTrainingEngine(Callback):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _data_position(trainer: Trainer | None, state: TrainingState) -> int:
-    """Batches consumed so far: the mixture's own count when it has one (``DomainMixture``:
-    the sampler's global batch index, skips included), else the monitor's per-rank count."""
-    mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
-    consumed = getattr(mixture, "consumed_batches", None)
-    return int(consumed) if consumed is not None else int(state.batch_index)
-
-
-def _natural_weights(trainer: Trainer) -> dict[str, float] | None:
-    """Corpus proportions by training tokens, when the datamodule can tell them."""
-    natural = getattr(getattr(trainer, "datamodule", None), "natural_weights", None)
-    if callable(natural):
-        try:
-            return dict(natural())
-        except Exception as error:  # a datamodule that cannot tell: natural falls back
-            rank_zero_warn(f"AdaptiveTrainingEngine: datamodule.natural_weights() failed: "
-                           f"{error!r}; 'natural' weights use the tokens seen instead")
-    return None
-
-
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 

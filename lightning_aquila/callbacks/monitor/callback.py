@@ -3,7 +3,9 @@ what they measure, and publishes the ``TrainingState``.
 
 It observes only. Everything it needs comes from the Batch and Step output contracts
 (``batch["domain"]``, ``outputs["sample_loss"]``), from the trainer, and optionally from
-``trainer.datamodule.mixture``, so it works in any Lightning project, not only with AquilaLM.
+``trainer.datamodule.mixture`` (the Mixture contract of ``lightning_aquila.mixture_protocol``;
+what the mixture offers beyond it is found once, when training starts), so it works in any
+Lightning project, not only with AquilaLM.
 
 Ordering: the state is updated in ``on_train_batch_end`` once per optimizer step (held-out
 values in ``on_validation_epoch_end``). Lightning runs callbacks in list order, so a callback
@@ -45,6 +47,7 @@ from lightning_aquila.callbacks.monitor.throughput import ThroughputMeter
 from lightning_aquila.callbacks.monitor.weight_stats import WeightStatistics
 from lightning_aquila.callbacks.probes import Probe
 from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.mixture_protocol import MixtureAccess
 from lightning_aquila.tracking.run_files import RUN_FILES_FORMAT, change_fields
 from lightning_aquila.tracking.run_log import RunLog, resolve_run_dir
 
@@ -207,6 +210,7 @@ class TrainingStateMonitor(Callback):
         self.run_log = RunLog()
         self.run_log.add_listener(self._on_event)
         self._module: LightningModule | None = None
+        self._data: MixtureAccess | None = None  # trainer.datamodule.mixture, if any
         self._mixture_listened: Any = None
         self._last_step: int | None = None
         self._warned: set[str] = set()
@@ -261,13 +265,17 @@ class TrainingStateMonitor(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        mixture = _mixture(trainer)
+        try:
+            self._data = mixture = MixtureAccess.of(getattr(trainer, "datamodule", None),
+                                                    "TrainingStateMonitor")
+        except ValueError as error:
+            self._warn_once("mixture", f"{error}; its weights are not logged")
+            self._data = mixture = None
         if self.domains is None and mixture is not None:
-            self._losses.names = list(mixture.domains)
-        if mixture is not None and self._mixture_listened is not mixture and hasattr(
-                mixture, "add_listener"):
-            mixture.add_listener(self._on_mixture_change)
-            self._mixture_listened = mixture
+            self._losses.names = mixture.domains
+        if mixture is not None and self._mixture_listened is not mixture.mixture and (
+                mixture.add_listener(self._on_mixture_change)):
+            self._mixture_listened = mixture.mixture
         self._last_step = trainer.global_step
         self._reset_step()
         self._checks.pending = None
@@ -275,7 +283,7 @@ class TrainingStateMonitor(Callback):
                                  else bool(self.deferred_checks))
         self._losses.restore(trainer, pl_module.device)
         self._throughput.start()
-        history = [change_fields(c) for c in getattr(mixture, "history", [])]
+        history = [change_fields(c) for c in mixture.history()] if mixture else []
         self.run_log.event("session_start", trainer.global_step, format=RUN_FILES_FORMAT,
                            batch_index=self.state.batch_index, world_size=trainer.world_size,
                            domains=self._losses.names,
@@ -352,7 +360,7 @@ class TrainingStateMonitor(Callback):
         if due(self.throughput_every_n_steps, step):
             metrics.update(self._throughput.measure(trainer, pl_module, self.state))
         if due(self.mixture_every_n_steps, step):
-            metrics.update(self._mixture_weights(trainer))
+            metrics.update(self._mixture_weights())
         if due(self.weight_stats_every_n_steps, step):
             metrics.update(self._weight_stats(pl_module))
         if due(self.probes_every_n_steps, step) and self.probes:
@@ -395,11 +403,10 @@ class TrainingStateMonitor(Callback):
                 metrics[f"tsm/lr_group/{group.get('name') or f'group_{i}'}"] = float(group["lr"])
         return metrics
 
-    def _mixture_weights(self, trainer: Trainer) -> dict[str, float]:
-        mixture = _mixture(trainer)
-        if mixture is None:
+    def _mixture_weights(self) -> dict[str, float]:
+        if self._data is None:
             return {}
-        self.state.mixture = {k: float(v) for k, v in mixture.weights.items()}
+        self.state.mixture = self._data.weights
         return {f"tsm/mixture/{k}": v for k, v in self.state.mixture.items()}
 
     def _weight_stats(self, pl_module: LightningModule) -> dict[str, float]:
@@ -527,11 +534,6 @@ def _dtype(precision: str) -> torch.dtype:
         if str(precision).startswith(prefix):
             return dtype
     return torch.float32
-
-
-def _mixture(trainer: Trainer) -> Any:
-    mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
-    return mixture if mixture is not None and hasattr(mixture, "weights") else None
 
 
 __all__ = ["TrainingStateMonitor"]
