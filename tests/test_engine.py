@@ -182,32 +182,6 @@ def test_policy_state_survives_a_resume_exactly(store, tmp_path):
     assert late and max(abs(w - 1 / 3) for w in late[-1]["weights"].values()) > 1e-3
 
 
-
-@pytest.mark.parametrize("saved_class", ["lightning_aquila.callbacks.policies.BanditMixture",
-                                         "lightning_aquila.callbacks.BanditMixture"])
-def test_a_checkpoint_naming_the_policy_by_an_older_path_resumes_the_same_policy(saved_class):
-    """Checkpoints written before the policies moved to a module per family name them
-    ``lightning_aquila.callbacks.policies.BanditMixture``: the same policy, so its state
-    continues and no new stage starts."""
-    before = AdaptiveTrainingEngine(BanditMixture(update_every=2))
-    before.policy.load_state_dict({"rewards": {"a": 1.5, "b": 0.25}, "tokens_seen": {"a": 64},
-                                   "updates": 3, "epsilon": 0.125})
-    state = before.state_dict()
-    assert state["policy"]["class"] == "lightning_aquila.callbacks.policies.bandit.BanditMixture"
-    state["policy"]["class"] = saved_class
-
-    after = AdaptiveTrainingEngine(BanditMixture(update_every=2))
-    after.load_state_dict(state)
-    assert after.policy.state_dict() == before.policy.state_dict()
-    assert after._resume_reasons == []
-    other = AdaptiveTrainingEngine(ExcessLossMixture({"a": 1.0, "b": 1.0}))
-    other.load_state_dict(state)
-    assert other.policy.alpha is None
-    assert other._resume_reasons == ["policy changed from BanditMixture(smoothing=0.9, "
-                                     "importance_weighted=False, warmup_steps=0, update_every=2, "
-                                     "min_weight=0.0, max_weight=1.0) to "
-                                     f"{other.policy!r}"]
-
 def window_ids(store: str, domain: str, seq_len: int) -> dict[bytes, int]:
     """Training window id of ``domain`` by the bytes of its first ``seq_len`` tokens."""
     from lightning_aquila.datamodules.store import ShardStore

@@ -22,7 +22,6 @@ from it is ``rollback.py``; what the policies decide is ``policies/``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -421,7 +420,7 @@ class AdaptiveTrainingEngine(Callback):
                 self._resume_reasons.append(f"policy removed (was {saved['class']})")
             return
         mine = {"class": _qualname(self.policy), "config": jsonable(self.policy.config())}
-        if saved is not None and _names_class(saved["class"], type(self.policy)) and (
+        if saved is not None and saved["class"] == mine["class"] and (
                 _canonical(saved["config"]) == _canonical(mine["config"])):
             self.policy.load_state_dict(saved["state"])
         elif saved is None:
@@ -435,22 +434,6 @@ class AdaptiveTrainingEngine(Callback):
 # -- helpers -----------------------------------------------------------------------------------
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _names_class(path: str, cls: type) -> bool:
-    """Whether a checkpoint's ``module.Class`` names ``cls``: its own path, or an older one of
-    ours that still leads to it (``lightning_aquila.callbacks.policies.BanditMixture``,
-    written before the policies moved to one module per family). Only this package's modules
-    are imported on a checkpoint's word."""
-    if path == f"{cls.__module__}.{cls.__qualname__}":
-        return True
-    module, _, name = path.rpartition(".")
-    if not module.startswith("lightning_aquila."):
-        return False
-    try:
-        return getattr(importlib.import_module(module), name, None) is cls
-    except ImportError:
-        return False
 
 
 def _canonical(config: Any) -> str:

@@ -17,9 +17,7 @@ last, and a checkpoint reads any deferred check first, so it holds the monitor s
 own step.)
 
 What it measures, and how, is in the parts next to this file (the package docstring lists
-them); this class holds the configuration and decides when each part runs. It is ~510 lines
-because its constructor documents and checks every argument a YAML config can set; the
-hooks themselves are short.
+them); this class holds the configuration and decides when each part runs.
 """
 
 from __future__ import annotations
