@@ -78,8 +78,10 @@ class Schedule(Callback):
 def monitor_for_tests(**kwargs) -> TrainingStateMonitor:
     every = {f"{name}_every_n_steps": 2 for name in (
         "train_loss", "grad_norm", "lr", "throughput", "mixture")}
+    # Lightning knows no CPU's peak FLOP/s: an H100's, so that the run logs MFU
     return TrainingStateMonitor(weight_stats_every_n_steps=4, spike_window=10,
-                                spike_min_history=6, flops_per_token=1e4, **every, **kwargs)
+                                spike_min_history=6, flops_per_token=1e4, peak_flops=989e12,
+                                **every, **kwargs)
 
 
 def fit(root: Path, max_steps: int, callbacks=(), ckpt_path=None, spike_at=None):
