@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_aquila.datamodules import DomainDataModule
-from lightning_aquila.datamodules.store import DomainWriter
+from lightning_aquila.datamodules.writer import DomainWriter
 
 H100_TOKENS_PER_SECOND = 50_000  # the ~1B preset on one H100 (docs/benchmarks.md)
 

@@ -474,8 +474,8 @@ class Scheduler:
 def summarise(run: Run, shares: dict[str, float] | None = None) -> dict[str, Any] | None:
     """The run's last held-out evaluation and its domain-average curve against tokens, on the
     test part (the report's own loaders, as ``report --compare`` draws them)."""
-    from lightning_aquila.report_compare import held_out_curves
-    from lightning_aquila.run_record import load_run
+    from lightning_aquila.tracking.compare import held_out_curves
+    from lightning_aquila.tracking.run_record import load_run
 
     if not run.metrics.is_file():
         return None
@@ -500,7 +500,7 @@ def summarise(run: Run, shares: dict[str, float] | None = None) -> dict[str, Any
 
 def value_at(curve: Sequence[tuple[float, float]], tokens: float) -> float | None:
     """The curve's value at ``tokens`` (linear between evaluations); ``None`` outside it."""
-    from lightning_aquila.report_compare import value_at as interpolated
+    from lightning_aquila.tracking.compare import value_at as interpolated
 
     return interpolated(curve, tokens)
 
@@ -654,7 +654,7 @@ def stopped(summaries: list[dict[str, Any]]) -> str:
     its seed at the same tokens (finished or stopped: the best of them there, the lower
     envelope of the fixed mixtures): a partial result is still a comparison at equal
     tokens. With a finished best fixed mixture, also whether the run reached its final."""
-    from lightning_aquila.report_compare import envelope_gap
+    from lightning_aquila.tracking.compare import envelope_gap
 
     best, baseline = best_fixed(summaries)
     lines = [f"Stopped before the end, at their last evaluation (best fixed: {best or '-'}, "

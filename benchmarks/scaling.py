@@ -192,8 +192,9 @@ def strategy_block(layout: Layout) -> Any:
 
 
 def layout_file(layout: Layout, model_config: dict[str, Any], steps: int, store: str,
-                run_dir: Path) -> Path:
-    """The run's own ``--config``, last on the command line: the layout at this GPU count."""
+                run_dir: Path, callbacks: list[dict[str, Any]] | None = None) -> Path:
+    """The run's own ``--config``, last on the command line: the layout at this GPU count
+    (and ``callbacks``, when given, in place of the configuration's)."""
     import yaml
 
     document = {
@@ -209,9 +210,22 @@ def layout_file(layout: Layout, model_config: dict[str, Any], steps: int, store:
         "data": {"init_args": {"store": store, "seq_len": layout.seq_len,
                                "batch_size": layout.micro_batch}},
     }
+    if callbacks is not None:
+        document["trainer"]["callbacks"] = callbacks
     path = run_dir / "layout.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
+
+
+def toy_callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configuration's callbacks with a nominal peak for the monitor: Lightning knows no
+    CPU's peak FLOP/s, so a toy run on the CPU reads MFU against an H100's, as a GPU run
+    reads it against its own chip's."""
+    callbacks = json.loads(json.dumps(config["trainer"].get("callbacks") or []))
+    for callback in callbacks:
+        if str(callback.get("class_path", "")).endswith("TrainingStateMonitor"):
+            callback.setdefault("init_args", {})["peak_flops"] = PEAK_TFLOPS * 1e12
+    return callbacks
 
 
 def fit_command(configs: list[Path], launcher: str, gpus: int) -> list[str]:
@@ -249,7 +263,8 @@ def run(args: argparse.Namespace) -> list[str]:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         model_config = dict(resolved["model"].get("config") or {})
-        mine = layout_file(layout, model_config, args.steps, args.store, run_dir)
+        mine = layout_file(layout, model_config, args.steps, args.store, run_dir,
+                           toy_callbacks(resolved) if args.toy else None)
         command = fit_command([*files, mine], args.launcher, gpus)
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
         started = time.time()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -133,8 +132,6 @@ class AquilaLM(LightningModule):
         self.config = AquilaConfig.from_name(preset, **(config or {}))
         self.tokenizer = tokenizer
         self.model: AquilaModel | None = None
-        self._throughput_mark: tuple[float, int] | None = None
-        self._tokens_since_mark = 0
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -206,25 +203,7 @@ class AquilaLM(LightningModule):
         # into Python numbers every step, a read that waits for all the GPU's queued work.
         self.log("train/loss", loss, prog_bar=self._trainer is not None
                  and self._trainer.progress_bar_callback is not None)
-        self._tokens_since_mark += batch["input_ids"].numel()
         return {"loss": loss, "sample_loss": (sums / counts.clamp(min=1)).detach()}
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._throughput_mark is None:
-            self._throughput_mark = (now, self.global_step)
-            self._tokens_since_mark = 0
-            return
-        since, step = self._throughput_mark
-        # Both values are Python floats, which self.log copies to the GPU from pageable
-        # memory, waiting for all queued work: so only as often as loggers write.
-        if self.global_step - step >= self.trainer.log_every_n_steps and now > since:
-            self.log("train/tokens_per_sec", self._tokens_since_mark / (now - since))
-            self._throughput_mark = (now, self.global_step)
-            self._tokens_since_mark = 0
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                self.log("train/lr", scheduler.get_last_lr()[0])
 
     def _domain_names(self, count: int) -> list[str]:
         mixture = getattr(getattr(self.trainer, "datamodule", None), "mixture", None)

@@ -39,7 +39,7 @@ DMU_HELDOUT_OFFSET = 5_000_000
 @pytest.fixture
 def dmu_make_store(tmp_path: Path) -> Callable[..., str]:
     """Writes a synthetic shard store: ``make({"a": 5000, "b": 3000}) -> url``."""
-    from lightning_aquila.datamodules.store import DomainWriter
+    from lightning_aquila.datamodules.writer import DomainWriter
 
     counter = iter(range(1000))
 

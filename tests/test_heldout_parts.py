@@ -17,7 +17,8 @@ from helpers.corpus import CORPUS
 from lightning_aquila.datamodules import DomainDataModule
 from lightning_aquila.datamodules.shard_format import DataError
 from lightning_aquila.datamodules.split import heldout_part
-from lightning_aquila.datamodules.store import DomainWriter, ShardStore, heldout_parts
+from lightning_aquila.datamodules.store import ShardStore, heldout_parts
+from lightning_aquila.datamodules.writer import DomainWriter
 
 
 def write_domains(url: str, parts: dict[str, list[int | None]], doc_tokens: int = 100,

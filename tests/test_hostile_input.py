@@ -36,7 +36,8 @@ from lightning_aquila.cli.tools import inspect_command as inspect_main  # noqa: 
 from lightning_aquila.datamodules import DataError, DomainDataModule, ShardStore  # noqa: E402
 from lightning_aquila.datamodules.mixture import DomainMixture  # noqa: E402
 from lightning_aquila.datamodules.prepare import prepare  # noqa: E402
-from lightning_aquila.datamodules.store import DomainWriter, iter_documents  # noqa: E402
+from lightning_aquila.datamodules.store import iter_documents  # noqa: E402
+from lightning_aquila.datamodules.writer import DomainWriter  # noqa: E402
 
 #: hypothesis runs many examples in one test function: temporary folders are made per example
 #: below a module-scoped folder, so function-scoped fixtures are not needed.

@@ -10,7 +10,8 @@ import numpy as np
 
 from lightning_aquila.cli import main as cli
 from lightning_aquila.datamodules import DomainDataModule
-from lightning_aquila.datamodules.store import DomainWriter, ShardStore
+from lightning_aquila.datamodules.store import ShardStore
+from lightning_aquila.datamodules.writer import DomainWriter
 
 
 def files(url: str) -> dict[str, bytes]:

@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from lightning_aquila.datamodules.store import (
-    DataError,
-    DomainWriter,
-    ShardStore,
-    iter_documents,
-)
+from lightning_aquila.datamodules.store import DataError, ShardStore, iter_documents
+from lightning_aquila.datamodules.writer import DomainWriter
 
 TOKENIZER = {"hash": "t1", "vocab_size": 1000, "eos_id": 999}
 

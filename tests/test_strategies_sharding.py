@@ -50,7 +50,7 @@ def store(tmp_path_factory):
     """A two-domain shard store of random in-vocabulary tokens."""
     import numpy as np
 
-    from lightning_aquila.datamodules.store import DomainWriter
+    from lightning_aquila.datamodules.writer import DomainWriter
 
     url = str(tmp_path_factory.mktemp("store") / "store.zarr")
     rng = np.random.default_rng(0)

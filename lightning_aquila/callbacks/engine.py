@@ -3,7 +3,8 @@
 It only decides. What it reads is the ``TrainingState`` that the Training State Monitor
 publishes (reduced across ranks, so every rank takes the same decision without talking to
 the others); what it changes goes through the Mixture contract
-(``trainer.datamodule.mixture.set_weights``); how it decides is a
+(``trainer.datamodule.mixture.set_weights``, ``lightning_aquila.mixture_protocol``: what the
+mixture offers beyond it is found once, at setup); how it decides is a
 :class:`~lightning_aquila.callbacks.policies.MixturePolicy`.
 
 **Ordering rule.** The engine acts in ``on_train_batch_end``, once per optimizer step, on the
@@ -21,15 +22,12 @@ from it is ``rollback.py``; what the policies decide is ``policies/``.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -42,20 +40,9 @@ from lightning_aquila.callbacks.rollback import (
 )
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 from lightning_aquila.domain_weights import project_to_bounds
-
-
-def set_weights(mixture: Any, weights: dict[str, float], reason: str, **metadata: Any) -> Any:
-    """The Mixture contract is ``set_weights(weights, reason=...)``; a mixture that takes more
-    keywords (ours records ``step``, ``policy`` and ``stage`` in its history) gets those too,
-    so a user's own datamodule needs only what the contract names."""
-    try:
-        params = inspect.signature(mixture.set_weights).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return mixture.set_weights(weights, reason=reason, **{
-        k: v for k, v in metadata.items() if takes_any or k in params})
-
+from lightning_aquila.mixture_protocol import MixtureAccess
+from lightning_aquila.tracking.run_files import jsonable
+from lightning_aquila.tracking.run_log import RunLog
 
 #: Weights closer than this to the current ones are not a change.
 WEIGHT_TOLERANCE = 1e-9
@@ -75,7 +62,8 @@ class AdaptiveTrainingEngine(Callback):
             ``ExcessLossMixture``, ``BanditMixture``, or your own); ``None`` leaves the mixture
             to the datamodule (useful for rollback alone).
         monitor: the Training State Monitor to read; default: the first callback in
-            ``trainer.callbacks`` that has a ``TrainingState`` as ``state``.
+            ``trainer.callbacks`` that has a ``TrainingState`` as ``state``. The engine
+            records its changes, stages and rollbacks in the monitor's ``run_log``.
         rollback: restore model and optimizer from the last good checkpoint when the monitor
             flags one of ``rollback_on`` at the current step.
         rollback_on: anomaly kinds that trigger a rollback (``"spike"``, ``"nonfinite_loss"``,
@@ -144,6 +132,8 @@ class AdaptiveTrainingEngine(Callback):
         self._checkpoints = CheckpointFinder()
         self._base: dict[str, float] | None = None  # the last weights before penalties
         self._trainer: Trainer | None = None
+        self._run_log: RunLog | None = None  # the monitor's, found at setup
+        self._data: MixtureAccess | None = None  # trainer.datamodule.mixture, found at setup
 
     # -- finding the parts -------------------------------------------------------------------
     def _find_monitor(self, trainer: Trainer) -> Callback:
@@ -160,15 +150,22 @@ class AdaptiveTrainingEngine(Callback):
         )
 
     @staticmethod
-    def _mixture(trainer: Trainer) -> Any:
-        mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
-        if mixture is None or not hasattr(mixture, "set_weights"):
+    def _find_mixture(trainer: Trainer) -> MixtureAccess:
+        datamodule = getattr(trainer, "datamodule", None)
+        found = MixtureAccess.of(datamodule, "AdaptiveTrainingEngine")
+        if found is None:
             raise ValueError(
                 "AdaptiveTrainingEngine changes the data through trainer.datamodule.mixture "
                 "(domains, weights, set_weights); the datamodule "
-                f"{type(getattr(trainer, 'datamodule', None)).__name__} has none"
+                f"{type(datamodule).__name__} has none"
             )
-        return mixture
+        return found
+
+    @property
+    def _mixture(self) -> MixtureAccess:
+        if self._data is None:
+            raise EngineOrderError("AdaptiveTrainingEngine has no mixture yet (before fit)")
+        return self._data
 
     def _state(self) -> TrainingState:
         if self.monitor is None:
@@ -181,6 +178,11 @@ class AdaptiveTrainingEngine(Callback):
         if stage != "fit":
             return
         self.monitor = self._find_monitor(trainer)
+        self._data = self._find_mixture(trainer)
+        self._run_log = getattr(self.monitor, "run_log", None)
+        if self._run_log is None:  # a monitor of another kind: log to the loggers only
+            self._run_log = RunLog()
+            self._run_log.open(Path(trainer.default_root_dir), write=False)
         callbacks = list(trainer.callbacks)
         if self.monitor in callbacks and self in callbacks and (
                 callbacks.index(self.monitor) > callbacks.index(self)):
@@ -195,12 +197,12 @@ class AdaptiveTrainingEngine(Callback):
         """Set the policy's weights before the first batch is drawn, and name the stage: the
         policy's first one on a fresh run, a new one on a resume whose policy or mixture
         configuration changed (see ``load_state_dict``)."""
-        mixture = self._mixture(trainer)
+        mixture = self._mixture
         step = trainer.global_step
         self._last_step = step
         self._anomalies_through = step  # earlier anomalies belong to an earlier session
         if self._saved_history_length is not None:  # resumed: did the datamodule's YAML move?
-            history = list(getattr(mixture, "history", []))
+            history = mixture.history()
             self._resume_reasons += [str(c.reason) for c in history[self._saved_history_length:]
                                      if str(getattr(c, "reason", "")).startswith("resume:")]
         reason = "; ".join(self._resume_reasons) or (None if self.stages else "start")
@@ -208,12 +210,9 @@ class AdaptiveTrainingEngine(Callback):
             self._base = None  # penalties now apply to the new configuration
         self._resume_reasons = []
         if self.policy is not None:
-            per_step = getattr(mixture, "tokens_per_step", None)
-            budget = (int(per_step) * trainer.max_steps
-                      if per_step and trainer.max_steps and trainer.max_steps > 0 else None)
-            self.policy.setup(list(mixture.domains), _natural_weights(trainer),
-                              unique_tokens=getattr(mixture, "unique_tokens", None),
-                              budget_tokens=budget)
+            self.policy.setup(mixture.domains, mixture.natural_weights(),
+                              unique_tokens=mixture.unique_tokens(),
+                              budget_tokens=mixture.budget_tokens(trainer.max_steps))
             self._update(trainer, "start", stage_reason=reason)
         elif reason is not None:
             self._enter_stage(trainer, "initial" if reason == "start" else f"resume@{step}",
@@ -242,12 +241,9 @@ class AdaptiveTrainingEngine(Callback):
                                            *(a.step for a in state.anomalies)])
             if offending:
                 self._roll_back(trainer, pl_module, offending[0])
-                # Steps up to now trained on the weights just thrown away: a deferred check
-                # of this step would only report that again.
+                # Steps up to now trained on the weights just thrown away (the monitor, told
+                # by the rollback event, does not read this step's deferred check either).
                 self._anomalies_through = step
-                discard = getattr(self.monitor, "discard_pending_check", None)
-                if callable(discard):
-                    discard()
                 return
         if self.policy is not None and self.policy.due(step):
             self._update(trainer, "update")
@@ -255,9 +251,8 @@ class AdaptiveTrainingEngine(Callback):
     def _update(self, trainer: Trainer, why: str, stage_reason: str | None = None) -> None:
         """Ask the policy; record a stage when it enters one (or ``stage_reason`` says the run
         starts one), then apply its weights when they differ from the mixture's."""
-        mixture = self._mixture(trainer)
         before = self.policy.stage
-        proposal = self.policy.propose(self._state(), dict(mixture.weights))
+        proposal = self.policy.propose(self._state(), self._mixture.weights)
         stage = self.policy.stage
         if stage_reason is not None:
             name = stage or (self.policy.name if stage_reason == "start"
@@ -275,7 +270,7 @@ class AdaptiveTrainingEngine(Callback):
                **extra: Any) -> dict[str, Any] | None:
         """Set ``weights`` (times the rollback penalties, within the policy's bounds) on the
         mixture, unless they are the current ones; log and record the change."""
-        mixture = self._mixture(trainer)
+        mixture = self._mixture
         self._base = dict(weights)
         if self.penalties:
             weights = {d: w * self.penalties.get(d, 1.0) for d, w in weights.items()}
@@ -293,24 +288,23 @@ class AdaptiveTrainingEngine(Callback):
         total = sum(weights.values())
         if math.isfinite(total) and total > 0:  # else the mixture raises, naming the values
             weights = {d: w / total for d, w in weights.items()}
-        change = set_weights(mixture, dict(weights), reason, step=step, policy=policy,
-                             stage=self._stage_name(), **extra)
+        change = mixture.set_weights(dict(weights), reason, step=step, policy=policy,
+                                     stage=self._stage_name(), **extra)
         record = {"step": step, "batch_index": getattr(change, "batch_index", None),
                   "weights": dict(getattr(change, "weights", weights)), "reason": reason,
                   "policy": policy, "stage": self._stage_name(), **extra}
         self.changes.append(record)
         self._log(trainer, {f"ate/weight/{d}": float(w) for d, w in record["weights"].items()}
                   | {"ate/changes": float(len(self.changes))}, step)
-        if not hasattr(mixture, "add_listener"):  # else the monitor logs it as "mixture"
-            self._event("mixture", **{k: v for k, v in record.items() if k != "step"},
-                        step=step)
+        if not mixture.observable:  # else the monitor, listening to it, records the change
+            self._event("mixture", step, **{k: v for k, v in record.items() if k != "step"})
         return record
 
     def _enter_stage(self, trainer: Trainer, name: str, reason: str) -> None:
         step = trainer.global_step
         self.stages.append({"name": name, "step": step, "reason": reason})
-        self._event("stage", name=name, reason=reason,
-                    policy=self.policy.name if self.policy is not None else None, step=step)
+        self._event("stage", step, name=name, reason=reason,
+                    policy=self.policy.name if self.policy is not None else None)
         self._log(trainer, {"ate/stage": float(len(self.stages) - 1)}, step)
         rank_zero_info(f"AdaptiveTrainingEngine: stage {name!r} from step {step} ({reason})")
 
@@ -342,7 +336,7 @@ class AdaptiveTrainingEngine(Callback):
             rank_zero_warn(f"AdaptiveTrainingEngine: {message}; training goes on")
             return
         path, restored_step = found
-        position = _data_position(trainer, self._state())
+        position = self._data_position(self._state())
         checkpoint = restore_model_and_optimizer(trainer, pl_module, path)
         saved = checkpoint.get("callbacks", {}).get(self.state_key, {})
         # Trained on by the abandoned steps, never by the restored model: [start, stop).
@@ -354,18 +348,17 @@ class AdaptiveTrainingEngine(Callback):
             "undone_steps": {"start": restored_step + 1, "stop": anomaly.step + 1},
             "skipped_batches": replaced, "skipped_ahead": None,
         }
-        mixture = self._mixture(trainer)
-        if self.skip_batches and hasattr(mixture, "skip_batches"):
-            skip = mixture.skip_batches(self.skip_batches, reason=f"rollback: {anomaly.kind}",
-                                        step=anomaly.step)
-            record["skipped_ahead"] = {"start": skip.batch_index,
-                                       "stop": skip.batch_index + skip.count}
+        mixture = self._mixture
+        skip = (mixture.skip_batches(self.skip_batches, f"rollback: {anomaly.kind}",
+                                     anomaly.step) if self.skip_batches else None)
+        if skip is not None:
+            record["skipped_ahead"] = {"start": skip[0], "stop": skip[1]}
         elif self.skip_batches:
             rank_zero_warn("AdaptiveTrainingEngine(skip_batches=...): the mixture has no "
                            "skip_batches(); only the batches since the checkpoint are skipped")
         self.rollbacks.append(record)
-        self._event("rollback", **{k: v for k, v in record.items() if k != "step"},
-                    step=anomaly.step)
+        self._event("rollback", anomaly.step,
+                    **{k: v for k, v in record.items() if k != "step"})
         self._log(trainer, {"ate/rollbacks": float(len(self.rollbacks))}, anomaly.step)
         rank_zero_warn(
             f"AdaptiveTrainingEngine: {what}: restored model and optimizer from {path} (step "
@@ -380,27 +373,25 @@ class AdaptiveTrainingEngine(Callback):
             self._apply(trainer, self._base or mixture.weights,
                         f"rollback: down-weight {anomaly.domains}", rollback=len(self.rollbacks))
 
-    # -- logging -----------------------------------------------------------------------------
-    def _event(self, kind: str, **fields: Any) -> None:
-        record = getattr(self.monitor, "record_event", None)
-        if callable(record):
-            record(kind, **_jsonable(fields))
+    # -- logging: through the monitor's run log ----------------------------------------------
+    def _event(self, kind: str, step: int, **fields: Any) -> None:
+        self._run_log.event(kind, step, **fields)
 
-    @staticmethod
-    def _log(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+    def _log(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        self._run_log.log_metrics(trainer, step, metrics)
+
+    def _data_position(self, state: TrainingState) -> int:
+        """Batches consumed so far: the mixture's own count when it has one (``DomainMixture``:
+        the sampler's global batch index, skips included), else the monitor's per-rank count."""
+        consumed = self._data.consumed_batches() if self._data is not None else None
+        return int(consumed) if consumed is not None else int(state.batch_index)
 
     # -- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
         policy = None
         if self.policy is not None:
-            policy = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config()),
+            policy = {"class": _qualname(self.policy), "config": jsonable(self.policy.config()),
                       "state": self.policy.state_dict()}
         return {
             "policy": policy,
@@ -409,9 +400,9 @@ class AdaptiveTrainingEngine(Callback):
             "stages": [dict(s) for s in self.stages],
             "penalties": dict(self.penalties),
             "base_weights": None if self._base is None else dict(self._base),
-            "data_position": (_data_position(trainer, self.monitor.state)
+            "data_position": (self._data_position(self.monitor.state)
                               if trainer is not None and self.monitor is not None else None),
-            "mixture_history_length": len(getattr(mixture, "history", []) or []),
+            "mixture_history_length": len(self._data.history()) if self._data else 0,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -428,8 +419,8 @@ class AdaptiveTrainingEngine(Callback):
             if saved is not None:
                 self._resume_reasons.append(f"policy removed (was {saved['class']})")
             return
-        mine = {"class": _qualname(self.policy), "config": _jsonable(self.policy.config())}
-        if saved is not None and _names_class(saved["class"], type(self.policy)) and (
+        mine = {"class": _qualname(self.policy), "config": jsonable(self.policy.config())}
+        if saved is not None and saved["class"] == mine["class"] and (
                 _canonical(saved["config"]) == _canonical(mine["config"])):
             self.policy.load_state_dict(saved["state"])
         elif saved is None:
@@ -441,62 +432,12 @@ class AdaptiveTrainingEngine(Callback):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _data_position(trainer: Trainer | None, state: TrainingState) -> int:
-    """Batches consumed so far: the mixture's own count when it has one (``DomainMixture``:
-    the sampler's global batch index, skips included), else the monitor's per-rank count."""
-    mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
-    consumed = getattr(mixture, "consumed_batches", None)
-    return int(consumed) if consumed is not None else int(state.batch_index)
-
-
-def _natural_weights(trainer: Trainer) -> dict[str, float] | None:
-    """Corpus proportions by training tokens, when the datamodule can tell them."""
-    natural = getattr(getattr(trainer, "datamodule", None), "natural_weights", None)
-    if callable(natural):
-        try:
-            return dict(natural())
-        except Exception as error:  # a datamodule that cannot tell: natural falls back
-            rank_zero_warn(f"AdaptiveTrainingEngine: datamodule.natural_weights() failed: "
-                           f"{error!r}; 'natural' weights use the tokens seen instead")
-    return None
-
-
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _names_class(path: str, cls: type) -> bool:
-    """Whether a checkpoint's ``module.Class`` names ``cls``: its own path, or an older one of
-    ours that still leads to it (``lightning_aquila.callbacks.policies.BanditMixture``,
-    written before the policies moved to one module per family). Only this package's modules
-    are imported on a checkpoint's word."""
-    if path == f"{cls.__module__}.{cls.__qualname__}":
-        return True
-    module, _, name = path.rpartition(".")
-    if not module.startswith("lightning_aquila."):
-        return False
-    try:
-        return getattr(importlib.import_module(module), name, None) is cls
-    except ImportError:
-        return False
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Anomaly):
-        return _jsonable(asdict(value))
-    return str(value)
-
-
 def _canonical(config: Any) -> str:
-    return json.dumps(_jsonable(config), sort_keys=True)
+    return json.dumps(jsonable(config), sort_keys=True)
 
 
 def _brief(config: Mapping[str, Any]) -> str:

@@ -22,8 +22,7 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                       "take a domain out of a shard store (atomically)"),
     "train-tokenizer": ("lightning_aquila.tokenizer", "train_tokenizer",
                         "train a byte-level BPE tokenizer on jsonl/txt/parquet files"),
-    # report.py still parses its own arguments (argparse): ``main`` takes them as a list
-    "report": ("lightning_aquila.report", "main",
+    "report": ("lightning_aquila.cli.tools", "report_runs",
                "write the PNG + HTML run report of a run directory (or --compare runs)"),
     "consolidate": ("lightning_aquila.cli.tools", "consolidate_checkpoint",
                     "merge a sharded checkpoint into one file and/or a Hugging Face directory"),

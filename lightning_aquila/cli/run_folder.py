@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightning_aquila.tracking.run_files import metrics_path
+
 #: Class names (the last part of a ``class_path``) whose unset paths are filled.
 MONITOR = "TrainingStateMonitor"
 NEPTUNE = "NeptuneLogger"
@@ -73,7 +75,7 @@ def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] =
     run that failed before its first step do not count.)"""
     root = Path(root)
     found = []
-    metrics = root / "tsm" / "metrics.jsonl"
+    metrics = metrics_path(root)
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.append(str(metrics))
     for folder in dict.fromkeys([Path(d) for d in checkpoint_dirs] + [root / "checkpoints"]):

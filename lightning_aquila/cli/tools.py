@@ -4,9 +4,9 @@
 A tool's flags are the parameters of one function (``TOOLS`` names it), read from its
 signature and docstring by jsonargparse, as litgpt's ``__main__`` does: the library function
 where it does the whole job (``prepare``, ``remove_domain``, ``train_tokenizer``), else a
-command function below that calls the library and prints (``inspect``, ``consolidate``,
-``export-hf``). Only flags that belong to the command and not the function (``--threads``,
-``--quiet``, ``-v``, ``--verify``) are added by hand.
+command function below that calls the library and prints (``inspect``, ``report``,
+``consolidate``, ``export-hf``). Only flags that belong to the command and not the function
+(``--threads``, ``--quiet``, ``-v``, ``--verify``) are added by hand.
 
 The flags keep the spelling the tools have always had: dashes (``--held-out-fraction`` for
 ``held_out_fraction``), a repeatable ``--input`` for a list (each one appends), and switches
@@ -16,6 +16,7 @@ for booleans (``--keep-data`` alone means true; ``--keep-data false`` also parse
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import typing
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import docstring_parser
 from jsonargparse import ArgumentParser, Namespace
 
 from lightning_aquila.cli.commands import TOOLS
@@ -56,25 +58,29 @@ def tool_function(tool: str) -> Callable[..., Any]:
 
 
 def tool_parser(tool: str, description: str, *, positional: Iterable[str] = (),
-                flags: Mapping[str, str] | None = None,
-                skip: Iterable[str] = ()) -> ToolParser:
+                flags: Mapping[str, str] | None = None, skip: Iterable[str] = (),
+                several: Iterable[str] = ()) -> ToolParser:
     """The parser of ``tool``: one flag per parameter of its function (``skip`` left out),
-    spelt with dashes or as ``flags`` maps parameter names, and the ``positional`` (required)
-    parameters as positional arguments."""
+    spelt with dashes or as ``flags`` maps parameter names, and the ``positional`` parameters
+    as positional arguments (optional ones where the parameter has a default). A ``several``
+    parameter (a list) takes one or more values after its flag (``--compare RUN RUN``)."""
     function = tool_function(tool)
     parser = ToolParser(prog=f"lightning-aquila {tool}", description=description)
     hints = typing.get_type_hints(function)
-    positional, skip = set(positional), set(skip)
-    parser.add_function_arguments(function, skip=hints.keys() - positional, as_group=False,
-                                  as_positional=True)
-    parser.add_function_arguments(function, skip=skip | positional, as_group=False)
+    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    positional, skip, several = set(positional), set(skip), set(several)
+    by_hand = (positional & defaults.keys()) | several  # argparse's nargs, not jsonargparse's
+    parser.add_function_arguments(function, skip=hints.keys() - (positional - by_hand),
+                                  as_group=False, as_positional=True)
+    parser.add_function_arguments(function, skip=skip | positional | several, as_group=False)
     # argparse has no public way to rename a flag: its option strings and their index
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
         if hints.get(action.dest) in (bool, bool | None):
             action.nargs, action.const = "?", True  # a switch: the flag alone means true
-        flag = (flags or {}).get(action.dest, "--" + action.dest.replace("_", "-"))
+        flag = _flag(action.dest, flags)
         appends = f"--{action.dest}+" in action.option_strings
         for old in action.option_strings:
             del parser._option_string_actions[old]
@@ -85,7 +91,20 @@ def tool_parser(tool: str, description: str, *, positional: Iterable[str] = (),
             parser._option_string_actions[flag + "+"] = action
             parser.repeatable.append(flag)
             action.metavar = flag.lstrip("-").upper()  # one value each time, not a list
+    helps = {p.arg_name: p.description
+             for p in docstring_parser.parse(function.__doc__ or "").params}
+    for name in [n for n in inspect.signature(function).parameters if n in by_hand]:
+        if name in positional:
+            parser.add_argument(name, nargs="?", default=defaults[name], help=helps.get(name))
+        else:
+            flag = _flag(name, flags)
+            parser.add_argument(flag, dest=name, nargs="+", default=defaults.get(name),
+                                metavar=flag.lstrip("-").upper(), help=helps.get(name))
     return parser
+
+
+def _flag(name: str, flags: Mapping[str, str] | None) -> str:
+    return (flags or {}).get(name, "--" + name.replace("_", "-"))
 
 
 def add_switch(parser: ArgumentParser, *names: str, help: str) -> None:
@@ -270,9 +289,50 @@ def train_tokenizer_command(argv: Sequence[str] | None = None) -> int:
 
 
 # -- report ---------------------------------------------------------------------------------------
+def report_runs(run_dir: str | None = None, output_dir: str | None = None,
+                title: str | None = None, compare: list[str] | None = None,
+                labels: list[str] | None = None, output: str = "compare.png") -> int:
+    """Write the PNG + HTML report of a run directory (its TSM run files), or with
+    ``--compare`` one PNG that overlays several runs and a table of their final numbers.
+
+    Args:
+        run_dir: the trainer's default_root_dir / log_dir of the run
+        output_dir: where to write report.png/report.html (default: the folder that holds
+            the run's tsm/ files)
+        title: title of the figure and page
+        compare: compare these runs: held-out loss against tokens (domain mean, worst
+            domain, each domain) and each run's mixture; prints a summary table
+        labels: with --compare: one name per run (default: folder names)
+        output: with --compare: the figure to write
+    """
+    if compare is not None:
+        from lightning_aquila.tracking.compare import compare_runs, summarise_run, summary_table
+
+        path = compare_runs(compare, output, labels)
+        names = labels or [Path(r).name or r for r in compare]
+        print(summary_table([summarise_run(r) for r in compare], names))
+        print(f"figure: {path}")
+        return 0
+    from lightning_aquila.tracking.report import write_report
+
+    png, page = write_report(run_dir, output_dir, title)
+    print(f"report: {page}\nfigure: {png}")
+    return 0
+
+
 def report_command(argv: Sequence[str] | None = None) -> int:
-    # report.py still builds its own argparse parser (it moves with the run files)
-    return int(tool_function("report")(argv) or 0)
+    parser = tool_parser(
+        "report", "Write the PNG + HTML report of a run directory (its TSM run files), or "
+        "with --compare one PNG that overlays several runs.",
+        positional={"run_dir"}, several={"compare", "labels"})
+    args = parser.parse_argv(argv)
+    if (args.run_dir is None) == (args.compare is None):
+        parser.error("give a run directory, or --compare RUN RUN ...")
+    try:
+        return call(tool_function("report"), args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"lightning-aquila report: {error}", file=sys.stderr)
+        return 1
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ checkpoint.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -35,6 +34,18 @@ from lightning_aquila.datamodules.store import ShardStore, heldout_parts
 from lightning_aquila.domain_weights import SPEC_NAMES, parse_spec, resolve_weights
 
 STATE_VERSION = 1
+
+
+class TrainLoader(DataLoader):
+    """The training loader. Where it stands is the sampler's position, which the
+    datamodule's ``state_dict`` saves and restores; this loader's own state is empty. Having
+    one tells Lightning the loader resumes mid-epoch, which it otherwise warns it cannot."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Nothing to restore: the datamodule's state holds the position."""
 
 
 class DomainDataModule(LightningDataModule):
@@ -313,9 +324,6 @@ class DomainDataModule(LightningDataModule):
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None
                 self.load_state_dict(state)
-        # Lightning warns on every mid-epoch resume unless the *dataloader* is stateful; ours
-        # resumes exactly through this datamodule's state_dict, so that warning is wrong here.
-        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 
     def train_dataloader(self) -> DataLoader:
         if self.sampler is None:
@@ -327,7 +335,7 @@ class DomainDataModule(LightningDataModule):
         dataset = TrainWindows(self.store_url, self.domains, self.seq_len,
                                storage_options=self.storage_options, cache_chunks=cache_chunks)
         workers = self.num_workers
-        return DataLoader(
+        return TrainLoader(
             dataset, batch_size=None, sampler=self.sampler, num_workers=workers,
             prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=workers > 0, pin_memory=self.pin_memory,

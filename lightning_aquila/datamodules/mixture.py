@@ -1,8 +1,11 @@
-"""The Mixture contract: the one object through which callbacks change what data is drawn.
+"""``DomainMixture``: this library's Mixture, the one object through which callbacks change
+what data is drawn.
 
 TSM and ATE never touch a dataset or sampler; they read ``mixture.weights`` and call
 ``mixture.set_weights``. Any datamodule that exposes such an object as ``datamodule.mixture``
-works with them, which is what makes the callbacks reusable outside this library.
+works with them, which is what makes the callbacks reusable outside this library; the
+contract, and the optional capabilities ``DomainMixture`` has all of (history, skips, the
+consumed-batch count, token counts, listeners), are ``lightning_aquila/mixture_protocol.py``.
 
 A change does not take effect "now" (the data loader has already drawn batches ahead): it
 applies from the first batch index the sampler has not yet drawn, and that index is recorded.
@@ -73,7 +76,8 @@ class DomainMixture:
     The sampler binds ``next_batch_index`` (the first batch it has not yet drawn) so that a
     change is stamped with the batch from which it really applies.
 
-    Two facts about the data that repetition-aware policies read (optional in the contract):
+    Two facts about the data that repetition-aware policies read (``TokenCountingMixture``,
+    optional in the contract):
     ``unique_tokens``, each domain's training tokens in the store (one epoch), and
     ``tokens_per_step``, the tokens of one global batch (one optimizer step; set by the
     datamodule once it knows the world size), whose product with ``trainer.max_steps`` is the

@@ -3,8 +3,7 @@ metadata, ``verify``) and ``TokenStream`` (one split of one domain as a flat tok
 read chunk by chunk through a small cache). Every failure to read names the store, domain,
 split, segment and chunk.
 
-The format they read is ``shard_format.py``; writing is ``writer.py`` (``DomainWriter`` is
-importable from here too, as it was when one file held both). What sits on top of the
+The format they read is ``shard_format.py``; writing is ``writer.py``. What sits on top of the
 format lives elsewhere: ``split.py`` (the held-out rule), ``sources.py``/``prepare.py``
 (reading and tokenizing input), ``edit.py`` (removing a domain).
 """
@@ -33,7 +32,6 @@ from lightning_aquila.datamodules.shard_format import (
     zarr_store,
 )
 from lightning_aquila.datamodules.split import PARTS, heldout_part
-from lightning_aquila.datamodules.writer import DomainWriter, SegmentWriter
 
 
 class ShardStore:
@@ -297,5 +295,5 @@ def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iter
             yield stream.read(base + int(begin), base + int(end))
 
 
-__all__ = ["DataError", "DomainInfo", "DomainWriter", "Segment", "SegmentWriter", "ShardStore",
-           "TokenStream", "heldout_parts", "iter_documents", "missing_chunks", "read_chunk"]
+__all__ = ["DataError", "DomainInfo", "Segment", "ShardStore", "TokenStream", "heldout_parts",
+           "iter_documents", "missing_chunks", "read_chunk"]

@@ -3,7 +3,9 @@ what they measure, and publishes the ``TrainingState``.
 
 It observes only. Everything it needs comes from the Batch and Step output contracts
 (``batch["domain"]``, ``outputs["sample_loss"]``), from the trainer, and optionally from
-``trainer.datamodule.mixture``, so it works in any Lightning project, not only with AquilaLM.
+``trainer.datamodule.mixture`` (the Mixture contract of ``lightning_aquila.mixture_protocol``;
+what the mixture offers beyond it is found once, when training starts), so it works in any
+Lightning project, not only with AquilaLM.
 
 Ordering: the state is updated in ``on_train_batch_end`` once per optimizer step (held-out
 values in ``on_validation_epoch_end``). Lightning runs callbacks in list order, so a callback
@@ -15,19 +17,17 @@ last, and a checkpoint reads any deferred check first, so it holds the monitor s
 own step.)
 
 What it measures, and how, is in the parts next to this file (the package docstring lists
-them); this class holds the configuration and decides when each part runs. It is ~510 lines
-because its constructor documents and checks every argument a YAML config can set; the
-hooks themselves are short.
+them); this class holds the configuration and decides when each part runs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -40,17 +40,14 @@ from lightning_aquila.callbacks.monitor.held_out import (
     next_token_loss,
 )
 from lightning_aquila.callbacks.monitor.norms import local_part, shard_spec, squares_on_device
-from lightning_aquila.callbacks.monitor.run_files import (
-    RUN_FILES_FORMAT,
-    RunFiles,
-    change_dict,
-    resolve_run_dir,
-)
 from lightning_aquila.callbacks.monitor.step_check import SpikeDetector, StepChecker, due
 from lightning_aquila.callbacks.monitor.throughput import ThroughputMeter
 from lightning_aquila.callbacks.monitor.weight_stats import WeightStatistics
 from lightning_aquila.callbacks.probes import Probe
 from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.mixture_protocol import MixtureAccess
+from lightning_aquila.tracking.run_files import RUN_FILES_FORMAT, change_fields
+from lightning_aquila.tracking.run_log import RunLog, resolve_run_dir
 
 
 class TrainingStateMonitor(Callback):
@@ -84,7 +81,9 @@ class TrainingStateMonitor(Callback):
             shortening the interval the per-domain losses (and so a policy) average over.
         throughput_every_n_steps: tokens/s per device and MFU over the interval (validation
             time excluded); on CUDA also the peak memory allocated on any rank so far.
-        peak_flops: peak FLOP/s of one device (default: H100 bf16 dense, 989 TFLOP/s).
+        peak_flops: peak FLOP/s of one device; default: what Lightning's
+            ``get_available_flops`` knows of the device at the trainer's precision (none on
+            CPU or an unlisted chip: then no MFU).
         flops_per_token: training FLOPs per token; default
             ``pl_module.config.flops_per_token(seq_len)`` when the module has it.
         mixture_every_n_steps: ``trainer.datamodule.mixture.weights``.
@@ -127,7 +126,7 @@ class TrainingStateMonitor(Callback):
         lr_every_n_steps: int | None = 10,
         loss_every_n_steps: int | None = None,
         throughput_every_n_steps: int | None = 10,
-        peak_flops: float = 989e12,
+        peak_flops: float | None = None,
         flops_per_token: float | None = None,
         mixture_every_n_steps: int | None = 10,
         weight_stats_every_n_steps: int | None = 100,
@@ -162,7 +161,7 @@ class TrainingStateMonitor(Callback):
         if max_anomalies < 1:
             raise ValueError(f"TrainingStateMonitor(max_anomalies={max_anomalies!r}) must be "
                              "at least 1")
-        if peak_flops <= 0:
+        if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"TrainingStateMonitor(peak_flops={peak_flops!r}) must be positive")
         self.domains = list(domains) if domains is not None else None
         self.train_loss_every_n_steps = train_loss_every_n_steps
@@ -204,8 +203,12 @@ class TrainingStateMonitor(Callback):
         self._throughput = ThroughputMeter(peak_flops, flops_per_token)
         self._held_out = HeldOutLoss()  # dev
         self._held_out_test = HeldOutLoss()
-        self._files = RunFiles()
+        #: The run's events and metrics (``tsm/*.jsonl``, the loggers): the engine writes
+        #: through it too.
+        self.run_log = RunLog()
+        self.run_log.add_listener(self._on_event)
         self._module: LightningModule | None = None
+        self._data: MixtureAccess | None = None  # trainer.datamodule.mixture, if any
         self._mixture_listened: Any = None
         self._last_step: int | None = None
         self._warned: set[str] = set()
@@ -217,35 +220,34 @@ class TrainingStateMonitor(Callback):
 
     # -- public ------------------------------------------------------------------------------
     def record_event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Add an event to the run's event log (``tsm/events.jsonl``) and return it.
-
-        Call it on every rank (only global rank 0 writes). ``step`` defaults to the current
-        step. Kinds with a meaning here: ``"stage"`` (``name=...``) starts a data stage: the
-        state's ``stage``/``stage_step`` change and the weights now become the reference of
-        ``stage_change``; ``"rollback"`` (``to_step=...``) tells the report that steps after
-        ``to_step`` were undone. Any other kind (``"weights"``, ``"skip_data"``, ...) is
-        recorded as given.
+        """Add an event to the run log (``tsm/events.jsonl``) and return it: the same as
+        ``monitor.run_log.event(kind, step, **fields)`` with ``step`` defaulting to the
+        current step. Call it on every rank (only global rank 0 writes). Kinds with a meaning
+        here: ``"stage"`` (``name=...``) starts a data stage: the state's
+        ``stage``/``stage_step`` change and the weights now become the reference of
+        ``stage_change``; ``"rollback"``: the current step was undone, so its deferred check
+        is not read. Any other kind (``"weights"``, ``"skip_data"``, ...) is recorded as given.
         """
-        event = {"kind": kind, "step": int(fields.pop("step", self.state.step)),
-                 "time": time.time(), **fields}
-        if kind == "stage":
-            self.state.stage = str(fields.get("name", fields.get("stage", "")))
+        return self.run_log.event(kind, int(fields.pop("step", self.state.step)), **fields)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """What the state learns from the run log, whoever recorded the event."""
+        if event["kind"] == "stage":
+            self.state.stage = str(event.get("name", event.get("stage", "")))
             self.state.stage_step = event["step"]
             measuring = self._module is not None and self.weight_stats_every_n_steps is not None
             self._weights.begin_stage(self._module if measuring else None)
-        self._files.write_event(event)
-        return event
-
-    def discard_pending_check(self) -> None:
-        """Forgets a deferred check not yet read: the engine calls this when it rolls back,
-        since that step trained on weights it has just thrown away."""
-        self._checks.pending = None
+        elif event["kind"] == "rollback":  # that step trained on weights now thrown away
+            self._checks.pending = None
 
     # -- setup and teardown --------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._module = pl_module
         self.run_dir = resolve_run_dir(trainer, self.run_dir_arg)
-        self._files.open(self.run_dir, write=self.run_files and trainer.is_global_zero)
+        self.run_log.open(self.run_dir, write=self.run_files and trainer.is_global_zero)
+        self._throughput.peak_flops = (
+            self.peak_flops if self.peak_flops is not None
+            else get_available_flops(trainer.strategy.root_device, _dtype(trainer.precision)))
         strategy = type(trainer.strategy).__name__
         if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
             self._warn_once(strategy, f"TrainingStateMonitor: under {strategy} parameters and "
@@ -253,7 +255,7 @@ class TrainingStateMonitor(Callback):
                             "cover this rank's shard only; use ModelParallelStrategy (FSDP2/TP).")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._files.close()
+        self.run_log.close()
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
@@ -261,13 +263,17 @@ class TrainingStateMonitor(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        mixture = _mixture(trainer)
+        try:
+            self._data = mixture = MixtureAccess.of(getattr(trainer, "datamodule", None),
+                                                    "TrainingStateMonitor")
+        except ValueError as error:
+            self._warn_once("mixture", f"{error}; its weights are not logged")
+            self._data = mixture = None
         if self.domains is None and mixture is not None:
-            self._losses.names = list(mixture.domains)
-        if mixture is not None and self._mixture_listened is not mixture and hasattr(
-                mixture, "add_listener"):
-            mixture.add_listener(self._on_mixture_change)
-            self._mixture_listened = mixture
+            self._losses.names = mixture.domains
+        if mixture is not None and self._mixture_listened is not mixture.mixture and (
+                mixture.add_listener(self._on_mixture_change)):
+            self._mixture_listened = mixture.mixture
         self._last_step = trainer.global_step
         self._reset_step()
         self._checks.pending = None
@@ -275,13 +281,12 @@ class TrainingStateMonitor(Callback):
                                  else bool(self.deferred_checks))
         self._losses.restore(trainer, pl_module.device)
         self._throughput.start()
-        history = [change_dict(c) for c in getattr(mixture, "history", [])]
-        self._files.write_event({"kind": "session_start", "step": trainer.global_step,
-                                 "time": time.time(), "format": RUN_FILES_FORMAT,
-                                 "batch_index": self.state.batch_index,
-                                 "world_size": trainer.world_size, "domains": self._losses.names,
-                                 "batches_per_step": trainer.accumulate_grad_batches,
-                                 "mixture_history": history})
+        history = [change_fields(c) for c in mixture.history()] if mixture else []
+        self.run_log.event("session_start", trainer.global_step, format=RUN_FILES_FORMAT,
+                           batch_index=self.state.batch_index, world_size=trainer.world_size,
+                           domains=self._losses.names,
+                           batches_per_step=trainer.accumulate_grad_batches,
+                           mixture_history=history)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush_pending()
@@ -292,13 +297,13 @@ class TrainingStateMonitor(Callback):
         if trainer is None:
             return
         for checked_step, found in self._checks.finish_pending(
-                trainer, self.state, self._losses.domains_present, self._files.write_event):
-            self._emit(trainer, checked_step, found)
+                trainer, self.state, self._losses.domains_present, self.run_log.event):
+            self.run_log.log_metrics(trainer, checked_step, found)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self.report_on_fit_end and self.run_files and trainer.is_global_zero):
             return
-        from lightning_aquila.report import write_report
+        from lightning_aquila.tracking.report import write_report
 
         try:
             png, page = write_report(self.run_dir)
@@ -341,11 +346,11 @@ class TrainingStateMonitor(Callback):
         metrics: dict[str, float] = {}
         for checked_step, found in self._checks.check(
                 trainer, self.state, self._losses.presence, self._losses.domains_present,
-                self._files.write_event):
+                self.run_log.event):
             if checked_step == step:
                 metrics.update(found)
             else:  # deferred: the previous step's, logged at that step
-                self._emit(trainer, checked_step, found)
+                self.run_log.log_metrics(trainer, checked_step, found)
         if due(self.train_loss_every_n_steps, step):
             metrics.update(self._losses.end_interval(trainer, self.state, self.ema_decay))
         if due(self.lr_every_n_steps, step):
@@ -353,13 +358,13 @@ class TrainingStateMonitor(Callback):
         if due(self.throughput_every_n_steps, step):
             metrics.update(self._throughput.measure(trainer, pl_module, self.state))
         if due(self.mixture_every_n_steps, step):
-            metrics.update(self._mixture_weights(trainer))
+            metrics.update(self._mixture_weights())
         if due(self.weight_stats_every_n_steps, step):
             metrics.update(self._weight_stats(pl_module))
         if due(self.probes_every_n_steps, step) and self.probes:
             metrics.update(self._run_probes(pl_module))
         self._reset_step()
-        self._emit(trainer, step, metrics)
+        self.run_log.log_metrics(trainer, step, metrics)
 
     def _accumulate(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                     batch: Any) -> None:
@@ -396,11 +401,10 @@ class TrainingStateMonitor(Callback):
                 metrics[f"tsm/lr_group/{group.get('name') or f'group_{i}'}"] = float(group["lr"])
         return metrics
 
-    def _mixture_weights(self, trainer: Trainer) -> dict[str, float]:
-        mixture = _mixture(trainer)
-        if mixture is None:
+    def _mixture_weights(self) -> dict[str, float]:
+        if self._data is None:
             return {}
-        self.state.mixture = {k: float(v) for k, v in mixture.weights.items()}
+        self.state.mixture = self._data.weights
         return {f"tsm/mixture/{k}": v for k, v in self.state.mixture.items()}
 
     def _weight_stats(self, pl_module: LightningModule) -> dict[str, float]:
@@ -477,7 +481,7 @@ class TrainingStateMonitor(Callback):
                                                 step))
             else:
                 metrics.update(held_out_metrics(sums, tokens, self._losses.name, part)[1])
-        self._emit(trainer, step, metrics)
+        self.run_log.log_metrics(trainer, step, metrics)
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -505,23 +509,10 @@ class TrainingStateMonitor(Callback):
         self._checks.reset_step()
         self._losses.reset_step()
 
-    def _emit(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if not metrics:
-            return
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        self._files.write_metrics({"step": step, "time": time.time(), **metrics})
-
     def _on_mixture_change(self, change: Any) -> None:
-        record = change_dict(change)
-        step = record.pop("step", None)
-        self._files.write_event({"kind": "mixture",
-                                 "step": self.state.step if step is None else step,
-                                 "time": time.time(), **record})
+        fields = change_fields(change)
+        step = fields.pop("step", None)
+        self.run_log.event("mixture", self.state.step if step is None else step, **fields)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -534,9 +525,13 @@ def _same(a: Any, b: Any) -> bool:
     return getattr(a, "optimizer", a) is getattr(b, "optimizer", b)
 
 
-def _mixture(trainer: Trainer) -> Any:
-    mixture = getattr(getattr(trainer, "datamodule", None), "mixture", None)
-    return mixture if mixture is not None and hasattr(mixture, "weights") else None
+def _dtype(precision: str) -> torch.dtype:
+    """The dtype matrix products run in under a trainer's ``precision`` (``"bf16-mixed"``)."""
+    for prefix, dtype in (("bf16", torch.bfloat16), ("16", torch.float16),
+                          ("64", torch.float64)):
+        if str(precision).startswith(prefix):
+            return dtype
+    return torch.float32
 
 
 __all__ = ["TrainingStateMonitor"]

@@ -10,7 +10,6 @@ for the GPU; anomalies are then found one step later, still with their own step.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -79,6 +78,8 @@ class StepCheck:
 
 #: ``domains(trainer, presence)``: the names of the domains in a step (``DomainLossTable``).
 DomainsOf = Callable[[Trainer, "torch.Tensor | None"], list[str]]
+#: ``record(kind, step, **fields)``: where anomaly events go (the run log's ``event``).
+RecordEvent = Callable[..., Any]
 
 
 class StepChecker:
@@ -128,7 +129,7 @@ class StepChecker:
 
     # -- the check ---------------------------------------------------------------------------
     def check(self, trainer: Trainer, state: TrainingState, presence: torch.Tensor | None,
-              domains: DomainsOf, record: Callable[[dict[str, Any]], None]
+              domains: DomainsOf, record: RecordEvent
               ) -> list[tuple[int, dict[str, float]]]:
         """This step's check, or with deferred checks the previous step's. Returns
         ``(step, metrics)`` for each check finished now; ``record`` gets each anomaly event."""
@@ -141,7 +142,7 @@ class StepChecker:
         return finished
 
     def finish_pending(self, trainer: Trainer, state: TrainingState, domains: DomainsOf,
-                       record: Callable[[dict[str, Any]], None]
+                       record: RecordEvent
                        ) -> list[tuple[int, dict[str, float]]]:
         check, self.pending = self.pending, None
         return [(check.step, self.finish(trainer, check, state, domains, record))
@@ -179,7 +180,7 @@ class StepChecker:
                          num_batches=self.batches)
 
     def finish(self, trainer: Trainer, check: StepCheck, state: TrainingState,
-               domains: DomainsOf, record: Callable[[dict[str, Any]], None]
+               domains: DomainsOf, record: RecordEvent
                ) -> dict[str, float]:
         """Reads a launched check; updates the state's loss and gradient norm, records the
         anomalies it shows, and returns the step's metrics."""
@@ -220,9 +221,8 @@ class StepChecker:
             metrics[f"tsm/anomaly/{anomaly.kind}"] = 1.0
             if anomaly.zscore is not None:
                 metrics["tsm/anomaly/zscore"] = anomaly.zscore
-            record({"kind": "anomaly", "step": anomaly.step, "time": time.time(),
-                    "type": anomaly.kind, **{k: v for k, v in asdict(anomaly).items()
-                                             if k not in ("kind", "step")}})
+            record("anomaly", anomaly.step, type=anomaly.kind,
+                   **{k: v for k, v in asdict(anomaly).items() if k not in ("kind", "step")})
         del state.anomalies[: -self.max_anomalies]
         metrics["tsm/anomaly/count"] = float(self.anomaly_count)
         return metrics

@@ -13,16 +13,18 @@ from lightning_aquila.callbacks.state import TrainingState
 
 def throughput(
     tokens: float, seconds: float, replication: int, flops_per_token: float | None,
-    peak_flops: float,
+    peak_flops: float | None,
 ) -> tuple[float, float | None]:
     """Tokens/s per device and model FLOPs utilisation.
 
     ``tokens`` were processed by this rank in ``seconds``; ``replication`` ranks (a tensor-
     parallel group) process the same tokens together, so each device's share is
-    ``tokens / seconds / replication``. MFU = that × FLOPs per token / peak FLOP/s per device.
+    ``tokens / seconds / replication``. MFU = that × FLOPs per token / peak FLOP/s per device
+    (``None`` without either).
     """
     per_device = tokens / seconds / replication
-    mfu = None if flops_per_token is None else per_device * flops_per_token / peak_flops
+    mfu = (None if flops_per_token is None or peak_flops is None
+           else per_device * flops_per_token / peak_flops)
     return per_device, mfu
 
 
@@ -30,12 +32,12 @@ class ThroughputMeter:
     """Counts this rank's training tokens and time since the last measurement.
 
     Args:
-        peak_flops: peak FLOP/s of one device.
+        peak_flops: peak FLOP/s of one device; ``None``: unknown, no MFU.
         flops_per_token: training FLOPs per token; ``None``: the module's
             ``config.flops_per_token(seq_len)`` at the last batch's length, when it has one.
     """
 
-    def __init__(self, peak_flops: float, flops_per_token: float | None) -> None:
+    def __init__(self, peak_flops: float | None, flops_per_token: float | None) -> None:
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.seq_len: int | None = None  # of the last training batch
         self.start()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from lightning_aquila.callbacks.policies.base import MixturePolicy
 from lightning_aquila.callbacks.state import TrainingState
 from lightning_aquila.domain_weights import Bound, as_number, normalized
+from lightning_aquila.tracking.run_files import read_jsonl
 
 
 def load_reference_losses(reference: Mapping[str, float] | str,
@@ -48,13 +49,7 @@ def load_reference_losses(reference: Mapping[str, float] | str,
         if path.suffix == ".jsonl":
             prefix = "tsm/val_loss/" if signal == "val" else "tsm/train_loss/"
             raw = {}
-            for number, line in enumerate(text.splitlines(), 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line of a killed run
-                if not isinstance(row, dict):
-                    raise ValueError(f"{source}:{number}: expected a JSON object per line")
+            for row in read_jsonl(path):  # in the order written; a torn last line skipped
                 for key, value in row.items():
                     name = key[len(prefix):]
                     if (key.startswith(prefix) and "/" not in name

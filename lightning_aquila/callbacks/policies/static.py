@@ -20,8 +20,8 @@ class StaticMixture(MixturePolicy):
             ``"uniform"``, ``"natural"`` (proportional to each domain's training tokens in the
             corpus), ``"temperature:T"`` (``p_i ∝ n_i^(1/T)``) or ``"unimax:N"`` (uniform, no
             domain past ``N`` epochs of the run's budget, UniMax). The engine reads the token
-            counts from the mixture (``unique_tokens``) or the datamodule
-            (``natural_weights()``) and the budget from ``trainer.max_steps``. Without counts
+            counts from the mixture (``unique_tokens``) and the budget from
+            ``trainer.max_steps`` times its ``tokens_per_step``. Without counts
             it falls back to ``state.tokens_per_domain``, the tokens seen so far (the natural
             proportions only when training started from them), and keeps the current weights
             until the monitor has counted some (``unimax:N`` also until the budget is known).

@@ -1,62 +1,44 @@
-"""Reading a run's TSM files back: ``<run>/tsm/metrics.jsonl`` and ``<run>/tsm/events.jsonl``
-(written by ``TrainingStateMonitor``; format in docs/monitor.md) as one :class:`RunRecord`,
-for the report (``report.py``), ``report --compare`` (``report_compare.py``) and scripts.
+"""Reading a run back: its two files (``run_files.py``) as one :class:`RunRecord`, for the
+report (``report.py``), ``report --compare`` (``compare.py``) and scripts.
 
-Reading is crash-tolerant: a torn line (a run killed mid-write) is skipped. Timelines are
+Reading is crash-tolerant: a torn line (a run killed mid-write) is skipped. The timeline is
 cleaned the way training went: a ``session_start`` at step S (a resume) drops what the
-previous session recorded after S (it was replayed), and a ``rollback`` to step S drops the
-metrics recorded after S before it (the events stay, so the report shows why).
+previous session recorded after S (it was replayed).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-EVENTS_FILE = "events.jsonl"
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """JSON objects, one per line; lines that do not parse (a torn last line) are skipped."""
-    records = []
-    if not Path(path).exists():
-        return records
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number < len(lines) - 1:  # not the last line: say so, it is not a crash artefact
-                warnings.warn(f"{path}:{number}: skipping a line that is not JSON", stacklevel=2)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+from lightning_aquila.tracking.run_files import (
+    EVENTS_FILE,
+    METRICS_FILE,
+    RUN_FILES_DIR,
+    metrics_path,
+    read_jsonl,
+)
 
 
 def find_tsm_dir(run_dir: str | os.PathLike[str]) -> Path:
     """``<run_dir>/tsm``, or the most recently written ``tsm`` folder below ``run_dir`` (a
     logger may have put the run in ``lightning_logs/version_N``)."""
     run_dir = Path(run_dir)
-    if (run_dir / "tsm" / METRICS_FILE).exists():
-        return run_dir / "tsm"
-    if run_dir.name == "tsm" and (run_dir / METRICS_FILE).exists():
+    if metrics_path(run_dir).exists():
+        return run_dir / RUN_FILES_DIR
+    if run_dir.name == RUN_FILES_DIR and (run_dir / METRICS_FILE).exists():
         return run_dir
-    found = sorted(run_dir.glob(f"**/tsm/{METRICS_FILE}"), key=lambda p: p.stat().st_mtime)
+    found = sorted(run_dir.glob(f"**/{RUN_FILES_DIR}/{METRICS_FILE}"),
+                   key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no TSM run files under {run_dir} (looked for "
-                                f"tsm/{METRICS_FILE}); was TrainingStateMonitor in the run?")
+                                f"{RUN_FILES_DIR}/{METRICS_FILE}); was TrainingStateMonitor in "
+                                "the run?")
     return found[-1].parent
 
 
@@ -165,8 +147,6 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
             start = int(record["step"])
             kept_rows = [r for r in kept_rows if r["step"] <= start]
             kept_events = [e for e in kept_events if e["step"] <= start]
-        elif kind == "rollback" and record.get("to_step") is not None:
-            kept_rows = [r for r in kept_rows if r["step"] <= int(record["to_step"])]
         (kept_events if is_event else kept_rows).append(record)
     return RunRecord(tsm_dir, kept_rows, kept_events)
 
@@ -177,5 +157,4 @@ def finite_points(steps: list[int], values: list[float]) -> tuple[list[int], lis
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-__all__ = ["EVENTS_FILE", "METRICS_FILE", "RunRecord", "find_tsm_dir", "finite_points",
-           "load_run", "read_jsonl"]
+__all__ = ["RunRecord", "find_tsm_dir", "finite_points", "load_run"]

@@ -1,51 +1,39 @@
-"""The run report: one PNG and one self-contained HTML page from a run's TSM files.
+"""The run report: one PNG and one self-contained HTML page from a run's files.
 
-``lightning-aquila report RUN_DIR`` reads ``<run>/tsm/metrics.jsonl`` and
-``<run>/tsm/events.jsonl`` (written by ``TrainingStateMonitor``; format in docs/monitor.md)
-and writes ``report.png`` and ``report.html`` next to the ``tsm`` folder: per-domain training
-and held-out loss, the mixture over steps, stage boundaries, anomalies, gradient norm,
-throughput/MFU, the weights' update ratios and change since the stage began, and probes.
-
-Reading the files (torn lines, resumes and rollbacks cleaned from the timeline) is
-``run_record.py``; ``load_run`` and ``read_jsonl`` are importable from here too.
+``lightning-aquila report RUN_DIR`` (:func:`write_report`) reads the run through
+``run_record.py`` and writes ``report.png`` and ``report.html`` next to the ``tsm`` folder:
+per-domain training and held-out loss, the mixture over steps, stage boundaries, anomalies,
+gradient norm, throughput/MFU, the weights' update ratios and change since the stage began,
+and probes.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import io
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning_aquila.atomic import write_bytes_atomically
-from lightning_aquila.run_record import RunRecord, finite_points, load_run, read_jsonl
+from lightning_aquila.tracking.figure import finish_panel, png_bytes, pyplot
+from lightning_aquila.tracking.run_record import RunRecord, finite_points, load_run
 
 #: The page lists at most this many events (the most recent); the file has them all.
 MAX_EVENT_ROWS = 500
 
 
 # -- the figure --------------------------------------------------------------------------------
-#: What an empty panel says (a run too short for that measurement, or it is turned off).
-NO_DATA = "no data yet"
-
-
 def plot_run(record: RunRecord, title: str | None = None) -> Any:
     """The report figure (matplotlib, Agg): eleven panels, all but "held-out loss against
     tokens" sharing the step axis. A panel with nothing to draw says "no data yet"."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
+    plt = pyplot()
     domains = record.domains()
     palette = colormaps["tab10"]
     color = {d: palette(i % 10) for i, d in enumerate(domains)}
@@ -91,12 +79,7 @@ def plot_run(record: RunRecord, title: str | None = None) -> Any:
         has_data = bool(ax.lines or ax.collections)
         if ax in step_axes:
             _mark_timeline(record, ax, label=ax is loss_ax)
-        if not has_data:
-            ax.text(0.5, 0.5, NO_DATA, transform=ax.transAxes, ha="center", va="center",
-                    color="gray", fontsize=12)
-        elif ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
-        ax.grid(alpha=0.3)
+        finish_panel(ax, has_data)
     for ax in step_axes:
         ax.tick_params(labelbottom=True)
     for ax in (stage_ax, upd_ax, probe_ax):
@@ -329,70 +312,13 @@ def write_report(run_dir: str | os.PathLike[str], output_dir: str | os.PathLike[
                  title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.html`` (default: next to the run's ``tsm`` folder);
     returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     record = load_run(run_dir)
     out = Path(output_dir) if output_dir is not None else record.tsm_dir.parent
-    figure = plot_run(record, title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    png = buffer.getvalue()
+    png = png_bytes(plot_run(record, title))
     png_path, html_path = out / "report.png", out / "report.html"
     write_bytes_atomically(png_path, png)
     write_bytes_atomically(html_path, render_html(record, png, title).encode("utf-8"))
     return png_path, html_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lightning-aquila report", allow_abbrev=False,
-        description="Write the PNG + HTML report of a run directory (its TSM run files), or "
-                    "with --compare one PNG that overlays several runs.")
-    parser.add_argument("run_dir", nargs="?", default=None,
-                        help="the trainer's default_root_dir / log_dir of the run")
-    parser.add_argument("--output-dir", default=None,
-                        help="where to write report.png/report.html (default: the folder that "
-                             "holds the run's tsm/ files)")
-    parser.add_argument("--title", default=None, help="title of the figure and page")
-    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
-                        help="compare these runs: held-out loss against tokens (domain mean, "
-                             "worst domain, each domain) and each run's mixture; prints a "
-                             "summary table")
-    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                        help="with --compare: one name per run (default: folder names)")
-    parser.add_argument("--output", default="compare.png", metavar="FILE.png",
-                        help="with --compare: the figure to write (default: compare.png)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if (args.run_dir is None) == (args.compare is None):
-        parser.error("give a run directory, or --compare RUN RUN ...")
-    try:
-        if args.compare is not None:
-            return _compare(args.compare, args.output, args.labels)
-        png, page = write_report(args.run_dir, args.output_dir, args.title)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"lightning-aquila report: {error}", file=sys.stderr)
-        return 1
-    print(f"report: {page}\nfigure: {png}")
-    return 0
-
-
-def _compare(run_dirs: list[str], output: str, labels: list[str] | None) -> int:
-    from lightning_aquila.report_compare import compare_runs, summarise_run, summary_table
-
-    path = compare_runs(run_dirs, output, labels)
-    names = labels or [Path(r).name or r for r in run_dirs]
-    print(summary_table([summarise_run(r) for r in run_dirs], names))
-    print(f"figure: {path}")
-    return 0
-
-
-__all__ = ["NO_DATA", "RunRecord", "load_run", "main", "plot_run", "read_jsonl", "render_html",
-           "write_report"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["plot_run", "render_html", "write_report"]

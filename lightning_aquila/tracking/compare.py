@@ -3,7 +3,7 @@
 Mixture policies are judged by what they buy per training token, so the runs' held-out loss
 curves (domain average, worst domain, each domain) are overlaid against training tokens, and
 each run's mixture trajectory gets its own panel (stacked weights do not overlay). Reads each
-run's TSM files through :func:`lightning_aquila.run_record.load_run`.
+run's files through :func:`lightning_aquila.tracking.run_record.load_run`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_aquila.atomic import write_bytes_atomically
-from lightning_aquila.run_record import RunRecord, load_run
+from lightning_aquila.tracking.figure import finish_panel, png_bytes, pyplot
+from lightning_aquila.tracking.run_record import RunRecord, load_run
 
 
 def held_out_curves(record: RunRecord, part: str | None = None
@@ -133,14 +134,9 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
     if len(labels) != len(run_dirs):
         raise ValueError(f"compare_runs: {len(labels)} labels for {len(run_dirs)} runs; give "
                          "one label per run")
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
-    from lightning_aquila.report import NO_DATA
-
+    plt = pyplot()
     records = [load_run(r) for r in run_dirs]
     domains = list(dict.fromkeys(d for r in records for d in r.domains()))
     part = "test" if any(r.report_part() == "test" for r in records) else "val"
@@ -191,23 +187,14 @@ def compare_runs(run_dirs: list[str], output: str, labels: list[str] | None = No
         ax.set_title(f"mixture weights: {label}")
         ax.set_xlabel("optimizer step")
     for ax in axes.flat:
-        if not ax.get_title():
+        if ax.get_title():
+            finish_panel(ax)
+        else:
             ax.set_visible(False)
-        elif not (ax.lines or ax.collections):
-            ax.text(0.5, 0.5, NO_DATA, transform=ax.transAxes, ha="center", va="center",
-                    color="gray", fontsize=12)
-        elif ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
-        ax.grid(alpha=0.3)
     fig.suptitle(f"{len(records)} runs compared", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     path = Path(output)
-    write_bytes_atomically(path, buffer.getvalue())
+    write_bytes_atomically(path, png_bytes(fig))
     return path
 
 
