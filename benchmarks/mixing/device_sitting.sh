@@ -11,6 +11,8 @@
 #   CUT        the share of documents of the -cut stores (default 0.15)
 #   SLOTS      runs at a time on the GPU (default 8)
 #   FIT_ARGS   extra arguments for every fit
+# Finished runs of an earlier sitting, carried as .carry/runs.tgz (a runs/ folder, as runs.tgz
+# comes back), are unpacked into the runs folder first, so the driver skips them.
 # Archives: tar of a folder with <domain>/*.jsonl and tokenizer/ (build_corpus.py's layout);
 # the store is /tmp/mixing/stores/<folder>.zarr.
 set -uo pipefail
@@ -27,6 +29,10 @@ mkdir -p "$INBOX" "$STORES" "$CORPORA" "$RUNS"
 if [ ! -f "$WORK/wheels.installed" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -3
   touch "$WORK/wheels.installed"
+fi
+if [ -f .carry/runs.tgz ] && [ ! -f "$WORK/runs.taken" ]; then
+  tar xzf .carry/runs.tgz -C "$WORK" && touch "$WORK/runs.taken"
+  echo "[$(date +%T)] earlier runs: $(ls -d "$RUNS"/*/*/done.json 2>/dev/null | wc -l) finished"
 fi
 # the sitting runs a copy of the code: a later call re-sends the working tree, which must not
 # change the code of runs still to start
