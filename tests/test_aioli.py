@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
+from helpers.policies import policy_from_yaml
 
 from lightning_aquila.callbacks.policies import MixturePolicy
 from lightning_aquila.callbacks.policies.aioli import AioliMixture
@@ -182,15 +182,9 @@ def test_aioli_bad_settings_are_refused_naming_them(kwargs, match):
 
 
 def test_aioli_is_chosen_from_yaml_by_class_path():
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser()
-    parser.add_argument("--policy", type=MixturePolicy)
-    config = yaml.safe_load("""
-policy:
-  class_path: lightning_aquila.callbacks.AioliMixture
-  init_args: {update_every: 50, eta: 2.0, prior: natural}
+    policy = policy_from_yaml("""
+class_path: lightning_aquila.callbacks.AioliMixture
+init_args: {update_every: 50, eta: 2.0, prior: natural}
 """)
-    policy = parser.instantiate_classes(parser.parse_object(config)).policy
     assert isinstance(policy, AioliMixture)
     assert (policy.update_every, policy.eta, policy.prior) == (50, 2.0, "natural")

@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 import pytest
-import yaml
+from helpers.policies import policy_from_yaml
 
-from lightning_aquila.callbacks.policies import EffectiveDataMixture, MixturePolicy, StaticMixture
+from lightning_aquila.callbacks.policies import EffectiveDataMixture, StaticMixture
 from lightning_aquila.callbacks.policies.effective_data import (
     effective_tokens,
     marginal_value,
@@ -247,15 +247,9 @@ def test_resuming_from_the_state_dict_continues_exactly():
 
 
 def test_it_is_chosen_from_yaml_by_class_path():
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser()
-    parser.add_argument("--policy", type=MixturePolicy)
-    config = yaml.safe_load("""
-policy:
-  class_path: lightning_aquila.callbacks.EffectiveDataMixture
-  init_args: {repetition_epochs: 1.0, window: 6, update_every: 50}
+    built = policy_from_yaml("""
+class_path: lightning_aquila.callbacks.EffectiveDataMixture
+init_args: {repetition_epochs: 1.0, window: 6, update_every: 50}
 """)
-    built = parser.instantiate_classes(parser.parse_object(config)).policy
     assert isinstance(built, EffectiveDataMixture)
     assert (built.repetition_epochs, built.window, built.update_every) == (1.0, 6, 50)

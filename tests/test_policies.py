@@ -9,6 +9,7 @@ import math
 
 import pytest
 import yaml
+from helpers.policies import policy_from_config, policy_from_yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -387,27 +388,20 @@ def test_policy_state_dict_round_trip_is_exact(index):
 
 
 def test_policies_are_chosen_from_yaml_by_class_path():
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser()
-    parser.add_argument("--policy", type=MixturePolicy)
-    config = yaml.safe_load("""
-policy:
-  class_path: lightning_aquila.callbacks.policies.StagedMixture
-  init_args:
-    update_every: 5
-    min_weight: 0.01
-    stages:
-      - {name: K6, weights: {code: 0.7, web: 0.3}, until_tokens: 1000}
-      - {name: K61, weights: uniform}
+    policy = policy_from_yaml("""
+class_path: lightning_aquila.callbacks.policies.StagedMixture
+init_args:
+  update_every: 5
+  min_weight: 0.01
+  stages:
+    - {name: K6, weights: {code: 0.7, web: 0.3}, until_tokens: 1000}
+    - {name: K61, weights: uniform}
 """)
-    policy = parser.instantiate_classes(parser.parse_object(config)).policy
     assert isinstance(policy, StagedMixture) and policy.update_every == 5
     assert [s["name"] for s in policy.stages] == ["K6", "K61"]
     for path, args in [("StaticMixture", {"weights": "natural"}),
                        ("ExcessLossMixture", {"reference": {"code": 2.0}, "signal": "val"}),
                        ("BanditMixture", {"smoothing": 0.8})]:
-        config = {"policy": {"class_path": f"lightning_aquila.callbacks.policies.{path}",
-                             "init_args": args}}
-        built = parser.instantiate_classes(parser.parse_object(config)).policy
+        built = policy_from_config({"class_path": f"lightning_aquila.callbacks.policies.{path}",
+                                    "init_args": args})
         assert type(built).__name__ == path

@@ -264,13 +264,8 @@ def en_tech_docs(cache: Path) -> dict[str, list[Doc]]:
     out["django_docs"] = budgeted(files, BUDGETS["en_tech_docs"], lambda k: f"pypi:{k}")
     files = {}
     for pkg in ("manpages", "manpages-dev"):
-        man = fetch_deb(pkg, DEBIAN[pkg], cache) / "usr/share/man"
-        for path in sorted(man.rglob("*.gz")):
-            if path.is_symlink():
-                continue
-            text = decode(gzip.decompress(path.read_bytes()))
-            if text and len(text.encode()) >= 1000 and not text.startswith(".so "):
-                files[f"{pkg}/{path.relative_to(man).as_posix()}"] = text
+        files.update(man_page_texts(fetch_deb(pkg, DEBIAN[pkg], cache) / "usr/share/man", pkg,
+                                    min_bytes=1000, keep_suffix=True))
     out["linux_man_pages"] = budgeted(files, BUDGETS["en_tech_docs"], lambda k: k)
     return out
 
@@ -318,6 +313,21 @@ def zh(cache: Path) -> dict[str, list[Doc]]:
 
 
 # --- en_prose --------------------------------------------------------------------------------
+def man_page_texts(man: Path, pkg: str, min_bytes: int, keep_suffix: bool) -> dict[str, str]:
+    """The roff sources of the gzipped manual pages under ``man`` (``.so`` redirections and
+    pages under ``min_bytes`` left out), keyed ``pkg/<section>/<page>[.gz]`` (corpus A's keys
+    keep the suffix, corpus B's do not: both manifests depend on it)."""
+    files = {}
+    for path in sorted(man.rglob("*.gz")):
+        if path.is_symlink():
+            continue
+        text = decode(gzip.decompress(path.read_bytes()))
+        if text and len(text.encode()) >= min_bytes and not text.startswith(".so "):
+            key = path.relative_to(man).as_posix()
+            files[f"{pkg}/{key if keep_suffix else key.removesuffix('.gz')}"] = text
+    return files
+
+
 def sword_books(root: Path) -> Iterator[tuple[str, int, str]]:
     """(testament, book number, text) of a SWORD zText module: zlib blocks, one per book, of
     OSIS markup; footnotes and markup dropped, paragraphs and titles kept."""

@@ -37,7 +37,7 @@ from pathlib import Path
 # corpus A's builder (benchmarks/mixing/build_corpus.py), which puts the repository root on
 # sys.path for its own helpers (corpus/build_corpus.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build_corpus import budgeted, cap, decode, fetch_deb, generated, sword_books
+from build_corpus import budgeted, cap, decode, fetch_deb, generated, man_page_texts, sword_books
 from build_corpus import main as build_main
 
 from corpus.build_corpus import Doc, b64, looks_like_table, normalise, pack
@@ -122,15 +122,8 @@ def source_files(root: Path, suffixes: tuple[str, ...], lo: int = 500,
 def man_pages(pkg: str, lang: str, cache: Path) -> dict[str, str]:
     """A translated manual-page package's roff sources (``.so`` redirections left out),
     keyed ``pkg/<section>/<page>``."""
-    man = deb(pkg, cache) / "usr/share/man" / lang
-    files = {}
-    for path in sorted(man.rglob("*.gz")):
-        if path.is_symlink():
-            continue
-        text = decode(gzip.decompress(path.read_bytes()))
-        if text and len(text.encode()) >= 500 and not text.startswith(".so "):
-            files[f"{pkg}/{path.relative_to(man).as_posix().removesuffix('.gz')}"] = text
-    return files
+    return man_page_texts(deb(pkg, cache) / "usr/share/man" / lang, pkg, min_bytes=500,
+                          keep_suffix=False)
 
 
 def man_docs(pkg: str, lang: str, cache: Path) -> list[Doc]:
