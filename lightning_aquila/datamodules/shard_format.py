@@ -13,6 +13,15 @@ Layout (the full description is ``docs/data-format.md``)::
         part     uint8 [documents]     held-out segments: 0 dev, 1 test, 255 unassigned
                                        (written since the dev/test split; older segments
                                        lack it; readers assign 255 and missing ones by hash)
+        scores/<key>  float32 [documents]  a named document score (attached after prepare)
+
+Named scores (``fasttext_hq``, ``ppl``, ...) are per-document columns attached to a prepared
+store without re-tokenizing. The domain's attributes list them, ``scores: {name: {"key": key,
+...}}``; the column of a segment is ``<split>/<segment>/scores/<key>``, NaN where a document
+has no score. A segment without that array (written by a later ``prepare``) reads as all NaN.
+Attaching or replacing writes every array under a fresh key, then commits by rewriting the
+domain's attributes; removing commits first and deletes after. The ``quality`` array written
+by ``prepare --quality-field`` reads as the score named ``quality``.
 
 Segments exist so that nothing committed is ever rewritten: a ``prepare`` run writes new
 segments, then commits them by rewriting the domain's attributes (one metadata object, which
@@ -42,6 +51,7 @@ SPLITS = ("train", "heldout")
 UNASSIGNED_PART = 255
 DEFAULT_CHUNK_TOKENS = 1 << 18
 OFFSETS_CHUNK = 1 << 16
+SCORE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -96,7 +106,15 @@ class DomainInfo:
     sources: tuple[dict[str, Any], ...]
     segments: dict[str, tuple[Segment, ...]]
     has_quality: bool = False
+    #: named document scores: ``{name: {"key": array key under scores/, ...about it}}``
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score_names(self) -> list[str]:
+        """The scores a reader can ask for: the attached ones and ``quality`` when
+        ``prepare --quality-field`` wrote it."""
+        return sorted({*self.scores, *(["quality"] if self.has_quality else [])})
 
     def tokens(self, split: str = "train") -> int:
         return sum(s.tokens for s in self.segments.get(split, ()))
@@ -129,6 +147,7 @@ class DomainInfo:
             "sources": [dict(s) for s in self.sources],
             "segments": {split: [asdict(s) for s in segs] for split, segs in self.segments.items()},
             "has_quality": self.has_quality,
+            **({"scores": {k: dict(v) for k, v in self.scores.items()}} if self.scores else {}),
             # Summaries for people and tools reading zarr.json directly; readers recompute.
             "tokens": {split: self.tokens(split) for split in SPLITS},
             "documents": {split: self.documents(split) for split in SPLITS},
@@ -146,7 +165,7 @@ class DomainInfo:
                 split: tuple(_segment(s) for s in attrs["segments"][split]) for split in SPLITS
             }
             known = {"domain", "language", "tokenizer", "sources", "segments", "has_quality",
-                     "tokens", "documents", "max_token_id"}
+                     "scores", "tokens", "documents", "max_token_id"}
             info = cls(
                 name=str(attrs["domain"]),
                 language=str(attrs["language"]),
@@ -154,6 +173,7 @@ class DomainInfo:
                 sources=tuple(dict(s) for s in attrs["sources"]),
                 segments=segments,
                 has_quality=bool(attrs.get("has_quality", False)),
+                scores=_scores(attrs.get("scores", {})),
                 extra={k: v for k, v in attrs.items() if k not in known},
             )
             # The summaries are written with the segment list: a disagreement is damage (a
@@ -168,6 +188,24 @@ class DomainInfo:
             raise DataError(
                 f"{where}: domain metadata is incomplete or malformed ({exc!r})"
             ) from None
+
+
+def _scores(entry: Any) -> dict[str, dict[str, Any]]:
+    """The ``scores`` attribute checked: names map to a mapping with a string ``key``
+    (a wrong shape is a ``TypeError`` -> DataError naming the domain)."""
+    if not isinstance(entry, Mapping) or not all(
+            isinstance(name, str) and isinstance(about, Mapping)
+            and isinstance(about.get("key"), str) and SCORE_NAME.match(name)
+            for name, about in entry.items()):
+        raise TypeError(f"the scores attribute {entry!r} is not {{name: {{'key': ...}}}}")
+    return {name: dict(about) for name, about in entry.items()}
+
+
+def check_score_name(name: str) -> str:
+    if not isinstance(name, str) or not SCORE_NAME.match(name):
+        raise DataError(f"invalid score name {name!r}: use letters, digits and '_' "
+                        "(at most 64 characters, starting with a letter)")
+    return name
 
 
 def _segment(entry: Mapping[str, Any]) -> Segment:
@@ -206,5 +244,6 @@ def damaged(where: str, what: str, exc: Exception) -> DataError:
 
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_KEY",
-           "OFFSETS_CHUNK", "SPLITS", "UNASSIGNED_PART", "DataError", "DomainInfo", "Segment",
-           "check_domain_name", "checked_manifest", "codecs", "damaged", "zarr_store"]
+           "OFFSETS_CHUNK", "SCORE_NAME", "SPLITS", "UNASSIGNED_PART", "DataError", "DomainInfo",
+           "Segment", "check_domain_name", "check_score_name", "checked_manifest", "codecs",
+           "damaged", "zarr_store"]

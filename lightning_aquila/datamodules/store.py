@@ -283,6 +283,40 @@ def heldout_parts(store: ShardStore, domain: str
     return ranges, recorded
 
 
+def document_scores(store: ShardStore, domain: str, name: str, split: str = "train"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One score of every document of a domain's split, in stream order: ``(bounds,
+    values)``, where document ``i`` is tokens ``[bounds[i], bounds[i + 1])`` of the split's
+    stream (int64, ``documents + 1`` entries) and ``values[i]`` its score (float32, NaN where
+    it has none, including every document of a segment the score was not attached to).
+    ``name`` is an attached score or ``quality`` (``prepare --quality-field``); another is a
+    DataError naming the scores the domain has."""
+    info = store.info(domain)
+    if name in info.scores:
+        key = f"scores/{info.scores[name]['key']}"
+    elif name == "quality" and info.has_quality:
+        key = "quality"
+    else:
+        raise DataError(f"{store.where(domain)} has no score {name!r}; it has "
+                        f"{info.score_names or 'none'} (attach one with `lightning-aquila "
+                        "score`)")
+    bounds, values, base = [np.zeros(1, dtype=np.int64)], [], 0
+    for seg in info.segments.get(split, ()):
+        where = store.where(domain, split, seg.id)
+        offsets = _whole(store.array(domain, split, seg.id, "offsets"), where).astype(np.int64)
+        bounds.append(base + offsets[1:])
+        array = store._array(domain, split, seg.id, key)
+        column = (np.full(seg.documents, np.nan, dtype=np.float32) if array is None
+                  else _whole(array, where).astype(np.float32, copy=False))
+        if len(column) != seg.documents:
+            raise DataError(f"{where}: score {name!r} has {len(column)} values for "
+                            f"{seg.documents} documents; the store is damaged")
+        values.append(column)
+        base += seg.tokens
+    return (np.concatenate(bounds),
+            np.concatenate(values) if values else np.zeros(0, dtype=np.float32))
+
+
 def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iterator[np.ndarray]:
     """Each document's tokens (eos included), in store order; for tools and tests."""
     stream = store.stream(domain, split)
@@ -295,5 +329,5 @@ def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iter
             yield stream.read(base + int(begin), base + int(end))
 
 
-__all__ = ["DataError", "DomainInfo", "Segment", "ShardStore", "TokenStream", "heldout_parts",
-           "iter_documents", "missing_chunks", "read_chunk"]
+__all__ = ["DataError", "DomainInfo", "Segment", "ShardStore", "TokenStream", "document_scores",
+           "heldout_parts", "iter_documents", "missing_chunks", "read_chunk"]
