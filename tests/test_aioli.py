@@ -144,17 +144,22 @@ def test_aioli_drops_an_evaluation_whose_interval_spans_two_mixtures():
     assert policy.matrices == 0 and policy.exploit is None
 
 
-def test_aioli_state_dict_round_trip_resumes_exactly():
+@pytest.mark.parametrize("split", range(1, 14))
+def test_aioli_state_dict_round_trip_resumes_exactly(split):
+    """Resumed at every interval of 14: mid-round, right after a law is fitted and while it
+    exploits one, so every field of the state (the fitted matrices, their EMA, the exploit
+    weights, the round) has to survive the round trip."""
     whole = AioliMixture(update_every=V, exploit_updates=3, lp_rounds=1, seed=1)
     expected = drive(whole, LinearRun(A), 14)
+    assert whole.matrices >= 2 and whole.a_ema is not None  # the run does fit laws
     first = AioliMixture(update_every=V, exploit_updates=3, lp_rounds=1, seed=1)
     run = LinearRun(A)
-    head = drive(first, run, 4)  # mid-round: one probe left
+    head = drive(first, run, split)
     saved = json.loads(json.dumps(first.state_dict()))
     second = AioliMixture(update_every=V, exploit_updates=3, lp_rounds=1, seed=1)
     second.load_state_dict(saved)
     assert second.state_dict() == first.state_dict()
-    assert head + drive(second, run, 10, current=head[-1], start=4) == expected
+    assert head + drive(second, run, 14 - split, current=head[-1], start=split) == expected
 
 
 def test_aioli_weights_stay_within_bounds():

@@ -46,16 +46,19 @@ def prepared_documents(tmp_path: Path, tokenizer: Path, **kwargs) -> tuple[list[
             store.info("en_docs").tokenizer)
 
 
-def assert_each_document_ends_with(docs: list[list[int]], eos: int) -> None:
-    assert len(docs) == len(TEXTS)
-    assert all(doc[-1] == eos and eos not in doc[:-1] for doc in docs)
+def assert_each_document_ends_with(docs: list[list[int]], eos: int, tokenizer: Path) -> None:
+    """Each stored document is its text encoded by the tokenizer itself, then ``eos``: the
+    body, not only where eos sits."""
+    encoder = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    assert docs == [[*encoder.encode(t, add_special_tokens=False).ids, eos] for t in TEXTS]
+    assert all(eos not in doc[:-1] for doc in docs)
 
 
 def test_a_llama2_style_tokenizer_json_alone_ends_documents_with_its_s_token(tmp_path):
     path = build_tokenizer(tmp_path / "llama2", ["<unk>", "<s>", "</s>"])
     docs, meta = prepared_documents(tmp_path, path / "tokenizer.json")
     eos = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id("</s>")
-    assert_each_document_ends_with(docs, eos)
+    assert_each_document_ends_with(docs, eos, path)
     assert (meta["eos"], meta["eos_id"], meta["eos_from"]) == ("</s>", eos, "vocabulary")
     assert meta["bos"] == "<s>"
 
@@ -66,7 +69,7 @@ def test_a_gpt2_style_directory_names_its_endoftext_eos_in_tokenizer_config(tmp_
                                    "model_max_length": 1024})
     docs, meta = prepared_documents(tmp_path, path)
     eos = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id("<|endoftext|>")
-    assert_each_document_ends_with(docs, eos)
+    assert_each_document_ends_with(docs, eos, path)
     assert (meta["eos"], meta["eos_from"]) == ("<|endoftext|>", "tokenizer_config.json:eos_token")
 
 
@@ -79,7 +82,7 @@ def test_the_configured_eos_wins_over_a_common_spelling_in_the_vocabulary(tmp_pa
                      "eos_token": {"content": "<|end_of_text|>", "lstrip": False}})
     docs, meta = prepared_documents(tmp_path, path)
     eos = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id("<|end_of_text|>")
-    assert_each_document_ends_with(docs, eos)
+    assert_each_document_ends_with(docs, eos, path)
     assert (meta["eos"], meta["bos"]) == ("<|end_of_text|>", "<|begin_of_text|>")
     assert meta["eos_from"] == "special_tokens_map.json:eos_token"
 
@@ -89,7 +92,7 @@ def test_eos_token_overrides_the_configuration(tmp_path):
                            config={"eos_token": "<|im_end|>"})
     docs, meta = prepared_documents(tmp_path, path, eos_token="<|endoftext|>")
     eos = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id("<|endoftext|>")
-    assert_each_document_ends_with(docs, eos)
+    assert_each_document_ends_with(docs, eos, path)
     assert meta["eos_from"] == "--eos-token"
 
 

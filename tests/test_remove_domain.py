@@ -55,6 +55,35 @@ def test_keep_data_unlists_the_domain_and_a_later_prepare_of_that_name_starts_af
     assert ShardStore(url).info("b").tokens("train") == 50
 
 
+def test_a_delete_that_fails_after_the_commit_leaves_a_consistent_store(dmu_make_store,
+                                                                       monkeypatch):
+    """The order is the contract: unlist (the commit), then delete. A delete that fails (a
+    disk error, a kill) must find the domain already unlisted, so every reader sees a store
+    with the other domains whole; a delete before the commit would leave the manifest naming
+    a half-deleted group."""
+    import zarr
+
+    url = dmu_make_store({"a": 3000, "b": 2000})
+    before = files(url)
+
+    def failing_delete(self, key):
+        raise OSError(f"injected: cannot delete {key!r}")
+
+    monkeypatch.setattr(zarr.Group, "__delitem__", failing_delete)
+    from lightning_aquila.datamodules.edit import remove_domain
+
+    try:
+        remove_domain(url, "b")
+    except OSError as exc:
+        assert "injected" in str(exc)
+    store = ShardStore(url)
+    assert sorted(store.domains) == ["a"]
+    store.verify(full=True)
+    after = files(url)
+    assert {k: v for k, v in after.items() if k != "zarr.json"} == {
+        k: v for k, v in before.items() if k != "zarr.json"}  # nothing deleted yet
+
+
 def test_a_run_checkpointed_before_a_removal_resumes_on_the_remaining_domains(
         dmu_make_store):
     url = dmu_make_store({"a": 6000, "b": 4000, "c": 3000})
