@@ -1,7 +1,8 @@
 """``make quickstart`` as a recipe: which commands it runs, in which order, and what a second
 ``make quickstart`` runs again. The ``lightning-aquila`` it calls is a recorder (a shell
-script that logs its arguments and creates the run folder), so this takes a second; the fit
-itself is tested in test_cli (the quickstart config)."""
+script that logs each call's arguments one by one, so their boundaries are checked too, and
+creates the run folder), so this takes a second; the fit itself is tested in test_cli (the
+quickstart config)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ DOMAINS = sorted(p.name for p in (REPO / "corpus").iterdir() if p.is_dir())
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 RECORDER = """#!/bin/sh
-echo "$*" >> "{log}"
+printf '%s\\037' "$@" >> "{log}"
+echo >> "{log}"
 case "$*" in
   fit*) [ -n "$FAIL_FIT" ] && exit 1 ;;
 esac
@@ -30,9 +32,9 @@ exit 0
 """
 
 
-def make_quickstart(tmp_path: Path, **env: str) -> tuple[int, list[str]]:
+def make_quickstart(tmp_path: Path, **env: str) -> tuple[int, list[list[str]]]:
     """Run ``make quickstart`` with the recorder as ``$(BIN)/lightning-aquila`` and the run
-    folder in ``tmp_path``; its exit code and the recorded commands."""
+    folder in ``tmp_path``; its exit code and each recorded call's argument list."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     installed = tmp_path / "installed"  # the venv stamp, newer than pyproject.toml
     if not bin_dir.exists():
@@ -45,7 +47,7 @@ def make_quickstart(tmp_path: Path, **env: str) -> tuple[int, list[str]]:
         ["make", "-C", str(REPO), "--no-print-directory", "quickstart", f"BIN={bin_dir}",
          f"STAMP={installed}", f"RUN_DIR={tmp_path / 'runs' / 'quickstart'}"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
-    return done.returncode, log.read_text().splitlines()
+    return done.returncode, [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
 
 
 def test_make_quickstart_prepares_the_corpus_trains_one_run_and_reports_it(tmp_path):
@@ -54,13 +56,16 @@ def test_make_quickstart_prepares_the_corpus_trains_one_run_and_reports_it(tmp_p
     code, calls = make_quickstart(tmp_path)
     assert code == 0
     prepares = calls[:len(DOMAINS)]
-    assert sorted(c.split("--domain ")[1].split()[0] for c in prepares) == DOMAINS
-    assert all(f"--output {store} " in c for c in prepares)
+    assert sorted(c[c.index("--domain") + 1] for c in prepares) == DOMAINS
+    for call in prepares:
+        domain = call[call.index("--domain") + 1]
+        assert call == ["prepare", "--input", f"corpus/{domain}/*.jsonl", "--domain", domain,
+                        "--output", str(store), "--held-out-fraction", "0.1", "--quiet"]
     assert calls[len(DOMAINS):] == [
-        f"inspect {store}",
-        f"fit --config configs/quickstart.yaml --trainer.default_root_dir {run} "
-        f"--data.init_args.store {store} --ckpt_path last",
-        f"report {run}",
+        ["inspect", str(store)],
+        ["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(run),
+         "--data.init_args.store", str(store), "--ckpt_path", "last"],
+        ["report", str(run)],
     ]
 
 
@@ -68,10 +73,10 @@ def test_a_second_make_quickstart_resumes_the_run(tmp_path):
     assert make_quickstart(tmp_path)[0] == 0
     code, calls = make_quickstart(tmp_path)
     assert code == 0
-    fits = [c for c in calls if c.startswith("fit ")]
-    assert len(fits) == 1 and fits[0].endswith("--ckpt_path last")
+    fits = [c for c in calls if c[0] == "fit"]
+    assert len(fits) == 1 and fits[0][-2:] == ["--ckpt_path", "last"]
 
 
 def test_a_failed_fit_stops_make_quickstart_before_the_report(tmp_path):
     code, calls = make_quickstart(tmp_path, FAIL_FIT="1")
-    assert code != 0 and calls[-1].startswith("fit ")
+    assert code != 0 and calls[-1][0] == "fit"
