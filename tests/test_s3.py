@@ -117,13 +117,30 @@ def test_the_datamodule_reads_and_resumes_from_an_s3_store_with_loader_workers(s
         assert len(next(iter(dm.val_dataloader()[0]))["input_ids"]) == 2
         return batches, dm.state_dict()
 
-    # Outside a trainer a batch counts as consumed when drawn, so the resume half runs
-    # without workers (which draw ahead); the worker processes read the same batches.
+    # Outside a trainer a batch counts as consumed when drawn, so the state is taken from a
+    # loader without workers (which draw ahead); the resumed half reads through a worker.
     whole, _ = loader_batches(None, 12, workers=1)
     first, state = loader_batches(None, 5)
-    rest, _ = loader_batches(state, 7)
+    rest, _ = loader_batches(state, 7, workers=1)
     for expected, got in zip(whole, first + rest, strict=True):
         np.testing.assert_array_equal(expected, got)
+
+
+def test_credentials_given_in_storage_options_are_used_and_written_nowhere(s3, tmp_path,
+                                                                           monkeypatch):
+    """Keys passed through ``storage_options`` (not the environment, which is emptied here)
+    reach s3fs, and neither the key nor the secret appears in any object of the store."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    key, secret = "options-key-4711", "options-secret-0815"
+    options = {**s3["options"], "key": key, "secret": secret}
+    remote = f"{s3['bucket']}/s.zarr"
+    prepare(str(write_jsonl(tmp_path / "a.jsonl")), "en", remote, progress=False,
+            storage_options=options)
+    assert ShardStore(remote, options).info("en").documents("train") > 0
+    blobs = [s3["fs"].cat_file(path) for path in s3["fs"].find(s3["bucket"])]
+    assert blobs and not any(key.encode() in blob or secret.encode() in blob
+                             for blob in blobs)
 
 
 def test_no_credential_is_written_to_the_store(s3, tmp_path):
