@@ -34,7 +34,7 @@ def score_fasttext(store: str, positive: list[str] | None = None,
                    tokenizer: str | None = None, text_field: str = "text", epoch: int = 20,
                    lr: float = 0.5, word_ngrams: int = 2, dim: int = 100,
                    replace: bool = False, batch_documents: int = 256,
-                   processes: int | None = None,
+                   processes: int = 1,
                    storage_options: dict[str, Any] | None = None,
                    progress: bool = True) -> None:
     """Score documents by a fastText classifier (DCLM-style): log-odds of ``label``.
@@ -58,7 +58,9 @@ def score_fasttext(store: str, positive: list[str] | None = None,
         dim: fastText vector size
         replace: replace a score of that name
         batch_documents: documents per batch handed to a worker
-        processes: worker processes (default: all cores)
+        processes: worker processes, each decoding and predicting (default 1: in this
+            process, decoding on all cores with the tokenizer's threads, predicting on one;
+            more pays on many cores, see docs/benchmarks.md)
         storage_options: fsspec options of a remote store, as JSON
     """
     from lightning_aquila.datamodules.shard_format import DataError
@@ -79,14 +81,14 @@ def score_fasttext(store: str, positive: list[str] | None = None,
         model = save_model or os.path.join(os.path.dirname(os.path.abspath(store)),
                                            f"{name}.fasttext.bin")
         train_classifier(positive, negative, model, text_field=text_field, epoch=epoch,
-                         lr=lr, word_ngrams=word_ngrams, dim=dim, threads=processes)
+                         lr=lr, word_ngrams=word_ngrams, dim=dim)
         print(f"trained fastText classifier on {len(positive)} positive and {len(negative)} "
               f"negative file(s): {model}")
     about = {"scorer": "fasttext", "value": f"log-odds of {label}", "model": model,
              "label": label}
-    scorer = FastTextScorer(model, tokenizer, label=label, processes=processes)
-    _score_all(shards, domains, name, scorer, about, replace=replace,
-               batch_documents=batch_documents, progress=progress)
+    with FastTextScorer(model, tokenizer, label=label, processes=processes) as scorer:
+        _score_all(shards, domains, name, scorer, about, replace=replace,
+                   batch_documents=batch_documents, progress=progress)
 
 
 def score_perplexity(store: str, checkpoint: str, name: str = "ppl",

@@ -13,8 +13,9 @@ and ``__label__cc``, and texts are fed as datatrove's ``FastTextClassifierFilter
 classifier (or any fastText ``.bin``) works here with ``--model`` and ``--label``.
 
 The store holds tokens, so documents are decoded with the domain's tokenizer (lossless for
-byte-level BPE). fastText's ``predict`` holds the GIL, so batches go to a pool of processes,
-each decoding and predicting on its own core.
+byte-level BPE). Decoding runs on all cores (the tokenizer's threads); fastText's ``predict``
+holds the GIL, so with ``processes > 1`` batches go to a pool of processes instead, each
+decoding and predicting on its own core.
 """
 
 from __future__ import annotations
@@ -133,22 +134,35 @@ def _score_batch(batch: list[np.ndarray]) -> np.ndarray:
 
 class FastTextScorer:
     """Scores batches of stored documents (decode, then predict) on ``processes`` worker
-    processes, results in order; a scorer for ``score_domain``."""
+    processes, results in order; a scorer for ``score_domain``. Use it as a context
+    manager: its pool starts once (each worker loads the model) and serves every call."""
 
     def __init__(self, model_path: str, tokenizer_path: str, *, label: str = POSITIVE,
-                 processes: int | None = None) -> None:
+                 processes: int = 1) -> None:
         load_classifier(model_path, label)  # fail here, with one line, not in a worker
         self.args = (model_path, str(tokenizer_path), label)
-        self.processes = max(1, processes or os.cpu_count() or 1)
+        self.processes = max(1, processes)
+        self._pool: Any = None
 
-    def __call__(self, batches: Iterator[list[np.ndarray]]) -> Iterator[np.ndarray]:
+    def __enter__(self) -> FastTextScorer:
         if self.processes == 1:
             _start_worker(*self.args)
-            yield from map(_score_batch, batches)
-            return
-        context = multiprocessing.get_context("forkserver")
-        with context.Pool(self.processes, _start_worker, (*self.args, True)) as pool:
-            yield from pool.imap(_score_batch, batches)
+        else:  # forkserver: no fork of a process whose tokenizer threads already ran
+            context = multiprocessing.get_context("forkserver")
+            self._pool = context.Pool(self.processes, _start_worker, (*self.args, True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __call__(self, batches: Iterator[list[np.ndarray]]) -> Iterator[np.ndarray]:
+        if self._pool is None:
+            if "model" not in _WORKER:
+                raise RuntimeError("use FastTextScorer as a context manager")
+            return map(_score_batch, batches)
+        return self._pool.imap(_score_batch, batches)
 
 
 __all__ = ["NEGATIVE", "POSITIVE", "FastTextScorer", "load_classifier", "log_odds",
