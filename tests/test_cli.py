@@ -55,7 +55,7 @@ def test_an_unknown_command_is_refused_naming_it():
 
 
 @pytest.mark.parametrize("tool", ["prepare", "inspect", "remove-domain", "train-tokenizer",
-                                  "report"])
+                                  "report", "score"])
 def test_a_data_tool_imports_neither_torch_nor_lightning(tool):
     """A data tool must start at once; importing the datamodules package once pulled in
     Lightning (7 s of a 14 s ``prepare`` on the development machine)."""

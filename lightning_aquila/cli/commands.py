@@ -20,6 +20,8 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                 "print the domains, documents and tokens of a shard store"),
     "remove-domain": ("lightning_aquila.datamodules.edit", "remove_domain",
                       "take a domain out of a shard store (atomically)"),
+    "score": ("lightning_aquila.cli.score", "score_command",
+              "attach a per-document quality score (fastText, perplexity, a file) or remove one"),
     "train-tokenizer": ("lightning_aquila.tokenizer", "train_tokenizer",
                         "train a byte-level BPE tokenizer on jsonl/txt/parquet files"),
     "report": ("lightning_aquila.cli.tools", "report_runs",

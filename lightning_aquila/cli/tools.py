@@ -59,12 +59,14 @@ def tool_function(tool: str) -> Callable[..., Any]:
 
 def tool_parser(tool: str, description: str, *, positional: Iterable[str] = (),
                 flags: Mapping[str, str] | None = None, skip: Iterable[str] = (),
-                several: Iterable[str] = ()) -> ToolParser:
-    """The parser of ``tool``: one flag per parameter of its function (``skip`` left out),
+                several: Iterable[str] = (),
+                function: Callable[..., Any] | None = None) -> ToolParser:
+    """The parser of ``tool``: one flag per parameter of its function (``TOOLS``, or
+    ``function`` for a subcommand such as ``score fasttext``; ``skip`` left out),
     spelt with dashes or as ``flags`` maps parameter names, and the ``positional`` parameters
     as positional arguments (optional ones where the parameter has a default). A ``several``
     parameter (a list) takes one or more values after its flag (``--compare RUN RUN``)."""
-    function = tool_function(tool)
+    function = function or tool_function(tool)
     parser = ToolParser(prog=f"lightning-aquila {tool}", description=description)
     hints = typing.get_type_hints(function)
     defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()
@@ -202,6 +204,8 @@ def inspect_store(store: str, storage_options: dict[str, Any] | None = None,
         shards = ShardStore(store, storage_options)
         print(f"{shards.url}: {len(shards.domains)} domain(s); splits {', '.join(SPLITS)}")
         print(inspect_table(shards))
+        if any(info.score_names for info in shards.domains.values()):
+            print(f"\ndocument scores (both splits; higher = better):\n{scores_table(shards)}")
         if verify:
             shards.verify(full=True)
             print("verified: every chunk is present and intact")
@@ -222,14 +226,37 @@ def inspect_table(store: Any) -> str:
     rows.append(["total", "", f"{docs:,}", f"{total if store.domains else 0:,}",
                  "100.0%" if store.domains else "", ""])
     header = ["domain", "language", "documents", "tokens", "share", "held-out tokens"]
+    return _table(header, rows, left=2)
+
+
+def scores_table(store: Any) -> str:
+    """Each domain's scores: documents with a value, NaN (no value), min, quartiles, max."""
+    import numpy as np
+
+    from lightning_aquila.datamodules.shard_format import SPLITS
+    from lightning_aquila.datamodules.store import document_scores
+
+    header = ["domain", "score", "scored", "NaN", "min", "q25", "median", "q75", "max"]
+    rows = []
+    for domain, info in store.domains.items():
+        for name in info.score_names:
+            values = np.concatenate([document_scores(store, domain, name, split)[1]
+                                     for split in SPLITS])
+            known = values[~np.isnan(values)]
+            stats = (np.quantile(known, [0, 0.25, 0.5, 0.75, 1]) if len(known)
+                     else [np.nan] * 5)
+            rows.append([domain, name, f"{len(known):,}", f"{len(values) - len(known):,}",
+                         *(f"{v:.4g}" for v in stats)])
+    return _table(header, rows, left=2)
+
+
+def _table(header: list[str], rows: list[list[str]], left: int) -> str:
+    """Columns padded to width; the first ``left`` left-aligned, the rest right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w)
-                       for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in lines)
 
 
 def inspect_command(argv: Sequence[str] | None = None) -> int:
@@ -430,6 +457,12 @@ def export_hf_command(argv: Sequence[str] | None = None) -> int:
     return _checkpoint_command("export-hf", argv)
 
 
+def score_command(argv: Sequence[str] | None = None) -> int:
+    from lightning_aquila.cli.score import score_command as command
+
+    return command(argv)
+
+
 #: tool -> its command (``lightning-aquila TOOL ARGV``), returning the exit code
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "prepare": prepare_command,
@@ -439,4 +472,5 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "report": report_command,
     "consolidate": consolidate_command,
     "export-hf": export_hf_command,
+    "score": score_command,
 }

@@ -256,6 +256,8 @@ class DomainWriter:
             sources=(self.info.sources if self.info else ()) + tuple(self.sources),
             segments={split: tuple(segs) for split, segs in segments.items()},
             has_quality=self.with_quality,
+            # attached scores stay; the new segments have no column and read as NaN
+            scores=self.info.scores if self.info else {},
             extra=self.info.extra if self.info else {},
         )
         self.group.attrs.put(info.to_attrs())
