@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lightning_aquila.datamodules.mixture import DomainMixture
-from lightning_aquila.datamodules.quality import DomainScores
+from lightning_aquila.datamodules.quality import DomainScores, lower_quantiles
 from lightning_aquila.datamodules.sampler import MixtureSampler, unpack_scores
 
 SEQ = 16
@@ -198,3 +198,16 @@ def test_the_global_sequence_with_scores_is_the_same_on_every_world_size(layout)
     rest, _ = global_rows(layout, 25, state)
     assert first == reference[:15]
     assert rest == reference[15:]
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000, 50_001])
+def test_the_floor_and_median_are_numpys_lower_quantiles_of_the_scored_documents(size):
+    rng = np.random.default_rng(size)
+    values = (rng.normal(size=size) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+    values[rng.random(size) < 0.1] = np.nan
+    wanted = [0.0, 0.2, 0.5, 0.99]
+    found, scored = lower_quantiles(values, wanted, step=97)  # many slices
+    assert scored == np.count_nonzero(~np.isnan(values))
+    expected = (np.nanquantile(values, wanted, method="lower") if scored
+                else [np.nan] * len(wanted))
+    np.testing.assert_array_equal(found, expected)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from lightning_aquila.datamodules.store import ShardStore
 
 #: Windows per slice when laying document values over windows.
-SLICE_WINDOWS = 1 << 20
+SLICE_WINDOWS = 1 << 18
 _QUALITY_KEYS = ("score", "temperature", "floor_quantile", "max_repeats")
 
 
@@ -115,6 +115,45 @@ class QualityConfig:
         return cls(score, temperature, None if floor is None else float(floor), repeats)
 
 
+def _sortable(values: np.ndarray) -> np.ndarray:
+    """float32 values as uint32 keys in the same order (NaN aside)."""
+    bits = values.view(np.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.uint32) ^ np.uint32(0x80000000)
+
+
+def _from_sortable(key: int) -> float:
+    bits = np.array([key ^ 0x80000000], dtype=np.uint32).view(np.int32)
+    return float((bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.float32)[0])
+
+
+def lower_quantiles(values: np.ndarray, quantiles: Sequence[float],
+                    step: int = 1 << 22) -> tuple[list[float], int]:
+    """The ``method="lower"`` quantiles of the non-NaN float32 ``values`` (the order statistic
+    at rank ``floor(q * (n - 1))``) and ``n``, exactly, in two passes of 16-bit histograms
+    over the values' bits: no copy of the values, which at 10^8 documents would be as large
+    as the table itself. NaN for every quantile when no value is set."""
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for lo in range(0, len(values), step):
+        chunk = values[lo:lo + step]
+        high += np.bincount(_sortable(chunk[~np.isnan(chunk)]) >> 16, minlength=1 << 16)
+    n = int(high.sum())
+    if n == 0:
+        return [math.nan] * len(quantiles), 0
+    below = np.concatenate([[0], np.cumsum(high)])
+    found = []
+    for q in quantiles:
+        rank = math.floor(q * (n - 1))
+        bucket = int(np.searchsorted(below, rank, side="right")) - 1
+        low = np.zeros(1 << 16, dtype=np.int64)
+        for lo in range(0, len(values), step):
+            chunk = values[lo:lo + step]
+            keys = _sortable(chunk[~np.isnan(chunk)])
+            low += np.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        inside = int(np.searchsorted(np.cumsum(low), rank - int(below[bucket]), side="right"))
+        found.append(_from_sortable((bucket << 16) | inside))
+    return found, n
+
+
 def _integral(bounds: np.ndarray, values: np.ndarray, cumulative: np.ndarray,
               positions: np.ndarray) -> np.ndarray:
     """``sum over tokens t < position of value(document of t)``, relative to ``bounds[0]``:
@@ -143,7 +182,8 @@ class DomainScores:
 
     Holds the document table (``bounds``, ``values``; not copied) because a new temperature
     needs the documents again, plus one float32 per window (its score). The NaN default
-    (median) and the floor (a quantile) are computed once, over scored documents.
+    (median) and the floor (a quantile) are computed once, over scored documents, as lower
+    order statistics (``lower_quantiles``).
 
     Args:
         bounds, values: as returned by ``store.document_scores``.
@@ -163,9 +203,9 @@ class DomainScores:
         self.seq_len, self.windows = int(seq_len), int(windows)
         self.floor_quantile = floor_quantile
         wanted = [0.5] + ([floor_quantile] if floor_quantile is not None else [])
-        scored = int(np.count_nonzero(~np.isnan(values)))
-        quantiles = (np.nanquantile(values, wanted) if scored
-                     else np.zeros(len(wanted)))
+        quantiles, scored = lower_quantiles(values, wanted)
+        if not scored:
+            quantiles = [0.0] * len(wanted)
         self.scored = scored
         self.default = float(quantiles[0])
         self.floor = float(quantiles[1]) if floor_quantile is not None else -math.inf
@@ -205,7 +245,7 @@ class DomainScores:
                 return kept.astype(np.float64)
             return np.where(kept, np.exp((v - top) / temperature), 0.0)
 
-        return self._over_windows(weight, np.float64)
+        return self._over_windows(weight, np.float32)
 
     def expected_counts(self, temperature: float | None, max_repeats: int | None
                         ) -> np.ndarray:
@@ -213,18 +253,18 @@ class DomainScores:
         capped at ``max_repeats``. All-zero weights (everything under the floor, or scores so
         spread that ``exp`` underflows) are a ``ValueError``."""
         weights = self.weights(temperature)
-        total = float(weights.sum())
+        total = float(weights.sum(dtype=np.float64))
         if not total > 0:
             raise ValueError(f"every window has weight 0 at temperature {temperature} (floor "
                              f"{self.floor:.6g}, top score {self.top:.6g})")
-        weights *= self.windows / total
+        weights *= np.float32(self.windows / total)  # in place: no second array of W
         if max_repeats is not None:
-            np.minimum(weights, max_repeats, out=weights)
+            np.minimum(weights, np.float32(max_repeats), out=weights)
         elif float(weights.max()) > 255:
             raise ValueError(f"at temperature {temperature} one window would be drawn "
                              f"{float(weights.max()):.0f} times per epoch; set "
                              "quality.max_repeats (at most 255) or a higher temperature")
-        return weights.astype(np.float32)
+        return weights
 
     @property
     def digest(self) -> str:
@@ -265,5 +305,5 @@ def heldout_window_scores(store: ShardStore, domain: str, score: str, default: f
                      for w in np.asarray(window_ids).tolist()], dtype=np.float32)
 
 
-__all__ = ["DomainScores", "QualityConfig", "heldout_window_scores", "span_mean",
+__all__ = ["DomainScores", "QualityConfig", "heldout_window_scores", "lower_quantiles", "span_mean",
            "temperature_value", "temperatures", "train_scores"]

@@ -174,14 +174,18 @@ class WeightedEpochOrder(EpochOrder):
         if epoch not in self._counts:
             rng = np.random.default_rng([self.seed, _COUNTS, self.key, epoch])
             counts = np.empty(len(self.expected), dtype=np.uint8)
-            step = 1 << 22  # windows per slice: bounded temporaries
+            per_block = np.empty(math.ceil(len(counts) / self.block_windows), dtype=np.int64)
+            # windows per slice, whole blocks: bounded temporaries
+            step = self.block_windows * max(1, (1 << 22) // self.block_windows)
             for lo in range(0, len(counts), step):
                 x = self.expected[lo:lo + step]
                 whole = np.floor(x)
                 up = rng.random(len(x), dtype=np.float32) < (x - whole)
                 counts[lo:lo + step] = whole.astype(np.uint8) + up
-            starts = np.arange(0, len(counts), self.block_windows)
-            per_block = np.add.reduceat(counts, starts, dtype=np.int64)
+                per_block[lo // self.block_windows:(lo + len(x) - 1) // self.block_windows + 1
+                          ] = np.add.reduceat(counts[lo:lo + len(x)],
+                                              np.arange(0, len(x), self.block_windows),
+                                              dtype=np.int64)
             self._counts[epoch] = (counts, per_block)
             if len(self._counts) > 3:
                 self._counts.popitem(last=False)
