@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_aquila.datamodules.quality import temperatures
 from lightning_aquila.domain_weights import complete, normalized
+from lightning_aquila.quality_temperature import temperatures
 
 #: How far a given set of weights may be from summing to one before it is rejected.
 SUM_TOLERANCE = 1e-3

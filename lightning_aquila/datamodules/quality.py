@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lightning_aquila.datamodules.shard_format import DataError
+from lightning_aquila.quality_temperature import temperatures
 
 if TYPE_CHECKING:
     from lightning_aquila.datamodules.store import ShardStore
@@ -41,33 +42,6 @@ if TYPE_CHECKING:
 #: Windows per slice when laying document values over windows.
 SLICE_WINDOWS = 1 << 18
 _QUALITY_KEYS = ("score", "temperature", "floor_quantile", "max_repeats")
-
-
-def temperature_value(value: Any, where: str) -> float | None:
-    """A temperature checked: a positive finite number, or ``None``/``"inf"``/``inf`` for
-    none (today's order). Anything else is a ``ValueError`` naming ``where`` and the value."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("inf", "none")):
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or (
-            value <= 0):
-        raise ValueError(f"{where} must be a positive number or null (no reweighting), got "
-                         f"{value!r}")
-    return None if math.isinf(value) else float(value)
-
-
-def temperatures(spec: Any, domains: Sequence[str], where: str,
-                 current: Mapping[str, float | None] | None = None) -> dict[str, float | None]:
-    """``{domain: τ or None}`` from one value for all domains or a mapping (domains it leaves
-    out keep ``current``'s value, else ``None``); an unknown domain is a ``ValueError``."""
-    base = {d: (current or {}).get(d) for d in domains}
-    if not isinstance(spec, Mapping):
-        value = temperature_value(spec, where)
-        return dict.fromkeys(domains, value)
-    unknown = [d for d in spec if d not in base]
-    if unknown:
-        raise ValueError(f"{where} names unknown domain(s) {unknown}; the domains are "
-                         f"{list(domains)}")
-    return base | {d: temperature_value(v, f"{where}[{d!r}]") for d, v in spec.items()}
 
 
 @dataclass(frozen=True)
@@ -305,5 +279,5 @@ def heldout_window_scores(store: ShardStore, domain: str, score: str, default: f
                      for w in np.asarray(window_ids).tolist()], dtype=np.float32)
 
 
-__all__ = ["DomainScores", "QualityConfig", "heldout_window_scores", "lower_quantiles", "span_mean",
-           "temperature_value", "temperatures", "train_scores"]
+__all__ = ["DomainScores", "QualityConfig", "heldout_window_scores", "lower_quantiles",
+           "span_mean", "train_scores"]
