@@ -16,7 +16,10 @@ Optional capabilities, one protocol each, which a mixture has or not:
 * :class:`TokenCountingMixture`: ``unique_tokens`` (each domain's training tokens: the
   natural mixture, and the repetition a policy may weigh) and ``tokens_per_step`` (with
   ``trainer.max_steps``, the run's token budget); either may be ``None`` (unknown);
-* :class:`ObservableMixture`: ``add_listener(listener)``, called with every accepted change.
+* :class:`ObservableMixture`: ``add_listener(listener)``, called with every accepted change;
+* :class:`QualityMixture`: ``quality_temperature`` (``{domain: τ}``, ``None`` when the data
+  is not sampled by score) and ``set_quality_temperature(temperature, reason, step=...)``,
+  recorded and resumed like a weight change (a quality curriculum).
 
 A callback finds a mixture's capabilities once, when it starts (:class:`MixtureAccess`),
 and asks that object, never the mixture's attributes one by one. ``DomainMixture`` has them
@@ -85,6 +88,17 @@ class ObservableMixture(Protocol):
     def add_listener(self, listener: Callable[[Any], None]) -> None: ...
 
 
+@runtime_checkable
+class QualityMixture(Protocol):
+    """Samples documents by score inside each domain, at a temperature the engine may change:
+    ``quality_temperature`` is ``None`` when it does not sample by score."""
+
+    quality_temperature: Mapping[str, float | None] | None
+
+    def set_quality_temperature(self, temperature: Any, reason: str = "", *,
+                                step: int | None = None, **meta: Any) -> Any: ...
+
+
 class MixtureAccess:
     """A mixture and the capabilities it has, found once; what the callbacks call.
 
@@ -105,6 +119,8 @@ class MixtureAccess:
         self.counts = isinstance(mixture, CountingMixture)
         self.counts_tokens = isinstance(mixture, TokenCountingMixture)
         self.observable = isinstance(mixture, ObservableMixture)
+        self.samples_by_score = (isinstance(mixture, QualityMixture)
+                                 and mixture.quality_temperature is not None)
 
     @classmethod
     def of(cls, datamodule: Any, who: str) -> MixtureAccess | None:
@@ -155,6 +171,19 @@ class MixtureAccess:
         per_step = self.mixture.tokens_per_step if self.counts_tokens else None
         return int(per_step) * max_steps if per_step and max_steps and max_steps > 0 else None
 
+    def quality_temperature(self) -> dict[str, float | None] | None:
+        """``{domain: τ}`` (``None``: no reweighting), or ``None`` when the mixture does not
+        sample by score."""
+        return dict(self.mixture.quality_temperature) if self.samples_by_score else None
+
+    def set_quality_temperature(self, temperature: Any, reason: str, **meta: Any) -> Any:
+        """``set_quality_temperature(temperature, reason=...)``, with ``meta`` (``step``,
+        ...); a mixture that does not sample by score is a ``ValueError``."""
+        if not self.samples_by_score:
+            raise ValueError(f"{type(self.mixture).__name__} does not sample by score: a "
+                             "quality temperature needs the datamodule's quality: {score: ...}")
+        return self.mixture.set_quality_temperature(temperature, reason=reason, **meta)
+
     def add_listener(self, listener: Callable[[Any], None]) -> bool:
         """Listen to the mixture's changes; whether it reports them."""
         if self.observable:
@@ -163,4 +192,4 @@ class MixtureAccess:
 
 
 __all__ = ["CountingMixture", "Mixture", "MixtureAccess", "ObservableMixture",
-           "RecordedMixture", "SkippingMixture", "TokenCountingMixture"]
+           "QualityMixture", "RecordedMixture", "SkippingMixture", "TokenCountingMixture"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,18 +46,25 @@ def dmu_make_store(tmp_path: Path) -> Callable[..., str]:
 
     def make(domains: Mapping[str, int], *, heldout: int = 400, chunk_tokens: int = 1024,
              url: str | None = None, tokenizer_hash: str = "synthetic",
-             documents: int = 1) -> str:
+             documents: int = 1, quality: Mapping[str, Any] | None = None) -> str:
+        """``quality``: per domain, the score of each training document (NaN: none) and,
+        after them, of the held-out one; written as ``prepare --quality-field`` writes it,
+        so it reads as the score ``quality``."""
         url = url or str(tmp_path / f"synthetic{next(counter)}.zarr")
         for index, (name, tokens) in enumerate(domains.items()):
+            scores = list((quality or {}).get(name, []))
             with DomainWriter(url, name, tokenizer={"hash": tokenizer_hash}, language="xx",
-                              chunk_tokens=chunk_tokens) as writer:
+                              chunk_tokens=chunk_tokens, with_quality=quality is not None
+                              ) as writer:
                 base = index * DMU_DOMAIN_STRIDE
-                for part in np.array_split(np.arange(tokens), documents):
+                for k, part in enumerate(np.array_split(np.arange(tokens), documents)):
                     if len(part):
-                        writer.add_document("train", (base + part).astype(np.uint32))
+                        writer.add_document("train", (base + part).astype(np.uint32),
+                                            quality=scores[k] if scores else None)
                 if heldout:
                     held = base + DMU_HELDOUT_OFFSET + np.arange(heldout)
-                    writer.add_document("heldout", held.astype(np.uint32))
+                    writer.add_document("heldout", held.astype(np.uint32),
+                                        quality=scores[documents] if scores else None)
                 writer.add_source({"path": f"synthetic-{name}", "sha256": f"{name}-{tokens}"})
                 writer.commit()
         return url

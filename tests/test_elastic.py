@@ -138,11 +138,11 @@ class Probe(pl.LightningModule):
 
 
 def run(store: str, out: str, tag: str, devices: int, accumulate: int, max_steps: int,
-        resume_from: str | None = None) -> None:
+        resume_from: str | None = None, quality: dict | None = None) -> None:
     pl.seed_everything(1, verbose=False)
     micro = GLOBAL // (devices * accumulate)
     dm = DomainDataModule(store, seq_len=16, batch_size=micro, seed=7, weights="uniform",
-                          val_windows_per_domain=0, verify="none")
+                          val_windows_per_domain=0, verify="none", quality=quality)
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=devices, precision="32-true",
         strategy="ddp" if devices > 1 else "auto", accumulate_grad_batches=accumulate,
@@ -174,11 +174,29 @@ def by_step(out: Path, tag: str, devices: int) -> dict[int, dict[int, float]]:
 def test_a_run_moved_from_two_processes_to_one_or_four_is_the_uninterrupted_run(
         dmu_make_store, tmp_path):
     store = dmu_make_store({"a": 6000, "b": 4000, "c": 3000}, heldout=0)
-    launch(store=store, out=str(tmp_path), tag="whole", devices=2, accumulate=1, max_steps=N)
+    moved_and_compared(store, tmp_path, None)
+
+
+def test_a_run_sampled_by_score_moved_from_two_processes_to_one_or_four_is_the_same(
+        dmu_make_store, tmp_path):
+    rng = np.random.default_rng(4)
+    sizes = {"a": 6000, "b": 4000, "c": 3000}
+    store = dmu_make_store(sizes, heldout=0, documents=60,
+                           quality={d: rng.normal(size=61).tolist() for d in sizes})
+    moved_and_compared(store, tmp_path, {"score": "quality", "temperature": {"a": 0.5, "b": 2},
+                                         "floor_quantile": 0.2, "max_repeats": 1})
+
+
+def moved_and_compared(store: str, tmp_path: Path, quality: dict | None) -> None:
+    """2 processes to step N, and from the checkpoint at K on 1 (accumulating 2) and on 4:
+    every step after K trains on the same samples with the same losses."""
+    launch(store=store, out=str(tmp_path), tag="whole", devices=2, accumulate=1, max_steps=N,
+           quality=quality)
     [checkpoint] = (tmp_path / "whole_ckpt").glob(f"*step={K}.ckpt")
     for tag, devices, accumulate in (("one", 1, 2), ("four", 4, 1)):
         launch(store=store, out=str(tmp_path), tag=tag, devices=devices,
-               accumulate=accumulate, max_steps=N, resume_from=str(checkpoint))
+               accumulate=accumulate, max_steps=N, resume_from=str(checkpoint),
+               quality=quality)
     whole = by_step(tmp_path, "whole", 2)
     assert sorted(whole) == list(range(N)) and all(len(s) == GLOBAL for s in whole.values())
     for tag, devices in (("one", 1), ("four", 4)):

@@ -41,6 +41,7 @@ from lightning_aquila.callbacks.rollback import (
 from lightning_aquila.callbacks.state import Anomaly, TrainingState
 from lightning_aquila.domain_weights import project_to_bounds
 from lightning_aquila.mixture_protocol import MixtureAccess
+from lightning_aquila.quality_temperature import temperatures
 from lightning_aquila.tracking.run_files import jsonable
 from lightning_aquila.tracking.run_log import RunLog
 
@@ -118,7 +119,8 @@ class AdaptiveTrainingEngine(Callback):
         self.skip_batches = skip_batches
         self.downweight_factor = downweight_factor
 
-        #: Every change this engine made: {step, batch_index, weights, reason, policy, stage}.
+        #: Every change this engine made: {step, batch_index, weights or quality_temperature,
+        #: reason, policy, stage}.
         self.changes: list[dict[str, Any]] = []
         #: Every rollback: {step, anomaly, loss, domains, checkpoint, restored_step, skipped...}.
         self.rollbacks: list[dict[str, Any]] = []
@@ -265,6 +267,36 @@ class AdaptiveTrainingEngine(Callback):
         if proposal is not None:
             self._apply(trainer, proposal, f"{self.policy.name}: "
                         + (f"stage {stage}" if stage else why))
+        if self.policy.quality_temperature is not None:
+            self._apply_temperature(trainer, self.policy.quality_temperature,
+                                    f"{self.policy.name}: " + (f"stage {stage}" if stage else why))
+
+    def _apply_temperature(self, trainer: Trainer, temperature: Any, reason: str) -> None:
+        """Set the quality temperature the policy wants, unless it is the one in force; log
+        and record it like a weight change (the mixture stamps it with a batch index)."""
+        mixture = self._mixture
+        current = mixture.quality_temperature()
+        if current is None:
+            raise ValueError(f"AdaptiveTrainingEngine: {self.policy.name} sets a quality "
+                             f"temperature ({temperature!r}) but the data is not sampled by "
+                             "score; give the datamodule quality: {score: ...}")
+        wanted = temperatures(temperature, mixture.domains, f"{self.policy.name} quality "
+                              "temperature", current=current)
+        if wanted == current:
+            return
+        step = trainer.global_step
+        policy = self.policy.name
+        change = mixture.set_quality_temperature(wanted, reason, step=step, policy=policy,
+                                                 stage=self._stage_name())
+        record = {"step": step, "batch_index": getattr(change, "batch_index", None),
+                  "quality_temperature": dict(wanted), "reason": reason, "policy": policy,
+                  "stage": self._stage_name()}
+        self.changes.append(record)
+        self._log(trainer, {f"ate/quality_temperature/{d}": float(t)  # none: no reweighting
+                            for d, t in wanted.items() if t is not None}
+                  | {"ate/changes": float(len(self.changes))}, step)
+        self._event("quality_temperature", step,
+                    **{k: v for k, v in record.items() if k != "step"})
 
     def _apply(self, trainer: Trainer, weights: Mapping[str, float], reason: str,
                **extra: Any) -> dict[str, Any] | None:

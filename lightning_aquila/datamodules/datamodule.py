@@ -5,7 +5,8 @@ validation loaders from the held-out split (its ``dev`` part, which decisions ma
 its ``test`` part, which only reports read; every batch says its ``domain`` and ``part``),
 and ``mixture`` (the contract the TSM and ATE use). Its ``state_dict`` is the sampler's
 *consumed* position plus the mixture history, which is what Lightning puts into every
-checkpoint.
+checkpoint. With ``quality``, windows are drawn by document score inside each domain
+(``quality.py``) and every batch carries each sample's window ``score``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer
@@ -27,6 +29,12 @@ from lightning_aquila.datamodules.dataset import (
     spread_windows,
 )
 from lightning_aquila.datamodules.mixture import DomainMixture
+from lightning_aquila.datamodules.quality import (
+    DomainScores,
+    QualityConfig,
+    heldout_window_scores,
+    train_scores,
+)
 from lightning_aquila.datamodules.sampler import MixtureSampler
 from lightning_aquila.datamodules.shard_format import DataError
 from lightning_aquila.datamodules.split import PARTS
@@ -87,6 +95,12 @@ class DomainDataModule(LightningDataModule):
         verify: ``"chunks"`` checks in ``setup`` that every chunk exists; ``"full"`` also
             decodes them all (catches corruption up front); ``"none"`` skips both.
         storage_options: fsspec options for remote stores (credentials, endpoints).
+        quality: sample by document score inside each domain (docs/data.md, "Sampling by
+            score"): ``{score: NAME, temperature: τ or {domain: τ}, floor_quantile: q,
+            max_repeats: k}``. ``score`` is one of the store's scores; a document's weight is
+            ``exp(score / τ)`` (``τ`` null: no reweighting, the plain order); documents
+            below the ``q`` quantile of their domain are dropped; no window is drawn more
+            than ``k`` times per epoch of its domain. Batches then carry ``score``.
     """
 
     def __init__(
@@ -108,6 +122,7 @@ class DomainDataModule(LightningDataModule):
         epoch_batches: int | None = None,
         verify: Literal["chunks", "full", "none"] = "chunks",
         storage_options: Mapping[str, Any] | None = None,
+        quality: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,6 +157,9 @@ class DomainDataModule(LightningDataModule):
             raise DataError(f"storage_options must be a mapping, got {storage_options!r}")
         if verify not in ("chunks", "full", "none"):
             raise DataError(f"verify must be 'chunks', 'full' or 'none', got {verify!r}")
+        if quality is not None:  # checked again once the store's domains are known
+            named = quality.get("temperature") if isinstance(quality, Mapping) else None
+            QualityConfig.parse(quality, list(named) if isinstance(named, Mapping) else [])
         self.store_url = str(store)
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.seed, self.tokenizer = seed, tokenizer
@@ -154,6 +172,9 @@ class DomainDataModule(LightningDataModule):
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.shuffle_blocks, self.epoch_batches = shuffle_blocks, epoch_batches
         self.verify, self.storage_options = verify, dict(storage_options or {})
+        self.quality_spec = quality
+        self.quality: QualityConfig | None = None  # checked against the store's domains
+        self._scores: dict[str, DomainScores] = {}
         self._store: ShardStore | None = None
         self._mixture: DomainMixture | None = None
         self.sampler: MixtureSampler | None = None
@@ -205,9 +226,13 @@ class DomainDataModule(LightningDataModule):
                                     "a fit with max_steps set")
             else:
                 weights = dict(self.weights_config)
+            if self.quality_spec is not None:
+                self.quality = QualityConfig.parse(self.quality_spec, domains)
             return DomainMixture(domains, weights, normalize=True, unique_tokens=unique,
                                  reason=f"initial ({self.weights_config})"
-                                 if isinstance(self.weights_config, str) else "initial")
+                                 if isinstance(self.weights_config, str) else "initial",
+                                 quality_temperature=self.quality.temperature
+                                 if self.quality else None)
         except DataError:
             raise
         except ValueError as exc:
@@ -271,6 +296,14 @@ class DomainDataModule(LightningDataModule):
                         f"seq_len {self.seq_len}; prepare with a larger --held-out-fraction, "
                         "or set val_windows_per_domain=0 and test_windows_per_domain=0"
                     )
+        if self.quality is not None:
+            for name in domains:
+                names = store.info(name).score_names
+                if self.quality.score not in names:
+                    raise DataError(f"quality.score {self.quality.score!r}: "
+                                    f"{store.where(name)} has no such score; it has "
+                                    f"{names or 'none'} (attach one with `lightning-aquila "
+                                    "score`)")
         if self.verify != "none":
             store.verify(domains, full=self.verify == "full")
 
@@ -314,12 +347,18 @@ class DomainDataModule(LightningDataModule):
             windows = {d: self.store.stream(d).windows(self.seq_len) for d in self.domains}
             chunk = min(self.store.array(d, "train", s.id, "tokens").chunks[0]
                         for d in self.domains for s in self.store.info(d).segments["train"])
+            if self.quality is not None:
+                self._scores = train_scores(self.store, self.quality, windows, self.seq_len)
             self.sampler = MixtureSampler(
                 self.mixture, windows, batch_size=self.batch_size,
                 num_replicas=self.num_replicas, rank=self.rank, seed=self.seed,
                 block_windows=max(1, chunk // self.seq_len), shuffle_blocks=self.shuffle_blocks,
                 epoch_batches=self.epoch_batches, accumulate=self._accumulation(),
+                quality=self._scores or None,
+                max_repeats=self.quality.max_repeats if self.quality else None,
             )
+            if self.quality is not None:
+                self.sampler.check_quality()
             self.mixture.tokens_per_step = self.sampler.global_batch * self.seq_len
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None
@@ -410,9 +449,16 @@ class DomainDataModule(LightningDataModule):
                                 "ranks")
             per_domain.append(ids)
         domains, windows = interleave(per_domain)
+        scores = None
+        if self.quality is not None:
+            found = [dict(zip(ids.tolist(), heldout_window_scores(
+                self.store, name, self.quality.score, self._scores[name].default, view.spans,
+                ids, self.seq_len))) for name, view, ids in zip(self.domains, views, per_domain)]
+            scores = np.array([found[d][w] for d, w in zip(domains.tolist(), windows.tolist())],
+                              dtype=np.float32)
         dataset = HeldOutWindows(self.store_url, self.domains, views, domains, windows,
                                  self.seq_len, PARTS.index(part),
-                                 storage_options=self.storage_options)
+                                 storage_options=self.storage_options, scores=scores)
         sampler = (DistributedSampler(dataset, num_replicas=self.num_replicas, rank=self.rank,
                                       shuffle=False, drop_last=True)
                    if self.num_replicas > 1 else None)

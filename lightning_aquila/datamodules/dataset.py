@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_aquila.datamodules.sampler import unpack_scores
 from lightning_aquila.datamodules.store import ShardStore, TokenStream
 
 
@@ -51,7 +52,9 @@ def _batch(windows: np.ndarray, domains: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 class TrainWindows(Dataset):
-    """Indexed by a whole batch spec from ``MixtureSampler``: rows of (domain, window).
+    """Indexed by a whole batch spec from ``MixtureSampler``: rows of (domain, window), and
+    each window's score as a third column when the sampler samples by score (then the batch
+    has ``score``, float32).
 
     One ``__getitem__`` per batch keeps per-sample Python overhead and inter-process traffic
     small (the DataLoader is used with ``batch_size=None``).
@@ -67,10 +70,13 @@ class TrainWindows(Dataset):
         streams = self.streams.get()
         span = self.seq_len + 1
         windows = np.empty((len(spec), span), dtype=np.uint32)
-        for row, (domain, window) in enumerate(spec):
+        for row, (domain, window) in enumerate(spec[:, :2]):
             start = int(window) * self.seq_len
             streams[domain].read(start, start + span, out=windows[row])
-        return _batch(windows, spec[:, 0])
+        batch = _batch(windows, spec[:, 0])
+        if spec.shape[1] > 2:
+            batch["score"] = torch.from_numpy(unpack_scores(spec[:, 2]).copy())
+        return batch
 
 
 class PartView:
@@ -87,16 +93,24 @@ class PartView:
         """Windows of ``seq_len + 1`` tokens at stride ``seq_len`` (as training windows)."""
         return max(0, (self.n_tokens - 1) // seq_len)
 
-    def read(self, stream: TokenStream, start: int, stop: int) -> np.ndarray:
-        out = np.empty(stop - start, dtype=np.uint32)
-        pos = start
+    def spans(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Where ``[start, stop)`` of the part lies in the held-out stream: token ranges."""
+        found, pos = [], start
         while pos < stop:
             index = int(np.searchsorted(self.starts, pos, side="right")) - 1
             begin, end = self.ranges[index]
             local = begin + pos - int(self.starts[index])
             take = min(end - local, stop - pos)
-            stream.read(local, local + take, out=out[pos - start:pos - start + take])
+            found.append((local, local + take))
             pos += take
+        return found
+
+    def read(self, stream: TokenStream, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype=np.uint32)
+        filled = 0
+        for begin, end in self.spans(start, stop):
+            stream.read(begin, end, out=out[filled:filled + end - begin])
+            filled += end - begin
         return out
 
 
@@ -104,11 +118,14 @@ class HeldOutWindows(Dataset):
     """Fixed held-out windows of one part (dev or test) of several domains: item ``i`` is
     window ``windows[i]`` of the part of domain ``domains[i]`` (an index into ``names``),
     read through that domain's :class:`PartView`. Every item carries its ``domain`` and its
-    ``part`` (0 dev, 1 test), so one loader serves all domains."""
+    ``part`` (0 dev, 1 test), so one loader serves all domains; and its ``score`` when
+    ``scores`` (one per item) are given."""
 
     def __init__(self, url: str, names: Sequence[str], views: Sequence[PartView],
                  domains: Sequence[int], windows: Sequence[int], seq_len: int, part: int, *,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None,
+                 scores: np.ndarray | None = None) -> None:
+        self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
         self.seq_len, self.part = int(seq_len), int(part)
         self.views = list(views)
         self.domains = np.asarray(domains, dtype=np.int64)
@@ -125,6 +142,8 @@ class HeldOutWindows(Dataset):
                                          start + self.seq_len + 1)
         batch = _batch(window, np.array(domain))
         batch["part"] = torch.tensor(self.part, dtype=torch.int64)
+        if self.scores is not None:
+            batch["score"] = torch.tensor(self.scores[index])
         return batch
 
 

@@ -10,7 +10,10 @@ consumed-batch count, token counts, listeners), are ``lightning_aquila/mixture_p
 A change does not take effect "now" (the data loader has already drawn batches ahead): it
 applies from the first batch index the sampler has not yet drawn, and that index is recorded.
 The history of changes is therefore enough to replay the exact sample sequence, so it is part
-of every checkpoint. Skips (``skip_batches``) are recorded the same way.
+of every checkpoint. Skips (``skip_batches``) are recorded the same way, and so are changes
+of the quality temperature (``set_quality_temperature``, when the datamodule samples by
+score): the sampler starts a new epoch order for a domain from the batch a change is
+stamped with.
 
 Every rank holds its own mixture and sampler: a policy must make the same call on every rank
 at the same training step (the TSM's state is already reduced across ranks for that reason).
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lightning_aquila.domain_weights import complete, normalized
+from lightning_aquila.quality_temperature import temperatures
 
 #: How far a given set of weights may be from summing to one before it is rejected.
 SUM_TOLERANCE = 1e-3
@@ -56,6 +60,18 @@ class BatchSkip:
     @property
     def stop(self) -> int:
         return self.batch_index + self.count
+
+
+@dataclass(frozen=True)
+class TemperatureChange:
+    """One entry of the quality-temperature history: ``temperature`` (``{domain: τ}``, ``None``
+    for no reweighting) in force from ``batch_index`` on."""
+
+    batch_index: int
+    temperature: dict[str, float | None]
+    reason: str = ""
+    step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def validate_weights(
@@ -92,6 +108,7 @@ class DomainMixture:
         normalize: bool = True,
         reason: str = "initial",
         unique_tokens: Mapping[str, int] | None = None,
+        quality_temperature: Mapping[str, float | None] | None = None,
     ) -> None:
         if len(domains) == 0:
             raise ValueError("a mixture needs at least one domain")
@@ -104,6 +121,12 @@ class DomainMixture:
                                                              normalize=normalize)
         self.history: list[MixtureChange] = [MixtureChange(0, dict(self.configured), reason)]
         self.skips: list[BatchSkip] = []
+        #: The quality temperature history; empty when the datamodule does not sample by score.
+        self.temperatures: list[TemperatureChange] = []
+        if quality_temperature is not None:
+            self.temperatures.append(TemperatureChange(
+                0, temperatures(dict(quality_temperature), self.domains, "quality.temperature"),
+                "initial"))
         self.unique_tokens: dict[str, int] | None = (
             {d: int(unique_tokens[d]) for d in self.domains} if unique_tokens else None)
         self.tokens_per_step: int | None = None
@@ -183,6 +206,37 @@ class DomainMixture:
     def is_skipped(self, batch_index: int) -> bool:
         return any(s.batch_index <= batch_index < s.stop for s in self.skips)
 
+    @property
+    def quality_temperature(self) -> dict[str, float | None] | None:
+        """The latest requested temperature per domain (``None`` values: no reweighting);
+        ``None`` when the datamodule does not sample by score."""
+        return dict(self.temperatures[-1].temperature) if self.temperatures else None
+
+    def set_quality_temperature(self, temperature: float | Mapping[str, float | None] | None,
+                                reason: str = "", *, step: int | None = None,
+                                **extra: Any) -> TemperatureChange:
+        """Record a new temperature, one value for every domain or a mapping (domains left
+        out keep theirs), from the first batch not yet drawn; a domain drawn from then on
+        starts a new epoch order at it. Invalid values, or a mixture without scores, raise
+        ``ValueError`` and leave it unchanged."""
+        if not self.temperatures:
+            raise ValueError("set_quality_temperature: the datamodule does not sample by score "
+                             "(configure quality: {score: ...})")
+        full = temperatures(temperature, self.domains, "quality temperature",
+                            current=self.temperatures[-1].temperature)
+        batch_index = max(self.next_batch_index, self.temperatures[-1].batch_index)
+        change = TemperatureChange(batch_index, full, reason, step, dict(extra))
+        self.temperatures.append(change)
+        return change
+
+    def temperature_at(self, batch_index: int) -> dict[str, float | None]:
+        """The temperature per domain in force for batch ``batch_index`` (empty without
+        quality sampling)."""
+        if not self.temperatures:
+            return {}
+        found = bisect.bisect_right(self.temperatures, batch_index, key=lambda c: c.batch_index)
+        return self.temperatures[max(found - 1, 0)].temperature
+
     def weights_at(self, batch_index: int) -> np.ndarray:
         """Weights (in ``domains`` order) in force for batch ``batch_index``."""
         # The history is ordered by batch_index (_record keeps it so); called for every batch.
@@ -197,6 +251,8 @@ class DomainMixture:
             "configured": dict(self.configured),
             "history": [asdict(c) for c in self.history],
             "skips": [asdict(s) for s in self.skips],
+            **({"temperatures": [asdict(t) for t in self.temperatures]}
+               if self.temperatures else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *,
@@ -215,6 +271,7 @@ class DomainMixture:
             raise ValueError("checkpoint mixture state has an empty history")
         self.history = history
         self.skips = [BatchSkip(**skip) for skip in state.get("skips", [])]
+        self._load_temperatures(state.get("temperatures", []), next_batch_index)
         old_domains = list(state["domains"])
         old_configured = dict(state.get("configured", history[0].weights))
         added = [d for d in self.domains if d not in old_domains]
@@ -231,3 +288,25 @@ class DomainMixture:
         return self._record(dict(self.configured), reason, None,
                             {"added": added, "removed": removed, "previous": dict(latest)},
                             batch_index=next_batch_index)
+
+    def _load_temperatures(self, saved: Sequence[Mapping[str, Any]],
+                           next_batch_index: int | None) -> None:
+        """The checkpoint's temperature history, by the rule for weights: when the configured
+        (initial) temperature differs from the checkpoint's, or quality sampling was switched
+        on or off, a change to this configuration is appended at ``next_batch_index``."""
+        configured = self.temperatures[0].temperature if self.temperatures else None
+        history = [TemperatureChange(**change) for change in saved]
+        at = self.next_batch_index if next_batch_index is None else int(next_batch_index)
+        if configured is None:
+            self.temperatures = []
+            return
+        if not history:
+            self.temperatures = [TemperatureChange(at, configured,
+                                                   "resume: quality sampling switched on")]
+            return
+        old = {d: history[0].temperature.get(d) for d in self.domains}
+        if old != configured:
+            history.append(TemperatureChange(max(at, history[-1].batch_index), configured,
+                                             "resume: configured quality temperature changed",
+                                             extra={"previous": dict(history[-1].temperature)}))
+        self.temperatures = history

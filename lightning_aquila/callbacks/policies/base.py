@@ -54,6 +54,14 @@ class MixturePolicy(ABC):
         """The name of the data stage in force, for policies that have stages."""
         return None
 
+    @property
+    def quality_temperature(self) -> float | Mapping[str, float | None] | None:
+        """The quality temperature this policy wants after its last ``propose`` (one value
+        or ``{domain: τ}``, where ``"inf"`` means no reweighting); ``None``: no opinion, the
+        datamodule's stays. The engine applies it through the mixture's
+        ``set_quality_temperature`` (a quality curriculum)."""
+        return None
+
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None, *,
               unique_tokens: Mapping[str, float] | None = None,
               budget_tokens: int | None = None) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from lightning_aquila.callbacks.policies.base import MixturePolicy
 from lightning_aquila.callbacks.state import TrainingState
 from lightning_aquila.domain_weights import Bound, check_weight_spec, resolve_weights
+from lightning_aquila.quality_temperature import temperature_value, temperatures
 
 
 class StaticMixture(MixturePolicy):
@@ -52,11 +53,14 @@ class StagedMixture(MixturePolicy):
     force until a token count or a step.
 
     Args:
-        stages: ``[{name, weights, until_tokens | until_step}, ...]`` in order. ``weights`` as
-            for :class:`StaticMixture`. A stage ends once ``state.tokens >= until_tokens``
-            (training tokens over all ranks, as the TSM counts them every
-            ``train_loss_every_n_steps``) or ``state.step >= until_step``; the last stage may
-            leave both out and runs to the end. Stages only move forward.
+        stages: ``[{name, weights, until_tokens | until_step, quality_temperature}, ...]`` in
+            order. ``weights`` as for :class:`StaticMixture`. A stage ends once
+            ``state.tokens >= until_tokens`` (training tokens over all ranks, as the TSM
+            counts them every ``train_loss_every_n_steps``) or ``state.step >= until_step``;
+            the last stage may leave both out and runs to the end. Stages only move forward.
+            ``quality_temperature`` (optional; one value or ``{domain: τ}``, ``"inf"`` for no
+            reweighting) sets the datamodule's quality temperature when the stage starts
+            (the data must be sampled by score); a stage without it keeps the one in force.
     """
 
     def __init__(self, stages: Sequence[Mapping[str, Any]], update_every: int = 1,
@@ -85,10 +89,11 @@ class StagedMixture(MixturePolicy):
         if not isinstance(stage, Mapping):
             raise ValueError(f"{where} must be a mapping with name, weights and until_tokens "
                              f"or until_step, got {stage!r}")
-        unknown = set(stage) - {"name", "weights", "until_tokens", "until_step"}
+        unknown = set(stage) - {"name", "weights", "until_tokens", "until_step",
+                                "quality_temperature"}
         if unknown:
             raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use name, "
-                             "weights, until_tokens, until_step")
+                             "weights, until_tokens, until_step, quality_temperature")
         if "weights" not in stage:
             raise ValueError(f"{where} has no weights")
         check_weight_spec(stage["weights"], f"{where}.weights")
@@ -103,13 +108,26 @@ class StagedMixture(MixturePolicy):
                 raise ValueError(f"{where}.{key} must be a positive integer, got "
                                  f"{stage[key]!r}")
         weights = stage["weights"]
-        return {"name": str(stage.get("name", f"stage{index}")),
-                "weights": dict(weights) if isinstance(weights, Mapping) else weights,
-                **{k: int(stage[k]) for k in ends}}
+        found = {"name": str(stage.get("name", f"stage{index}")),
+                 "weights": dict(weights) if isinstance(weights, Mapping) else weights,
+                 **{k: int(stage[k]) for k in ends}}
+        if "quality_temperature" in stage:
+            tau = stage["quality_temperature"]
+            # null is "no reweighting", which must not read as the base class's "no opinion"
+            tau = dict(tau) if isinstance(tau, Mapping) else "inf" if tau is None else tau
+            for name, value in (tau.items() if isinstance(tau, dict) else [(None, tau)]):
+                temperature_value(value, f"{where}.quality_temperature"
+                                  + (f"[{name!r}]" if name is not None else ""))
+            found["quality_temperature"] = tau
+        return found
 
     @property
     def stage(self) -> str:
         return self.stages[self.index]["name"]
+
+    @property
+    def quality_temperature(self) -> float | Mapping[str, float | None] | None:
+        return self.stages[self.index].get("quality_temperature")
 
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
               **context: Any) -> None:
@@ -117,6 +135,9 @@ class StagedMixture(MixturePolicy):
         for i, stage in enumerate(self.stages):
             resolve_weights(stage["weights"], self.domains, None,
                             f"StagedMixture(stages[{i}].weights)")
+            if isinstance(stage.get("quality_temperature"), Mapping):
+                temperatures(stage["quality_temperature"], self.domains,
+                             f"StagedMixture(stages[{i}].quality_temperature)")
 
     def stage_at(self, state: TrainingState) -> int:
         """The index of the stage in force for ``state`` (never before the current one)."""

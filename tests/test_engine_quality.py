@@ -1,0 +1,105 @@
+"""The engine changes the quality temperature at a stage (a quality curriculum): the change is
+stamped with a batch index, recorded in the mixture, the engine and the run log, and a resume
+replays it exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_aquila.callbacks.engine import AdaptiveTrainingEngine
+from lightning_aquila.callbacks.monitor import TrainingStateMonitor
+from lightning_aquila.callbacks.policies import StagedMixture
+from lightning_aquila.datamodules import DomainDataModule
+
+SEQ, DOCS, STEPS, SWITCH = 16, 200, 10, 4
+
+
+class Probe(pl.LightningModule):
+    """A linear model on features of each window; records what every step trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 1)
+        self.seen: list[tuple[int, list[int], list[float]]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.global_step, batch["input_ids"][:, 0].tolist(),
+                          batch["score"].tolist()))
+        features = (batch["input_ids"][:, :8] % 101).float() / 101
+        per_sample = (self.layer(features).squeeze(1) - 0.5) ** 2
+        return {"loss": per_sample.mean(), "sample_loss": per_sample.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.fixture
+def store(dmu_make_store) -> str:
+    ramp = [k / DOCS for k in range(DOCS)] + [0.5]
+    return dmu_make_store({"a": DOCS * SEQ, "b": DOCS * SEQ}, documents=DOCS, heldout=0,
+                          quality={"a": ramp, "b": ramp})
+
+
+def engine() -> AdaptiveTrainingEngine:
+    return AdaptiveTrainingEngine(StagedMixture([
+        {"name": "broad", "weights": "uniform", "until_step": SWITCH,
+         "quality_temperature": None},
+        {"name": "sharp", "weights": "uniform", "quality_temperature": {"a": 0.05}},
+    ]))
+
+
+def fit(run: Path, store: str, max_steps: int, resume: str | None = None,
+        checkpoint_every: int | None = None) -> tuple[AdaptiveTrainingEngine, Probe,
+                                                       DomainDataModule]:
+    callbacks = [TrainingStateMonitor(val_loss=False, grad_norm_every_n_steps=None,
+                                      throughput_every_n_steps=None,
+                                      weight_stats_every_n_steps=None, run_dir=str(run)),
+                 engine()]
+    if checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1,
+                                         every_n_train_steps=checkpoint_every))
+    dm = DomainDataModule(store, seq_len=SEQ, batch_size=4, seed=2, val_windows_per_domain=0,
+                          verify="none", quality={"score": "quality", "max_repeats": 2})
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+                         default_root_dir=run, enable_checkpointing=bool(checkpoint_every))
+    model = Probe()
+    trainer.fit(model, dm, ckpt_path=resume)
+    return callbacks[1], model, dm
+
+
+def test_a_stage_sets_the_quality_temperature_from_a_recorded_batch(store, tmp_path):
+    ate, model, dm = fit(tmp_path, store, STEPS)
+    [change] = [c for c in ate.changes if "quality_temperature" in c]
+    assert change["step"] == SWITCH and change["stage"] == "sharp"
+    assert change["quality_temperature"] == {"a": 0.05, "b": None}
+    recorded = dm.mixture.temperatures[-1]
+    assert (recorded.batch_index, recorded.temperature) == (change["batch_index"],
+                                                            {"a": 0.05, "b": None})
+    assert recorded.batch_index >= SWITCH and recorded.extra["stage"] == "sharp"
+    events = [json.loads(line) for line in (tmp_path / "tsm" / "events.jsonl").read_text()
+              .splitlines()]
+    [event] = [e for e in events if e["kind"] == "quality_temperature"]
+    assert (event["step"], event["batch_index"]) == (SWITCH, change["batch_index"])
+    # after the switch "a" draws its best documents (scores near 1, up to the repeat cap)
+    def a_scores(after: bool) -> list[float]:
+        return [s for step, ids, scores in model.seen if (step > recorded.batch_index) == after
+                for i, s in zip(ids, scores) if i < 10_000_000]  # domain "a": ids < stride
+    assert min(a_scores(True)) > 0.75 and sum(a_scores(False)) / len(a_scores(False)) < 0.7
+
+
+def test_a_resume_replays_the_temperature_change_exactly(store, tmp_path):
+    _, whole, _ = fit(tmp_path / "whole", store, STEPS)
+    fit(tmp_path / "first", store, SWITCH + 2, checkpoint_every=SWITCH + 2)
+    [checkpoint] = (tmp_path / "first" / "ckpt").glob(f"*step={SWITCH + 2}.ckpt")
+    ate, resumed, dm = fit(tmp_path / "resumed", store, STEPS, resume=str(checkpoint))
+    assert resumed.seen == [s for s in whole.seen if s[0] >= SWITCH + 2]
+    assert [c["step"] for c in ate.changes if "quality_temperature" in c] == [SWITCH]
+    assert dm.mixture.quality_temperature == {"a": 0.05, "b": None}
