@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -55,9 +55,12 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool = True,
-                encoding: str | None = None) -> Iterator[IO]:
+                encoding: str | None = None,
+                before_replace: Callable[[], None] | None = None) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; on a clean exit it replaces ``path``.
 
+    ``before_replace`` runs once the temporary file is complete (and fsynced), just before
+    the rename: a checkpoint's checksum record is written there (``checkpoint_record``).
     On an exception the temporary file is removed and ``path`` is left as it was. One writer
     per target at a time (leftovers of earlier interrupted writes of the same name are
     removed when a new write starts).
@@ -76,6 +79,8 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool =
             if fsync:
                 os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

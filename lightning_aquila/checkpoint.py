@@ -8,7 +8,9 @@ into the target path, so a kill during it leaves a truncated ``.ckpt``; a kill b
 a checkpoint-sized file in ``/tmp``; nothing is fsynced; and the whole checkpoint is held in
 memory twice. This plugin writes the checkpoint straight into a temporary file next to the
 target, fsyncs it, renames it into place and fsyncs the directory (see
-:mod:`lightning_aquila.atomic`).
+:mod:`lightning_aquila.atomic`). On the way it records the file's size and CRC32C in a
+sidecar, and it refuses to load a file that does not match its record
+(:mod:`lightning_aquila.checkpoint_record`).
 
 ``lightning-aquila fit`` installs it by default (unless the configuration names another
 ``CheckpointIO``), and ``AquilaParallelStrategy`` uses it when given none. Remote URLs
@@ -24,6 +26,13 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_aquila.atomic import atomic_file
+from lightning_aquila.checkpoint_check import ensure_loadable
+from lightning_aquila.checkpoint_record import (
+    ChecksumWriter,
+    begin_record,
+    commit_record,
+    remove_record,
+)
 
 
 def is_local_path(path: _PATH) -> bool:
@@ -54,17 +63,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         target = str(path).removeprefix("file://")
-        with atomic_file(target, "wb", fsync=self.fsync) as handle:
-            torch.save(checkpoint, handle)
+        writer: ChecksumWriter | None = None
+
+        def record_before_rename() -> None:  # see checkpoint_record: steps 2 and 4
+            begin_record(target, writer.record, fsync=self.fsync)
+
+        with atomic_file(target, "wb", fsync=self.fsync,
+                         before_replace=record_before_rename) as handle:
+            writer = ChecksumWriter(handle)
+            torch.save(checkpoint, writer)
+        commit_record(target, writer.record, fsync=self.fsync)
 
     def load_checkpoint(self, path: _PATH, map_location: Any = "cpu",
                         weights_only: bool | None = None) -> dict[str, Any]:
         """As ``TorchCheckpointIO``'s, with the storages mapped to ``"cpu"`` by name rather
         than by Lightning's identity function: the same placement for plain tensors, and the
         only one that tensor subclasses in optimizer state (torchao's 8-bit AdamW moments)
-        can be rebuilt with."""
+        can be rebuilt with. A file that does not match its size/checksum record is refused
+        (``ValueError``), never loaded."""
+        if is_local_path(path):
+            ensure_loadable(str(path).removeprefix("file://"))
         return super().load_checkpoint(path, map_location=map_location,
                                        weights_only=weights_only)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """The file, then its record (a crash between leaves a record without a file, which
+        nothing reads; the other order could leave a file without its record)."""
+        super().remove_checkpoint(path)
+        if is_local_path(path):
+            remove_record(str(path).removeprefix("file://"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fsync={self.fsync})"

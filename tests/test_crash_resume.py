@@ -138,7 +138,7 @@ def test_atomic_checkpoint_io_writes_the_whole_file_and_leaves_no_temporary(tmp_
     for value in (1, 2):
         io.save_checkpoint({"global_step": value, "weights": torch.full((1000,), value)}, path)
     assert torch.load(path, weights_only=True)["global_step"] == 2
-    assert os.listdir(path.parent) == ["last.ckpt"]
+    assert sorted(os.listdir(path.parent)) == [".last.ckpt.crc32c.json", "last.ckpt"]
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
@@ -155,7 +155,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_as_it_was(tmp_path):
     with pytest.raises(RuntimeError, match="half-way"):
         io.save_checkpoint({"global_step": 2, "weights": torch.ones(10**5),
                             "broken": _FailsToPickle()}, path)
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [".last.ckpt.crc32c.json", "last.ckpt"]
 
 
 _SLOW_WRITER = """
@@ -189,7 +190,8 @@ def test_a_write_killed_midway_leaves_the_old_file_and_a_hidden_partial_that_the
     assert not left[0].name.endswith(".ckpt")
     assert torch.load(path, weights_only=True)["global_step"] in (1, 2)  # whole, old or new
     AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
-    assert partial_files(path) == [] and os.listdir(tmp_path) == ["last.ckpt"]
+    assert partial_files(path) == []
+    assert sorted(os.listdir(tmp_path)) == [".last.ckpt.crc32c.json", "last.ckpt"]
 
 
 def test_atomic_file_text_mode_and_failure(tmp_path):

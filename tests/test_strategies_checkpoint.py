@@ -56,7 +56,8 @@ def test_sharded_checkpoint_is_a_directory_with_one_shard_per_rank(flows, strate
     flow = flows[strategy]
     path = flow["checkpoints"] / "step4.ckpt"
     assert sorted(p.name for p in path.iterdir()) == [".metadata", "__0_0.distcp",
-                                                      "__1_0.distcp", "meta.pt"]
+                                                      "__1_0.distcp", "checksums.json",
+                                                      "meta.pt"]
     # Written under a temporary name and renamed: nothing else is left beside it.
     assert sorted(p.name for p in flow["checkpoints"].iterdir()) == ["step2.ckpt", "step4.ckpt"]
 

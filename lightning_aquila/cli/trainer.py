@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 import lightning_aquila.strategies  # noqa: F401  (registers our named strategies)
 from lightning_aquila.checkpoint import AtomicCheckpointIO
+from lightning_aquila.checkpoint_check import checked_resume_path
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
 from lightning_aquila.cli.run_folder import fill_run_paths, has_last_checkpoint, previous_run_files
@@ -89,6 +90,7 @@ class AquilaCLI(LightningCLI):
                 parser.error(f"{root} already holds a run ({', '.join(found)}): give a new "
                              "--trainer.default_root_dir, resume it with --ckpt_path last, or "
                              f"pass --{REUSE_FLAG} true to start another run beside it")
+        config.ckpt_path = checked_resume_path(config.get("ckpt_path"), checkpoint_dirs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with ``AtomicCheckpointIO`` unless the configuration chose a

@@ -9,8 +9,9 @@ parallelisation to ``configure_model`` and saves sharded checkpoints. Ours adds 
   ``data_parallel_size=4`` (Lightning's own ``"auto"`` means nodes × devices per node);
 * the steps and backward passes run inside ``loss_parallel()`` when the logits are sharded on
   the vocabulary, as ``loss_parallel`` requires of both;
-* sharded checkpoint directories are written under a temporary name and renamed into place,
-  and single-file ones through ``AtomicCheckpointIO`` unless another ``CheckpointIO`` is given.
+* sharded checkpoint directories are written under a temporary name, with a size/checksum
+  manifest, and renamed into place, and single-file ones through ``AtomicCheckpointIO`` unless
+  another ``CheckpointIO`` is given; a checkpoint that does not match its record is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_aquila.atomic import PARTIAL_SUFFIX, replace_directory
-from lightning_aquila.checkpoint import AtomicCheckpointIO
+from lightning_aquila.checkpoint import AtomicCheckpointIO, is_local_path
+from lightning_aquila.checkpoint_check import ensure_loadable
+from lightning_aquila.checkpoint_record import checksum_files, shard_names, write_manifest
 from lightning_aquila.strategies.parallelize import ParallelPlan
 
 Size = Literal["auto"] | int
@@ -205,6 +208,27 @@ class AquilaParallelStrategy(ModelParallelStrategy):
         self.barrier()
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier()
+        self._write_manifest(staging)
+        self.barrier()
         if self.is_global_zero:
             replace_directory(staging, path)
         self.barrier()
+
+    def _write_manifest(self, directory: Path) -> None:
+        """Every rank checksums the shards it wrote; rank 0 adds the rest and writes the
+        manifest last (``checkpoint_record``), before the directory is renamed into place."""
+        own = checksum_files(directory, shard_names(directory, self.global_rank))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, own)
+        else:
+            gathered = [own]
+        if self.is_global_zero:
+            write_manifest(directory, {k: v for part in gathered for k, v in part.items()})
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        """Refuses a checkpoint that does not match its size/checksum record."""
+        if is_local_path(checkpoint_path):
+            ensure_loadable(str(checkpoint_path).removeprefix("file://"))
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)

@@ -1,0 +1,249 @@
+"""Size + CRC32C records of checkpoints: written at save, checked before a resume.
+
+A checkpoint can be damaged after it was written whole: a copy to or from scratch storage
+that stopped early, a filesystem that lost a block, a flipped bit on a disk or in transit, a
+shard of a sharded checkpoint deleted by a cleanup script. ``torch.load`` may load such a file
+without complaint (a flipped bit inside a tensor), and a resume would then train on wrong
+weights. So every checkpoint gets a record of its size and CRC32C, and a resume compares.
+
+**Why CRC32C, not sha256.** The threat is accidental damage, not an adversary. CRC32C is
+computed by one CPU instruction (SSE4.2, ARMv8 CRC), about ten times faster than sha256 on one
+core, so it can run over every byte while ``torch.save`` writes and over every shard at resume
+without adding minutes to a large checkpoint. It detects every burst error up to 32 bits and
+any odd number of flipped bits, misses other random damage with probability 2⁻³², and the
+size catches every truncation. The shard store checks its chunks with the same code.
+
+**Single files** (``AtomicCheckpointIO``): the sidecar ``.<name>.crc32c.json`` beside the file
+holds a list of records; the file is intact when its size and CRC32C equal one of them. A save:
+
+1. streams the new bytes into the temporary sibling, computing size and CRC32C as they pass,
+   and fsyncs it;
+2. writes the sidecar (atomically) as ``[new] + the records of the old file that still could
+   match it`` (those of its current size);
+3. renames the temporary file onto the name (``os.replace``) and fsyncs the directory;
+4. writes the sidecar again as ``[new]``.
+
+Crash-window argument. A crash before 2 leaves the old file and the old sidecar, which
+matched. Between 2 and 3 the old file is in place and its record is still in the sidecar;
+between 3 and 4 the new file is in place and its record is first. After 4 only the new one
+matches. So at every instant the file under the name matches the sidecar when it is intact:
+an intact checkpoint never looks damaged. A file that was damaged after its write matches no
+record at any instant (a damaged file that happened to equal another record's size and CRC32C
+is the 2⁻³² case): a damaged checkpoint never looks intact. The file never exists without a
+record, because the record is written before the rename. Step 2 keeps only records of the
+old file's size, and step 4 resets the list, so it stays one or two records long (plus one
+per save that crashed in the window of 2-3, until the next save completes).
+
+**Sharded checkpoints** (directories of ``torch.distributed.checkpoint``): ``checksums.json``
+inside the directory records every other file's size and CRC32C, written after all shards and
+before the directory is renamed into place whole; the rename is the commit, so there is no
+window. Each rank checksums the shards it wrote.
+
+A checkpoint without a record (written before records existed, or by another
+``CheckpointIO``) is "unverified": accepted, with a note. Kept free of torch/Lightning
+imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import google_crc32c
+import numpy as np
+
+from lightning_aquila.atomic import write_bytes_atomically
+
+SIDECAR_SUFFIX = ".crc32c.json"
+MANIFEST_NAME = "checksums.json"
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """A file's size in bytes and its CRC32C (Castagnoli)."""
+
+    size: int
+    crc32c: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "crc32c": f"{self.crc32c:08x}"}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Record:
+        return cls(int(value["size"]), int(value["crc32c"], 16))
+
+
+class ChecksumWriter:
+    """A binary handle that counts and checksums what is written through it (``torch.save``
+    streams into it, so the record costs no second read)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.size, self.crc = handle, 0, 0
+
+    def write(self, data: Any) -> int:
+        view = np.frombuffer(data, dtype=np.uint8)  # no copy; google_crc32c refuses memoryview
+        self.crc = google_crc32c.extend(self.crc, view)
+        self.size += view.size
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    @property
+    def record(self) -> Record:
+        return Record(self.size, self.crc)
+
+
+def checksum_file(path: str | os.PathLike[str]) -> Record:
+    """Size and CRC32C of a file, read in 8 MiB chunks."""
+    crc, size = 0, 0
+    buffer = bytearray(_CHUNK)
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            crc = google_crc32c.extend(crc, view[:count])
+            size += count
+    return Record(size, crc)
+
+
+# -- single files: the sidecar ------------------------------------------------------------
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """Hidden and without ``.ckpt``: no checkpoint glob and no ``last*`` lookup finds it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{SIDECAR_SUFFIX}")
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> list[Record] | None:
+    """The records of ``path``'s sidecar; ``None`` when it has none. Raises ``ValueError``
+    when the sidecar cannot be read."""
+    sidecar = sidecar_path(path)
+    try:
+        text = sidecar.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        return [Record.from_json(r) for r in json.loads(text)["records"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"its record {sidecar.name} is unreadable ({error})") from None
+
+
+def _write_sidecar(path: Path, records: list[Record], fsync: bool) -> None:
+    text = json.dumps({"format": "crc32c-v1", "records": [r.to_json() for r in records]})
+    write_bytes_atomically(sidecar_path(path), text.encode(), fsync=fsync)
+
+
+def begin_record(path: str | os.PathLike[str], new: Record, *, fsync: bool = True) -> None:
+    """Step 2 of a save: the new record first, and those of the file now in place kept."""
+    path = Path(path)
+    try:
+        old = read_sidecar(path) or []
+    except ValueError:
+        old = []
+    current = path.stat().st_size if path.is_file() else None
+    _write_sidecar(path, [new, *(r for r in old if r.size == current and r != new)], fsync)
+
+
+def commit_record(path: str | os.PathLike[str], new: Record, *, fsync: bool = True) -> None:
+    """Step 4 of a save, after the rename: only the new record."""
+    _write_sidecar(Path(path), [new], fsync)
+
+
+def remove_record(path: str | os.PathLike[str]) -> None:
+    sidecar_path(path).unlink(missing_ok=True)
+
+
+# -- sharded directories: the manifest ------------------------------------------------------
+def shard_names(directory: str | os.PathLike[str], rank: int) -> list[str]:
+    """The files ``torch.distributed.checkpoint`` wrote for ``rank`` (``__<rank>_<n>.distcp``)."""
+    pattern = re.compile(rf"__{rank}_\d+\.distcp")
+    return sorted(p.name for p in Path(directory).iterdir() if pattern.fullmatch(p.name))
+
+
+def checksum_files(directory: str | os.PathLike[str], names: Iterable[str]
+                   ) -> dict[str, dict[str, Any]]:
+    return {name: checksum_file(Path(directory) / name).to_json() for name in names}
+
+
+def write_manifest(directory: str | os.PathLike[str], records: dict[str, dict[str, Any]],
+                   *, fsync: bool = True) -> None:
+    """Records ``records`` (name → record JSON), plus every file of ``directory`` not in
+    them, checksummed here."""
+    directory = Path(directory)
+    rest = [p.name for p in directory.iterdir()
+            if p.is_file() and p.name != MANIFEST_NAME and p.name not in records]
+    files = {**records, **checksum_files(directory, rest)}
+    text = json.dumps({"format": "crc32c-v1", "files": dict(sorted(files.items()))}, indent=1)
+    write_bytes_atomically(directory / MANIFEST_NAME, text.encode(), fsync=fsync)
+
+
+# -- verification ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """``state``: ``"intact"``, ``"unverified"`` (no record) or ``"damaged"``; ``problem``
+    says what is wrong, for the one-line message."""
+
+    state: str
+    problem: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.state != "damaged"
+
+
+def verify(path: str | os.PathLike[str]) -> Verdict:
+    """Compare a checkpoint (file or sharded directory) with its record."""
+    path = Path(path)
+    if path.is_dir():
+        return _verify_directory(path)
+    if not path.is_file():
+        return Verdict("damaged", "missing")
+    try:
+        records = read_sidecar(path)
+    except ValueError as error:
+        return Verdict("damaged", str(error))
+    if records is None:
+        return Verdict("unverified", f"no size/checksum record ({sidecar_path(path).name})")
+    size = path.stat().st_size
+    if size not in {r.size for r in records}:
+        return Verdict("damaged", f"size {size} bytes, recorded "
+                                  f"{' or '.join(str(r.size) for r in records)}")
+    actual = checksum_file(path)
+    if actual not in records:
+        return Verdict("damaged", f"checksum mismatch: crc32c {actual.crc32c:08x}, recorded "
+                                  f"{' or '.join(f'{r.crc32c:08x}' for r in records)}")
+    return Verdict("intact")
+
+
+def _verify_directory(path: Path) -> Verdict:
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return Verdict("unverified", f"no size/checksum record ({MANIFEST_NAME})")
+    try:
+        files = {name: Record.from_json(r)
+                 for name, r in json.loads(manifest.read_text(encoding="utf-8"))["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return Verdict("damaged", f"its record {MANIFEST_NAME} is unreadable ({error})")
+    missing = sorted(name for name in files if not (path / name).is_file())
+    if missing:
+        return Verdict("damaged", f"missing shard {', '.join(missing)}")
+    for name, record in sorted(files.items()):
+        size = (path / name).stat().st_size
+        if size != record.size:
+            return Verdict("damaged", f"shard {name} is {size} bytes, recorded {record.size}")
+    for name, record in sorted(files.items()):
+        actual = checksum_file(path / name)
+        if actual != record:
+            return Verdict("damaged", f"shard {name}: checksum mismatch: crc32c "
+                                      f"{actual.crc32c:08x}, recorded {record.crc32c:08x}")
+    return Verdict("intact")
+
+
+__all__ = ["MANIFEST_NAME", "SIDECAR_SUFFIX", "ChecksumWriter", "Record", "Verdict",
+           "begin_record", "checksum_file", "checksum_files", "commit_record", "read_sidecar",
+           "remove_record", "shard_names", "sidecar_path", "verify", "write_manifest"]
