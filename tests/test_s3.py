@@ -87,6 +87,21 @@ def test_prepare_writes_an_s3_store_that_reads_as_the_local_one(s3, tmp_path):
             d.tolist() for d in iter_documents(ShardStore(local), "en", split)]
 
 
+def test_remove_domain_on_an_s3_store_uses_the_storage_options(s3, tmp_path):
+    """remove-domain reaches the bucket through the endpoint in ``storage_options`` (found
+    by a mutation check: without this test, dropping them from either of its two opens
+    passed), unlists the domain and deletes its objects."""
+    from lightning_aquila.datamodules.edit import remove_domain
+
+    source = write_jsonl(tmp_path / "a.jsonl")
+    remote = f"{s3['bucket']}/s.zarr"
+    for domain in ("en", "fr"):
+        prepare(str(source), domain, remote, progress=False, storage_options=s3["options"])
+    remove_domain(remote, "fr", storage_options=s3["options"])
+    assert sorted(ShardStore(remote, s3["options"]).domains) == ["en"]
+    assert not s3["fs"].exists(f"{remote}/fr/zarr.json")
+
+
 def test_prepare_reads_raw_input_from_s3(s3, tmp_path):
     source = write_jsonl(tmp_path / "a.jsonl")
     s3["fs"].put(str(source), f"{s3['bucket']}/raw/a.jsonl")
