@@ -7,6 +7,8 @@
   so in one line and starts fresh.
 - No prefix abbreviations (``--trainer.max_step`` is an error, not ``max_steps``), and parser
   errors are one line naming the field (``errors``; ``--verbose`` shows them in full).
+- The model's vocabulary size, bos and eos follow the tokenizer the store records unless the
+  config sets them (``store_defaults``).
 - A step progress bar and a summary without "Total Flops: 0" (``console``).
 - Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
   another ``CheckpointIO``; see ``docs/crash-safety.md``.
@@ -29,6 +31,7 @@ from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
 from lightning_aquila.cli.run_folder import fill_run_paths, has_last_checkpoint, previous_run_files
+from lightning_aquila.cli.store_defaults import fill_model_vocabulary
 from lightning_aquila.module import AquilaLM
 
 REUSE_FLAG = "reuse_run_dir"
@@ -75,6 +78,7 @@ class AquilaCLI(LightningCLI):
         except ValueError as error:
             parser.error(str(error))
         checkpoint_dirs = fill_run_paths(config.trainer, _is_checkpoint)
+        fill_model_vocabulary(config)
         if self.subcommand != "fit":
             return
         root = config.trainer.get("default_root_dir")

@@ -147,15 +147,17 @@ def _names(sources: Sequence[SourceFile], shown: int = 3) -> str:
 
 
 def _resolve_tokenizer(path: str | os.PathLike[str] | None,
-                       eos_token: str | None) -> tuple[Any, dict[str, Any]]:
-    """The tokenizer and the metadata a domain records about it; a tokenizer without an eos
-    token (or a wrong ``--eos-token``) is a ``DataError`` naming the flag that fixes it."""
+                       eos_token: str | None) -> tuple[Any, dict[str, Any], str]:
+    """The tokenizer, the metadata a domain records about it and its ``tokenizer.json`` text
+    (the store keeps a copy); a tokenizer without an eos token (or a wrong ``--eos-token``) is
+    a ``DataError`` naming the flag that fixes it."""
     from lightning_aquila.tokenizer import (
         DEFAULT_TOKENIZER,
         EOS_SPELLINGS,
         TokenizerError,
         load_tokenizer,
         special_tokens,
+        tokenizer_file,
         tokenizer_hash,
     )
 
@@ -163,6 +165,7 @@ def _resolve_tokenizer(path: str | os.PathLike[str] | None,
     try:
         tok = load_tokenizer(where)
         found = special_tokens(where, eos_token=eos_token)
+        text = tokenizer_file(where).read_text(encoding="utf-8")
     except (FileNotFoundError, TokenizerError) as exc:
         raise DataError(str(exc)) from None
     except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
@@ -177,7 +180,7 @@ def _resolve_tokenizer(path: str | os.PathLike[str] | None,
             "eos_id": found.eos_id, "eos": found.eos, "eos_from": found.eos_from,
             "bos_id": found.bos_id, "bos": found.bos,
             "name": os.path.basename(os.path.normpath(str(where)))}
-    return tok, meta
+    return tok, meta, text
 
 
 def _check_splits(domain: str, todo: Sequence[SourceFile], before: Any, router: SplitRouter,
@@ -256,13 +259,14 @@ def prepare(
         raise DataError(f"held-out fraction must be in [0, 1), got {held_out_fraction}")
     if on_error not in ("stop", "skip"):
         raise DataError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    tok, meta = _resolve_tokenizer(tokenizer, eos_token)
+    tok, meta, tokenizer_json = _resolve_tokenizer(tokenizer, eos_token)
     sources = find_sources([inputs] if isinstance(inputs, str) else list(inputs), fmt,
                            storage_options)
     report = PrepareReport(str(output), domain)
     with DomainWriter(output, domain, tokenizer=meta, language=language or "",
                       chunk_tokens=chunk_tokens, with_quality=quality_field is not None,
-                      storage_options=storage_options) as writer:
+                      storage_options=storage_options,
+                      tokenizer_json=tokenizer_json) as writer:
         if not language and writer.info is None:
             writer.language = guess_language(domain)
         report.language = writer.language
@@ -277,6 +281,7 @@ def prepare(
                 known.add(source.sha256)
                 todo.append(source)
         if not todo:
+            writer.record_tokenizer()
             writer.abort()
             return report
         before = writer.info

@@ -1,0 +1,121 @@
+"""A newcomer's own data and tokenizer through the ``lightning-aquila`` command (issue 28):
+the store is the tokenizer's one source of truth, undecodable text can be skipped, the
+console stays quiet, and a failed fit leaves nothing behind. Real stores, real ``fit``
+subprocesses of the tiny preset on the quickstart config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+CORPUS = REPO / "corpus"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m lightning_aquila.cli ARGS`` in ``cwd``, with this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NEPTUNE_MODE": "offline"}
+    env.pop("NEPTUNE_API_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "lightning_aquila.cli", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def fit(cwd: Path, store: Path, root: str, max_steps: int, *extra: str,
+        config: Path = QUICKSTART) -> subprocess.CompletedProcess[str]:
+    """The quickstart config at toy size on the tiny preset."""
+    return cli("fit", "--config", str(config), "--trainer.default_root_dir", root,
+               "--data.init_args.store", str(store), "--model.preset", "aquila2-tiny",
+               "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "2",
+               "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
+               "--data.init_args.batch_size", "2", "--data.init_args.val_windows_per_domain",
+               "2", "--data.init_args.num_workers", "0", *extra, cwd=cwd)
+
+
+def probes_every(folder: Path, steps: int) -> Path:
+    """The quickstart config with its probe every ``steps`` steps (a list entry, which no
+    flag reaches)."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["probes_every_n_steps"] = steps
+    path = folder / "quickstart-probes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def own_store(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, store) of two bundled-corpus domains prepared with a 4,096-id tokenizer the
+    user trained with ``train-tokenizer``."""
+    folder = tmp_path_factory.mktemp("own")
+    code = folder / "code.jsonl"
+    lines = (CORPUS / "code_python" / "cpython_stdlib.jsonl").read_text().splitlines()
+    code.write_text("\n".join(lines[:30]) + "\n")
+    prose = CORPUS / "en_prose" / "alice_in_wonderland.jsonl"
+    done = cli("train-tokenizer", "--input", str(prose), "--input", str(code), "--output",
+               "tok", "--vocab-size", "4096", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    for domain, source in (("code", code), ("prose", prose)):
+        done = cli("prepare", "--input", str(source), "--domain", domain, "--output",
+                   "corpus.zarr", "--tokenizer", "tok", "--held-out-fraction", "0.2",
+                   "--quiet", cwd=folder)
+        assert done.returncode == 0, done.stderr
+    return folder, folder / "corpus.zarr"
+
+
+@pytest.fixture(scope="module")
+def own_run(own_store) -> Path:
+    """The folder of a 3-step run on ``own_store`` with no tokenizer flag, probing at
+    step 2."""
+    folder, store = own_store
+    done = fit(folder, store, "run", 3, config=probes_every(folder, 2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+def test_own_tokenizer_needs_no_flags_and_the_probes_use_it(own_run):
+    folder = own_run
+    checkpoint = torch.load(folder / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    config = checkpoint["aquila_config"]
+    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (
+        4096, 4094, 4095)
+    metrics = (folder / "run" / "tsm" / "metrics.jsonl").read_text()
+    assert '"tsm/probe/cloze/acc"' in metrics  # the probe ran at step 2, on 4,096 ids
+
+
+def test_a_probe_with_another_tokenizer_is_refused_before_step_0_in_one_line(own_store,
+                                                                            tmp_path):
+    _, store = own_store
+    config = yaml.safe_load(probes_every(tmp_path, 2).read_text())
+    probe = config["trainer"]["callbacks"][0]["init_args"]["probes"][0]
+    probe["init_args"] = {"tokenizer": str(REPO / "lightning_aquila" / "assets" / "tokenizer")}
+    (tmp_path / "bundled-probe.yaml").write_text(yaml.safe_dump(config))
+    done = fit(tmp_path, store, "run", 3, config=tmp_path / "bundled-probe.yaml")
+    assert done.returncode == 1
+    line = done.stderr.strip().splitlines()[-2]
+    assert line.startswith("lightning-aquila fit: probe 'cloze' tokenizes with the bundled "
+                           "tokenizer (8,192 ids, hash ")
+    assert "was prepared with tok (4,096 ids, hash " in line
+    assert "drop the probe's tokenizer argument" in line
+    assert "Traceback" not in done.stderr
+
+
+def test_the_export_carries_the_store_tokenizer_and_refuses_another(own_run):
+    from lightning_aquila.tokenizer import tokenizer_hash
+
+    folder = own_run
+    done = cli("export-hf", "run/checkpoints/last.ckpt", "--output", "hf", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert tokenizer_hash(folder / "hf") == tokenizer_hash(folder / "tok")
+    bundled = REPO / "lightning_aquila" / "assets" / "tokenizer"
+    done = cli("export-hf", "run/checkpoints/last.ckpt", "--output", "hf2", "--tokenizer",
+               str(bundled), cwd=folder)
+    assert done.returncode == 2
+    assert (f"error: --tokenizer {bundled} has 8,192 ids, but the model's vocabulary has "
+            "4,096; give the tokenizer the model was trained with") in done.stderr
+    assert not (folder / "hf2").exists()
