@@ -119,3 +119,50 @@ def test_the_export_carries_the_store_tokenizer_and_refuses_another(own_run):
     assert (f"error: --tokenizer {bundled} has 8,192 ids, but the model's vocabulary has "
             "4,096; give the tokenizer the model was trained with") in done.stderr
     assert not (folder / "hf2").exists()
+
+
+# -- real-world text -----------------------------------------------------------------------------
+@pytest.fixture
+def mixed_txt(tmp_path) -> Path:
+    """A --format txt directory: two UTF-8 files and one in Latin-1."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    prose = (CORPUS / "en_prose" / "alice_in_wonderland.jsonl").read_text().splitlines()
+    for name, lines in (("a.txt", prose[:6]), ("b.txt", prose[6:])):
+        (folder / name).write_text("\n".join(lines), encoding="utf-8")
+    (folder / "latin.txt").write_bytes("Café au lait, © 1865.\n".encode("latin-1") * 40)
+    return folder
+
+
+def test_a_file_that_is_not_utf8_is_skipped_and_named_under_on_error_skip(mixed_txt,
+                                                                         tmp_path):
+    done = cli("prepare", "--input", str(mixed_txt), "--format", "txt", "--domain", "prose",
+               "--output", "s.zarr", "--on-error", "skip", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "added 2 source(s), 2 documents" in done.stdout
+    assert (f"skipped 1 file(s) that do not decode (--encoding reads another encoding):\n"
+            f"  {mixed_txt / 'latin.txt'}: not utf-8 text (invalid continuation byte: byte "
+            "0xe9)") in done.stderr
+
+
+def test_encoding_reads_a_latin1_file(mixed_txt, tmp_path):
+    from lightning_aquila.datamodules.store import ShardStore
+
+    for encoding in ("latin-1", "auto"):
+        done = cli("prepare", "--input", str(mixed_txt / "latin.txt"), "--format", "txt",
+                   "--domain", "prose", "--output", f"{encoding}.zarr", "--encoding", encoding,
+                   "--held-out-fraction", "0", "--quiet", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        (source,) = ShardStore(str(tmp_path / f"{encoding}.zarr")).info("prose").sources
+        assert source["documents"] == 1 and source["encoding"] != "utf-8"
+
+
+def test_train_tokenizer_names_the_file_that_does_not_decode_and_the_fix(mixed_txt, tmp_path):
+    done = cli("train-tokenizer", "--input", str(mixed_txt / "*.txt"), "--output", "tok",
+               "--vocab-size", "1000", cwd=tmp_path)
+    assert done.returncode == 2
+    assert (f"error: {mixed_txt / 'latin.txt'}: not utf-8 text (") in done.stderr
+    assert "pass --encoding NAME (e.g. latin-1, cp1252) or --encoding auto" in done.stderr
+    done = cli("train-tokenizer", "--input", str(mixed_txt / "*.txt"), "--output", "tok",
+               "--vocab-size", "1000", "--encoding", "latin-1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

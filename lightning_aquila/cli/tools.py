@@ -147,6 +147,11 @@ def prepare_command(argv: Sequence[str] | None = None) -> int:
         print(f"lightning-aquila prepare: error: {exc}", file=sys.stderr)
         return 1
     print_prepare_summary(report, args.verbose)
+    if report.undecodable:
+        print(f"warning: skipped {len(report.undecodable)} file(s) that do not decode "
+              "(--encoding reads another encoding):", file=sys.stderr)
+        for line in report.undecodable:
+            print(f"  {line}", file=sys.stderr)
     if report.bad_records:
         print(f"warning: skipped {report.bad_records} bad record(s), e.g.:", file=sys.stderr)
         for source in report.added:
@@ -168,7 +173,7 @@ def print_prepare_summary(report: Any, verbose: bool) -> None:
         print(f"skipped {len(report.skipped)} source(s) already in domain {report.domain!r} "
               f"(same content): {names}{more}")
     if not report.added:
-        if not report.skipped:
+        if not report.skipped and not report.undecodable:
             print("nothing to do")
         return
     print(f"domain {report.domain!r} (language {report.language!r}): added "
