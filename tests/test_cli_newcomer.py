@@ -166,3 +166,17 @@ def test_train_tokenizer_names_the_file_that_does_not_decode_and_the_fix(mixed_t
     done = cli("train-tokenizer", "--input", str(mixed_txt / "*.txt"), "--output", "tok",
                "--vocab-size", "1000", "--encoding", "latin-1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+# -- clean failure -------------------------------------------------------------------------------
+def test_a_fit_failing_before_its_first_step_leaves_the_folder_as_it_found_it(own_store,
+                                                                            tmp_path):
+    _, store = own_store
+    done = fit(tmp_path, store, "runs/new", 3, "--data.init_args.seq_len", "300")
+    assert done.returncode == 1 and "seq_len 300 is longer" in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    done = fit(tmp_path, store, "kept", 3, "--data.init_args.seq_len", "300")
+    assert done.returncode == 1
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]

@@ -30,7 +30,12 @@ import lightning_aquila.strategies  # noqa: F401  (registers our named strategie
 from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
-from lightning_aquila.cli.run_folder import fill_run_paths, has_last_checkpoint, previous_run_files
+from lightning_aquila.cli.run_folder import (
+    FolderBefore,
+    fill_run_paths,
+    has_last_checkpoint,
+    previous_run_files,
+)
 from lightning_aquila.cli.store_defaults import fill_model_vocabulary
 from lightning_aquila.module import AquilaLM
 
@@ -61,7 +66,15 @@ class AquilaCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", AquilaArgumentParser)
-        super().__init__(*args, **kwargs)
+        self._folder_before: FolderBefore | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            # A fit that fails before its first step leaves the folder as it found it.
+            trainer = getattr(self, "trainer", None)
+            if self._folder_before is not None and getattr(trainer, "global_step", 0) == 0:
+                self._folder_before.restore()
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -82,6 +95,8 @@ class AquilaCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         root = config.trainer.get("default_root_dir")
+        if root is not None:
+            self._folder_before = FolderBefore.of(root)
         if config.get("ckpt_path") == "last" and not has_last_checkpoint(checkpoint_dirs):
             print(f"lightning-aquila fit: no checkpoint to resume in "
                   f"{', '.join(checkpoint_dirs) or 'the checkpoint folder'}; starting a fresh "
