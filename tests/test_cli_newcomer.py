@@ -69,17 +69,17 @@ def own_store(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def own_run(own_store) -> Path:
-    """The folder of a 3-step run on ``own_store`` with no tokenizer flag, probing at
+def own_run(own_store) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """(folder, process) of a 3-step run on ``own_store`` with no tokenizer flag, probing at
     step 2."""
     folder, store = own_store
     done = fit(folder, store, "run", 3, config=probes_every(folder, 2))
     assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return folder, done
 
 
 def test_own_tokenizer_needs_no_flags_and_the_probes_use_it(own_run):
-    folder = own_run
+    folder, _ = own_run
     checkpoint = torch.load(folder / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     config = checkpoint["aquila_config"]
     assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (
@@ -108,7 +108,7 @@ def test_a_probe_with_another_tokenizer_is_refused_before_step_0_in_one_line(own
 def test_the_export_carries_the_store_tokenizer_and_refuses_another(own_run):
     from lightning_aquila.tokenizer import tokenizer_hash
 
-    folder = own_run
+    folder, _ = own_run
     done = cli("export-hf", "run/checkpoints/last.ckpt", "--output", "hf", cwd=folder)
     assert done.returncode == 0, done.stderr
     assert tokenizer_hash(folder / "hf") == tokenizer_hash(folder / "tok")
@@ -180,3 +180,32 @@ def test_a_fit_failing_before_its_first_step_leaves_the_folder_as_it_found_it(ow
     done = fit(tmp_path, store, "kept", 3, "--data.init_args.seq_len", "300")
     assert done.returncode == 1
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
+
+
+# -- a quiet console -----------------------------------------------------------------------------
+def test_a_fit_prints_no_dependency_tips_one_line_per_evaluation_and_no_v_num(own_run):
+    _, done = own_run
+    console = done.stdout + done.stderr
+    for noise in ("litlogger", "already configured with model summary", "LeafSpec", "v_num",
+                  "Validation DataLoader", "Sanity Checking", "Training:"):
+        assert noise not in console, noise
+    assert console.count("step 2: val/loss ") == 1
+    assert "(code " in console and ", prose " in console  # each domain's loss on the line
+
+
+def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(own_store,
+                                                                              tmp_path):
+    _, store = own_store
+    assert fit(tmp_path, store, "run", 2).returncode == 0
+    done = fit(tmp_path, store, "run", 3, "--ckpt_path", "last")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Step: 100%" in done.stdout and "| 3/3 [" in done.stdout
+    assert "Training" not in done.stdout and "exists and is not empty" not in done.stderr
+    neptune_runs = sorted((tmp_path / "run" / ".neptune" / "offline").iterdir())
+    done = fit(tmp_path, store, "run", 3, "--ckpt_path", "last")
+    assert done.returncode == 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "lightning-aquila fit: the run of run/checkpoints/last.ckpt already finished (step 3 "
+        "of max_steps 3); nothing to do. Raise --trainer.max_steps to train on.")
+    assert "Step" not in done.stdout and "Training" not in done.stdout
+    assert sorted((tmp_path / "run" / ".neptune" / "offline").iterdir()) == neptune_runs

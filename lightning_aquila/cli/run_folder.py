@@ -86,11 +86,29 @@ def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] =
     return found
 
 
+def last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> Path | None:
+    """What ``--ckpt_path last`` resumes from (Lightning's own rule: the newest name
+    containing ``last`` in a ModelCheckpoint folder), or ``None``."""
+    found = [p for d in checkpoint_dirs if Path(d).is_dir() for p in Path(d).iterdir()
+             if "last" in p.name]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
-    """Whether ``--ckpt_path last`` has something to resume from (Lightning's own test:
-    a name containing ``last`` in a ModelCheckpoint folder)."""
-    return any(Path(d).is_dir() and any("last" in p.name for p in Path(d).iterdir())
-               for d in checkpoint_dirs)
+    """Whether ``--ckpt_path last`` has something to resume from."""
+    return last_checkpoint(checkpoint_dirs) is not None
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The ``global_step`` a single-file checkpoint was saved at (memory-mapped: nothing
+    but that number is read); ``None`` for a sharded (directory) checkpoint or none."""
+    if path is None or not Path(path).is_file():
+        return None
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None
 
 
 @dataclass(frozen=True)

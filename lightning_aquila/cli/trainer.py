@@ -30,10 +30,13 @@ import lightning_aquila.strategies  # noqa: F401  (registers our named strategie
 from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
+from lightning_aquila.cli.quiet import quiet_dependencies
 from lightning_aquila.cli.run_folder import (
     FolderBefore,
+    checkpoint_step,
     fill_run_paths,
     has_last_checkpoint,
+    last_checkpoint,
     previous_run_files,
 )
 from lightning_aquila.cli.store_defaults import fill_model_vocabulary
@@ -97,6 +100,7 @@ class AquilaCLI(LightningCLI):
         root = config.trainer.get("default_root_dir")
         if root is not None:
             self._folder_before = FolderBefore.of(root)
+        self._refuse_finished_run(config, checkpoint_dirs)
         if config.get("ckpt_path") == "last" and not has_last_checkpoint(checkpoint_dirs):
             print(f"lightning-aquila fit: no checkpoint to resume in "
                   f"{', '.join(checkpoint_dirs) or 'the checkpoint folder'}; starting a fresh "
@@ -108,6 +112,21 @@ class AquilaCLI(LightningCLI):
                 parser.error(f"{root} already holds a run ({', '.join(found)}): give a new "
                              "--trainer.default_root_dir, resume it with --ckpt_path last, or "
                              f"pass --{REUSE_FLAG} true to start another run beside it")
+
+    @staticmethod
+    def _refuse_finished_run(config: Namespace, checkpoint_dirs: list[str]) -> None:
+        """Resuming a run that reached ``max_steps`` says so and stops (exit status 0)
+        before anything is built: no trainer, no new tracker run, nothing written."""
+        ckpt, max_steps = config.get("ckpt_path"), config.trainer.get("max_steps")
+        if ckpt is None or not max_steps or max_steps < 0:
+            return
+        path = last_checkpoint(checkpoint_dirs) if ckpt == "last" else ckpt
+        step = checkpoint_step(path)
+        if step is not None and step >= max_steps:
+            print(f"lightning-aquila fit: the run of {path} already finished (step {step} of "
+                  f"max_steps {max_steps}); nothing to do. Raise --trainer.max_steps to "
+                  "train on.", file=sys.stderr)
+            raise SystemExit(0)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with ``AtomicCheckpointIO`` unless the configuration chose a
@@ -166,12 +185,13 @@ def with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any] | None:
 
 
 def run_cli(args: list[str] | None = None) -> AquilaCLI:
-    return AquilaCLI(
-        AquilaLM,
-        LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lightning-aquila"},
-        args=args,
-    )
+    with quiet_dependencies():
+        return AquilaCLI(
+            AquilaLM,
+            LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=1234,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lightning-aquila"},
+            args=args,
+        )
