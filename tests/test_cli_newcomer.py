@@ -209,3 +209,30 @@ def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(o
         "of max_steps 3); nothing to do. Raise --trainer.max_steps to train on.")
     assert "Step" not in done.stdout and "Training" not in done.stdout
     assert sorted((tmp_path / "run" / ".neptune" / "offline").iterdir()) == neptune_runs
+
+
+# -- fast, helpful errors ------------------------------------------------------------------------
+def test_a_config_typo_names_its_file_and_the_option_meant(tmp_path):
+    (tmp_path / "typo.yaml").write_text("trainer:\n  max_step: 3\n")
+    done = cli("fit", "--config", str(QUICKSTART), "--config", "typo.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == (
+        "lightning-aquila: error: Subcommand 'fit' does not accept option 'trainer.max_step'; "
+        "did you mean 'trainer.max_steps'? (set in typo.yaml)")
+    assert "`lightning-aquila fit --help` lists the flags" in done.stderr
+    done = cli("fit", "--config", str(QUICKSTART), "--model.learning_rat", "3", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "unrecognized arguments: --model.learning_rat 3; did you mean " \
+           "'model.learning_rate'?" in done.stderr
+
+
+def test_fit_help_comes_from_the_cache_after_the_first_time(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = cli("fit", "--help", cwd=tmp_path)
+    assert first.returncode == 0 and "--trainer.max_steps" in first.stdout
+    start = time.perf_counter()
+    again = cli("fit", "--help", cwd=tmp_path)
+    assert time.perf_counter() - start < 1.5
+    assert again.stdout == first.stdout and again.stderr == ""
