@@ -5,6 +5,8 @@ subprocesses of the tiny preset on the quickstart config."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -27,15 +29,37 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+def in_process(*args: str, cwd: Path) -> tuple[int | str | None, str]:
+    """``main(ARGS)`` in this process (no second import of torch and Lightning, for tests
+    of what happens before training): its exit code and what it wrote to stderr."""
+    from lightning_aquila.cli import main
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["lightning-aquila"])
+        try:
+            code: int | str | None = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, err.getvalue()
+
+
+def fit_args(store: Path, root: str, max_steps: int, *extra: str,
+             config: Path = QUICKSTART) -> list[str]:
+    """The quickstart config at toy size on the tiny preset."""
+    return ["fit", "--config", str(config), "--trainer.default_root_dir", root,
+            "--data.init_args.store", str(store), "--model.preset", "aquila2-tiny",
+            "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "2",
+            "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
+            "--data.init_args.batch_size", "2", "--data.init_args.val_windows_per_domain",
+            "2", "--data.init_args.num_workers", "0", *extra]
+
+
 def fit(cwd: Path, store: Path, root: str, max_steps: int, *extra: str,
         config: Path = QUICKSTART) -> subprocess.CompletedProcess[str]:
-    """The quickstart config at toy size on the tiny preset."""
-    return cli("fit", "--config", str(config), "--trainer.default_root_dir", root,
-               "--data.init_args.store", str(store), "--model.preset", "aquila2-tiny",
-               "--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "2",
-               "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
-               "--data.init_args.batch_size", "2", "--data.init_args.val_windows_per_domain",
-               "2", "--data.init_args.num_workers", "0", *extra, cwd=cwd)
+    """A real ``fit`` process of :func:`fit_args`."""
+    return cli(*fit_args(store, root, max_steps, *extra, config=config), cwd=cwd)
 
 
 def probes_every(folder: Path, steps: int) -> Path:
@@ -172,13 +196,15 @@ def test_train_tokenizer_names_the_file_that_does_not_decode_and_the_fix(mixed_t
 def test_a_fit_failing_before_its_first_step_leaves_the_folder_as_it_found_it(own_store,
                                                                             tmp_path):
     _, store = own_store
-    done = fit(tmp_path, store, "runs/new", 3, "--data.init_args.seq_len", "300")
-    assert done.returncode == 1 and "seq_len 300 is longer" in done.stderr, done.stderr[-2000:]
+    code, err = in_process(*fit_args(store, "runs/new", 3, "--data.init_args.seq_len", "300"),
+                           cwd=tmp_path)
+    assert code == 1 and "seq_len 300 is longer" in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
-    done = fit(tmp_path, store, "kept", 3, "--data.init_args.seq_len", "300")
-    assert done.returncode == 1
+    code, _ = in_process(*fit_args(store, "kept", 3, "--data.init_args.seq_len", "300"),
+                         cwd=tmp_path)
+    assert code == 1
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
 
 
@@ -195,8 +221,10 @@ def test_a_fit_prints_no_dependency_tips_one_line_per_evaluation_and_no_v_num(ow
 
 def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(own_store,
                                                                               tmp_path):
-    _, store = own_store
-    assert fit(tmp_path, store, "run", 2).returncode == 0
+    folder, store = own_store
+    # the old recipe's flag still works: the hparams of model and data cannot conflict
+    first = fit(tmp_path, store, "run", 2, "--model.tokenizer", str(folder / "tok"))
+    assert first.returncode == 0, first.stderr[-2000:]
     done = fit(tmp_path, store, "run", 3, "--ckpt_path", "last")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Step: 100%" in done.stdout and "| 3/3 [" in done.stdout
@@ -214,16 +242,18 @@ def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(o
 # -- fast, helpful errors ------------------------------------------------------------------------
 def test_a_config_typo_names_its_file_and_the_option_meant(tmp_path):
     (tmp_path / "typo.yaml").write_text("trainer:\n  max_step: 3\n")
-    done = cli("fit", "--config", str(QUICKSTART), "--config", "typo.yaml", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.splitlines()[0] == (
+    code, err = in_process("fit", "--config", str(QUICKSTART), "--config", "typo.yaml",
+                           cwd=tmp_path)
+    assert code == 2
+    assert err.splitlines()[0] == (
         "lightning-aquila: error: Subcommand 'fit' does not accept option 'trainer.max_step'; "
         "did you mean 'trainer.max_steps'? (set in typo.yaml)")
-    assert "`lightning-aquila fit --help` lists the flags" in done.stderr
-    done = cli("fit", "--config", str(QUICKSTART), "--model.learning_rat", "3", cwd=tmp_path)
-    assert done.returncode == 2
+    assert "`lightning-aquila fit --help` lists the flags" in err
+    code, err = in_process("fit", "--config", str(QUICKSTART), "--model.learning_rat", "3",
+                           cwd=tmp_path)
+    assert code == 2
     assert "unrecognized arguments: --model.learning_rat 3; did you mean " \
-           "'model.learning_rate'?" in done.stderr
+           "'model.learning_rate'?" in err
 
 
 def test_fit_help_comes_from_the_cache_after_the_first_time(tmp_path, monkeypatch):
@@ -236,3 +266,23 @@ def test_fit_help_comes_from_the_cache_after_the_first_time(tmp_path, monkeypatc
     again = cli("fit", "--help", cwd=tmp_path)
     assert time.perf_counter() - start < 1.5
     assert again.stdout == first.stdout and again.stderr == ""
+
+
+def test_a_store_from_before_the_tokenizer_copy_still_gives_the_model_its_ids(tmp_path):
+    import shutil
+
+    from lightning_aquila.datamodules.prepare import prepare
+    from lightning_aquila.datamodules.store import ShardStore
+    from lightning_aquila.datamodules.store_tokenizer import TOKENIZERS_GROUP, store_tokenizer
+
+    url = str(tmp_path / "old.zarr")
+    prepare(str(CORPUS / "en_prose" / "alice_in_wonderland.jsonl"), "prose", url,
+            progress=False)
+    shutil.rmtree(tmp_path / "old.zarr" / TOKENIZERS_GROUP)  # as stores were written before
+    record = store_tokenizer(ShardStore(url))
+    assert record.json is None and record.load() is None
+    assert record.model_config() == {"vocab_size": 8192, "bos_token_id": 8190,
+                                     "eos_token_id": 8191}
+    prepare(str(CORPUS / "en_prose" / "alice_in_wonderland.jsonl"), "prose", url,
+            progress=False)  # nothing to add, but the copy is recorded
+    assert store_tokenizer(ShardStore(url)).load() is not None
