@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_aquila.export import TOKENIZER_KEY
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
 from lightning_aquila.model.float8 import FLOAT8_RECIPES
 from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
@@ -167,6 +168,12 @@ class AquilaLM(LightningModule):
         # The resolved architecture (an init_from import included), so exports and tools
         # need neither the YAML nor the original Hugging Face directory.
         checkpoint["aquila_config"] = self.config.to_dict()
+        # The store's tokenizer, so an export carries the one the model was trained with.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        record = getattr(datamodule, "tokenizer_record", None)
+        copy = record().json if callable(record) else None
+        if copy is not None:
+            checkpoint[TOKENIZER_KEY] = copy
 
     # -- steps -------------------------------------------------------------------------------
     def _check_vocabulary(self, ids: torch.Tensor) -> None:

@@ -57,7 +57,8 @@ def _new_tokenizer() -> Tokenizer:
 def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
                     text_field: str = "text", *,
                     fmt: Literal["auto", "txt", "jsonl", "parquet"] = "auto",
-                    on_error: Literal["stop", "skip"] = "stop") -> Path:
+                    on_error: Literal["stop", "skip"] = "stop",
+                    encoding: str = "utf-8") -> Path:
     """Train a byte-level BPE tokenizer on ``files`` and write ``output/tokenizer.json``;
     returns its path. The files are read as ``prepare`` reads them
     (``datamodules/sources.py``: jsonl, txt, parquet, optionally compressed, local or any
@@ -75,8 +76,12 @@ def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
         vocab_size: total ids, bos and eos included
         text_field: jsonl field / parquet column holding the text
         fmt: input format (on the command line --format; default: by extension)
-        on_error: a corrupt record: stop naming file and line, or skip it
+        on_error: a corrupt record: stop naming file and line, or skip it (a txt file
+            that stops decoding is read up to there)
+        encoding: the text encoding of the inputs: utf-8, another Python codec (latin-1,
+            cp1252, ...), or auto (detected per file)
     """
+    from lightning_aquila.datamodules.encoding import check_encoding
     from lightning_aquila.datamodules.sources import read_texts
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -89,7 +94,8 @@ def train_tokenizer(files: list[str], output: str, vocab_size: int = 8192,
     tokenizer = _new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=learned, initial_alphabet=alphabet,
                                   special_tokens=[], show_progress=False)
-    texts = read_texts(files, text_field=text_field, fmt=fmt, on_error=on_error)
+    texts = read_texts(files, text_field=text_field, fmt=fmt, on_error=on_error,
+                       encoding=check_encoding(encoding))
     tokenizer.train_from_iterator(texts, trainer)
     if tokenizer.get_vocab_size() != learned:
         raise ValueError(f"the input only supports {tokenizer.get_vocab_size()} tokens, not "

@@ -86,6 +86,16 @@ def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     return encode_text
 
 
+def _run_tokenizer(pl_module: LightningModule) -> Any:
+    """The tokenizer of the run ``pl_module`` trains in (``tokenizer_check.run_tokenizer``),
+    read from a datamodule that records one (``DomainDataModule.tokenizer_record``)."""
+    from lightning_aquila.datamodules.tokenizer_check import run_tokenizer
+
+    trainer = getattr(pl_module, "_trainer", None)
+    record = getattr(getattr(trainer, "datamodule", None), "tokenizer_record", None)
+    return run_tokenizer(pl_module, record() if callable(record) else None)
+
+
 class MultipleChoiceProbe(Probe):
     """Scores each choice by the log-likelihood the model gives it after the context; the
     item counts as right when the answer's score is highest.
@@ -96,7 +106,10 @@ class MultipleChoiceProbe(Probe):
 
     Args:
         path: JSONL task file (default: the bundled bilingual cloze task).
-        tokenizer: see ``_encoder``; default: the bundled tokenizer, loaded at first use.
+        tokenizer: see ``_encoder``; default: the run's tokenizer, loaded at first use: the
+            model's named one, else the copy its shard store recorded at ``prepare``, else
+            the bundled one (``datamodules/tokenizer_check.py``, which also checks it before
+            step 0).
         name: metric namespace (``tsm/probe/<name>/...``).
         bos_token_id: prepended to every sequence; default ``pl_module.config.bos_token_id``
             when the module has one.
@@ -115,7 +128,8 @@ class MultipleChoiceProbe(Probe):
 
     def __call__(self, pl_module: LightningModule) -> dict[str, float]:
         if self._encode is None:
-            self._encode = _encoder(self.tokenizer)
+            self._encode = _encoder(self.tokenizer if self.tokenizer is not None
+                                    else _run_tokenizer(pl_module))
         bos = self.bos_token_id
         if bos is None:
             bos = getattr(getattr(pl_module, "config", None), "bos_token_id", None)

@@ -44,11 +44,37 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def trainer_help(command: str) -> int:
+    """``COMMAND --help`` of a trainer command, from the cache when it holds it
+    (``help_cache``), else from LightningCLI (and then kept)."""
+    import contextlib
+    import io
+
+    from lightning_aquila.cli import help_cache
+
+    text = help_cache.read_help(command)
+    if text is None:
+        from lightning_aquila.cli.trainer import run_cli
+
+        out, argv = io.StringIO(), sys.argv
+        sys.argv = [argv[0], command, "--help"]  # LightningCLI reads them itself
+        try:
+            with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+                run_cli(None)
+        finally:
+            sys.argv = argv
+        text = out.getvalue()
+        help_cache.write_help(command, text)
+    print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     verbose = VERBOSE_FLAG in words
     words = [w for w in words if w != VERBOSE_FLAG]
     errors.VERBOSE = verbose
+    errors.WORDS = words
     if not words or words[0] in ("-h", "--help"):
         print(help_text())
         return 0 if words else 2
@@ -58,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join([*TRAINER_COMMANDS, *TOOLS])}; see lightning-aquila --help)",
               file=sys.stderr)
         return 2
+    if command in TRAINER_COMMANDS and words[1:] in (["--help"], ["-h"]):
+        return trainer_help(command)
     try:
         if command in TOOLS:
             from lightning_aquila.cli.tools import run_tool

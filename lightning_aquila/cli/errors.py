@@ -8,14 +8,18 @@ dispatcher before anything heavy.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 #: Set by ``lightning-aquila --verbose``: print errors in full.
 VERBOSE = False
+#: The command's words (set by the dispatcher): where a typo's ``--config`` files are.
+WORDS: list[str] = []
 
 #: Exceptions that report bad input (a config, a path, data), not a bug: shown as one line.
 #: ``DataError`` is a ``ValueError``; the names are for classes we do not import here.
@@ -26,6 +30,9 @@ _USER_ERROR_NAMES = frozenset({"ArgumentError", "MisconfigurationException", "YA
 #: and the class it tried. Each is the first line of one link of the exception chain.
 _FIELD = re.compile(r'^Parser key "([^"]+)"')
 _CLASS = re.compile(r"^Problem with given class_path '([^']+)'")
+#: The option a parser refused: from a config file, or on the command line.
+_REFUSED = (re.compile(r"does not accept option '([^']+)'"),
+            re.compile(r"[Uu]nrecognized arguments: --([^\s=]+)"))
 
 
 class ConfigFileError(ValueError):
@@ -40,10 +47,56 @@ class OneLineErrors:
         if not self.exit_on_error or VERBOSE:  # type: ignore[attr-defined]
             super().error(message, ex)  # type: ignore[misc]
         prog = self.prog.replace(" [options]", "")  # type: ignore[attr-defined]
-        print(f"{prog}: error: {one_line(ex if ex is not None else ValueError(message))}\n"
-              f"(`{prog} --help` lists the flags; --verbose shows the full message)",
+        text = one_line(ex if ex is not None else ValueError(message))
+        hint = typo_hint(text, self)
+        sub = re.match(r"Subcommand '([\w-]+)'", text)
+        helped = f"{prog} {sub.group(1)}" if sub else prog
+        print(f"{prog}: error: {text}{hint}\n"
+              f"(`{helped} --help` lists the flags; --verbose shows the full message)",
               file=sys.stderr)
         self.exit(2)  # type: ignore[attr-defined]
+
+
+def option_names(parser: Any) -> list[str]:
+    """Every ``--a.b`` option of ``parser`` and of its subcommands' parsers, as ``a.b``."""
+    names = [o[2:] for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+    subcommands = getattr(parser, "_subcommands_action", None)
+    for sub in getattr(subcommands, "_name_parser_map", {}).values():
+        names += option_names(sub)
+    return names
+
+
+def typo_hint(message: str, parser: Any) -> str:
+    """``; did you mean 'trainer.max_steps'? (in typo.yaml)`` for an option a parser
+    refused: the closest option it knows, and the ``--config`` file that set the refused
+    one (the parser's own message names neither)."""
+    refused = next((m.group(1) for m in (r.search(message) for r in _REFUSED) if m), None)
+    if refused is None:
+        return ""
+    close = difflib.get_close_matches(refused, option_names(parser), n=1, cutoff=0.7)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = config_file_setting(refused, config_paths(WORDS))
+    return hint + (f" (set in {where})" if where else "")
+
+
+def config_file_setting(key: str, paths: Sequence[str]) -> str | None:
+    """The last of ``paths`` (YAML files) that sets the dotted ``key``."""
+    import yaml
+
+    found = None
+    for path in paths:
+        try:
+            node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            found = path
+    return found
+
+
+_MISSING = object()
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -14,7 +14,9 @@ Layout under the root: ``tsm/`` (monitor), ``checkpoints/`` (ModelCheckpoint, so
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +86,66 @@ def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] =
     return found
 
 
+def last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> Path | None:
+    """What ``--ckpt_path last`` resumes from (Lightning's own rule: the newest name
+    containing ``last`` in a ModelCheckpoint folder), or ``None``."""
+    found = [p for d in checkpoint_dirs if Path(d).is_dir() for p in Path(d).iterdir()
+             if "last" in p.name]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
-    """Whether ``--ckpt_path last`` has something to resume from (Lightning's own test:
-    a name containing ``last`` in a ModelCheckpoint folder)."""
-    return any(Path(d).is_dir() and any("last" in p.name for p in Path(d).iterdir())
-               for d in checkpoint_dirs)
+    """Whether ``--ckpt_path last`` has something to resume from."""
+    return last_checkpoint(checkpoint_dirs) is not None
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The ``global_step`` a single-file checkpoint was saved at (memory-mapped: nothing
+    but that number is read); ``None`` for a sharded (directory) checkpoint or none."""
+    if path is None or not Path(path).is_file():
+        return None
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
+@dataclass(frozen=True)
+class FolderBefore:
+    """What a run folder held before a fit: enough to put it back as it was when the fit
+    fails before its first step (a folder left holding only ``tsm/`` and ``config.yaml``
+    looks like a run that never happened)."""
+
+    #: the outermost folder of the root's path that did not exist (removed whole), or None
+    created: Path | None
+    root: Path
+    #: the root's entries before, when it existed
+    entries: frozenset[str]
+
+    @classmethod
+    def of(cls, root: str | Path) -> FolderBefore:
+        root = Path(root).absolute()
+        created = None
+        for folder in (root, *root.parents):
+            if folder.exists():
+                break
+            created = folder
+        entries = frozenset(p.name for p in root.iterdir()) if root.is_dir() else frozenset()
+        return cls(created, root, entries)
+
+    def restore(self) -> None:
+        """Remove what appeared since: the folders the fit created, else the root's new
+        entries (nothing that was there before is touched)."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name in self.entries:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -149,6 +149,11 @@ def prepare_command(argv: Sequence[str] | None = None) -> int:
         print(f"lightning-aquila prepare: error: {exc}", file=sys.stderr)
         return 1
     print_prepare_summary(report, args.verbose)
+    if report.undecodable:
+        print(f"warning: skipped {len(report.undecodable)} file(s) that do not decode "
+              "(--encoding reads another encoding):", file=sys.stderr)
+        for line in report.undecodable:
+            print(f"  {line}", file=sys.stderr)
     if report.bad_records:
         print(f"warning: skipped {report.bad_records} bad record(s), e.g.:", file=sys.stderr)
         for source in report.added:
@@ -170,7 +175,7 @@ def print_prepare_summary(report: Any, verbose: bool) -> None:
         print(f"skipped {len(report.skipped)} source(s) already in domain {report.domain!r} "
               f"(same content): {names}{more}")
     if not report.added:
-        if not report.skipped:
+        if not report.skipped and not report.undecodable:
             print("nothing to do")
         return
     print(f"domain {report.domain!r} (language {report.language!r}): added "
@@ -376,13 +381,14 @@ def consolidate_checkpoint(checkpoint: Path, output: Path | None = None,
         hf_dir: Hugging Face (Llama) directory to write with export_hf
         dtype: dtype of the Hugging Face weights (bf16, fp16 or fp32)
         tokenizer: tokenizer.json (or its directory) to copy into the Hugging Face directory
+            (default: the one the checkpoint carries)
         weights_only: leave the optimizer state out of the single file
         overwrite: replace the outputs if they exist
     """
     import torch
 
     from lightning_aquila.atomic import atomic_file
-    from lightning_aquila.export import model_from_checkpoint
+    from lightning_aquila.export import export_tokenizer, model_from_checkpoint
     from lightning_aquila.model.hf import export_hf
     from lightning_aquila.strategies.consolidate import consolidate
 
@@ -400,7 +406,8 @@ def consolidate_checkpoint(checkpoint: Path, output: Path | None = None,
         print(f"wrote {output}")
     if hf_dir is not None:
         model = model_from_checkpoint(full)
-        export_hf(model, hf_dir, dtype=torch_dtype, tokenizer=tokenizer, overwrite=overwrite)
+        export_hf(model, hf_dir, dtype=torch_dtype, overwrite=overwrite,
+                  tokenizer=export_tokenizer(full, model.config, tokenizer))
         print(f"wrote {hf_dir} ({model.config.num_params / 1e6:.1f}M parameters, {dtype})")
 
 
@@ -413,20 +420,22 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "bf16",
         checkpoint: a .ckpt file written by AquilaLM
         output: directory to create
         dtype: dtype of the exported weights (bf16, fp16 or fp32)
-        tokenizer: tokenizer.json (or its directory) to copy into the export
+        tokenizer: tokenizer.json (or its directory) to copy into the export (default: the
+            one the checkpoint carries, recorded by prepare in the store it trained on)
         overwrite: replace the output directory if it exists
     """
     import torch
 
-    from lightning_aquila.export import model_from_checkpoint
+    from lightning_aquila.export import export_tokenizer, model_from_checkpoint
     from lightning_aquila.model.hf import export_hf
 
     if not checkpoint.is_file():
         raise ValueError(f"{checkpoint} is not a checkpoint file (sharded? use consolidate)")
     torch_dtype = _dtype(dtype)
-    model = model_from_checkpoint(torch.load(checkpoint, map_location="cpu",
-                                             weights_only=False))
-    path = export_hf(model, output, dtype=torch_dtype, tokenizer=tokenizer, overwrite=overwrite)
+    full = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = model_from_checkpoint(full)
+    path = export_hf(model, output, dtype=torch_dtype, overwrite=overwrite,
+                     tokenizer=export_tokenizer(full, model.config, tokenizer))
     print(f"wrote {path} ({model.config.num_params / 1e6:.1f}M parameters, {dtype})")
 
 

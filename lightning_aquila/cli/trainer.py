@@ -7,6 +7,8 @@
   so in one line and starts fresh.
 - No prefix abbreviations (``--trainer.max_step`` is an error, not ``max_steps``), and parser
   errors are one line naming the field (``errors``; ``--verbose`` shows them in full).
+- The model's vocabulary size, bos and eos follow the tokenizer the store records unless the
+  config sets them (``store_defaults``).
 - A step progress bar and a summary without "Total Flops: 0" (``console``).
 - Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
   another ``CheckpointIO``; see ``docs/crash-safety.md``.
@@ -29,7 +31,16 @@ from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.checkpoint_check import checked_resume_path
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
-from lightning_aquila.cli.run_folder import fill_run_paths, has_last_checkpoint, previous_run_files
+from lightning_aquila.cli.quiet import quiet_dependencies
+from lightning_aquila.cli.run_folder import (
+    FolderBefore,
+    checkpoint_step,
+    fill_run_paths,
+    has_last_checkpoint,
+    last_checkpoint,
+    previous_run_files,
+)
+from lightning_aquila.cli.store_defaults import fill_model_vocabulary
 from lightning_aquila.module import AquilaLM
 
 REUSE_FLAG = "reuse_run_dir"
@@ -59,7 +70,15 @@ class AquilaCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", AquilaArgumentParser)
-        super().__init__(*args, **kwargs)
+        self._folder_before: FolderBefore | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            # A fit that fails before its first step leaves the folder as it found it.
+            trainer = getattr(self, "trainer", None)
+            if self._folder_before is not None and getattr(trainer, "global_step", 0) == 0:
+                self._folder_before.restore()
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -76,9 +95,13 @@ class AquilaCLI(LightningCLI):
         except ValueError as error:
             parser.error(str(error))
         checkpoint_dirs = fill_run_paths(config.trainer, _is_checkpoint)
+        fill_model_vocabulary(config)
         if self.subcommand != "fit":
             return
         root = config.trainer.get("default_root_dir")
+        if root is not None:
+            self._folder_before = FolderBefore.of(root)
+        self._refuse_finished_run(config, checkpoint_dirs)
         if config.get("ckpt_path") == "last" and not has_last_checkpoint(checkpoint_dirs):
             print(f"lightning-aquila fit: no checkpoint to resume in "
                   f"{', '.join(checkpoint_dirs) or 'the checkpoint folder'}; starting a fresh "
@@ -91,6 +114,21 @@ class AquilaCLI(LightningCLI):
                              "--trainer.default_root_dir, resume it with --ckpt_path last, or "
                              f"pass --{REUSE_FLAG} true to start another run beside it")
         config.ckpt_path = checked_resume_path(config.get("ckpt_path"), checkpoint_dirs)
+
+    @staticmethod
+    def _refuse_finished_run(config: Namespace, checkpoint_dirs: list[str]) -> None:
+        """Resuming a run that reached ``max_steps`` says so and stops (exit status 0)
+        before anything is built: no trainer, no new tracker run, nothing written."""
+        ckpt, max_steps = config.get("ckpt_path"), config.trainer.get("max_steps")
+        if ckpt is None or not max_steps or max_steps < 0:
+            return
+        path = last_checkpoint(checkpoint_dirs) if ckpt == "last" else ckpt
+        step = checkpoint_step(path)
+        if step is not None and step >= max_steps:
+            print(f"lightning-aquila fit: the run of {path} already finished (step {step} of "
+                  f"max_steps {max_steps}); nothing to do. Raise --trainer.max_steps to "
+                  "train on.", file=sys.stderr)
+            raise SystemExit(0)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with ``AtomicCheckpointIO`` unless the configuration chose a
@@ -149,12 +187,13 @@ def with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any] | None:
 
 
 def run_cli(args: list[str] | None = None) -> AquilaCLI:
-    return AquilaCLI(
-        AquilaLM,
-        LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lightning-aquila"},
-        args=args,
-    )
+    with quiet_dependencies():
+        return AquilaCLI(
+            AquilaLM,
+            LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=1234,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lightning-aquila"},
+            args=args,
+        )

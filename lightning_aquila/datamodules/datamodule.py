@@ -11,14 +11,12 @@ checkpoint. With ``quality``, windows are drawn by document score inside each do
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_aquila.datamodules.dataset import (
@@ -39,6 +37,8 @@ from lightning_aquila.datamodules.sampler import MixtureSampler
 from lightning_aquila.datamodules.shard_format import DataError
 from lightning_aquila.datamodules.split import PARTS
 from lightning_aquila.datamodules.store import ShardStore, heldout_parts
+from lightning_aquila.datamodules.store_tokenizer import StoreTokenizer, store_tokenizer
+from lightning_aquila.datamodules.tokenizer_check import check_run_tokenizer, probes_of
 from lightning_aquila.domain_weights import SPEC_NAMES, parse_spec, resolve_weights
 
 STATE_VERSION = 1
@@ -77,7 +77,8 @@ class DomainDataModule(LightningDataModule):
             data-parallel ranks x the trainer's accumulate_grad_batches`` (one optimizer step).
             Keep it when the world size changes and a resumed run draws what it would have.
         tokenizer: the tokenizer the store must have been prepared with (checked in
-            ``setup``, as is the model's ``tokenizer`` attribute when it has one).
+            ``setup``, as are the model and the probes). Not needed: the store records
+            its tokenizer, which the model and probes follow unless told otherwise.
         val_windows_per_domain: ``dev`` held-out windows per domain, spread over the part
             (0: no dev loader). Policies and rollback read these losses.
         test_windows_per_domain: ``test`` held-out windows per domain (default: as many as
@@ -125,7 +126,9 @@ class DomainDataModule(LightningDataModule):
         quality: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # ``tokenizer`` is the model's hyperparameter (Lightning refuses a key both hold with
+        # different values); the store records the tokenizer anyway.
+        self.save_hyperparameters(ignore=["tokenizer"])
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
                                  ("num_workers", num_workers, 0), ("seed", seed, 0),
                                  ("val_windows_per_domain", val_windows_per_domain, 0),
@@ -179,6 +182,7 @@ class DomainDataModule(LightningDataModule):
         self._mixture: DomainMixture | None = None
         self.sampler: MixtureSampler | None = None
         self._checked = False
+        self._tokenizer_record: StoreTokenizer | None = None
         self._views: dict[str, list[PartView]] | None = None
         self._pending_state: Mapping[str, Any] | None = None
         self.num_replicas, self.rank = 1, 0
@@ -252,21 +256,15 @@ class DomainDataModule(LightningDataModule):
     def check(self) -> None:
         """Everything that can be wrong with the data, raised before training starts."""
         store, domains = self.store, self.mixture.domains
-        hashes = {d: store.info(d).tokenizer_hash for d in domains}
-        if len(set(hashes.values())) > 1:
-            raise DataError(f"shard store {store.url!r}: domains were prepared with different "
-                            f"tokenizers: {hashes}")
-        for label, tokenizer in self._expected_tokenizers():
-            from lightning_aquila.tokenizer import tokenizer_hash
-
-            expected = tokenizer_hash(tokenizer)
-            for name, found in hashes.items():
-                if found != expected:
-                    raise DataError(
-                        f"{store.where(name)} was prepared with tokenizer {found}, but "
-                        f"{label} ({tokenizer}) has hash {expected}; re-run prepare with it, "
-                        "or use the tokenizer the store was made with"
-                    )
+        record = self.tokenizer_record()
+        if record.json is None:
+            rank_zero_warn(f"shard store {store.url!r} holds no copy of its tokenizer (it was "
+                           "prepared before stores kept one): probes without a tokenizer of "
+                           "their own use the model's or the bundled one; re-run its prepare "
+                           "commands to record it")
+        trainer = getattr(self, "trainer", None)
+        check_run_tokenizer(record, module=self._module(), datamodule_tokenizer=self.tokenizer,
+                            probes=probes_of(getattr(trainer, "callbacks", None) or []))
         config = getattr(self._module(), "config", None)
         vocab_size = getattr(config, "vocab_size", None)
         if vocab_size is not None:
@@ -311,16 +309,12 @@ class DomainDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return getattr(trainer, "lightning_module", None) if trainer is not None else None
 
-    def _expected_tokenizers(self) -> list[tuple[str, Any]]:
-        found = []
-        if self.tokenizer:
-            found.append(("the datamodule's tokenizer", self.tokenizer))
-        model_tokenizer = getattr(self._module(), "tokenizer", None)
-        # A path (AquilaLM's convention) or a tokenizers.Tokenizer; other objects (an HF
-        # PreTrainedTokenizer, say) are not ours to hash.
-        if isinstance(model_tokenizer, (str, os.PathLike, Tokenizer)):
-            found.append(("the model's tokenizer", model_tokenizer))
-        return found
+    def tokenizer_record(self) -> StoreTokenizer:
+        """The tokenizer the store's domains (those of this run) were prepared with: the
+        source of the model's vocabulary, bos and eos, and the probes' tokenizer."""
+        if self._tokenizer_record is None:
+            self._tokenizer_record = store_tokenizer(self.store, self.mixture.domains)
+        return self._tokenizer_record
 
     def _world(self) -> tuple[int, int]:
         """Data-parallel (num_replicas, rank): tensor-parallel peers share a data rank."""

@@ -25,6 +25,11 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from lightning_aquila.datamodules.encoding import (
+    DEFAULT_ENCODING,
+    check_encoding,
+    resolve_encoding,
+)
 from lightning_aquila.datamodules.shard_format import (
     DEFAULT_CHUNK_TOKENS,
     SPLITS,
@@ -40,6 +45,7 @@ from lightning_aquila.datamodules.sources import (
     find_sources,
     hash_source,
     read_records,
+    undecodable,
 )
 from lightning_aquila.datamodules.split import (
     HELDOUT_WINDOW_TOKENS,
@@ -69,6 +75,9 @@ class PrepareReport:
     split_parts: dict[str, int] = field(default_factory=dict)
     #: the domain's tokens per split after the run
     domain_tokens: dict[str, int] = field(default_factory=dict)
+    #: ``"url: why"`` of each txt source skipped whole under ``on_error="skip"`` because it
+    #: does not decode
+    undecodable: list[str] = field(default_factory=list)
 
     @property
     def documents(self) -> int:
@@ -99,11 +108,12 @@ def _batches(pieces: Iterator[Piece], max_chars: int) -> Iterator[list[Piece]]:
 
 def _tokenize(source: SourceFile, router: SplitRouter, tokenizer: Any, *, text_field: str,
               quality_field: str | None, on_error: str, batch_chars: int, piece_chars: int,
-              progress: tqdm, tokens_before: int = 0) -> SourceStats:
+              progress: tqdm, encoding: str, tokens_before: int = 0) -> SourceStats:
     """Tokenize one source into ``router``; its documents and their tokens (eos included)."""
     stats = SourceStats()
     reader = RecordReader(source, text_field=text_field, quality_field=quality_field,
-                     on_error=on_error, stats=stats, progress=progress, piece_chars=piece_chars)
+                          on_error=on_error, stats=stats, progress=progress,
+                          piece_chars=piece_chars, encoding=encoding)
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     doc_tokens = 0
     in_doc = False
@@ -147,15 +157,17 @@ def _names(sources: Sequence[SourceFile], shown: int = 3) -> str:
 
 
 def _resolve_tokenizer(path: str | os.PathLike[str] | None,
-                       eos_token: str | None) -> tuple[Any, dict[str, Any]]:
-    """The tokenizer and the metadata a domain records about it; a tokenizer without an eos
-    token (or a wrong ``--eos-token``) is a ``DataError`` naming the flag that fixes it."""
+                       eos_token: str | None) -> tuple[Any, dict[str, Any], str]:
+    """The tokenizer, the metadata a domain records about it and its ``tokenizer.json`` text
+    (the store keeps a copy); a tokenizer without an eos token (or a wrong ``--eos-token``) is
+    a ``DataError`` naming the flag that fixes it."""
     from lightning_aquila.tokenizer import (
         DEFAULT_TOKENIZER,
         EOS_SPELLINGS,
         TokenizerError,
         load_tokenizer,
         special_tokens,
+        tokenizer_file,
         tokenizer_hash,
     )
 
@@ -163,6 +175,7 @@ def _resolve_tokenizer(path: str | os.PathLike[str] | None,
     try:
         tok = load_tokenizer(where)
         found = special_tokens(where, eos_token=eos_token)
+        text = tokenizer_file(where).read_text(encoding="utf-8")
     except (FileNotFoundError, TokenizerError) as exc:
         raise DataError(str(exc)) from None
     except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
@@ -177,7 +190,23 @@ def _resolve_tokenizer(path: str | os.PathLike[str] | None,
             "eos_id": found.eos_id, "eos": found.eos, "eos_from": found.eos_from,
             "bos_id": found.bos_id, "bos": found.bos,
             "name": os.path.basename(os.path.normpath(str(where)))}
-    return tok, meta
+    return tok, meta, text
+
+
+def _decodable(sources: Sequence[SourceFile], encodings: dict[str, str],
+               report: PrepareReport) -> list[SourceFile]:
+    """The sources that decode; each txt file that does not is named in ``report`` and
+    left out whole (a txt file is one document, and it is checked before any of it is
+    tokenized). A jsonl record that does not decode is skipped on its own, as bad records
+    are."""
+    kept = []
+    for source in sources:
+        why = undecodable(source, encodings[source.url]) if source.format == "txt" else None
+        if why is None:
+            kept.append(source)
+        else:
+            report.undecodable.append(f"{source.url}: {why}")
+    return kept
 
 
 def _check_splits(domain: str, todo: Sequence[SourceFile], before: Any, router: SplitRouter,
@@ -214,6 +243,7 @@ def prepare(
     held_out_fraction: float = 0.01,
     eos_token: str | None = None,
     on_error: Literal["stop", "skip"] = "stop",
+    encoding: str = DEFAULT_ENCODING,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     batch_chars: int = 4 << 20,
     piece_chars: int = TXT_PIECE_CHARS,
@@ -244,7 +274,11 @@ def prepare(
             token windows) kept for validation
         eos_token: the token that ends each document (default: the tokenizer configuration's
             eos_token, else </s>, <|endoftext|>, ...)
-        on_error: a corrupt record: stop naming file and line, or skip and count
+        on_error: a corrupt record, or a txt file that does not decode: stop naming file
+            and line, or skip and count (named in the summary)
+        encoding: the text encoding of the inputs: utf-8, another Python codec (latin-1,
+            cp1252, ...), or auto (detected per file by charset-normalizer); jsonl needs
+            one that keeps ASCII's newline byte
         chunk_tokens: tokens per zarr chunk of a new domain
         batch_chars: characters of text tokenized per batch
         piece_chars: a txt document is read in pieces of about this many characters
@@ -256,13 +290,15 @@ def prepare(
         raise DataError(f"held-out fraction must be in [0, 1), got {held_out_fraction}")
     if on_error not in ("stop", "skip"):
         raise DataError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    tok, meta = _resolve_tokenizer(tokenizer, eos_token)
+    check_encoding(encoding)
+    tok, meta, tokenizer_json = _resolve_tokenizer(tokenizer, eos_token)
     sources = find_sources([inputs] if isinstance(inputs, str) else list(inputs), fmt,
                            storage_options)
     report = PrepareReport(str(output), domain)
     with DomainWriter(output, domain, tokenizer=meta, language=language or "",
                       chunk_tokens=chunk_tokens, with_quality=quality_field is not None,
-                      storage_options=storage_options) as writer:
+                      storage_options=storage_options,
+                      tokenizer_json=tokenizer_json) as writer:
         if not language and writer.info is None:
             writer.language = guess_language(domain)
         report.language = writer.language
@@ -276,7 +312,11 @@ def prepare(
             else:
                 known.add(source.sha256)
                 todo.append(source)
+        encodings = {s.url: resolve_encoding(s, encoding) for s in todo}
+        if on_error == "skip":
+            todo = _decodable(todo, encodings, report)
         if not todo:
+            writer.record_tokenizer()
             writer.abort()
             return report
         before = writer.info
@@ -291,13 +331,15 @@ def prepare(
                 stats.append(_tokenize(source, router, tok, text_field=text_field,
                                        quality_field=quality_field, on_error=on_error,
                                        batch_chars=batch_chars, piece_chars=piece_chars,
-                                       progress=bar, tokens_before=report.tokens))
+                                       progress=bar, encoding=encodings[source.url],
+                                       tokens_before=report.tokens))
             router.finish()
         _check_splits(domain, todo, before, router, held_out_fraction)
         for source, stat in zip(todo, stats):
             counts = router.by_source.get(source.sha256, {})
             record = {"path": source.url, "sha256": source.sha256, "bytes": source.size,
-                      "format": source.format, "held_out_fraction": held_out_fraction,
+                      "format": source.format, "encoding": encodings[source.url],
+                      "held_out_fraction": held_out_fraction,
                       "split": plan.mode,
                       "documents": stat.documents, "tokens": stat.tokens,
                       "heldout_documents": counts.get("heldout_pieces", 0),

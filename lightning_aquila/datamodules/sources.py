@@ -25,6 +25,13 @@ from fsspec.compression import compr
 from fsspec.utils import infer_compression
 from tqdm import tqdm
 
+from lightning_aquila.datamodules.encoding import (
+    DEFAULT_ENCODING,
+    FIX,
+    READ_AS,
+    open_decompressed,
+    resolve_encoding,
+)
 from lightning_aquila.datamodules.shard_format import DataError
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt",
@@ -150,8 +157,10 @@ class RecordReader:
 
     def __init__(self, source: SourceFile, *, text_field: str, quality_field: str | None,
                  on_error: str, stats: SourceStats, progress: tqdm,
-                 piece_chars: int = TXT_PIECE_CHARS) -> None:
+                 piece_chars: int = TXT_PIECE_CHARS, encoding: str = DEFAULT_ENCODING) -> None:
         self.source, self.text_field, self.quality_field = source, text_field, quality_field
+        #: a codec name (``auto`` is resolved per file before, ``encoding.py``)
+        self.encoding = encoding
         self.piece_chars = max(1, int(piece_chars))
         self.on_error, self.stats, self.progress = on_error, stats, progress
         self._reported = 0
@@ -209,10 +218,11 @@ class RecordReader:
             if not line.strip():
                 continue
             where = f"line {number}"
-            try:
-                record = json.loads(line)
+            try:  # json.loads reads UTF-8 bytes itself; another encoding is decoded here
+                record = json.loads(line if self.encoding == DEFAULT_ENCODING
+                                    else line.decode(self.encoding))
             except UnicodeDecodeError as exc:
-                self.bad(where, f"not UTF-8 ({exc.reason})")
+                self.bad(where, f"not {self.encoding} ({exc.reason}; {READ_AS})")
                 continue
             except json.JSONDecodeError as exc:
                 self.bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})")
@@ -244,7 +254,7 @@ class RecordReader:
                 yield Piece(text, number, True, quality)
 
     def _txt(self, stream: Any, raw: Any) -> Iterator[Piece]:
-        decoder = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="")
+        decoder = io.TextIOWrapper(stream, encoding=self.encoding, errors="strict", newline="")
         pending = ""
         try:
             while block := decoder.read(self.piece_chars):
@@ -255,8 +265,12 @@ class RecordReader:
                 if text:
                     yield Piece(text, 0, end=False)
         except UnicodeDecodeError as exc:
-            raise DataError(f"{self.source.url}: not UTF-8 text ({exc.reason} at byte "
-                            f"{exc.start} of a block)") from None
+            message = f"{self.source.url}: not {self.encoding} text ({exc.reason} at byte " \
+                      f"{exc.start} of a block)"
+            if self.on_error == "stop":
+                raise DataError(f"{message}; {FIX}") from None
+            self.stats.bad_records += 1  # the rest of the file is skipped
+            self.stats.bad_examples.append(message)
         yield Piece(pending, 0, end=True)
 
     def _parquet(self, stream: Any) -> Iterator[Piece]:
@@ -314,18 +328,32 @@ def _is_unicode(text: str) -> bool:
 
 
 def read_texts(paths: Sequence[str], *, text_field: str = "text", fmt: str = "auto",
-               on_error: str = "stop",
+               on_error: str = "stop", encoding: str = DEFAULT_ENCODING,
                storage_options: dict[str, Any] | None = None) -> Iterator[str]:
     """The non-empty texts of ``paths`` (in their order), read as ``prepare`` reads them: a
     jsonl record's or parquet row's ``text_field``, a txt file in pieces cut at line ends.
     For readers that need the text only (``train-tokenizer``); bad records as in
-    :class:`RecordReader`."""
+    :class:`RecordReader` (a txt file that stops decoding is read up to there)."""
     for path in paths:
         for source in find_sources([path], fmt, storage_options):
             reader = RecordReader(source, text_field=text_field, quality_field=None,
                                   on_error=on_error, stats=SourceStats(),
-                                  progress=tqdm(disable=True))
+                                  progress=tqdm(disable=True),
+                                  encoding=resolve_encoding(source, encoding))
             yield from (piece.text for piece in reader.pieces() if piece.text)
+
+
+def undecodable(source: SourceFile, encoding: str) -> str | None:
+    """Why ``source`` does not decode as ``encoding`` (``None`` when it does), read as a
+    stream so a large file never sits in memory whole; damage is a ``DataError``."""
+    with _reading(source), open_decompressed(source) as stream:
+        decoder = io.TextIOWrapper(stream, encoding=encoding, errors="strict", newline="")
+        try:
+            while decoder.read(TXT_PIECE_CHARS):
+                pass
+        except UnicodeDecodeError as exc:
+            return f"not {encoding} text ({exc.reason}: byte 0x{exc.object[exc.start]:02x})"
+    return None
 
 
 # -- records --------------------------------------------------------------------------------

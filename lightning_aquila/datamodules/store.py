@@ -70,6 +70,17 @@ class ShardStore:
                 raise DataError(f"{where}: {name!r} is not a group")
             self.domains[name] = DomainInfo.from_attrs(where, group.attrs.asdict())
 
+    def tokenizer_json(self, hash_: str) -> str | None:
+        """The copy of the ``tokenizer.json`` of hash ``hash_`` that ``prepare`` stored
+        (``store_tokenizer.py``); ``None`` in a store prepared before copies were kept."""
+        from lightning_aquila.datamodules.store_tokenizer import read_tokenizer_copy
+
+        try:
+            return read_tokenizer_copy(self._root, hash_)
+        except Exception as exc:  # zarr's codec and JSON errors of many types
+            raise damaged(f"shard store {self.url!r}", f"the tokenizer copy {hash_[:8]}",
+                          exc) from None
+
     def where(self, domain: str, split: str | None = None, segment: str | None = None) -> str:
         parts = [f"shard store {self.url!r}", f"domain {domain!r}"]
         if split:

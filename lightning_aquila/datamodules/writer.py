@@ -33,6 +33,7 @@ from lightning_aquila.datamodules.shard_format import (
     damaged,
     zarr_store,
 )
+from lightning_aquila.datamodules.store_tokenizer import write_tokenizer_copy
 
 
 class _ArrayAppender:
@@ -121,7 +122,8 @@ class DomainWriter:
 
     def __init__(self, url: str, domain: str, *, tokenizer: Mapping[str, Any], language: str,
                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS, with_quality: bool = False,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None,
+                 tokenizer_json: str | None = None) -> None:
         self.url, self.domain = str(url), check_domain_name(domain)
         self.chunk_tokens = int(chunk_tokens)
         if self.chunk_tokens <= 0:
@@ -134,6 +136,8 @@ class DomainWriter:
         except Exception as exc:  # zarr's JSON, codec and validation errors of many types
             raise damaged(where, "the store or the domain", exc) from None
         self.tokenizer = dict(tokenizer)
+        #: the tokenizer.json text, stored beside the domains at the commit
+        self.tokenizer_json = tokenizer_json
         self.language = language or (self.info.language if self.info else "unknown")
         self.with_quality = with_quality or bool(self.info and self.info.has_quality)
         self.sources: list[dict[str, Any]] = []
@@ -260,6 +264,8 @@ class DomainWriter:
             scores=self.info.scores if self.info else {},
             extra=self.info.extra if self.info else {},
         )
+        if self.tokenizer_json is not None:  # before the domain that names its hash
+            write_tokenizer_copy(self.root, self.tokenizer, self.tokenizer_json)
         self.group.attrs.put(info.to_attrs())
         manifest = self._manifest()
         if self.domain not in manifest["domains"]:
@@ -267,6 +273,12 @@ class DomainWriter:
             self.root.attrs[MANIFEST_KEY] = manifest
         self._done = True
         return info
+
+    def record_tokenizer(self) -> None:
+        """Store the tokenizer copy now, for a run that adds nothing to an existing domain:
+        re-running ``prepare`` is how a store from before the copies gets one."""
+        if self.tokenizer_json is not None and self.info is not None:
+            write_tokenizer_copy(self.root, self.tokenizer, self.tokenizer_json)
 
     def abort(self) -> None:
         for split, writer in self._writers.items():

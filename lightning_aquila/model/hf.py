@@ -168,15 +168,15 @@ def export_hf(
     path: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
-    tokenizer: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | Any | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a Hugging Face Llama directory (config.json + safetensors).
 
     The directory is assembled under a temporary name and renamed into place, so a reader
-    never sees half an export. ``tokenizer`` (a tokenizer.json or its directory) is copied in
-    so the export is self-contained.
+    never sees half an export. ``tokenizer`` (a tokenizer.json or its directory, or a
+    ``tokenizers.Tokenizer``) is written in so the export is self-contained.
     """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -207,7 +207,9 @@ def export_hf(
         generation = {"bos_token_id": model.config.bos_token_id,
                       "eos_token_id": model.config.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if tokenizer is not None:
+        if tokenizer is not None and hasattr(tokenizer, "to_str"):
+            (tmp / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+        elif tokenizer is not None:
             source = Path(tokenizer)
             source = source / "tokenizer.json" if source.is_dir() else source
             shutil.copyfile(source, tmp / "tokenizer.json")
