@@ -233,3 +233,25 @@ def test_given_edges_make_len_plus_one_buckets(scored_store, tmp_path):
 def test_bad_bucket_options_are_one_line_naming_the_value(args):
     with pytest.raises(ValueError, match="score_"):
         TrainingStateMonitor(**args)
+
+
+def test_the_report_tables_the_last_loss_per_score_bucket(scored_store, tmp_path):
+    from lightning_aquila.tracking.report import render_html
+    from lightning_aquila.tracking.run_record import load_run
+
+    fit(scored_store, tmp_path, 3, quality=QUALITY)
+    page = render_html(load_run(tmp_path), b"")
+    series = logged(tmp_path)
+    assert "<h2>Loss by score bucket (quality, last values)</h2>" in page
+    edges = expected_edges()
+    assert f"<td>q1</td><td>[0, {edges[0]:.4g})</td>" in page
+    assert f"<td>q4</td><td>[{edges[2]:.4g}, {float(train_scores(1).max()):.4g}]</td>" in page
+    assert f"<td>{series['tsm/test_loss_by_score/q1'][3]:.4g}</td>" in page
+
+
+def test_a_report_of_a_run_without_scores_has_no_score_table(scored_store, tmp_path):
+    from lightning_aquila.tracking.report import render_html
+    from lightning_aquila.tracking.run_record import load_run
+
+    fit(scored_store, tmp_path, 1)
+    assert "score bucket" not in render_html(load_run(tmp_path), b"")
