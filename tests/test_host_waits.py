@@ -10,10 +10,12 @@ wraps those methods; on a GPU the twin test makes CUDA itself refuse any synchro
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -98,8 +100,9 @@ class Window(Callback):
 
 
 def fit_with_window(corpus_store: str, tmp_path: Path, window: Callback,
-                    accelerator: str = "cpu") -> None:
-    """A short fit with the TSM and ATE at their default intervals, logging every 10 steps."""
+                    accelerator: str = "cpu", quality: dict | None = None) -> None:
+    """A short fit with the TSM and ATE at their default intervals, logging every 10 steps;
+    with ``quality`` batches carry scores, so the monitor's loss by score is on too."""
     trainer = Trainer(
         accelerator=accelerator, devices=1, max_steps=19, gradient_clip_val=1.0,
         log_every_n_steps=10, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -110,7 +113,7 @@ def fit_with_window(corpus_store: str, tmp_path: Path, window: Callback,
     module = AquilaLM(preset="aquila2-tiny", learning_rate=3e-4, warmup_steps=2,
                       fused_optimizer=True)
     data = DomainDataModule(corpus_store, seq_len=64, batch_size=2, num_workers=0,
-                            val_windows_per_domain=0)
+                            val_windows_per_domain=0, quality=quality)
     trainer.fit(module, data)
 
 
@@ -120,6 +123,29 @@ def test_steps_between_logging_steps_neither_copy_python_values_to_the_device_no
     fit_with_window(corpus_store, tmp_path, Window(spy, first=12, last=18))
 
     assert sum(spy.calls.values()) > 0  # the spy saw the steps (the batches, at least)
+    device_side = {call: n for call, n in spy.calls.items()
+                   if call[1] not in HOST_SIDE_FOLDERS and call[3] not in HOST_SIDE_FUNCTIONS}
+    assert device_side == {}
+
+
+def test_loss_by_score_adds_no_host_wait_between_logging_steps(corpus_store, tmp_path):
+    import shutil
+
+    from lightning_aquila.datamodules.scores import attach_score
+    from lightning_aquila.datamodules.store import ShardStore
+
+    store = str(tmp_path / "scored.zarr")
+    shutil.copytree(corpus_store, store)
+    rng = np.random.default_rng(0)
+    for domain, info in ShardStore(store).domains.items():
+        attach_score(store, domain, "hq", {split: rng.random(sum(
+            s.documents for s in info.segments.get(split, ()))).astype(np.float32)
+            for split in ("train", "heldout")})
+    spy = CallerSpy()
+    fit_with_window(store, tmp_path, Window(spy, first=12, last=18),
+                    quality={"score": "hq", "temperature": 1.0})
+    rows = (tmp_path / "run" / "tsm" / "metrics.jsonl").read_text().splitlines()
+    assert any(key.startswith("tsm/train_loss_by_score/") for r in rows for key in json.loads(r))
     device_side = {call: n for call, n in spy.calls.items()
                    if call[1] not in HOST_SIDE_FOLDERS and call[3] not in HOST_SIDE_FUNCTIONS}
     assert device_side == {}

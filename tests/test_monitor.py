@@ -41,7 +41,8 @@ DOMAINS = ["code", "web", "books"]
 
 # -- a plain Lightning project -----------------------------------------------------------------
 class TaggedWindows(Dataset):
-    """Windows of token ids, each tagged with a domain; some labels ignored (-100) so that
+    """Windows of token ids, each tagged with a domain and a score in [0, 1) (which the
+    monitor buckets only when given ``score_edges``); some labels ignored (-100) so that
     per-sample means and token-weighted means differ."""
 
     def __init__(self, n: int, seq_len: int = 12, seed: int = 0, domains: int = 3) -> None:
@@ -57,7 +58,8 @@ class TaggedWindows(Dataset):
                   + domain * (VOCAB // 4)) % VOCAB
         labels = window[1:].clone()
         labels[: i % 4] = -100
-        return {"input_ids": window[:-1], "labels": labels, "domain": torch.tensor(domain)}
+        return {"input_ids": window[:-1], "labels": labels, "domain": torch.tensor(domain),
+                "score": torch.tensor((i * 3 % 10) / 10)}
 
 
 class TaggedData(LightningDataModule):
@@ -614,8 +616,8 @@ def test_two_process_fsdp2_and_tensor_parallel_runs_reduce_across_ranks(tmp_path
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["state"] == reports[1]["state"]  # every rank reads the same state
     for report in reports:
-        assert report["checked"] == ["train_loss", "tokens", "val_loss", "grad_norm",
-                                     "weight_norm", "update_ratio"]
+        assert report["checked"] == ["train_loss", "tokens", "val_loss", "score_buckets",
+                                     "grad_norm", "weight_norm", "update_ratio"]
     assert (tmp_path / "tp_done").exists()  # the tensor-parallel run's checks passed too
 
 
@@ -646,7 +648,8 @@ def _fsdp2_worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             records["grad"].append((self.norm, monitor.state.grad_norm))
             records["train"] += list(zip(batch["domain"].tolist(),
-                                         outputs["sample_loss"].tolist()))
+                                         outputs["sample_loss"].tolist(),
+                                         batch["score"].tolist()))
             if trainer.global_step in (2, 4):  # full weights, gathered here for the check only
                 records["weights"][trainer.global_step] = {
                     name: p.full_tensor().detach().clone()
@@ -657,12 +660,12 @@ def _fsdp2_worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun
             with torch.no_grad():
                 loss_sum, tokens = monitor.val_loss_fn(pl_module, batch)
             records["val"] += list(zip(batch["domain"].tolist(), loss_sum.tolist(),
-                                       tokens.tolist()))
+                                       tokens.tolist(), batch["score"].tolist()))
 
     torch.manual_seed(0)
     steps = 4
     monitor = TrainingStateMonitor(train_loss_every_n_steps=steps, grad_norm_every_n_steps=1,
-                                   weight_stats_every_n_steps=2)
+                                   weight_stats_every_n_steps=2, score_edges=[0.25, 0.5, 0.75])
     trainer = Trainer(accelerator="cpu", devices=2, max_steps=steps, val_check_interval=steps,
                       strategy=ModelParallelStrategy(data_parallel_size=2,
                                                      tensor_parallel_size=1),
@@ -678,16 +681,27 @@ def _fsdp2_worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun
     state = monitor.state
     checked = []
     for index, name in enumerate(DOMAINS):
-        losses = [loss for domain, loss in train if domain == index]
+        losses = [loss for domain, loss, _ in train if domain == index]
         assert state.train_loss_last[name] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
         assert state.tokens_per_domain[name] == 12 * len(losses)
     checked += ["train_loss", "tokens"]
     for index, name in enumerate(DOMAINS):
-        sums = sum(s for d, s, _ in val if d == index)
-        tokens = sum(t for d, _, t in val if d == index)
+        sums = sum(s for d, s, _, _ in val if d == index)
+        tokens = sum(t for d, _, t, _ in val if d == index)
         assert state.val_loss[name] == pytest.approx(sums / tokens, rel=1e-6)
     assert len(val) == 20  # the whole held-out set, split between the ranks
     checked.append("val_loss")
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if "_by_score/" in k}
+    for k, (low, high) in enumerate([(0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1)]):
+        losses = [loss for _, loss, score in train if low <= score < high]
+        assert logged[f"tsm/train_loss_by_score/q{k + 1}"] == pytest.approx(
+            sum(losses) / len(losses), rel=1e-6)
+        assert logged[f"tsm/train_share_by_score/q{k + 1}"] == pytest.approx(
+            len(losses) / len(train))
+        rows = [(s, t) for _, s, t, score in val if low <= score < high]
+        assert logged[f"tsm/val_loss_by_score/q{k + 1}"] == pytest.approx(
+            sum(s for s, _ in rows) / sum(t for _, t in rows), rel=1e-6)
+    checked.append("score_buckets")
     assert len(records["grad"]) == steps
     for torch_norm, ours in records["grad"]:
         assert ours == pytest.approx(torch_norm, rel=1e-5)

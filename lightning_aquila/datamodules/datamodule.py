@@ -31,6 +31,7 @@ from lightning_aquila.datamodules.quality import (
     DomainScores,
     QualityConfig,
     heldout_window_scores,
+    lower_quantiles,
     train_scores,
 )
 from lightning_aquila.datamodules.sampler import MixtureSampler
@@ -500,6 +501,19 @@ class DomainDataModule(LightningDataModule):
         tokens = {d: self.store.info(d).tokens("train") for d in self.domains}
         total = sum(tokens.values())
         return {d: n / total for d, n in tokens.items()}
+
+    def score_quantiles(self, quantiles: Sequence[float]) -> tuple[str, list[float], int] | None:
+        """``(score name, quantiles, scored documents)`` of the score batches carry
+        (``quality.score``) over the training documents of every domain pooled, each
+        document counted once and unscored ones left out (exact lower order statistics, as
+        the floor's); ``None`` without ``quality``. The monitor fixes its loss-by-score
+        buckets by them, so that a bucket means the same documents all run long."""
+        if self.quality is None:
+            return None
+        if self.sampler is None:
+            self.setup("fit")
+        found, scored = lower_quantiles([s.values for s in self._scores.values()], quantiles)
+        return self.quality.score, found, scored
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(store={self.store_url!r}, seq_len={self.seq_len}, "

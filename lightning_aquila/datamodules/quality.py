@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,16 +100,24 @@ def _from_sortable(key: int) -> float:
     return float((bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.float32)[0])
 
 
-def lower_quantiles(values: np.ndarray, quantiles: Sequence[float],
+def _chunks(values: np.ndarray | Sequence[np.ndarray], step: int) -> Iterator[np.ndarray]:
+    """The non-NaN values of one array, or of several taken as one, a slice at a time."""
+    for array in [values] if isinstance(values, np.ndarray) else values:
+        for lo in range(0, len(array), step):
+            chunk = array[lo:lo + step]
+            yield chunk[~np.isnan(chunk)]
+
+
+def lower_quantiles(values: np.ndarray | Sequence[np.ndarray], quantiles: Sequence[float],
                     step: int = 1 << 22) -> tuple[list[float], int]:
     """The ``method="lower"`` quantiles of the non-NaN float32 ``values`` (the order statistic
     at rank ``floor(q * (n - 1))``) and ``n``, exactly, in two passes of 16-bit histograms
     over the values' bits: no copy of the values, which at 10^8 documents would be as large
-    as the table itself. NaN for every quantile when no value is set."""
+    as the table itself. ``values`` may be several arrays (every domain's table), pooled
+    without concatenating them. NaN for every quantile when no value is set."""
     high = np.zeros(1 << 16, dtype=np.int64)
-    for lo in range(0, len(values), step):
-        chunk = values[lo:lo + step]
-        high += np.bincount(_sortable(chunk[~np.isnan(chunk)]) >> 16, minlength=1 << 16)
+    for chunk in _chunks(values, step):
+        high += np.bincount(_sortable(chunk) >> 16, minlength=1 << 16)
     n = int(high.sum())
     if n == 0:
         return [math.nan] * len(quantiles), 0
@@ -119,9 +127,8 @@ def lower_quantiles(values: np.ndarray, quantiles: Sequence[float],
         rank = math.floor(q * (n - 1))
         bucket = int(np.searchsorted(below, rank, side="right")) - 1
         low = np.zeros(1 << 16, dtype=np.int64)
-        for lo in range(0, len(values), step):
-            chunk = values[lo:lo + step]
-            keys = _sortable(chunk[~np.isnan(chunk)])
+        for chunk in _chunks(values, step):
+            keys = _sortable(chunk)
             low += np.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
         inside = int(np.searchsorted(np.cumsum(low), rank - int(below[bucket]), side="right"))
         found.append(_from_sortable((bucket << 16) | inside))

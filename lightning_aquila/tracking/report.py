@@ -4,7 +4,7 @@
 ``run_record.py`` and writes ``report.png`` and ``report.html`` next to the ``tsm`` folder:
 per-domain training and held-out loss, the mixture over steps, stage boundaries, anomalies,
 gradient norm, throughput/MFU, the weights' update ratios and change since the stage began,
-and probes.
+and probes; the page also tables the loss per score bucket when the run logged one.
 """
 
 from __future__ import annotations
@@ -258,6 +258,35 @@ def _event_details(event: dict[str, Any]) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _score_bucket_section(record: RunRecord) -> list[str]:
+    """The last loss per score bucket (``tsm/*_by_score/q<k>``) with each bucket's score
+    range from the run log's ``score_buckets`` event; nothing when the run has none."""
+    buckets = [*dict.fromkeys(b for part in ("train", "val", "test")
+                              for b in record.names(f"tsm/{part}_share_by_score/"))]
+    if not buckets:
+        return []
+    fixed = (record.of_kind("score_buckets") or [{}])[-1]
+    edges, low_high = fixed.get("edges") or [], fixed.get("range") or [None, None]
+    bounds = [low_high[0], *edges, low_high[1]] if len(edges) + 1 == len(buckets) else None
+
+    def score_range(k: int) -> str | None:
+        if bounds is None:
+            return None
+        low, high = bounds[k], bounds[k + 1]
+        close = "]" if k == len(buckets) - 1 else ")"
+        return (f"[{low:.4g}, {high:.4g}{close}" if low is not None and high is not None
+                else f"< {high:.4g}" if high is not None else f">= {low:.4g}")
+
+    rows = [(name, score_range(k),
+             *(record.last(f"tsm/{part}_{what}_by_score/{name}")
+               for part in ("train", "val", "test") for what in ("loss", "share")))
+            for k, name in enumerate(buckets)]
+    score = html.escape(str(fixed.get("score", "score")))
+    return [f"<h2>Loss by score bucket ({score}, last values)</h2>",
+            _table(("bucket", "score range", "train loss", "train share", "dev loss",
+                    "dev share", "test loss", "test share"), rows)]
+
+
 def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
     title = title or f"Run report: {record.tsm_dir.parent}"
     domains = record.domains()
@@ -299,6 +328,7 @@ def render_html(record: RunRecord, png: bytes, title: str | None = None) -> str:
         "<h2>Domains (last values)</h2>",
         _table(("domain", "tokens", "train loss (EMA)", "dev loss", "test loss",
                 "mixture weight (now)"), per_domain),
+        *_score_bucket_section(record),
         f"<img alt='run report' src='data:image/png;base64,{image}'>",
         "<h2>Probes (last values)</h2>", _table(("probe/metric", "value"), probes),
         "<h2>Events</h2>", _table(("step", "kind", "type", "details"), events),

@@ -40,6 +40,7 @@ from lightning_aquila.callbacks.monitor.held_out import (
     next_token_loss,
 )
 from lightning_aquila.callbacks.monitor.norms import local_part, shard_spec, squares_on_device
+from lightning_aquila.callbacks.monitor.score_buckets import ScoreBuckets
 from lightning_aquila.callbacks.monitor.step_check import SpikeDetector, StepChecker, due
 from lightning_aquila.callbacks.monitor.throughput import ThroughputMeter
 from lightning_aquila.callbacks.monitor.weight_stats import WeightStatistics
@@ -110,6 +111,17 @@ class TrainingStateMonitor(Callback):
         run_files: write ``tsm/metrics.jsonl`` and ``tsm/events.jsonl`` under the run dir.
         run_dir: where those go; default: the first logger's version folder for CSV and
             TensorBoard loggers (``trainer.log_dir``), else ``trainer.default_root_dir``.
+        score_buckets: training and held-out loss per quantile bucket of the score that
+            batches carry (``batch["score"]``, with ``DomainDataModule(quality=...)``), logged
+            with the per-domain losses as ``tsm/{train,val,test}_loss_by_score/q<k>`` and
+            ``tsm/{train,val,test}_share_by_score/q<k>``. The edges are the score's quantiles
+            over the training documents of all domains (the datamodule's
+            ``score_quantiles``), fixed when training first starts, recorded in the run log
+            (``score_buckets`` event) and kept by checkpoints. Off, silently, when batches carry
+            no score; ``None`` turns it off.
+        score_edges: inner bucket edges to use instead of quantiles (``len + 1`` buckets),
+            e.g. for a datamodule without ``score_quantiles``; warns once if batches then
+            carry no score.
         report_on_fit_end: write the run report (``report.png``/``report.html`` in the run
             dir) when ``fit`` ends, and hand both to every logger that has ``log_file``
             (``NeptuneLogger``), so the tracked run carries its report.
@@ -143,6 +155,8 @@ class TrainingStateMonitor(Callback):
         probes_every_n_steps: int | None = 500,
         run_files: bool = True,
         run_dir: str | None = None,
+        score_buckets: int | None = 4,
+        score_edges: Sequence[float] | None = None,
         report_on_fit_end: bool = False,
     ) -> None:
         for arg, value in [("train_loss_every_n_steps", train_loss_every_n_steps),
@@ -203,6 +217,7 @@ class TrainingStateMonitor(Callback):
         self._throughput = ThroughputMeter(peak_flops, flops_per_token)
         self._held_out = HeldOutLoss()  # dev
         self._held_out_test = HeldOutLoss()
+        self._score_buckets = ScoreBuckets(score_buckets, score_edges)
         #: The run's events and metrics (``tsm/*.jsonl``, the loggers): the engine writes
         #: through it too.
         self.run_log = RunLog()
@@ -280,6 +295,7 @@ class TrainingStateMonitor(Callback):
         self._checks.deferred = (pl_module.device.type == "cuda" if self.deferred_checks is None
                                  else bool(self.deferred_checks))
         self._losses.restore(trainer, pl_module.device)
+        self._score_buckets.start(trainer, pl_module.device, self.run_log.event)
         self._throughput.start()
         history = [change_fields(c) for c in mixture.history()] if mixture else []
         self.run_log.event("session_start", trainer.global_step, format=RUN_FILES_FORMAT,
@@ -353,6 +369,7 @@ class TrainingStateMonitor(Callback):
                 self.run_log.log_metrics(trainer, checked_step, found)
         if due(self.train_loss_every_n_steps, step):
             metrics.update(self._losses.end_interval(trainer, self.state, self.ema_decay))
+            metrics.update(self._score_buckets.end_interval(trainer))
         if due(self.lr_every_n_steps, step):
             metrics.update(self._learning_rates(trainer))
         if due(self.throughput_every_n_steps, step):
@@ -389,6 +406,13 @@ class TrainingStateMonitor(Callback):
             return
         tokens = float(input_ids.shape[-1]) if isinstance(input_ids, torch.Tensor) else 0.0
         self._losses.add(domain, sample_loss, tokens, loss.device)
+        if self._score_buckets.active:
+            score = batch.get("score")
+            if isinstance(score, torch.Tensor):
+                self._score_buckets.add(score, sample_loss, tokens, loss.device)
+            elif self._score_buckets.given is not None:
+                self._warn_once("score", "TrainingStateMonitor(score_edges=...): training "
+                                "batches carry no 'score'; loss by score is off.")
 
     def _learning_rates(self, trainer: Trainer) -> dict[str, float]:
         groups = [g for optimizer in trainer.optimizers for g in optimizer.param_groups]
@@ -435,6 +459,7 @@ class TrainingStateMonitor(Callback):
         self._held_out_test = self._held_out_test.to(pl_module.device)
         self._held_out.reset()
         self._held_out_test.reset()
+        self._score_buckets.reset_held_out(pl_module.device)
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -457,14 +482,22 @@ class TrainingStateMonitor(Callback):
         else:
             with torch.no_grad():
                 loss_sum, tokens = self.val_loss_fn(pl_module, batch)
+        score = batch.get("score") if self._score_buckets.active else None
         part = batch.get("part")
         if part is None:
             self._held_out.update(batch["domain"], loss_sum, tokens)
+            if score is not None:
+                self._score_buckets.add_held_out("val", score, loss_sum, tokens)
             return
         test = part.reshape(-1).to(loss_sum.device) == 1
-        for metric, picked in ((self._held_out, ~test), (self._held_out_test, test)):
+        for name, metric, picked in (("val", self._held_out, ~test),
+                                     ("test", self._held_out_test, test)):
             metric.update(batch["domain"].reshape(-1)[picked.to(batch["domain"].device)],
                           loss_sum.reshape(-1)[picked], tokens.reshape(-1)[picked])
+            if score is not None:
+                self._score_buckets.add_held_out(name, score.reshape(-1)[picked.to(score.device)],
+                                                 loss_sum.reshape(-1)[picked],
+                                                 tokens.reshape(-1)[picked])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.val_loss or trainer.sanity_checking:
@@ -481,6 +514,7 @@ class TrainingStateMonitor(Callback):
                                                 step))
             else:
                 metrics.update(held_out_metrics(sums, tokens, self._losses.name, part)[1])
+        metrics.update(self._score_buckets.end_held_out())
         self.run_log.log_metrics(trainer, step, metrics)
 
     # -- checkpoint state ----------------------------------------------------------------------
@@ -489,10 +523,13 @@ class TrainingStateMonitor(Callback):
         self._flush_pending()  # the checkpoint holds the state of its own step
         snapshots = self._weights.checkpointed(self._module) if self.checkpoint_snapshots else None
         trainer = getattr(self._module, "_trainer", None) if self._module is not None else None
-        return {"format": RUN_FILES_FORMAT, "state": self.state.to_dict(),
-                "spike_window": list(self.spikes.window), "anomaly_count": self.anomaly_count,
-                "stage_reference_pending": self._weights.stage_reference_pending,
-                "snapshots": snapshots, "domain_tables": self._losses.gathered(trainer)}
+        state = {"format": RUN_FILES_FORMAT, "state": self.state.to_dict(),
+                 "spike_window": list(self.spikes.window), "anomaly_count": self.anomaly_count,
+                 "stage_reference_pending": self._weights.stage_reference_pending,
+                 "snapshots": snapshots, "domain_tables": self._losses.gathered(trainer)}
+        if self._score_buckets.active:  # absent otherwise: the format-1 keys stay as they were
+            state["score_buckets"] = self._score_buckets.state_dict(trainer)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state = TrainingState.from_dict(state_dict["state"])
@@ -500,6 +537,8 @@ class TrainingStateMonitor(Callback):
         self.spikes.window.extend(state_dict["spike_window"])
         self._checks.anomaly_count = state_dict["anomaly_count"]
         self._losses.restored = state_dict.get("domain_tables")  # applied in on_train_start
+        if state_dict.get("score_buckets"):
+            self._score_buckets.load_state_dict(state_dict["score_buckets"])
         self._weights.restore(state_dict.get("snapshots"),
                               state_dict.get("stage_reference_pending", False),
                               stage_named=self.state.stage is not None)
