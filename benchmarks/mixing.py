@@ -745,6 +745,13 @@ def report(out: Path, settings: Sequence[str]) -> dict[str, list[dict[str, Any]]
     return everything
 
 
+def table_settings(out: Path, texts: Sequence[str]) -> list[str]:
+    """The settings ``table`` reports: those named (``NAME`` or ``NAME=...``), else every one
+    found under ``out``."""
+    return [t.partition("=")[0] for t in texts] or sorted(
+        p.parent.name for p in out.glob("*/setting.json"))
+
+
 # -- the command -------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -805,8 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"not run: {', '.join(f'{r.setting}/{r.name}' for r in left)}", flush=True)
         names = [s.name for s in settings]
     else:
-        names = [t.partition("=")[0] for t in args.settings] or sorted(
-            p.parent.name for p in args.out.glob("*/setting.json"))
+        names = table_settings(args.out, args.settings)
     everything = report(args.out, names)
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1), encoding="utf-8")
