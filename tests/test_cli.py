@@ -246,7 +246,8 @@ def test_resume_with_ckpt_path_last_continues_in_the_same_folder_counting_steps(
     bar = capsys.readouterr().out  # Lightning's bars write to stdout
     assert "Step: 100%" in bar and "| 4/4 [" in bar  # steps of max_steps, not batches
     assert "Epoch" not in bar
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == [
+        ".last.ckpt.crc32c.json", "last.ckpt"]  # the checkpoint and its checksum record
 
 
 def test_a_fit_failing_before_its_first_step_is_one_line_and_leaves_no_tracker_run(

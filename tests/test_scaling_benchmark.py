@@ -142,7 +142,8 @@ def test_adamw8bit_state_is_a_quarter_of_adamws_for_large_tensors():
 
 
 def test_the_estimate_is_within_ten_percent_of_the_measured_fsdp_runs():
-    """The two aquila_fsdp rows of docs/benchmarks.md ("Strategies"): aquila2-1b, sequence
+    """The two aquila_fsdp rows of 2026-11-23 (benchmarks/results/strategies_history_2026-11.md,
+    raw rows below): aquila2-1b, sequence
     2,048, bf16, no activation checkpointing, 8 windows on one H100 and 4 per GPU on two
     H200s; peak memory from torch.cuda.max_memory_allocated."""
     measured = []
@@ -186,5 +187,5 @@ def test_selective_checkpointing_is_estimated_block_by_block():
 
 
 def test_the_memory_table_in_the_docs_is_what_the_estimate_prints():
-    docs = (REPO / "docs" / "benchmarks.md").read_text()
+    docs = (REPO / "docs" / "scaling.md").read_text()
     assert scaling.memory_table(scaling.planned_layouts()) in docs

@@ -101,7 +101,6 @@ class AquilaCLI(LightningCLI):
         root = config.trainer.get("default_root_dir")
         if root is not None:
             self._folder_before = FolderBefore.of(root)
-        self._refuse_finished_run(config, checkpoint_dirs)
         if config.get("ckpt_path") == "last" and not has_last_checkpoint(checkpoint_dirs):
             print(f"lightning-aquila fit: no checkpoint to resume in "
                   f"{', '.join(checkpoint_dirs) or 'the checkpoint folder'}; starting a fresh "
@@ -113,7 +112,10 @@ class AquilaCLI(LightningCLI):
                 parser.error(f"{root} already holds a run ({', '.join(found)}): give a new "
                              "--trainer.default_root_dir, resume it with --ckpt_path last, or "
                              f"pass --{REUSE_FLAG} true to start another run beside it")
+        # verified first (a damaged file is replaced by the newest intact one, or the run
+        # stops), so that the finished-run check reads only a checkpoint that is whole
         config.ckpt_path = checked_resume_path(config.get("ckpt_path"), checkpoint_dirs)
+        self._refuse_finished_run(config, checkpoint_dirs)
 
     @staticmethod
     def _refuse_finished_run(config: Namespace, checkpoint_dirs: list[str]) -> None:
