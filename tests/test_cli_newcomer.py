@@ -257,15 +257,16 @@ def test_a_config_typo_names_its_file_and_the_option_meant(tmp_path):
 
 
 def test_fit_help_comes_from_the_cache_after_the_first_time(tmp_path, monkeypatch):
-    import time
-
+    """The first ``fit --help`` fills the cache; the second prints what the cache holds
+    (shown by marking the cached text, not by timing it)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     first = cli("fit", "--help", cwd=tmp_path)
     assert first.returncode == 0 and "--trainer.max_steps" in first.stdout
-    start = time.perf_counter()
+    [cached] = (tmp_path / "cache").rglob("fit-help-*")
+    assert cached.read_text(encoding="utf-8") == first.stdout
+    cached.write_text(first.stdout + "MARKER from the cache\n", encoding="utf-8")
     again = cli("fit", "--help", cwd=tmp_path)
-    assert time.perf_counter() - start < 1.5
-    assert again.stdout == first.stdout and again.stderr == ""
+    assert again.stdout == first.stdout + "MARKER from the cache\n" and again.stderr == ""
 
 
 def test_a_store_from_before_the_tokenizer_copy_still_gives_the_model_its_ids(tmp_path):

@@ -14,7 +14,6 @@ Layout under the root: ``tsm/`` (monitor), ``checkpoints/`` (ModelCheckpoint, so
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -87,22 +86,12 @@ def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] =
     return found
 
 
-_LAST = re.compile(r"^last(-(\d+))?")
-
-
-def last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> Path | None:
-    """What ``--ckpt_path last`` resumes from (Lightning's own rule, from
-    ``ModelCheckpoint._find_last_checkpoints``: the newest ``last.ckpt`` or ``last-N.ckpt``,
-    file or sharded folder, in a ModelCheckpoint folder), or ``None``. Other names holding
-    ``last`` (the checksum record ``.last.ckpt.crc32c.json``) are not checkpoints."""
-    found = [p for d in checkpoint_dirs if Path(d).is_dir() for p in Path(d).iterdir()
-             if p.suffix == ".ckpt" and _LAST.match(p.stem)]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
-
-
 def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
-    """Whether ``--ckpt_path last`` has something to resume from."""
-    return last_checkpoint(checkpoint_dirs) is not None
+    """Whether ``--ckpt_path last`` has something to resume from (Lightning's rule,
+    ``checkpoint_check.newest_last``)."""
+    from lightning_aquila.checkpoint_check import newest_last
+
+    return newest_last(checkpoint_dirs) is not None
 
 
 def checkpoint_step(path: str | Path | None) -> int | None:

@@ -14,6 +14,7 @@ input) and print their throughput.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -234,10 +235,11 @@ def score_command(argv: Sequence[str] | None = None) -> int:
     parser = tool_parser(f"score {sub}", SUBCOMMANDS[sub], function=function,
                          positional={"store"}, flags={"domains": "--domain"},
                          skip={"progress"})
-    if "progress" in function.__code__.co_varnames:
+    has_progress = "progress" in inspect.signature(function).parameters
+    if has_progress:
         add_switch(parser, "--quiet", help="no progress bar")
     args = parser.parse_argv(words[1:])
-    extra = {"progress": not args.quiet} if "progress" in function.__code__.co_varnames else {}
+    extra = {"progress": not args.quiet} if has_progress else {}
     try:
         call(function, args, **extra)
     except DataError as exc:

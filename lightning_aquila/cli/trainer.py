@@ -37,7 +37,6 @@ from lightning_aquila.cli.run_folder import (
     checkpoint_step,
     fill_run_paths,
     has_last_checkpoint,
-    last_checkpoint,
     previous_run_files,
 )
 from lightning_aquila.cli.store_defaults import fill_model_vocabulary
@@ -115,16 +114,16 @@ class AquilaCLI(LightningCLI):
         # verified first (a damaged file is replaced by the newest intact one, or the run
         # stops), so that the finished-run check reads only a checkpoint that is whole
         config.ckpt_path = checked_resume_path(config.get("ckpt_path"), checkpoint_dirs)
-        self._refuse_finished_run(config, checkpoint_dirs)
+        self._refuse_finished_run(config)
 
     @staticmethod
-    def _refuse_finished_run(config: Namespace, checkpoint_dirs: list[str]) -> None:
+    def _refuse_finished_run(config: Namespace) -> None:
         """Resuming a run that reached ``max_steps`` says so and stops (exit status 0)
         before anything is built: no trainer, no new tracker run, nothing written."""
         ckpt, max_steps = config.get("ckpt_path"), config.trainer.get("max_steps")
         if ckpt is None or not max_steps or max_steps < 0:
             return
-        path = last_checkpoint(checkpoint_dirs) if ckpt == "last" else ckpt
+        path = ckpt  # already a verified path: checked_resume_path resolved "last"
         step = checkpoint_step(path)
         if step is not None and step >= max_steps:
             print(f"lightning-aquila fit: the run of {path} already finished (step {step} of "

@@ -190,8 +190,7 @@ class DomainScores:
         self.scored = scored
         self.default = float(quantiles[0])
         self.floor = float(quantiles[1]) if floor_quantile is not None else -math.inf
-        top = float(np.nanmax(values)) if scored else 0.0
-        self.top = max(top, self.default)
+        self.top = float(np.nanmax(values)) if scored else 0.0  # >= the median it fills NaN with
         self.window_scores = (self._over_windows(lambda v: v, np.float32) if scored
                               else np.full(self.windows, np.nan, dtype=np.float32))
         self._digest: str | None = None
