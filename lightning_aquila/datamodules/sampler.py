@@ -168,6 +168,7 @@ class WeightedEpochOrder(EpochOrder):
         super().__init__(domain, seed, block_windows, shuffle_blocks)
         self.expected = np.asarray(expected, dtype=np.float32)  # each <= 255 (one byte)
         self._counts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lengths: dict[int, int] = {}  # epoch -> its length, asked several times a batch
 
     def counts(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(c, per block)``: each window's count in ``epoch`` (uint8) and each block's."""
@@ -199,7 +200,9 @@ class WeightedEpochOrder(EpochOrder):
         return np.repeat(ids, self.counts(epoch)[0][ids])
 
     def length(self, epoch: int, windows: int) -> int:
-        return int(self.counts(epoch)[1].sum())
+        if epoch not in self._lengths:  # a sum over every block: once per epoch, not per call
+            self._lengths[epoch] = int(self.counts(epoch)[1].sum())
+        return self._lengths[epoch]
 
 
 class MixtureSampler(DistributedSampler):

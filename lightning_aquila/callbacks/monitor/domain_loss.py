@@ -27,10 +27,13 @@ class DomainLossTable:
     ``domain_<i>`` and ranks agree on the table's length before each reduction.
     """
 
-    def __init__(self, names: list[str] | None = None) -> None:
+    def __init__(self, names: list[str] | None = None, track_presence: bool = True) -> None:
         self.names = names
         self.table: torch.Tensor | None = None  # (domains, [loss sum, samples, tokens])
-        self.presence: torch.Tensor | None = None  # samples per domain in this step
+        #: samples per domain in this step (which domains a step drew, for the anomaly
+        #: events); tables whose rows are not domains (score buckets) keep none
+        self.track_presence = track_presence
+        self.presence: torch.Tensor | None = None
         self.restored: list[Any] | None = None  # per rank, from a checkpoint
 
     def name(self, index: int) -> str:
@@ -45,12 +48,14 @@ class DomainLossTable:
         domain = domain.reshape(-1).long()
         size = len(self.names) if self.names is not None else int(domain.max()) + 1
         self.table = grown(self.table, size, 3, device)
-        self.presence = grown(self.presence, size, 1, device)
         rows = torch.stack([sample_loss.detach().reshape(-1).double(),
                             torch.ones_like(domain, dtype=torch.float64),
                             torch.full_like(domain, tokens, dtype=torch.float64)], dim=1)
-        self.table.index_add_(0, domain.to(device), rows.to(device))
-        self.presence.index_add_(0, domain.to(device), rows[:, 1:2].to(device))
+        domain, rows = domain.to(device), rows.to(device)
+        self.table.index_add_(0, domain, rows)
+        if self.track_presence:
+            self.presence = grown(self.presence, size, 1, device)
+            self.presence.index_add_(0, domain, rows[:, 1:2])
 
     def reset_step(self) -> None:
         if self.presence is not None:

@@ -91,7 +91,7 @@ class ScoreBuckets:
             return
         self._inner = torch.tensor(self.edges, dtype=torch.float32, device=device)
         if self._train is None:  # names known: no host read per batch
-            self._train = DomainLossTable([*self.names, "unscored"])
+            self._train = DomainLossTable([*self.names, "unscored"], track_presence=False)
         self._train.restored, self._restored_table = self._restored_table, None
         self._train.restore(trainer, device)
         event("score_buckets", trainer.global_step, score=self.score, edges=self.edges,
