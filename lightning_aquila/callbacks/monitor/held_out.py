@@ -106,9 +106,58 @@ def account_held_out(state: TrainingState, sums: torch.Tensor, tokens: torch.Ten
     return metrics
 
 
+class HeldOutParts:
+    """The ``dev`` (``"val"``) and ``test`` parts' ``HeldOutLoss``: which samples of a
+    validation batch go to which part (``batch["part"]``: 1 is test; a batch without it is
+    all dev), also for the score buckets, and what a validation run ends with."""
+
+    def __init__(self) -> None:
+        self.parts = {"val": HeldOutLoss(), "test": HeldOutLoss()}
+
+    def reset(self, device: torch.device) -> None:
+        for name, metric in self.parts.items():
+            self.parts[name] = metric.to(device)
+            self.parts[name].reset()
+
+    def add(self, batch: dict[str, Any], loss_sum: torch.Tensor, tokens: torch.Tensor,
+            buckets: Any = None) -> None:
+        """One batch's per-sample loss sums and token counts; ``buckets`` (``ScoreBuckets``)
+        also gets them by ``batch["score"]`` when given."""
+        domain, part = batch["domain"].reshape(-1), batch.get("part")
+        loss_sum, tokens = loss_sum.reshape(-1), tokens.reshape(-1)
+        score = batch["score"].reshape(-1) if buckets is not None else None
+        if part is None:
+            self.parts["val"].update(domain, loss_sum, tokens)
+            if score is not None:
+                buckets.add_held_out("val", score, loss_sum, tokens)
+            return
+        test = part.reshape(-1).to(loss_sum.device) == 1
+        for name, picked in (("val", ~test), ("test", test)):
+            part_loss, part_tokens = loss_sum[picked], tokens[picked]
+            self.parts[name].update(domain[picked.to(domain.device)], part_loss, part_tokens)
+            if score is not None:
+                buckets.add_held_out(name, score[picked.to(score.device)], part_loss,
+                                     part_tokens)
+
+    def end(self, state: TrainingState, name: Callable[[int], str],
+            step: int) -> dict[str, float]:
+        """Every rank gathers; the dev part goes into ``state`` (what policies read), the
+        test part into metrics only. A part no batch had is skipped (the same on every rank:
+        each takes its share of every loader)."""
+        metrics: dict[str, float] = {}
+        for part, metric in self.parts.items():
+            if metric.update_count == 0:
+                continue
+            sums, tokens = metric.compute()
+            metric.reset()
+            metrics.update(account_held_out(state, sums, tokens, name, step) if part == "val"
+                           else held_out_metrics(sums, tokens, name, part)[1])
+        return metrics
+
+
 def _exp(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-__all__ = ["HeldOutLoss", "ValLossFn", "account_held_out", "held_out_metrics",
+__all__ = ["HeldOutLoss", "HeldOutParts", "ValLossFn", "account_held_out", "held_out_metrics",
            "next_token_loss"]

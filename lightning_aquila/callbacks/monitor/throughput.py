@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -28,6 +29,15 @@ def throughput(
     return per_device, mfu
 
 
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype matrix products run in under a trainer's ``precision`` (``"bf16-mixed"``)."""
+    for prefix, dtype in (("bf16", torch.bfloat16), ("16", torch.float16),
+                          ("64", torch.float64)):
+        if str(precision).startswith(prefix):
+            return dtype
+    return torch.float32
+
+
 class ThroughputMeter:
     """Counts this rank's training tokens and time since the last measurement.
 
@@ -41,6 +51,15 @@ class ThroughputMeter:
         self.peak_flops, self.flops_per_token = peak_flops, flops_per_token
         self.seq_len: int | None = None  # of the last training batch
         self.start()
+
+    def resolve_peak(self, given: float | None, trainer: Any) -> None:
+        """The peak FLOP/s MFU is measured against: ``given``, else what Lightning's
+        ``get_available_flops`` knows of the trainer's device at its precision (none on a
+        CPU or an unlisted chip: then no MFU)."""
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        self.peak_flops = given if given is not None else get_available_flops(
+            trainer.strategy.root_device, matmul_dtype(trainer.precision))
 
     def start(self) -> None:
         self._since, self._tokens, self._paused = time.perf_counter(), 0, 0.0
