@@ -11,7 +11,8 @@ computed by one CPU instruction (SSE4.2, ARMv8 CRC), about ten times faster than
 core, so it can run over every byte while ``torch.save`` writes and over every shard at resume
 without adding minutes to a large checkpoint. It detects every burst error up to 32 bits and
 any odd number of flipped bits, misses other random damage with probability 2⁻³², and the
-size catches every truncation. The shard store checks its chunks with the same code.
+size catches every truncation. (The shard store's chunks carry a CRC32C too, through zarr's
+``Crc32cCodec``.)
 
 **Single files** (``AtomicCheckpointIO``): the sidecar ``.<name>.crc32c.json`` beside the file
 holds a list of records; the file is intact when its size and CRC32C equal one of them. A save:

@@ -144,14 +144,22 @@ def _integral(bounds: np.ndarray, values: np.ndarray, cumulative: np.ndarray,
     return cumulative[doc] + values[doc] * (positions - bounds[doc])
 
 
-def span_mean(bounds: np.ndarray, values: np.ndarray, spans: Sequence[tuple[int, int]]) -> float:
-    """Token-weighted mean of ``values`` over token ``spans`` of the stream (a held-out
-    window, which may cross the gaps between its part's ranges)."""
-    if not spans:
-        return math.nan
+def _prefix(bounds: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The document table as ``_integral`` reads it: int64 bounds, float64 values and the
+    running token-weighted sum at each bound (one pass over the documents)."""
     edges = np.asarray(bounds, dtype=np.int64)
     piece = np.asarray(values, dtype=np.float64)
-    cumulative = np.concatenate([[0.0], np.cumsum(piece * np.diff(edges))])
+    return edges, piece, np.concatenate([[0.0], np.cumsum(piece * np.diff(edges))])
+
+
+def span_mean(bounds: np.ndarray, values: np.ndarray, spans: Sequence[tuple[int, int]],
+              prefix: tuple[np.ndarray, ...] | None = None) -> float:
+    """Token-weighted mean of ``values`` over token ``spans`` of the stream (a held-out
+    window, which may cross the gaps between its part's ranges). ``prefix``: ``_prefix`` of
+    the same table, for callers that ask about many windows."""
+    if not spans:
+        return math.nan
+    edges, piece, cumulative = prefix if prefix is not None else _prefix(bounds, values)
     at = np.array([p for span in spans for p in span], dtype=np.int64)
     ends = _integral(edges, piece, cumulative, at)
     length = sum(b - a for a, b in spans)
@@ -281,7 +289,8 @@ def heldout_window_scores(store: ShardStore, domain: str, score: str, default: f
 
     bounds, values = document_scores(store, domain, score, "heldout")
     values = np.where(np.isnan(values), np.float32(default), values)
-    return np.array([span_mean(bounds, values, spans(w * seq_len, (w + 1) * seq_len))
+    prefix = _prefix(bounds, values)  # once per domain and part, not once per window
+    return np.array([span_mean(bounds, values, spans(w * seq_len, (w + 1) * seq_len), prefix)
                      for w in np.asarray(window_ids).tolist()], dtype=np.float32)
 
 
