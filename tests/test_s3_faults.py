@@ -115,7 +115,7 @@ def compare(expected: list[np.ndarray], got: list[np.ndarray], stderr: str,
         recovery_s=(after[0] - recovered_at) if after else float("nan"), injected=injected)
 
 
-def restart_run(store: str, capfd, *, count: int = 60, at_batch: int = 20,
+def restart_run(store: str, capfd, *, count: int = 40, at_batch: int = 12,
                 down_s: float = 2.0, workers: int = 2, retry: dict = RETRY) -> Outcome:
     """Reads ``count`` batches from a moto server that is killed before batch ``at_batch``
     and started again ``down_s`` later (plus its start-up), against the same batches read
@@ -183,7 +183,7 @@ def throttle_run(store: str, capfd, tmp_path: Path, *, count: int = 40, at_batch
 
 
 def test_a_server_restart_mid_run_delays_the_batches_and_changes_none(store, capfd):
-    """Killed after 20 batches, back 2 s later (plus its start-up): the 60 batches are the
+    """Killed after 12 batches, back 2 s later (plus its start-up): the 40 batches are the
     fault-free ones, in order; each of the two workers that waited said so once."""
     outcome = restart_run(store, capfd)
     assert outcome.waiting_workers, "the outage met no read: the test proves nothing"
@@ -319,9 +319,9 @@ def test_a_damaged_chunk_is_not_waited_for(store, tmp_path):
                                              "first_delay_s (5)"),
     (60, "storage_retry must be a mapping such as"),
 ])
-def test_a_bad_storage_retry_is_one_line_naming_it(store, retry, wrong):
-    with pytest.raises(DataError) as error:
-        DomainDataModule(store, storage_retry=retry, **LOADER)
+def test_a_bad_storage_retry_is_one_line_naming_it(tmp_path, retry, wrong):
+    with pytest.raises(DataError) as error:  # refused before the store is opened
+        DomainDataModule(str(tmp_path / "none.zarr"), storage_retry=retry, **LOADER)
     assert wrong in str(error.value) and "\n" not in str(error.value)
 
 
@@ -337,11 +337,12 @@ def test_figures_of_object_store_faults(store, capfd, tmp_path):
         for i in range(5):
             at, length = rng.randrange(5, 35), rng.uniform(2.0, 6.0)
             if kind == "restart":
-                outcome = restart_run(store, capfd, at_batch=at, down_s=length)
+                outcome = restart_run(store, capfd, count=60, at_batch=at, down_s=length)
             else:
                 folder = tmp_path / f"{kind}{i}"
                 folder.mkdir()
-                outcome = throttle_run(store, capfd, folder, at_batch=at, error_s=length)
+                outcome = throttle_run(store, capfd, folder, count=40, at_batch=at,
+                                       error_s=length)
             with capfd.disabled():
                 print(kind, at, f"{length:.1f} s", outcome)
             outcomes.append(outcome)
