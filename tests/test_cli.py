@@ -94,7 +94,7 @@ def test_a_prefix_of_a_trainer_flag_is_refused_not_completed():
     code, err = run(["fit", "--config", str(QUICKSTART), "--trainer.max_step", "40",
                      "--print_config"])
     assert code == 2
-    assert "unrecognized arguments: --trainer.max_step 40" in err
+    assert "unknown option --trainer.max_step; did you mean --trainer.max_steps?" in err
 
 
 def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):

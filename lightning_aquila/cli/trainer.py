@@ -6,7 +6,9 @@
   (``--reuse_run_dir true`` allows it), and ``--ckpt_path last`` without a checkpoint says
   so in one line and starts fresh.
 - No prefix abbreviations (``--trainer.max_step`` is an error, not ``max_steps``), and parser
-  errors are one line naming the field (``errors``; ``--verbose`` shows them in full).
+  errors are one line naming the field (``errors``; ``--verbose`` shows them in full). The
+  options are kept for the dispatcher's check before this module is imported
+  (``known_options``).
 - The model's vocabulary size, bos and eos follow the tokenizer the store records unless the
   config sets them (``store_defaults``).
 - A step progress bar and a summary without "Total Flops: 0" (``console``).
@@ -29,6 +31,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 import lightning_aquila.strategies  # noqa: F401  (registers our named strategies)
 from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.checkpoint_check import checked_resume_path
+from lightning_aquila.cli import known_options
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
 from lightning_aquila.cli.quiet import quiet_dependencies
@@ -78,6 +81,10 @@ class AquilaCLI(LightningCLI):
             if self._folder_before is not None and getattr(trainer, "global_step", 0) == 0:
                 self._folder_before.restore()
             raise
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        known_options.remember(parser)  # the next typo is refused before this import
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
