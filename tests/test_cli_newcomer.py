@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,39 @@ def test_a_fit_prints_no_dependency_tips_one_line_per_evaluation_and_no_v_num(ow
         assert noise not in console, noise
     assert console.count("step 2: val/loss ") == 1
     assert "(code " in console and ", prose " in console  # each domain's loss on the line
+
+
+def test_a_fit_prints_a_one_line_model_summary_and_no_tpu_line_or_neptune_goodbye(own_run):
+    """The model summary is one line (not Lightning's 12-line table), there is no "TPU
+    available: False", and the Neptune client's goodbye at exit is not printed."""
+    _, done = own_run
+    console = done.stdout + done.stderr
+    for noise in ("Total params", "| Name", "TPU available", "Shutting down background jobs",
+                  "Done!"):
+        assert noise not in console, noise
+    [summary] = [line for line in console.splitlines() if line.startswith("model: ")]
+    assert re.fullmatch(r"model: [\d.]+ [KM] parameters \(all trainable\), [\d.]+ MB", summary)
+
+
+def test_a_quiet_prepare_says_in_one_line_what_it_added_and_held_out(tmp_path, capsys):
+    from lightning_aquila.cli import main
+    from lightning_aquila.datamodules.store import ShardStore
+
+    url = str(tmp_path / "s.zarr")
+    assert main(["prepare", "--input", str(CORPUS / "en_legal" / "*.jsonl"), "--domain",
+                 "en_legal", "--output", url, "--held-out-fraction", "0.1", "--quiet"]) == 0
+    info = ShardStore(url).info("en_legal")
+    assert capsys.readouterr().out.splitlines() == [
+        f"domain 'en_legal' (language 'en'): added 1 source(s), {info.total_documents:,} "
+        f"documents, {info.total_tokens:,} tokens ({info.tokens('heldout'):,} held out) -> {url}"]
+
+
+def test_the_report_says_where_it_is_in_one_line(own_run):
+    folder, _ = own_run
+    done = cli("report", "run", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "report: run/report.html (figure: run/report.png)\n"
+    assert (folder / "run" / "report.html").is_file() and (folder / "run" / "report.png").is_file()
 
 
 def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(own_store,

@@ -11,7 +11,8 @@
   (``known_options``).
 - The model's vocabulary size, bos and eos follow the tokenizer the store records unless the
   config sets them (``store_defaults``).
-- A step progress bar and a summary without "Total Flops: 0" (``console``).
+- A step progress bar and a one-line model summary (``console``); the Neptune run is stopped
+  before the quiet block ends (``quiet``).
 - Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
   another ``CheckpointIO``; see ``docs/crash-safety.md``.
 """
@@ -194,9 +195,19 @@ def with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any] | None:
     return None
 
 
+def stop_tracker_runs(cli: AquilaCLI) -> None:
+    """Stop the Neptune run of a command that is done, inside ``quiet_dependencies`` (the
+    client would stop it at exit, printing two lines of goodbye)."""
+    from lightning_aquila.loggers import NeptuneLogger
+
+    for logger in getattr(getattr(cli, "trainer", None), "loggers", None) or []:
+        if isinstance(logger, NeptuneLogger):
+            logger.stop()
+
+
 def run_cli(args: list[str] | None = None) -> AquilaCLI:
     with quiet_dependencies():
-        return AquilaCLI(
+        cli = AquilaCLI(
             AquilaLM,
             LightningDataModule,
             subclass_mode_data=True,
@@ -205,3 +216,5 @@ def run_cli(args: list[str] | None = None) -> AquilaCLI:
             parser_kwargs={"prog": "lightning-aquila"},
             args=args,
         )
+        stop_tracker_runs(cli)
+        return cli
