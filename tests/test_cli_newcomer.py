@@ -222,11 +222,12 @@ def test_a_fit_prints_no_dependency_tips_one_line_per_evaluation_and_no_v_num(ow
 
 def test_a_fit_prints_a_one_line_model_summary_and_no_tpu_line_or_neptune_goodbye(own_run):
     """The model summary is one line (not Lightning's 12-line table), there is no "TPU
-    available: False", and the Neptune client's goodbye at exit is not printed."""
+    available: False" nor "`Trainer.fit` stopped: `max_steps=3` reached" (the bar says so),
+    and the Neptune client's goodbye at exit is not printed."""
     _, done = own_run
     console = done.stdout + done.stderr
-    for noise in ("Total params", "| Name", "TPU available", "Shutting down background jobs",
-                  "Done!"):
+    for noise in ("Total params", "| Name", "TPU available", "Trainer.fit` stopped",
+                  "Shutting down background jobs", "Done!"):
         assert noise not in console, noise
     [summary] = [line for line in console.splitlines() if line.startswith("model: ")]
     assert re.fullmatch(r"model: [\d.]+ [KM] parameters \(all trainable\), [\d.]+ MB", summary)

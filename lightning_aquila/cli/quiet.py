@@ -3,8 +3,10 @@ the console for the length of one CLI run, each by its own text at its source.
 
 - Lightning's ``💡 Tip`` advertising litlogger, its note that the trainer "already
   configured with model summary callbacks" (ours, ``console.CompactModelSummary``) and
-  "TPU available: False" (the GPU line stays): ``rank_zero_info`` records of one logger,
-  filtered there.
+  "TPU available: False" (the GPU line stays), and "`Trainer.fit` stopped: `max_steps=300`
+  reached", which the step bar at 300/300 says already (and which Lightning prints before
+  the bar ends, on the bar's line): ``rank_zero_info`` records of one logger, filtered
+  there.
 - The Neptune client's "Shutting down background jobs, please wait a moment..." and "Done!"
   when the CLI stops its run (``stop_tracker_runs``, inside the block; the client would
   otherwise stop it at exit, outside).
@@ -31,7 +33,8 @@ DROPPED_INFO = {
     "lightning.pytorch.utilities.rank_zero": (
         "💡 Tip: For seamless cloud logging",
         "Trainer already configured with model summary callbacks",
-        "TPU available: False"),
+        "TPU available: False",
+        "`Trainer.fit` stopped: `max_steps="),
     "neptune": ("Shutting down background jobs", "Done!"),
 }
 #: (message regex, module regex) of the warnings that are dropped.
