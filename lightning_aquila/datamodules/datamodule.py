@@ -312,12 +312,10 @@ class DomainDataModule(LightningDataModule):
                     )
         if self.quality is not None:
             for name in domains:
-                names = store.info(name).score_names
-                if self.quality.score not in names:
-                    raise DataError(f"quality.score {self.quality.score!r}: "
-                                    f"{store.where(name)} has no such score; it has "
-                                    f"{names or 'none'} (attach one with `lightning-aquila "
-                                    "score`)")
+                try:
+                    store.info(name).score_key(self.quality.score, store.where(name))
+                except DataError as exc:
+                    raise DataError(f"quality.score: {exc}") from None
         if self.verify != "none":
             store.verify(domains, full=self.verify == "full")
 

@@ -337,14 +337,7 @@ def document_scores(store: ShardStore, domain: str, name: str, split: str = "tra
     ``name`` is an attached score or ``quality`` (``prepare --quality-field``); another is a
     DataError naming the scores the domain has."""
     info = store.info(domain)
-    if name in info.scores:
-        key = f"scores/{info.scores[name]['key']}"
-    elif name == "quality" and info.has_quality:
-        key = "quality"
-    else:
-        raise DataError(f"{store.where(domain)} has no score {name!r}; it has "
-                        f"{info.score_names or 'none'} (attach one with `lightning-aquila "
-                        "score`)")
+    key = info.score_key(name, store.where(domain))
     bounds, values, base = [np.zeros(1, dtype=np.int64)], [], 0
     for seg in info.segments.get(split, ()):
         where = store.where(domain, split, seg.id)
