@@ -751,7 +751,9 @@ def report(out: Path, settings: Sequence[str]) -> dict[str, list[dict[str, Any]]
             continue
         if any(s["done"] for s in summaries):
             print(table(summaries, header + "\n"), "\n", sep="")
-            print(verdict(summaries, "effective-data"), "\n")
+            adaptive = [p for p in known_policies() if not is_fixed(p)
+                        and any(s["policy"] == p and s["done"] for s in summaries)]
+            print("\n".join(verdict(summaries, p) for p in adaptive), "\n")
             print(per_seed(summaries), "\n")
         if not all(s["done"] for s in summaries):
             print(stopped(summaries), "\n")
