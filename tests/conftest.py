@@ -4,7 +4,7 @@ corpus store's builder, a plain Lightning project) is in ``helpers/``."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +108,15 @@ def corpus_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     from helpers.corpus import prepare_bundled_corpus
 
     return prepare_bundled_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """The URL of a moto S3 server process, started once per session when a test asks
+    (``helpers.moto_server``); skips without ``moto``/``s3fs``."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from helpers.moto_server import moto_server
+
+    with moto_server() as url:
+        yield url
