@@ -64,10 +64,14 @@ def s3():
     return s3fs.S3FileSystem(skip_instance_cache=True)
 
 
-def s3_config(run: Path, store: str, root: str) -> Path:
+def s3_config(run: Path, store: str, root: str, padded_step: int | None = None) -> Path:
     """The crash tests' run with its root (and so its checkpoints and run files) at ``root``;
-    only the step records stay local."""
-    config = harness.fit_config(run, store)
+    only the step records stay local. ``padded_step``: its checkpoints carry 64 MB more
+    (``helpers.checkpoint_padding``) until ``run/killed`` exists."""
+    padding = [] if padded_step is None else [
+        {"class_path": "helpers.checkpoint_padding.PaddedCheckpoint",
+         "init_args": {"step": padded_step, "megabytes": 64, "marker": str(run / "killed")}}]
+    config = harness.fit_config(run, store, extra_callbacks=padding)
     data = yaml.safe_load(config.read_text())
     data["trainer"]["default_root_dir"] = root
     for callback in data["trainer"]["callbacks"]:
@@ -90,23 +94,24 @@ def load_object(url: str) -> dict:
     return torch.load(io.BytesIO(s3().cat_file(url)), map_location="cpu", weights_only=False)
 
 
-def open_uploads(key: str) -> list[dict]:
+def open_uploads(key: str, fs=None) -> list[dict]:
     """The multipart uploads of ``bucket/key`` begun and neither completed nor aborted."""
     bucket, name = key.removeprefix("s3://").split("/", 1)
-    found = s3().call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name)
+    found = (fs or s3()).call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name)
     return [u for u in found.get("Uploads", []) if u["Key"] == name]
 
 
 def kill_during_upload(run: Path, config: Path, key: str, after_step: int) -> int:
     """Launches the run and SIGKILLs all its processes as soon as, after step ``after_step``,
     an upload of ``key`` is under way; returns the last step recorded."""
-    process = harness.start(run, harness.fit_command(config))
+    process, fs = harness.start(run, harness.fit_command(config)), s3()
     try:
         deadline = time.monotonic() + harness.TIMEOUT
         while process.poll() is None and time.monotonic() < deadline:
-            if harness.recorded_steps(run) >= after_step and open_uploads(key):
+            if harness.recorded_steps(run) < after_step:
+                time.sleep(0.01)
+            elif open_uploads(key, fs):
                 break
-            time.sleep(0.01)
         else:
             raise AssertionError(f"no upload of {key} seen under way:\n{harness.log_tail(run)}")
     finally:
@@ -126,7 +131,7 @@ def relaunch(run: Path, config: Path) -> tuple[list[str], float]:
     while process.poll() is None and recovered is None:
         if len(records.read_text().splitlines()) > lines_before:
             recovered = time.monotonic() - started
-        time.sleep(0.05)
+        time.sleep(0.02)
     harness.finish(run, process)
     with open(log, "rb") as handle:
         handle.seek(before)
@@ -179,27 +184,35 @@ def test_a_fresh_fit_is_refused_where_the_bucket_holds_a_run(reference):
 
 # -- a kill during an upload -------------------------------------------------------------------
 def kill_resume_compare(reference: Path, run: Path, store: str, name: str, checkpoint: int,
-                        kind: str) -> tuple[int, float, list[str]]:
+                        kind: str) -> tuple[int, float, list[str], int]:
     """Kills the run during the upload of ``last.ckpt`` (``kind="last"``) or of the step
     file of the ``checkpoint``-th checkpoint, checks what is left, relaunches, and compares
-    with ``reference``; returns the step the relaunch resumed at, the recovery time and the
-    lines it printed."""
-    root = f"s3://{BUCKET}/{name}"
-    step = checkpoint * CHECKPOINT_EVERY
-    target = f"{root}/checkpoints/{'last' if kind == 'last' else f'step={step}'}.ckpt"
-    config = s3_config(run, store, root)
-    killed_after = kill_during_upload(run, config, target, step - CHECKPOINT_EVERY + 1)
-    assert killed_after == step, f"killed after step {killed_after}, not in the save of {step}"
-    previous = step - CHECKPOINT_EVERY
+    with ``reference``; returns the step the relaunch resumed at, the recovery time, the
+    lines it printed and the number of runs killed. The checkpoints of that step carry 64 MB
+    of padding (eight 8 MiB parts), so that their upload is seen under way; the kill is sent
+    then. When the upload completed in between all the same (a busy machine), the kill
+    missed it and the run is tried again."""
+    step, previous = checkpoint * CHECKPOINT_EVERY, (checkpoint - 1) * CHECKPOINT_EVERY
+    for attempt in range(3):
+        root = f"s3://{BUCKET}/{name}-{attempt}"
+        target = f"{root}/checkpoints/{'last' if kind == 'last' else f'step={step}'}.ckpt"
+        run_dir = run / f"attempt{attempt}"
+        config = s3_config(run_dir, store, root, padded_step=step)
+        killed_after = kill_during_upload(run_dir, config, target, previous + 1)
+        (run_dir / "killed").touch()
+        assert killed_after == step, f"killed after step {killed_after}, not in save {step}"
+        if open_uploads(target):
+            break
+    else:
+        raise AssertionError(f"3 kills in a row came after the upload of {target} completed")
     assert load_object(f"{root}/checkpoints/last.ckpt")["global_step"] == previous
-    assert len(open_uploads(target)) == 1
-    lines_before = len((run / "records" / "rank0.jsonl").read_text().splitlines())
-    lines, recovery = relaunch(run, config)
-    resumed = first_step_after(run, lines_before) - 1
+    lines_before = len((run_dir / "records" / "rank0.jsonl").read_text().splitlines())
+    lines, recovery = relaunch(run_dir, config)
+    resumed = first_step_after(run_dir, lines_before) - 1
     assert open_uploads(target) == []  # the next save of the key aborted the leftover
-    download_last(root, run)
-    harness.assert_same_run(reference, run, 1)
-    return resumed, recovery, lines
+    download_last(root, run_dir)
+    harness.assert_same_run(reference, run_dir, 1)
+    return resumed, recovery, lines, attempt + 1
 
 
 def test_a_kill_during_the_upload_of_last_leaves_the_previous_one_which_the_resume_loads(
@@ -207,19 +220,19 @@ def test_a_kill_during_the_upload_of_last_leaves_the_previous_one_which_the_resu
     """Killed while ``last.ckpt`` of step 12 uploads: the object is still step 6's, its
     sidecar says an upload began; the relaunch resumes from step 6, says so in one line, and
     ends bitwise equal to the run never killed, with both sessions in its run files."""
-    resumed, recovery, lines = kill_resume_compare(reference, tmp_path, corpus_store, "killed",
-                                                   checkpoint=2, kind="last")
-    print(f"\nkill during the upload of last.ckpt at step 12: resumed from step {resumed}, "
-          f"training again {recovery:.1f} s after the relaunch")
+    resumed, recovery, lines, kills = kill_resume_compare(reference, tmp_path, corpus_store,
+                                                          "killed", checkpoint=2, kind="last")
+    print(f"\nkill during the upload of last.ckpt at step 12 ({kills} kill(s)): resumed from "
+          f"step {resumed}, training again {recovery:.1f} s after the relaunch")
     assert resumed == CHECKPOINT_EVERY
-    url = f"s3://{BUCKET}/killed/checkpoints/last.ckpt"
     [said] = [line for line in lines if line.startswith("lightning-aquila fit:")]
+    url = re.search(r"checkpoint (s3://\S+/last\.ckpt):", said)[1]
+    assert re.fullmatch(rf"s3://{BUCKET}/killed-\d/checkpoints/last.ckpt", url)
     assert re.fullmatch(rf"lightning-aquila fit: checkpoint {re.escape(url)}: the upload of a "
                         r"newer version, begun \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, did not "
                         r"complete; this is the version before it; resuming from it", said)
     assert f"Restored all states from the checkpoint at {url}" in "\n".join(lines)
-    events = jsonl(
-        s3().cat_file(f"{BUCKET}/killed/tsm/events.jsonl").decode())
+    events = jsonl(s3().cat_file(f"{url.rsplit('/', 2)[0]}/tsm/events.jsonl").decode())
     assert [e["step"] for e in events if e["kind"] == "session_start"] == [0, CHECKPOINT_EVERY]
 
 
@@ -231,10 +244,11 @@ def test_kills_during_uploads_at_seeded_checkpoints_resume_exactly(point, refere
     rng = random.Random(KILL_SEED + point)
     checkpoint = rng.randint(2, harness.MAX_STEPS // CHECKPOINT_EVERY - 1)
     kind = rng.choice(["last", "step"])
-    resumed, recovery, lines = kill_resume_compare(reference, tmp_path, corpus_store,
-                                                   f"slow-{point}", checkpoint, kind)
-    print(f"\nkill during the upload of {kind} at step {checkpoint * CHECKPOINT_EVERY}: "
-          f"resumed from step {resumed}, training again {recovery:.1f} s after the relaunch")
+    resumed, recovery, lines, kills = kill_resume_compare(reference, tmp_path, corpus_store,
+                                                          f"slow-{point}", checkpoint, kind)
+    print(f"\nkill during the upload of {kind} at step {checkpoint * CHECKPOINT_EVERY} "
+          f"({kills} kill(s)): resumed from step {resumed}, training again {recovery:.1f} s "
+          "after the relaunch")
     assert resumed == (checkpoint - 1) * CHECKPOINT_EVERY
     said = [line for line in lines if line.startswith("lightning-aquila fit:")]
     assert len(said) == (kind == "last"), said
@@ -330,9 +344,12 @@ def test_a_damaged_remote_last_is_never_loaded_and_the_resume_falls_back_in_one_
     with pytest.raises(ValueError, match=rf"step=6.ckpt is damaged \(size {len(six) // 2} "):
         checkpoint_io.load_checkpoint(f"{folder}/step=6.ckpt")
     fs.pipe_file(f"{folder}/step=3.ckpt", b"")
-    with pytest.raises(SystemExit, match=rf"no intact checkpoint is left in {folder} \(also "
-                                         r"damaged: step=6.ckpt, step=3.ckpt\); stopping"):
+    with pytest.raises(SystemExit) as stopped:
         checked_resume_path("last", [folder])
+    assert re.fullmatch(rf"lightning-aquila fit: checkpoint {folder}/last.ckpt is damaged "
+                        rf"\(checksum mismatch: crc32c \w+, recorded \w+\) and no intact "
+                        rf"checkpoint is left in {folder} \(also damaged: step=\d.ckpt, "
+                        r"step=\d.ckpt\); stopping before training", str(stopped.value))
 
 
 def test_bad_settings_for_object_storage_are_refused_in_one_line():
