@@ -4,6 +4,8 @@ corpus store's builder, a plain Lightning project) is in ``helpers/``."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -112,11 +114,20 @@ def corpus_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """The URL of a moto S3 server process, started once per session when a test asks
-    (``helpers.moto_server``); skips without ``moto``/``s3fs``."""
+    """The URL of a plain moto S3 server process (``python -m moto.server``), started once
+    per session when a test asks; skips without ``moto``/``s3fs``. (``helpers.s3_faults``
+    has the one that can be stopped, restarted and throttled.)"""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    from helpers.moto_server import moto_server
+    from helpers.s3_faults import free_port, wait_until_up
 
-    with moto_server() as url:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, server)
         yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -3,11 +3,12 @@ checkpoints, ``config.yaml`` and the TSM run files in the bucket, and ``--ckpt_p
 resumes bitwise; a SIGKILL in the middle of the upload of a later ``last.ckpt`` leaves the
 previous one, which the relaunch loads, saying so in one line (``checkpoint_remote``).
 
-Against a real S3 server process (moto, ``helpers.moto_server``), reached as in production:
-credentials and endpoint in the environment (``AWS_ENDPOINT_URL_S3``). The runs are the crash
-tests' configuration (``crash_helpers.harness``: aquila2-tiny, monitor, bandit engine,
-``StepRecorder``) with a narrower model (hidden size 32: 12 MB checkpoints, uploaded in two
-8 MiB parts) and a checkpoint every 6 steps. ``-m slow`` kills six more uploads, of
+Against a real S3 server process (moto, the ``moto_endpoint`` fixture of ``conftest.py``),
+reached as in production: credentials and endpoint in the environment
+(``AWS_ENDPOINT_URL_S3``). The runs are the crash tests' configuration
+(``crash_helpers.harness``: aquila2-tiny, monitor, bandit engine, ``StepRecorder``) with a
+narrower model (hidden size 32: 12 MB checkpoints, uploaded in two 8 MiB parts) and a
+checkpoint every 6 steps. ``-m slow`` kills six more uploads, of
 ``last.ckpt`` and of ``step=N.ckpt`` at the checkpoints of steps 12, 18 and 24; each prints
 what it hit and how long the relaunch took to train again (``-s``)::
 
