@@ -13,18 +13,23 @@ sidecar, and it refuses to load a file that does not match its record
 (:mod:`lightning_aquila.checkpoint_record`).
 
 ``lightning-aquila fit`` installs it by default (unless the configuration names another
-``CheckpointIO``), and ``AquilaParallelStrategy`` uses it when given none. Remote URLs
-(``s3://`` and the like) keep Lightning's path, where one PUT is atomic by itself.
+``CheckpointIO``), and ``AquilaParallelStrategy`` uses it when given none. On object storage
+(``s3://`` and other fsspec URLs) there is no rename: ``torch.save`` streams into a multipart
+upload, whose completion replaces the object at once, and the same record is written around
+it with a mark that an upload is under way (:mod:`lightning_aquila.checkpoint_remote`).
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_aquila import checkpoint_remote, object_store
 from lightning_aquila.atomic import atomic_file
 from lightning_aquila.checkpoint_check import ensure_loadable
 from lightning_aquila.checkpoint_record import (
@@ -34,23 +39,31 @@ from lightning_aquila.checkpoint_record import (
     remove_record,
 )
 
+#: S3 refuses parts below 5 MiB (except the last one).
+MIN_PART_SIZE = 5 << 20
+
 
 def is_local_path(path: _PATH) -> bool:
-    text = str(path)
-    return "://" not in text or text.startswith("file://")
+    return not object_store.is_remote(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary sibling, fsync, ``os.replace``, fsync the directory.
+    """``torch.save`` into a temporary sibling, fsync, ``os.replace``, fsync the directory;
+    on object storage a multipart upload between records (``checkpoint_remote``).
 
     Args:
         fsync: flush file and directory to stable storage before and after the rename. Turn
             it off only where a power loss cannot matter (the rename is atomic either way).
+        part_size: bytes per part of an upload to object storage (at least 5 MiB; default
+            8 MiB, as the AWS CLI). Memory holds one part, not the whole checkpoint.
     """
 
-    def __init__(self, fsync: bool = True) -> None:
+    def __init__(self, fsync: bool = True, part_size: int = 8 << 20) -> None:
         super().__init__()
-        self.fsync = fsync
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"AtomicCheckpointIO(part_size={part_size}): object stores take "
+                             f"parts of at least {MIN_PART_SIZE} bytes (5 MiB)")
+        self.fsync, self.part_size = fsync, part_size
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
                         storage_options: Any | None = None) -> None:
@@ -60,7 +73,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "storage options are not supported; configure a CheckpointIO that uses them"
             )
         if not is_local_path(path):
-            super().save_checkpoint(checkpoint, path)
+            with checkpoint_remote.RemoteSave(str(path), self.part_size) as save:
+                torch.save(checkpoint, save.writer)
             return
         target = str(path).removeprefix("file://")
         writer: ChecksumWriter | None = None
@@ -80,9 +94,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         than by Lightning's identity function: the same placement for plain tensors, and the
         only one that tensor subclasses in optimizer state (torchao's 8-bit AdamW moments)
         can be rebuilt with. A file that does not match its size/checksum record is refused
-        (``ValueError``), never loaded."""
-        if is_local_path(path):
-            ensure_loadable(str(path).removeprefix("file://"))
+        (``ValueError``), never loaded; on object storage the bytes loaded are the ones
+        checked (one download)."""
+        if not is_local_path(path):
+            fs, key = object_store.filesystem(str(path))
+            data = fs.cat_file(key)
+            verdict = checkpoint_remote.verify(str(path), data)
+            if not verdict.usable:
+                raise ValueError(f"checkpoint {path} is damaged ({verdict.problem}); not "
+                                 "loading it")
+            return pl_load(io.BytesIO(data), map_location=map_location,
+                           weights_only=weights_only)
+        ensure_loadable(str(path).removeprefix("file://"))
         return super().load_checkpoint(path, map_location=map_location,
                                        weights_only=weights_only)
 
@@ -92,9 +115,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().remove_checkpoint(path)
         if is_local_path(path):
             remove_record(str(path).removeprefix("file://"))
+        else:
+            checkpoint_remote.remove_sidecar(str(path))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(fsync={self.fsync})"
+        return f"{type(self).__name__}(fsync={self.fsync}, part_size={self.part_size})"
 
 
 __all__ = ["AtomicCheckpointIO", "is_local_path"]

@@ -187,10 +187,12 @@ def write_manifest(directory: str | os.PathLike[str], records: dict[str, dict[st
 @dataclass(frozen=True)
 class Verdict:
     """``state``: ``"intact"``, ``"unverified"`` (no record) or ``"damaged"``; ``problem``
-    says what is wrong, for the one-line message."""
+    says what is wrong, for the one-line message; ``note`` what a resume from an intact one
+    should say (an object store's newer upload that did not complete)."""
 
     state: str
     problem: str = ""
+    note: str = ""
 
     @property
     def usable(self) -> bool:

@@ -4,7 +4,9 @@ corpus store's builder, a plain Lightning project) is in ``helpers/``."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,24 @@ def corpus_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     from helpers.corpus import prepare_bundled_corpus
 
     return prepare_bundled_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """The URL of a plain moto S3 server process (``python -m moto.server``), started once
+    per session when a test asks; skips without ``moto``/``s3fs``. (``helpers.s3_faults``
+    has the one that can be stopped, restarted and throttled.)"""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from helpers.s3_faults import free_port, wait_until_up
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, server)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -10,6 +10,11 @@ Layout under the root: ``tsm/`` (monitor), ``checkpoints/`` (ModelCheckpoint, so
 ``--ckpt_path last`` finds the previous session), ``config.yaml`` and, for Neptune,
 ``.neptune/`` (the offline run); a CSV/TensorBoard logger without a ``save_dir`` logs into
 ``<root>/<name>/version_N``.
+
+A root on object storage (``s3://bucket/run``) holds the same layout: the checkpoints and
+``config.yaml`` are written there directly, the monitor's files are uploaded there whole
+(``tracking.run_log``). Only Neptune's offline queue stays local (Neptune's own default
+folder), and a fit that fails before its first step leaves what it wrote in the bucket.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_aquila.tracking.run_files import metrics_path
+from lightning_aquila import object_store
+from lightning_aquila.tracking.run_files import METRICS_FILE, RUN_FILES_DIR, metrics_path
 
 #: Class names (the last part of a ``class_path``) whose unset paths are filled.
 MONITOR = "TrainingStateMonitor"
@@ -59,14 +65,14 @@ def fill_run_paths(trainer_config: Any, is_checkpoint: Any) -> list[str]:
         if name == MONITOR:
             _set_if_unset(entry.init_args, "run_dir", root)
         elif is_checkpoint(entry.class_path):
-            _set_if_unset(entry.init_args, "dirpath", str(Path(root) / "checkpoints"))
+            _set_if_unset(entry.init_args, "dirpath", object_store.join(root, "checkpoints"))
             checkpoint_dirs.append(str(entry.init_args["dirpath"]))
     for entry in _entries(trainer_config.get("logger")):
         if entry.get("init_args") is None:
             continue
         if "save_dir" in entry.init_args or entry.class_path.rsplit(".", 1)[-1] == NEPTUNE:
             _set_if_unset(entry.init_args, "save_dir", root)  # TensorBoard, CSV, Neptune
-        if entry.class_path.rsplit(".", 1)[-1] == NEPTUNE:
+        if entry.class_path.rsplit(".", 1)[-1] == NEPTUNE and not object_store.is_remote(root):
             _set_if_unset(entry.init_args, "data_directory", str(Path(root) / ".neptune"))
     return checkpoint_dirs
 
@@ -75,6 +81,8 @@ def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] =
     """What in ``root`` shows that a run already trained there: monitor metrics and
     checkpoints. (A prepared data store, an empty metrics file or a ``config.yaml`` left by a
     run that failed before its first step do not count.)"""
+    if object_store.is_remote(root):
+        return _previous_remote_files(str(root), [str(d) for d in checkpoint_dirs])
     root = Path(root)
     found = []
     metrics = metrics_path(root)
@@ -82,6 +90,19 @@ def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] =
         found.append(str(metrics))
     for folder in dict.fromkeys([Path(d) for d in checkpoint_dirs] + [root / "checkpoints"]):
         if folder.is_dir() and any(folder.iterdir()):
+            found.append(f"{folder}/")
+    return found
+
+
+def _previous_remote_files(root: str, checkpoint_dirs: list[str]) -> list[str]:
+    found = []
+    metrics = object_store.join(root, RUN_FILES_DIR, METRICS_FILE)
+    fs, path = object_store.filesystem(metrics)
+    fs.invalidate_cache(path)
+    if fs.exists(path) and fs.size(path) > 0:
+        found.append(metrics)
+    for folder in dict.fromkeys([*checkpoint_dirs, object_store.join(root, "checkpoints")]):
+        if object_store.is_remote(folder) and object_store.listing(folder):
             found.append(f"{folder}/")
     return found
 
@@ -97,8 +118,8 @@ def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
 def checkpoint_step(path: str | Path | None) -> int | None:
     """The ``global_step`` a single-file checkpoint was saved at (memory-mapped: nothing
     but that number is read); ``None`` for a sharded (directory) checkpoint or none."""
-    if path is None or not Path(path).is_file():
-        return None
+    if path is None or object_store.is_remote(path) or not Path(path).is_file():
+        return None  # an object would be downloaded whole for that number
     import torch
 
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)

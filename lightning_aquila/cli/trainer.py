@@ -45,6 +45,7 @@ from lightning_aquila.cli.run_folder import (
 )
 from lightning_aquila.cli.store_defaults import fill_model_vocabulary
 from lightning_aquila.module import AquilaLM
+from lightning_aquila.object_store import is_remote
 
 REUSE_FLAG = "reuse_run_dir"
 
@@ -106,7 +107,7 @@ class AquilaCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         root = config.trainer.get("default_root_dir")
-        if root is not None:
+        if root is not None and not is_remote(root):
             self._folder_before = FolderBefore.of(root)
         if config.get("ckpt_path") == "last" and not has_last_checkpoint(checkpoint_dirs):
             print(f"lightning-aquila fit: no checkpoint to resume in "

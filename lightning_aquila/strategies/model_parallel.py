@@ -12,6 +12,8 @@ parallelisation to ``configure_model`` and saves sharded checkpoints. Ours adds 
 * sharded checkpoint directories are written under a temporary name, with a size/checksum
   manifest, and renamed into place, and single-file ones through ``AtomicCheckpointIO`` unless
   another ``CheckpointIO`` is given; a checkpoint that does not match its record is refused.
+  Sharded checkpoints are refused on object storage (no directory rename there), before
+  training starts.
 """
 
 from __future__ import annotations
@@ -120,6 +122,12 @@ class AquilaParallelStrategy(ModelParallelStrategy):
             self.num_processes)
         super().setup_environment()
 
+    def setup(self, trainer: Any) -> None:
+        if self._save_distributed_checkpoint:
+            for callback in trainer.checkpoint_callbacks:
+                _refuse_remote_directory(getattr(callback, "dirpath", None))
+        super().setup(trainer)
+
     def model_to_device(self) -> None:
         """With CPU offload FSDP2 keeps the shards in host memory and copies each one to the
         GPU for its all-gather: moving the module would undo the offload. The module still
@@ -201,6 +209,7 @@ class AquilaParallelStrategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
+        _refuse_remote_directory(filepath)
         path = Path(self.broadcast(filepath))
         staging = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
         if self.is_global_zero and staging.exists():
@@ -232,3 +241,10 @@ class AquilaParallelStrategy(ModelParallelStrategy):
         if is_local_path(checkpoint_path):
             ensure_loadable(str(checkpoint_path).removeprefix("file://"))
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+
+def _refuse_remote_directory(path: _PATH | None) -> None:
+    if path is not None and not is_local_path(path):
+        raise ValueError(f"AquilaParallelStrategy: sharded checkpoints cannot go to object "
+                         f"storage ({path}): give a local or shared-filesystem checkpoint "
+                         "folder, or save_distributed_checkpoint=false for single files")

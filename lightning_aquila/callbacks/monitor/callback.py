@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_aquila.callbacks.monitor.domain_loss import DomainLossTable
 from lightning_aquila.callbacks.monitor.held_out import HeldOutParts, ValLossFn, next_token_loss
@@ -203,7 +203,7 @@ class TrainingStateMonitor(Callback):
 
         self.state = TrainingState()
         self.spikes = SpikeDetector(spike_window, spike_zscore, spike_min_history)
-        self.run_dir: Path | None = None
+        self.run_dir: Path | str | None = None
         # the parts (one file each): what they hold is what the checkpoint holds
         self._losses = DomainLossTable(self.domains)
         self._checks = StepChecker(detect_nonfinite=detect_nonfinite,
@@ -258,6 +258,10 @@ class TrainingStateMonitor(Callback):
         self._module = pl_module
         self.run_dir = resolve_run_dir(trainer, self.run_dir_arg)
         self.run_log.open(self.run_dir, write=self.run_files and trainer.is_global_zero)
+        if self.run_log.remote is not None:
+            rank_zero_info(f"TrainingStateMonitor: run files go to {self.run_dir}/tsm, uploaded "
+                           f"at every checkpoint and at the end (written in "
+                           f"{self.run_log.local_dir}/tsm meanwhile)")
         self._throughput.resolve_peak(self.peak_flops, trainer)
         strategy = type(trainer.strategy).__name__
         if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
@@ -267,6 +271,11 @@ class TrainingStateMonitor(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.run_log.close()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Run files on object storage are uploaded with every checkpoint."""
+        self.run_log.sync()
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
@@ -318,7 +327,8 @@ class TrainingStateMonitor(Callback):
         from lightning_aquila.tracking.report import write_report
 
         try:
-            png, page = write_report(self.run_dir)
+            png, page = write_report(self.run_log.local_dir or self.run_dir)
+            self.run_log.sync(png, page)
         except Exception as error:  # a finished training run must not fail over its plot
             rank_zero_warn(f"TrainingStateMonitor: could not write the run report: {error!r}")
             return

@@ -1,0 +1,377 @@
+"""Checkpoints on object storage: ``--trainer.default_root_dir s3://bucket/run`` keeps the
+checkpoints, ``config.yaml`` and the TSM run files in the bucket, and ``--ckpt_path last``
+resumes bitwise; a SIGKILL in the middle of the upload of a later ``last.ckpt`` leaves the
+previous one, which the relaunch loads, saying so in one line (``checkpoint_remote``).
+
+Against a real S3 server process (moto, the ``moto_endpoint`` fixture of ``conftest.py``),
+reached as in production: credentials and endpoint in the environment
+(``AWS_ENDPOINT_URL_S3``). The runs are the crash tests' configuration
+(``crash_helpers.harness``: aquila2-tiny, monitor, bandit engine, ``StepRecorder``) with a
+narrower model (hidden size 32: 12 MB checkpoints, uploaded in two 8 MiB parts) and a
+checkpoint every 6 steps. ``-m slow`` kills six more uploads, of
+``last.ckpt`` and of ``step=N.ckpt`` at the checkpoints of steps 12, 18 and 24; each prints
+what it hit and how long the relaunch took to train again (``-s``)::
+
+    pytest tests/test_s3_checkpoints.py -m slow -s
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from crash_helpers import harness
+
+s3fs = pytest.importorskip("s3fs")
+
+from lightning_aquila import checkpoint_remote  # noqa: E402
+from lightning_aquila.checkpoint import AtomicCheckpointIO  # noqa: E402
+from lightning_aquila.checkpoint_check import checked_resume_path  # noqa: E402
+from lightning_aquila.checkpoint_record import Record, Verdict  # noqa: E402
+from lightning_aquila.cli.run_folder import previous_run_files  # noqa: E402
+
+BUCKET = "aquila-checkpoints"
+KEY, SECRET = "s3-checkpoint-test-key", "s3-checkpoint-test-secret-never-written"
+CHECKPOINT_EVERY = 6
+PART = 5 << 20
+
+
+@pytest.fixture(scope="module")
+def s3_env(moto_endpoint, tmp_path_factory):
+    """Credentials, endpoint and the run files' local cache in the environment, of this
+    process and of the runs it starts (``harness.environment`` copies it)."""
+    env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": moto_endpoint,
+           "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # none made for another endpoint
+        s3().mkdir(BUCKET)
+        yield env
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def s3():
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def s3_config(run: Path, store: str, root: str, padded_step: int | None = None) -> Path:
+    """The crash tests' run with its root (and so its checkpoints and run files) at ``root``;
+    only the step records stay local. ``padded_step``: its checkpoints carry 64 MB more
+    (``helpers.checkpoint_padding``) until ``run/killed`` exists."""
+    padding = [] if padded_step is None else [
+        {"class_path": "helpers.checkpoint_padding.PaddedCheckpoint",
+         "init_args": {"step": padded_step, "megabytes": 64, "marker": str(run / "killed")}}]
+    config = harness.fit_config(run, store, extra_callbacks=padding)
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["default_root_dir"] = root
+    for callback in data["trainer"]["callbacks"]:
+        callback["init_args"].pop("run_dir", None)
+        callback["init_args"].pop("dirpath", None)
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = CHECKPOINT_EVERY
+    data["model"]["config"]["hidden_size"] = 32
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def download_last(root: str, run: Path) -> None:
+    """``last.ckpt`` into ``run/checkpoints``, where ``harness.assert_same_run`` reads it."""
+    (run / "checkpoints").mkdir(exist_ok=True)
+    s3().get_file(f"{root}/checkpoints/last.ckpt", str(run / "checkpoints" / "last.ckpt"))
+
+
+def load_object(url: str) -> dict:
+    return torch.load(io.BytesIO(s3().cat_file(url)), map_location="cpu", weights_only=False)
+
+
+def open_uploads(key: str, fs=None) -> list[dict]:
+    """The multipart uploads of ``bucket/key`` begun and neither completed nor aborted."""
+    bucket, name = key.removeprefix("s3://").split("/", 1)
+    found = (fs or s3()).call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name)
+    return [u for u in found.get("Uploads", []) if u["Key"] == name]
+
+
+def kill_during_upload(run: Path, config: Path, key: str, after_step: int) -> int:
+    """Launches the run and SIGKILLs all its processes as soon as, after step ``after_step``,
+    an upload of ``key`` is under way; returns the last step recorded."""
+    process, fs = harness.start(run, harness.fit_command(config)), s3()
+    try:
+        deadline = time.monotonic() + harness.TIMEOUT
+        while process.poll() is None and time.monotonic() < deadline:
+            if harness.recorded_steps(run) < after_step:
+                time.sleep(0.01)
+            elif open_uploads(key, fs):
+                break
+        else:
+            raise AssertionError(f"no upload of {key} seen under way:\n{harness.log_tail(run)}")
+    finally:
+        harness.kill_group(process)
+        process.log.close()
+    return harness.recorded_steps(run)
+
+
+def relaunch(run: Path, config: Path) -> tuple[list[str], float]:
+    """The same command again, to its end; the lines it printed and the seconds from its
+    launch to its first trained step (the recovery time)."""
+    log, records = run / "launches.log", run / "records" / "rank0.jsonl"
+    before, lines_before = log.stat().st_size, len(records.read_text().splitlines())
+    started = time.monotonic()
+    process = harness.start(run, harness.fit_command(config))
+    recovered = None
+    while process.poll() is None and recovered is None:
+        if len(records.read_text().splitlines()) > lines_before:
+            recovered = time.monotonic() - started
+        time.sleep(0.02)
+    harness.finish(run, process)
+    with open(log, "rb") as handle:
+        handle.seek(before)
+        lines = handle.read().decode(errors="replace").splitlines()
+    return lines, recovered if recovered is not None else time.monotonic() - started
+
+
+def first_step_after(run: Path, lines_before: int) -> int:
+    return harness.read_jsonl(run / "records" / "rank0.jsonl")[lines_before]["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(s3_env, tmp_path_factory, corpus_store) -> Path:
+    """A run on S3 never interrupted (its step records local, its last.ckpt downloaded)."""
+    run = tmp_path_factory.mktemp("reference")
+    root = f"s3://{BUCKET}/reference"
+    harness.fit(run, s3_config(run, corpus_store, root))
+    download_last(root, run)
+    return run
+
+
+# -- a fit on S3 -------------------------------------------------------------------------------
+def test_a_fit_on_s3_keeps_its_checkpoints_config_and_run_files_in_the_bucket(reference):
+    fs = s3()
+    root = f"{BUCKET}/reference"
+    names = sorted(path.removeprefix(f"{root}/") for path in fs.find(root))
+    assert names == ["checkpoints/.last.ckpt.crc32c.json", "checkpoints/.step=30.ckpt.crc32c.json",
+                     "checkpoints/last.ckpt", "checkpoints/step=30.ckpt", "config.yaml",
+                     "tsm/events.jsonl", "tsm/metrics.jsonl"]
+    for name in ("last", "step=30"):
+        url = f"s3://{root}/checkpoints/{name}.ckpt"
+        records, mark = checkpoint_remote.read_sidecar(url)
+        data = fs.cat_file(url)
+        assert mark is None and records == [Record(len(data), _crc32c(data))]
+    assert load_object(f"s3://{root}/checkpoints/last.ckpt")["global_step"] == harness.MAX_STEPS
+    metrics = jsonl(fs.cat_file(f"{root}/tsm/metrics.jsonl").decode())
+    assert max(m["step"] for m in metrics) == harness.MAX_STEPS
+    # nothing went to a local folder named after the URL (``Path("s3://b")`` is ``s3:/b``)
+    assert not (harness.REPO / "s3:").exists() and not (reference / "s3:").exists()
+    blobs = [fs.cat_file(path) for path in fs.find(root)]
+    assert not any(SECRET.encode() in blob or KEY.encode() in blob for blob in blobs)
+
+
+def test_a_fresh_fit_is_refused_where_the_bucket_holds_a_run(reference):
+    root = f"s3://{BUCKET}/reference"
+    assert previous_run_files(root, [f"{root}/checkpoints"]) == [
+        f"{root}/tsm/metrics.jsonl", f"{root}/checkpoints/"]
+    assert previous_run_files(f"s3://{BUCKET}/nothing-here", []) == []
+
+
+# -- a kill during an upload -------------------------------------------------------------------
+def kill_resume_compare(reference: Path, run: Path, store: str, name: str, checkpoint: int,
+                        kind: str) -> tuple[int, float, list[str], int]:
+    """Kills the run during the upload of ``last.ckpt`` (``kind="last"``) or of the step
+    file of the ``checkpoint``-th checkpoint, checks what is left, relaunches, and compares
+    with ``reference``; returns the step the relaunch resumed at, the recovery time, the
+    lines it printed and the number of runs killed. The checkpoints of that step carry 64 MB
+    of padding (eight 8 MiB parts), so that their upload is seen under way; the kill is sent
+    then. When the upload completed in between all the same (a busy machine), the kill
+    missed it and the run is tried again."""
+    step, previous = checkpoint * CHECKPOINT_EVERY, (checkpoint - 1) * CHECKPOINT_EVERY
+    for attempt in range(3):
+        root = f"s3://{BUCKET}/{name}-{attempt}"
+        target = f"{root}/checkpoints/{'last' if kind == 'last' else f'step={step}'}.ckpt"
+        run_dir = run / f"attempt{attempt}"
+        config = s3_config(run_dir, store, root, padded_step=step)
+        killed_after = kill_during_upload(run_dir, config, target, previous + 1)
+        (run_dir / "killed").touch()
+        assert killed_after == step, f"killed after step {killed_after}, not in save {step}"
+        if open_uploads(target):
+            break
+    else:
+        raise AssertionError(f"3 kills in a row came after the upload of {target} completed")
+    assert load_object(f"{root}/checkpoints/last.ckpt")["global_step"] == previous
+    lines_before = len((run_dir / "records" / "rank0.jsonl").read_text().splitlines())
+    lines, recovery = relaunch(run_dir, config)
+    resumed = first_step_after(run_dir, lines_before) - 1
+    assert open_uploads(target) == []  # the next save of the key aborted the leftover
+    download_last(root, run_dir)
+    harness.assert_same_run(reference, run_dir, 1)
+    return resumed, recovery, lines, attempt + 1
+
+
+def test_a_kill_during_the_upload_of_last_leaves_the_previous_one_which_the_resume_loads(
+        reference, corpus_store, tmp_path):
+    """Killed while ``last.ckpt`` of step 12 uploads: the object is still step 6's, its
+    sidecar says an upload began; the relaunch resumes from step 6, says so in one line, and
+    ends bitwise equal to the run never killed, with both sessions in its run files."""
+    resumed, recovery, lines, kills = kill_resume_compare(reference, tmp_path, corpus_store,
+                                                          "killed", checkpoint=2, kind="last")
+    print(f"\nkill during the upload of last.ckpt at step 12 ({kills} kill(s)): resumed from "
+          f"step {resumed}, training again {recovery:.1f} s after the relaunch")
+    assert resumed == CHECKPOINT_EVERY
+    [said] = [line for line in lines if line.startswith("lightning-aquila fit:")]
+    url = re.search(r"checkpoint (s3://\S+/last\.ckpt):", said)[1]
+    assert re.fullmatch(rf"s3://{BUCKET}/killed-\d/checkpoints/last.ckpt", url)
+    assert re.fullmatch(rf"lightning-aquila fit: checkpoint {re.escape(url)}: the upload of a "
+                        r"newer version, begun \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, did not "
+                        r"complete; this is the version before it; resuming from it", said)
+    assert f"Restored all states from the checkpoint at {url}" in "\n".join(lines)
+    events = jsonl(s3().cat_file(f"{url.rsplit('/', 2)[0]}/tsm/events.jsonl").decode())
+    assert [e["step"] for e in events if e["kind"] == "session_start"] == [0, CHECKPOINT_EVERY]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["last", "step"])
+@pytest.mark.parametrize("checkpoint", [2, 3, 4])
+def test_kills_during_the_uploads_of_later_checkpoints_resume_exactly(checkpoint, kind,
+                                                                      reference, corpus_store,
+                                                                      tmp_path):
+    """``pytest tests/test_s3_checkpoints.py -m slow -s``: killed while ``last.ckpt`` or
+    ``step=N.ckpt`` of step 12, 18 or 24 uploads, resumed from the step before."""
+    resumed, recovery, lines, kills = kill_resume_compare(
+        reference, tmp_path, corpus_store, f"slow-{kind}-{checkpoint}", checkpoint, kind)
+    print(f"\nkill during the upload of {kind} at step {checkpoint * CHECKPOINT_EVERY} "
+          f"({kills} kill(s)): resumed from step {resumed}, training again {recovery:.1f} s "
+          "after the relaunch")
+    assert resumed == (checkpoint - 1) * CHECKPOINT_EVERY
+    said = [line for line in lines if line.startswith("lightning-aquila fit:")]
+    assert len(said) == (kind == "last"), said
+
+
+# -- the save and the check, in this process ---------------------------------------------------
+class _FailsToPickle:
+    def __reduce__(self):
+        raise RuntimeError("serialisation failed half-way")
+
+
+def test_a_save_that_fails_half_way_aborts_its_upload_and_leaves_the_object(s3_env):
+    """Two parts were uploaded when serialisation failed: an fsspec file closed on the way
+    out would have completed the upload with them; the upload is aborted instead."""
+    url = f"s3://{BUCKET}/failing/last.ckpt"
+    checkpoint_io = AtomicCheckpointIO(part_size=PART)
+    checkpoint_io.save_checkpoint({"global_step": 1}, url)
+    before = s3().cat_file(url)
+    with pytest.raises(RuntimeError, match="half-way"):
+        checkpoint_io.save_checkpoint({"weights": torch.ones(3 * PART // 4),
+                                       "broken": _FailsToPickle()}, url)
+    assert s3().cat_file(url) == before and open_uploads(url) == []
+    assert checkpoint_io.load_checkpoint(url)["global_step"] == 1
+
+
+def test_at_every_step_of_a_remote_save_the_object_verifies_and_a_damaged_one_does_not(
+        s3_env):
+    """``checkpoint_remote``'s steps one by one: while an upload is under way (1-3) the old
+    object verifies, with the note a resume prints; once completed (4, 5) the new one does,
+    without; a damaged object never verifies."""
+    url = f"s3://{BUCKET}/steps/last.ckpt"
+    AtomicCheckpointIO(part_size=PART).save_checkpoint({"global_step": 1}, url)
+    old = s3().cat_file(url)
+    save = checkpoint_remote.RemoteSave(url, PART).__enter__()  # 1
+    torch.save({"global_step": 2, "weights": torch.ones(PART // 2)}, save.writer)  # 2
+    assert len(open_uploads(url)) == 1
+    for step in (2, 3):
+        if step == 3:
+            save.ready()
+        verdict = checkpoint_remote.verify(url)
+        assert verdict.state == "intact" and "did not complete" in verdict.note, step
+        assert not checkpoint_remote.verify(url, _flipped(old)).usable, step
+    save.complete()  # 4
+    new = s3().cat_file(url)
+    for step in (4, 5):
+        if step == 5:
+            save.commit()
+        assert checkpoint_remote.verify(url) == Verdict("intact"), step
+        assert not checkpoint_remote.verify(url, new[:-1]).usable, step
+        assert not checkpoint_remote.verify(url, _flipped(new)).usable, step
+    assert not checkpoint_remote.verify(url, old).usable
+
+
+def test_a_failed_completion_leaves_the_old_object_verified_with_the_note(s3_env):
+    """The request that completes the upload fails (a lost connection, a kill): the old
+    object stays, still verifies, and the resume will say that a newer one did not arrive."""
+    url = f"s3://{BUCKET}/completion/last.ckpt"
+    checkpoint_io = AtomicCheckpointIO(part_size=PART)
+    checkpoint_io.save_checkpoint({"global_step": 1}, url)
+    before = s3().cat_file(url)
+
+    def lost_connection() -> None:
+        raise ConnectionResetError("lost while completing the upload")
+
+    with pytest.raises(ConnectionResetError), checkpoint_remote.RemoteSave(url, PART) as save:
+        torch.save({"global_step": 2, "weights": torch.ones(PART // 2)}, save.writer)
+        save._handle.commit = lost_connection
+    assert s3().cat_file(url) == before and open_uploads(url) == []
+    verdict = checkpoint_remote.verify(url)
+    assert verdict.state == "intact" and "did not complete" in verdict.note
+    assert checkpoint_io.load_checkpoint(url)["global_step"] == 1
+
+
+def test_a_damaged_remote_last_is_never_loaded_and_the_resume_falls_back_in_one_line(
+        s3_env, capsys):
+    folder = f"s3://{BUCKET}/damaged"
+    checkpoint_io = AtomicCheckpointIO()
+    for step in (3, 6):
+        checkpoint_io.save_checkpoint({"global_step": step}, f"{folder}/step={step}.ckpt")
+    checkpoint_io.save_checkpoint({"global_step": 6}, f"{folder}/last.ckpt")
+    fs = s3()
+    fs.pipe_file(f"{folder}/last.ckpt", _flipped(fs.cat_file(f"{folder}/last.ckpt")))
+    six = fs.cat_file(f"{folder}/step=6.ckpt")
+    fs.pipe_file(f"{folder}/step=6.ckpt", six[: len(six) // 2])  # as a non-atomic store would
+    assert checked_resume_path("last", [folder]) == f"{folder}/step=3.ckpt"
+    [said] = capsys.readouterr().err.splitlines()
+    assert said.startswith(f"lightning-aquila fit: checkpoint {folder}/last.ckpt is damaged "
+                           "(checksum mismatch: crc32c ")
+    assert said.endswith(f"; resuming from {folder}/step=3.ckpt instead (1 newer one(s) "
+                         "damaged too)")
+    with pytest.raises(ValueError, match=r"last.ckpt is damaged \(checksum mismatch"):
+        checkpoint_io.load_checkpoint(f"{folder}/last.ckpt")
+    with pytest.raises(ValueError, match=rf"step=6.ckpt is damaged \(size {len(six) // 2} "):
+        checkpoint_io.load_checkpoint(f"{folder}/step=6.ckpt")
+    fs.pipe_file(f"{folder}/step=3.ckpt", b"")
+    with pytest.raises(SystemExit) as stopped:
+        checked_resume_path("last", [folder])
+    assert re.fullmatch(rf"lightning-aquila fit: checkpoint {folder}/last.ckpt is damaged "
+                        rf"\(checksum mismatch: crc32c \w+, recorded \w+\) and no intact "
+                        rf"checkpoint is left in {folder} \(also damaged: step=\d.ckpt, "
+                        r"step=\d.ckpt\); stopping before training", str(stopped.value))
+
+
+def test_bad_settings_for_object_storage_are_refused_in_one_line():
+    from lightning_aquila.strategies import AquilaParallelStrategy
+
+    with pytest.raises(ValueError, match=r"part_size=1048576\): object stores take parts of "
+                                         r"at least 5242880 bytes"):
+        AtomicCheckpointIO(part_size=1 << 20)
+    with pytest.raises(ValueError, match=r"sharded checkpoints cannot go to object storage "
+                                         r"\(s3://bucket/run/last.ckpt\)"):
+        AquilaParallelStrategy().save_checkpoint({}, "s3://bucket/run/last.ckpt")
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _flipped(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0x01
+    return bytes(changed)
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c
+
+    return int.from_bytes(google_crc32c.Checksum(data).digest(), "big")
