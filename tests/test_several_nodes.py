@@ -78,8 +78,8 @@ def test_two_nodes_of_one_process_train_bitwise_as_one_node_of_two(
     config = harness.fit_config(tmp_path, corpus_store, devices=1, num_nodes=2)
     nodes.Job(tmp_path, config, nnodes=2).start().finish()
     assert nodes.record_count(tmp_path) == harness.MAX_STEPS  # one launch, nothing redone
-    harness.assert_same_run(one_node, tmp_path, 2)
     assert_exact_sample_sequence(tmp_path, config, one_node, sample_ids)
+    harness.assert_same_run(one_node, tmp_path, 2)
 
 
 def test_a_killed_node_is_restarted_and_the_run_then_moves_to_one_node_exactly(
@@ -99,10 +99,10 @@ def test_a_killed_node_is_restarted_and_the_run_then_moves_to_one_node_exactly(
         job.wait_for_step(19)
     finally:
         job.stop()
+    assert restarted_from in newest_checkpoint(killed_after) and restarted_from > 0
     log = job.logs()
     assert "exitcode: -9" in log  # torchrun saw its worker killed
     assert f"Restored all states from the checkpoint at {tmp_path / 'checkpoints'}" in log
-    assert restarted_from in newest_checkpoint(killed_after) and restarted_from > 0
 
     stopped, seen = harness.recorded_steps(tmp_path), nodes.record_count(tmp_path)
     one = nodes.with_layout(config, devices=2, num_nodes=1, name="one_node.yaml")
@@ -110,8 +110,8 @@ def test_a_killed_node_is_restarted_and_the_run_then_moves_to_one_node_exactly(
     nodes.Job(tmp_path, one, nnodes=1, nproc=2).start().finish()
     moved_from = nodes.first_step_after(tmp_path, seen) - 1
     assert moved_from in newest_checkpoint(stopped) and moved_from > restarted_from
-    harness.assert_same_run(one_node, tmp_path, 2)
     lost, repeated = assert_exact_sample_sequence(tmp_path, one, one_node, sample_ids)
+    harness.assert_same_run(one_node, tmp_path, 2)
     print("\n" + nodes.summary({
         "killed_rank": 1, "killed_after_step": killed_after, "restarted_from": restarted_from,
         "recovery_s": round(back - killed_at, 1), "moved_after_step": stopped,
@@ -165,8 +165,8 @@ def test_random_worker_kills_on_two_nodes_end_bitwise_equal(point, corpus_store,
     finally:
         job.stop()
     assert restarted_from in newest_checkpoint(killed_after), killed_after
-    harness.assert_same_run(one_node, tmp_path, 2)
     lost, repeated = assert_exact_sample_sequence(tmp_path, config, one_node, sample_ids)
+    harness.assert_same_run(one_node, tmp_path, 2)
     print("\n" + nodes.summary({
         "mode": mode, "killed_rank": rank, "killed_after_step": killed_after,
         "in_write": in_write, "restarted_from": restarted_from,
@@ -194,8 +194,8 @@ def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(corpus_store, on
     finally:
         job.stop()
     assert restarted_from in newest_checkpoint(killed_after) and restarted_from > 0
-    harness.assert_same_run(one_node, tmp_path, 2)
     lost, repeated = assert_exact_sample_sequence(tmp_path, config, one_node, sample_ids)
+    harness.assert_same_run(one_node, tmp_path, 2)
     print("\n" + nodes.summary({
         "killed_after_step": killed_after, "restarted_from": restarted_from,
         "recovery_s (3 s without a node)": round(back - killed_at, 1), "lost": lost,
@@ -231,8 +231,8 @@ def test_a_run_stopped_anywhere_moves_between_one_and_two_nodes_exactly(
     nodes.Job(tmp_path, after, nnodes=nodes_after, nproc=nproc_after).start().finish()
     moved_from = nodes.first_step_after(tmp_path, seen) - 1
     assert moved_from in newest_checkpoint(stopped)
-    harness.assert_same_run(one_node, tmp_path, 2)
     lost, repeated = assert_exact_sample_sequence(tmp_path, after, one_node, sample_ids)
+    harness.assert_same_run(one_node, tmp_path, 2)
     print("\n" + nodes.summary({
         "moved_after_step": stopped, "moved_from": moved_from,
         "move_s": round(time.monotonic() - moved_at, 1), "lost": lost, "repeated": repeated}))
