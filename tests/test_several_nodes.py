@@ -26,13 +26,20 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
 from crash_helpers import harness, nodes
 
 from lightning_aquila.atomic import PARTIAL_SUFFIX
+from lightning_aquila.cli.same_resume import SameResumeOnEveryRank
 
 KILL_SEED = int(os.environ.get("KILL_SEED", "3030"))
 SEQ_LEN = 32
@@ -117,6 +124,49 @@ def test_a_killed_node_is_restarted_and_the_run_then_moves_to_one_node_exactly(
         "recovery_s": round(back - killed_at, 1), "moved_after_step": stopped,
         "moved_from": moved_from, "move_s": round(time.monotonic() - moved_at, 1),
         "lost": lost, "repeated": repeated}))
+
+
+# -- ranks that would resume from different checkpoints --------------------------------------
+def _resume_on_rank(rank: int, init: str, cases: list[list[str | None]], out: str) -> None:
+    """Rank ``rank`` of ``len(case)``: the guard's answer for each case (what each rank
+    resolved), one line each in ``out/rank<rank>.txt``."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(cases[0]))
+    results = []
+    try:
+        for paths in cases:
+            try:
+                SameResumeOnEveryRank(paths[rank]).setup(
+                    SimpleNamespace(world_size=len(paths)), None, "fit")
+                results.append("went on")
+            except SystemExit as stop:
+                results.append(str(stop))
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text("\n".join(results))
+
+
+def test_ranks_that_would_resume_from_different_checkpoints_all_stop_in_one_line(tmp_path):
+    """Each process resolves ``--ckpt_path last`` on its own; on nodes with folders of their
+    own, one may find step 3 and another nothing. Copies of one checkpoint under other paths
+    (one shared folder mounted elsewhere) are the same resume."""
+    (tmp_path / "node0").mkdir(), (tmp_path / "node1").mkdir(), (tmp_path / "node2").mkdir()
+    step3, copy, step6 = (tmp_path / f"node{n}" / "last.ckpt" for n in range(3))
+    torch.save({"global_step": 3, "state_dict": {"w": torch.zeros(4)}}, step3)
+    shutil.copy(step3, copy)
+    torch.save({"global_step": 6, "state_dict": {"w": torch.zeros(4)}}, step6)
+    cases = [[str(step3), str(copy)], [None, None], [str(step3), None], [str(step3), str(step6)]]
+    init = f"tcp://127.0.0.1:{nodes.free_port()}"
+    mp.spawn(_resume_on_rank, args=(init, cases, str(tmp_path)), nprocs=2)
+    answers = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    assert answers[0] == answers[1]  # every rank stops, or none
+    same, fresh, mixed, other_step = answers[0]
+    assert same == fresh == "went on"
+    assert mixed == (
+        "lightning-aquila fit: the ranks would resume from different checkpoints (rank(s) 0: "
+        f"step 3 ({step3}); rank(s) 1: a fresh start); the checkpoint folder must be one that "
+        "every node sees (shared storage), not a disk of each node's own. Stopping before "
+        "training")
+    assert f"(rank(s) 0: step 3 ({step3}); rank(s) 1: step 6 ({step6}))" in other_step
 
 
 # -- slow: random kills, a lost node, moves in both directions -------------------------------
@@ -236,3 +286,30 @@ def test_a_run_stopped_anywhere_moves_between_one_and_two_nodes_exactly(
     print("\n" + nodes.summary({
         "moved_after_step": stopped, "moved_from": moved_from,
         "move_s": round(time.monotonic() - moved_at, 1), "lost": lost, "repeated": repeated}))
+
+
+@pytest.mark.slow
+def test_nodes_with_checkpoint_folders_of_their_own_stop_before_training(corpus_store, tmp_path):
+    """Node 0's folder holds the checkpoint of step 3, node 1's (``dirpath`` of its own, as on
+    a node-local disk) none. Before the guard, rank 0 resumed at step 4 and rank 1 started at
+    step 1, trained together, and hung.
+    ``pytest -m slow -s tests/test_several_nodes.py -k their_own``"""
+    config = harness.fit_config(tmp_path, corpus_store, devices=1, num_nodes=2)
+    job = nodes.Job(tmp_path, config, nnodes=2).start()
+    try:
+        job.wait_for_step(4)
+    finally:
+        job.stop()
+    data = yaml.safe_load(config.read_text())
+    for callback in data["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(tmp_path / "node1_checkpoints")
+    own = config.with_name("node1.yaml")
+    own.write_text(yaml.safe_dump(data, sort_keys=False))
+    seen = [nodes.record_count(tmp_path, rank) for rank in range(2)]
+    job = nodes.Job(tmp_path, config, nnodes=2, node_configs={1: own}).start()
+    with pytest.raises(AssertionError, match="exited with 1"):
+        job.finish()
+    assert [nodes.record_count(tmp_path, rank) for rank in range(2)] == seen  # no step taken
+    assert "the ranks would resume from different checkpoints (rank(s) 0: step 3" in job.logs()
+    assert "rank(s) 1: a fresh start)" in job.logs()

@@ -60,6 +60,8 @@ class Job:
     port: int = field(default_factory=free_port)
     rdzv_id: str = field(default_factory=lambda: f"aquila-{uuid.uuid4().hex[:8]}")
     agents: list[subprocess.Popen] = field(default_factory=list)
+    #: another configuration for some nodes (node -> config), e.g. another checkpoint folder
+    node_configs: dict[int, Path] = field(default_factory=dict)
 
     def command(self, node: int) -> list[str]:
         return [str(TORCHRUN), "--nnodes", str(self.nnodes), "--node-rank", str(node),
@@ -67,7 +69,7 @@ class Job:
                 "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", self.rdzv_id,
                 "--rdzv-conf", f"is_host={int(node == 0)}",
                 "--max-restarts", str(self.max_restarts), "--no-python",
-                *harness.fit_command(self.config)]
+                *harness.fit_command(self.node_configs.get(node, self.config))]
 
     def start_node(self, node: int) -> subprocess.Popen:
         """Starts (or replaces) node ``node``'s agent, appending its output to
