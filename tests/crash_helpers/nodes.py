@@ -157,9 +157,10 @@ class Job:
         raise AssertionError(f"rank {rank} did not record step {step}:\n{self.logs()[-8000:]}")
 
     def wait_for_restart(self, dead: set[int]) -> tuple[float, int]:
-        """After a fault: waits until every node runs new workers (none of the ``dead``
-        pids; old workers are all gone by then) and rank 0 records a step; returns the time
-        of that record and the step the job resumed from (that step - 1)."""
+        """After a fault (or a launch: ``dead`` empty): waits until every node runs new
+        workers (none of the ``dead`` pids; old workers are all gone by then) and rank 0
+        records a step; returns the time of that record and the step the job resumed from
+        (that step - 1)."""
         deadline = time.monotonic() + harness.TIMEOUT
         while time.monotonic() < deadline:
             found = self.workers()
