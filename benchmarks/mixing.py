@@ -14,7 +14,8 @@ policy file names its reference run as ``${reference}`` (the uniform run) or
 ``${reference:POLICY}``: that policy's run of ``--reference-seed`` in the same setting.
 
 Runs are started in *waves*, ``"POLICY ...:SEED,..."``, in order of priority (within a wave,
-seed by seed, longest setting first), so that an interrupted benchmark still has whole seeds.
+seed by seed, longest setting first), so that an interrupted benchmark still has whole seeds;
+``"POLICY ...:SEED,... in SETTING,..."`` limits a wave to those settings.
 The policy ``@best-fixed`` stands for the setting's best fixed mixture, chosen once every
 fixed policy of the earlier waves has finished its seeds there.
 
@@ -193,16 +194,20 @@ def reference_policy(policy: str) -> str | None:
     return found.pop() if found else None
 
 
-def parse_wave(text: str) -> tuple[list[str], list[int]]:
-    """``"POLICY POLICY:SEED,SEED"`` -> (policies, seeds)."""
-    policies, colon, seeds = text.rpartition(":")
+def parse_wave(text: str) -> tuple[list[str], list[int], list[str] | None]:
+    """``"POLICY POLICY:SEED,SEED[ in SETTING,SETTING]"`` -> (policies, seeds, settings or
+    ``None`` for every setting)."""
+    body, in_, names_text = text.partition(" in ")
+    only = names_text.replace(",", " ").split() if in_ else None
+    policies, colon, seeds = body.rpartition(":")
     try:
         numbers = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         numbers = []
     names = policies.split()
-    if not colon or not names or not numbers:
-        raise SystemExit(f"--wave {text!r}: expected 'POLICY [POLICY ...]:SEED[,SEED...]'")
+    if not colon or not names or not numbers or only == []:
+        raise SystemExit(f"--wave {text!r}: expected 'POLICY [POLICY ...]:SEED[,SEED...]' "
+                         "optionally followed by ' in SETTING[,SETTING...]'")
     unknown = [p for p in names if p != BEST_FIXED and p not in known_policies()]
     if unknown:
         raise SystemExit(f"unknown policy(ies) {unknown}; known (configs/benchmarks/mixing): "
@@ -212,10 +217,11 @@ def parse_wave(text: str) -> tuple[list[str], list[int]]:
     if bad:
         raise SystemExit(f"policy(ies) {bad} name a reference that is not a fixed mixture: "
                          "a reference is trained on a fixed baseline mixture")
-    return names, numbers
+    return names, numbers, only
 
 
-def plan(settings: Sequence[Setting], waves: Sequence[tuple[list[str], list[int]]], out: Path,
+def plan(settings: Sequence[Setting],
+         waves: Sequence[tuple[list[str], list[int], list[str] | None]], out: Path,
          reference_seed: int = 1, sizes: dict[str, int] | None = None) -> list[Run]:
     """The runs in the order they start: wave by wave; in a wave seed by seed, the setting
     with the most tokens first (``sizes``: tokens per run of each setting); each DoReMi run's
@@ -230,9 +236,16 @@ def plan(settings: Sequence[Setting], waves: Sequence[tuple[list[str], list[int]
             names.add((run.setting, run.policy, run.seed))
             runs.append(run)
 
-    for policies, seeds in waves:
+    known = {s.name for s in settings}
+    for policies, seeds, only in waves:
+        missing = sorted(set(only or ()) - known)
+        if missing:
+            raise SystemExit(f"--wave ... in {','.join(only)}: no setting named {missing}; "
+                             f"the settings are {sorted(known)}")
         for seed in seeds:
             for setting in order:
+                if only is not None and setting.name not in only:
+                    continue
                 for policy in policies:
                     wanted = reference_policy(policy) if policy != BEST_FIXED else None
                     if wanted is not None:
@@ -738,7 +751,9 @@ def report(out: Path, settings: Sequence[str]) -> dict[str, list[dict[str, Any]]
             continue
         if any(s["done"] for s in summaries):
             print(table(summaries, header + "\n"), "\n", sep="")
-            print(verdict(summaries, "effective-data"), "\n")
+            adaptive = [p for p in known_policies() if not is_fixed(p)
+                        and any(s["policy"] == p and s["done"] for s in summaries)]
+            print("\n".join(verdict(summaries, p) for p in adaptive), "\n")
             print(per_seed(summaries), "\n")
         if not all(s["done"] for s in summaries):
             print(stopped(summaries), "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,40 @@ def test_a_fit_prints_no_dependency_tips_one_line_per_evaluation_and_no_v_num(ow
     assert "(code " in console and ", prose " in console  # each domain's loss on the line
 
 
+def test_a_fit_prints_a_one_line_model_summary_and_no_tpu_line_or_neptune_goodbye(own_run):
+    """The model summary is one line (not Lightning's 12-line table), there is no "TPU
+    available: False" nor "`Trainer.fit` stopped: `max_steps=3` reached" (the bar says so),
+    and the Neptune client's goodbye at exit is not printed."""
+    _, done = own_run
+    console = done.stdout + done.stderr
+    for noise in ("Total params", "| Name", "TPU available", "Trainer.fit` stopped",
+                  "Shutting down background jobs", "Done!"):
+        assert noise not in console, noise
+    [summary] = [line for line in console.splitlines() if line.startswith("model: ")]
+    assert re.fullmatch(r"model: [\d.]+ [KM] parameters \(all trainable\), [\d.]+ MB", summary)
+
+
+def test_a_quiet_prepare_says_in_one_line_what_it_added_and_held_out(tmp_path, capsys):
+    from lightning_aquila.cli import main
+    from lightning_aquila.datamodules.store import ShardStore
+
+    url = str(tmp_path / "s.zarr")
+    assert main(["prepare", "--input", str(CORPUS / "en_legal" / "*.jsonl"), "--domain",
+                 "en_legal", "--output", url, "--held-out-fraction", "0.1", "--quiet"]) == 0
+    info = ShardStore(url).info("en_legal")
+    assert capsys.readouterr().out.splitlines() == [
+        f"domain 'en_legal' (language 'en'): added 1 source(s), {info.total_documents:,} "
+        f"documents, {info.total_tokens:,} tokens ({info.tokens('heldout'):,} held out) -> {url}"]
+
+
+def test_the_report_says_where_it_is_in_one_line(own_run):
+    folder, _ = own_run
+    done = cli("report", "run", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "report: run/report.html (figure: run/report.png)\n"
+    assert (folder / "run" / "report.html").is_file() and (folder / "run" / "report.png").is_file()
+
+
 def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(own_store,
                                                                               tmp_path):
     folder, store = own_store
@@ -240,20 +275,90 @@ def test_a_resumed_run_shows_steps_and_a_finished_one_says_so_and_does_nothing(o
 
 
 # -- fast, helpful errors ------------------------------------------------------------------------
-def test_a_config_typo_names_its_file_and_the_option_meant(tmp_path):
+TYPOS = {  # a typo on the command line, one in a config file: the one line each gets
+    "flag": (["--trainer.max_step", "3"], "lightning-aquila fit: error: unknown option "
+             "--trainer.max_step; did you mean --trainer.max_steps?"),
+    "config": (["--config", "typo.yaml"], "lightning-aquila fit: error: unknown option "
+               "'trainer.max_step' (set in typo.yaml); did you mean 'trainer.max_steps'?"),
+}
+#: ``main(ARGS)`` in a fresh interpreter; prints its exit code and which of the heavy
+#: packages were imported by the time it returned.
+IMPORTS_PROBE = ("import sys; from lightning_aquila.cli import main; code = main(sys.argv[1:]); "
+                 "print(code, [m for m in ('torch', 'lightning', 'jsonargparse') "
+                 "if m in sys.modules])")
+
+
+@pytest.mark.parametrize("typo", sorted(TYPOS))
+def test_a_typo_gets_one_line_from_the_parser_first_and_before_lightning_after(
+        typo, tmp_path, monkeypatch):
+    """The first time, LightningCLI's parser refuses the typo (and keeps its options); after
+    that the same line comes before torch, Lightning or jsonargparse is imported."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "typo.yaml").write_text("trainer:\n  max_step: 3\n")
-    code, err = in_process("fit", "--config", str(QUICKSTART), "--config", "typo.yaml",
-                           cwd=tmp_path)
-    assert code == 2
-    assert err.splitlines()[0] == (
-        "lightning-aquila: error: Subcommand 'fit' does not accept option 'trainer.max_step'; "
-        "did you mean 'trainer.max_steps'? (set in typo.yaml)")
-    assert "`lightning-aquila fit --help` lists the flags" in err
-    code, err = in_process("fit", "--config", str(QUICKSTART), "--model.learning_rat", "3",
-                           cwd=tmp_path)
-    assert code == 2
-    assert "unrecognized arguments: --model.learning_rat 3; did you mean " \
-           "'model.learning_rate'?" in err
+    args, line = TYPOS[typo]
+    code, err = in_process("fit", "--config", str(QUICKSTART), *args, cwd=tmp_path)
+    assert code == 2 and err.splitlines() == [
+        line, "(`lightning-aquila fit --help` lists the flags; --verbose shows the full message)"]
+    assert len(list((tmp_path / "cache").rglob("fit-options-*.json"))) == 1
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    again = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, "fit", "--config",
+                            str(QUICKSTART), *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.stdout == "2 []\n" and again.stderr == err
+
+
+@pytest.fixture(scope="module")
+def fit_options(tmp_path_factory):
+    """The options ``fit``'s parser keeps (from a ``fit --help`` into a fresh cache)."""
+    from lightning_aquila.cli import known_options
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        with contextlib.redirect_stdout(io.StringIO()):
+            in_process("fit", "--help", cwd=tmp_path_factory.mktemp("cwd"))
+        return known_options.kept("fit")
+
+
+@pytest.mark.parametrize("words", [
+    ["--data.init_args.stor", "x"],  # the data class's arguments: the parser's to judge
+    ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+     "--trainer.callbacks.logging_interval", "step"],
+    ["--trainer.callbacks.init_args.policy", "lightning_aquila.callbacks.EffectiveDataMixture"],
+    ["--model.config.max_seq_len", "64"],  # a dict
+    ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
+    ["--print_config", "--trainer.max_steps=3", "--ckpt_path", "last"],
+    ["--data.help", "DomainDataModule", "--trainer.max_step", "3"],  # help first, as argparse
+    ["--config", "open.yaml"],
+], ids=["init_args", "appended-callback", "callback-arg", "dict", "optimizer", "print_config",
+        "help", "config"])
+def test_what_only_the_full_parser_can_judge_is_left_to_it(words, fit_options, tmp_path,
+                                                           monkeypatch):
+    from lightning_aquila.cli.known_options import refusal
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump({
+        "trainer.max_steps": 3,
+        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": "x", "anything": 1}}},
+        "model": {"config": {"anything": 1}},
+        "data": {"class_path": "lightning_aquila.datamodules.DomainDataModule",
+                 "init_args": {"stor": "x"}}}))
+    assert refusal("fit", words, fit_options) is None
+
+
+@pytest.mark.parametrize(("words", "refused"), [
+    (["--trainer.foo.bar", "3"], "unknown option --trainer.foo.bar"),
+    (["--seed_everythin", "3"], "unknown option --seed_everythin; did you mean --seed_everything?"),
+    (["--config", "top.yaml"], "unknown option 'trainr' (set in top.yaml); did you mean "
+                               "'trainer'?"),
+])
+def test_a_name_no_option_can_hold_is_refused_before_the_parser(words, refused, fit_options,
+                                                                tmp_path, monkeypatch):
+    from lightning_aquila.cli.known_options import refusal
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "top.yaml").write_text("trainr:\n  max_steps: 3\n")
+    assert refusal("fit", words, fit_options) == refused
 
 
 def test_fit_help_comes_from_the_cache_after_the_first_time(tmp_path, monkeypatch):
@@ -264,6 +369,7 @@ def test_fit_help_comes_from_the_cache_after_the_first_time(tmp_path, monkeypatc
     assert first.returncode == 0 and "--trainer.max_steps" in first.stdout
     [cached] = (tmp_path / "cache").rglob("fit-help-*")
     assert cached.read_text(encoding="utf-8") == first.stdout
+    assert len(list((tmp_path / "cache").rglob("fit-options-*.json"))) == 1  # (for typos)
     cached.write_text(first.stdout + "MARKER from the cache\n", encoding="utf-8")
     again = cli("fit", "--help", cwd=tmp_path)
     assert again.stdout == first.stdout + "MARKER from the cache\n" and again.stderr == ""

@@ -95,7 +95,7 @@ def test_resume_with_scores_continues_the_exact_sequence(dmu_make_store):
 
 
 @pytest.mark.parametrize(("quality", "match"), [
-    ({"score": "fasttext_hq"}, r"quality.score 'fasttext_hq': .* has no such score; it has "
+    ({"score": "fasttext_hq"}, r"quality.score: .* has no score 'fasttext_hq'; it has "
                                r"\['quality'\]"),
     ({"score": "quality", "temperature": 0}, "quality.temperature must be a positive number"),
     ({"score": "quality", "temperature": {"c": 1.0}}, r"unknown domain\(s\) \['c'\]"),

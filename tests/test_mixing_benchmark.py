@@ -53,8 +53,8 @@ def test_the_driver_runs_two_settings_and_prints_their_tables(store, tmp_path, c
 
 def test_best_fixed_runs_wait_for_the_fixed_runs_then_become_the_best_ones(tmp_path):
     settings = {"s": mixing.Setting("s", "unused", 1)}
-    runs = mixing.plan(list(settings.values()), [(["natural", "uniform"], [1]),
-                                                 (["@best-fixed"], [2])], tmp_path)
+    runs = mixing.plan(list(settings.values()), [(["natural", "uniform"], [1], None),
+                                                 (["@best-fixed"], [2], None)], tmp_path)
     scheduler = mixing.Scheduler(runs, ["cpu"], settings, {"s": mixing.Geometry(1, 1, 1, 1, 1)},
                                  overlay=None, extra=[])
     placeholder = runs[-1]
@@ -85,7 +85,10 @@ def test_settings_and_waves_are_parsed_or_refused_naming_the_value():
     for bad in ("a:/x.zarr", "a=/x.zarr", "a=/x.zarr:0", "=x:1"):
         with pytest.raises(SystemExit, match="NAME=STORE:EPOCHS"):
             mixing.Setting.parse(bad)
-    assert mixing.parse_wave("uniform natural:1,2") == (["uniform", "natural"], [1, 2])
+    assert mixing.parse_wave("uniform natural:1,2") == (["uniform", "natural"], [1, 2], None)
+    assert mixing.parse_wave("uniform:3 in b-3ep,a") == (["uniform"], [3], ["b-3ep", "a"])
+    with pytest.raises(SystemExit, match="expected"):
+        mixing.parse_wave("uniform:3 in ")
     with pytest.raises(SystemExit, match="unknown policy"):
         mixing.parse_wave("stratified:1")
     with pytest.raises(SystemExit, match="expected"):
@@ -99,13 +102,17 @@ def test_fixed_policies_are_the_files_that_run_no_mixture_policy():
 
 def test_the_plan_runs_waves_in_order_seed_by_seed_longest_setting_first(tmp_path):
     settings = [mixing.Setting("small", "x", 1), mixing.Setting("big", "y", 1)]
-    runs = mixing.plan(settings, [(["uniform", "doremi"], [2, 3]), (["@best-fixed"], [4])],
+    runs = mixing.plan(settings, [(["uniform", "doremi"], [2, 3], None),
+                                  (["@best-fixed"], [4], None), (["natural"], [5], ["small"])],
                        tmp_path, reference_seed=1, sizes={"small": 10, "big": 20})
     assert [(r.setting, r.name) for r in runs] == [
         ("big", "uniform-s2"), ("big", "uniform-s1"), ("big", "doremi-s2"),
         ("small", "uniform-s2"), ("small", "uniform-s1"), ("small", "doremi-s2"),
         ("big", "uniform-s3"), ("big", "doremi-s3"), ("small", "uniform-s3"),
-        ("small", "doremi-s3"), ("big", "@best-fixed-s4"), ("small", "@best-fixed-s4")]
+        ("small", "doremi-s3"), ("big", "@best-fixed-s4"), ("small", "@best-fixed-s4"),
+        ("small", "natural-s5")]
+    with pytest.raises(SystemExit, match="no setting named"):
+        mixing.plan(settings, [(["natural"], [1], ["tiny"])], tmp_path)
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -165,7 +172,7 @@ def test_a_doremi_run_waits_for_its_reference_and_names_it(store, tmp_path):
     settings = {"toy": mixing.Setting("toy", store, 0.03)}
     toy = mixing.CONFIGS / "cpu-toy.yaml"
     geometry = {"toy": mixing.Geometry.of(settings["toy"], toy, 4)}
-    runs = mixing.plan(list(settings.values()), [(["doremi-natural-ref"], [2])], tmp_path)
+    runs = mixing.plan(list(settings.values()), [(["doremi-natural-ref"], [2], None)], tmp_path)
     scheduler = mixing.Scheduler(runs, ["cpu"], settings, geometry, overlay=toy, extra=[])
     reference, doremi = runs
     assert reference.name == "natural-s1" and not scheduler.ready(doremi)

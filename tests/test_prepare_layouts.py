@@ -114,7 +114,7 @@ def test_an_empty_input_adds_nothing_and_exits_non_zero(tmp_path, capsys):
 def test_the_summary_reports_the_size_of_each_split(tmp_path, capsys):
     url = str(tmp_path / "s.zarr")
     assert main(["--input", str(book(tmp_path / "a.txt", 3000)), "--domain", "legal",
-                 "--output", url, "--quiet", "--held-out-fraction", "0.05"]) == 0
+                 "--output", url, "--quiet", "-v", "--held-out-fraction", "0.05"]) == 0
     out = capsys.readouterr().out
     info = ShardStore(url).info("legal")
     assert (f"domain now: train {info.tokens('train'):,} tokens, held out "

@@ -285,18 +285,12 @@ class AdaptiveTrainingEngine(Callback):
         if wanted == current:
             return
         step = trainer.global_step
-        policy = self.policy.name
-        change = mixture.set_quality_temperature(wanted, reason, step=step, policy=policy,
+        change = mixture.set_quality_temperature(wanted, reason, step=step,
+                                                 policy=self.policy.name,
                                                  stage=self._stage_name())
-        record = {"step": step, "batch_index": getattr(change, "batch_index", None),
-                  "quality_temperature": dict(wanted), "reason": reason, "policy": policy,
-                  "stage": self._stage_name()}
-        self.changes.append(record)
-        self._log(trainer, {f"ate/quality_temperature/{d}": float(t)  # none: no reweighting
-                            for d, t in wanted.items() if t is not None}
-                  | {"ate/changes": float(len(self.changes))}, step)
-        self._event("quality_temperature", step,
-                    **{k: v for k, v in record.items() if k != "step"})
+        self._record(trainer, step, change, "quality_temperature", dict(wanted), reason,
+                     {f"ate/quality_temperature/{d}": float(t)  # none: no reweighting
+                      for d, t in wanted.items() if t is not None}, "quality_temperature")
 
     def _apply(self, trainer: Trainer, weights: Mapping[str, float], reason: str,
                **extra: Any) -> dict[str, Any] | None:
@@ -322,14 +316,26 @@ class AdaptiveTrainingEngine(Callback):
             weights = {d: w / total for d, w in weights.items()}
         change = mixture.set_weights(dict(weights), reason, step=step, policy=policy,
                                      stage=self._stage_name(), **extra)
+        applied = dict(getattr(change, "weights", weights))
+        # an observable mixture's change is recorded by the monitor, which listens to it
+        return self._record(trainer, step, change, "weights", applied, reason,
+                            {f"ate/weight/{d}": float(w) for d, w in applied.items()},
+                            None if mixture.observable else "mixture", **extra)
+
+    def _record(self, trainer: Trainer, step: int, change: Any, field: str, value: Any,
+                reason: str, metrics: dict[str, float], event: str | None,
+                **extra: Any) -> dict[str, Any]:
+        """Keep a change the mixture made (``field``: what changed, to ``value``) in
+        ``changes``, log ``metrics`` with the change count and, with ``event``, write it to
+        the run's event log."""
         record = {"step": step, "batch_index": getattr(change, "batch_index", None),
-                  "weights": dict(getattr(change, "weights", weights)), "reason": reason,
-                  "policy": policy, "stage": self._stage_name(), **extra}
+                  field: value, "reason": reason,
+                  "policy": self.policy.name if self.policy is not None else None,
+                  "stage": self._stage_name(), **extra}
         self.changes.append(record)
-        self._log(trainer, {f"ate/weight/{d}": float(w) for d, w in record["weights"].items()}
-                  | {"ate/changes": float(len(self.changes))}, step)
-        if not mixture.observable:  # else the monitor, listening to it, records the change
-            self._event("mixture", step, **{k: v for k, v in record.items() if k != "step"})
+        self._log(trainer, metrics | {"ate/changes": float(len(self.changes))}, step)
+        if event is not None:
+            self._event(event, step, **{k: v for k, v in record.items() if k != "step"})
         return record
 
     def _enter_stage(self, trainer: Trainer, name: str, reason: str) -> None:

@@ -7,6 +7,7 @@ and run tools (``prepare``, ``inspect``, ``remove-domain``, ``train-tokenizer``,
 jsonargparse). Nothing heavy (torch, Lightning, jsonargparse) is imported here:
 ``lightning-aquila --help`` must answer at once, and a data tool must not pay for Lightning.
 The rest of the package: ``commands.py`` (the command list), ``errors.py`` (one-line errors),
+``known_options.py`` (a flag or config typo refused before Lightning is imported),
 ``run_folder.py`` (one run, one folder), ``console.py`` (progress bar and model summary).
 
 User errors (a bad config file, an unknown class, bad data) are printed as one line naming the
@@ -92,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_tool(command, words[1:])
         errors.check_config_files(words[1:])
+        if not verbose:
+            from lightning_aquila.cli.known_options import refusal
+
+            # a typo refused before Lightning is imported (once its options are known)
+            problem = refusal(command, words[1:])
+            if problem is not None:
+                print(errors.usage_error(f"lightning-aquila {command}", problem),
+                      file=sys.stderr)
+                return 2
         from lightning_aquila.cli.trainer import run_cli
 
         if argv is None:

@@ -1,6 +1,6 @@
 """What a run prints on the console: one progress bar in optimizer steps, one line per
-evaluation, and a model summary without a meaningless FLOPs line. The CLI adds both unless
-the config names its own.
+evaluation, and a model summary of one line. The CLI adds both unless the config names its
+own.
 
 Lightning's bars count batches per epoch, which is wrong for the step-bounded runs of
 pretraining: with ``max_steps`` and ``max_epochs=-1`` they show ``Epoch 0/-2``, and after a
@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 
 log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 
@@ -100,35 +101,25 @@ def evaluation_line(trainer: Trainer) -> str:
 
 
 class CompactModelSummary(ModelSummary):
-    """Lightning's summary without the "Total Flops" line when nothing measured FLOPs (it
-    does only for modules with an ``example_input_array``; it would print ``0``)."""
+    """The model summary as one line: ``model: 2.8 M parameters (all trainable), 11.3 MB``,
+    with the FLOPs only when something measured them (Lightning does only for modules with an
+    ``example_input_array``; it would print ``0``). Lightning's 12-line table of the top-level
+    layers says nothing more about a model that is one module; name
+    ``lightning.pytorch.callbacks.ModelSummary`` among the callbacks to get it."""
 
     @staticmethod
     def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int,
                   trainable_parameters: int, model_size: float,
                   total_training_modes: dict[str, int], total_flops: int,
                   **summarize_kwargs: Any) -> None:
-        drop = None if total_flops else _DropLastLine("Total Flops")
-        if drop is not None:
-            log.addFilter(drop)
-        try:
-            ModelSummary.summarize(summary_data, total_parameters, trainable_parameters,
-                                   model_size, total_training_modes, total_flops,
-                                   **summarize_kwargs)
-        finally:
-            if drop is not None:
-                log.removeFilter(drop)
+        log.info(summary_line(total_parameters, trainable_parameters, model_size, total_flops))
 
 
-class _DropLastLine(logging.Filter):
-    """Takes the last line off a logged message when it ends with ``suffix``."""
-
-    def __init__(self, suffix: str) -> None:
-        super().__init__()
-        self.suffix = suffix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.endswith(self.suffix):
-            record.msg, record.args = message.rsplit("\n", 1)[0], ()
-        return True
+def summary_line(total_parameters: int, trainable_parameters: int, model_size: float,
+                 total_flops: int = 0) -> str:
+    count = get_human_readable_count
+    trainable = ("all trainable" if trainable_parameters == total_parameters
+                 else f"{count(trainable_parameters)} trainable")
+    flops = f", {count(total_flops)} FLOPs" if total_flops else ""
+    return (f"model: {count(total_parameters)} parameters ({trainable}), "
+            f"{model_size:.1f} MB{flops}")

@@ -16,6 +16,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from lightning_aquila.cli.commands import TRAINER_COMMANDS
+
 #: Set by ``lightning-aquila --verbose``: print errors in full.
 VERBOSE = False
 #: The command's words (set by the dispatcher): where a typo's ``--config`` files are.
@@ -30,9 +32,12 @@ _USER_ERROR_NAMES = frozenset({"ArgumentError", "MisconfigurationException", "YA
 #: and the class it tried. Each is the first line of one link of the exception chain.
 _FIELD = re.compile(r'^Parser key "([^"]+)"')
 _CLASS = re.compile(r"^Problem with given class_path '([^']+)'")
-#: The option a parser refused: from a config file, or on the command line.
-_REFUSED = (re.compile(r"does not accept option '([^']+)'"),
-            re.compile(r"[Uu]nrecognized arguments: --([^\s=]+)"))
+#: The option a parser refused: from a config (a subcommand's or a group's), or on the
+#: command line.
+_REFUSED_KEY = re.compile(r"(?:Subcommand '[\w-]+'|Group '([\w.-]+)') does not accept option "
+                          r"'([^']+)'")
+_REFUSED_FLAG = re.compile(r"[Uu]nrecognized arguments: --([^\s=]+)")
+_SUBCOMMAND = re.compile(r"Subcommand '([\w-]+)'")
 
 
 class ConfigFileError(ValueError):
@@ -41,20 +46,47 @@ class ConfigFileError(ValueError):
 
 class OneLineErrors:
     """Mixin for a jsonargparse ``ArgumentParser``: a parse error is printed as one line
-    (:func:`one_line`) with a hint, and the full report only with ``--verbose``."""
+    (:func:`one_line`; an unknown option as :func:`unknown_option`, as the dispatcher's check
+    before the parser prints it) with a hint, and the full report only with ``--verbose``."""
 
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error or VERBOSE:  # type: ignore[attr-defined]
             super().error(message, ex)  # type: ignore[misc]
         prog = self.prog.replace(" [options]", "")  # type: ignore[attr-defined]
         text = one_line(ex if ex is not None else ValueError(message))
-        hint = typo_hint(text, self)
-        sub = re.match(r"Subcommand '([\w-]+)'", text)
-        helped = f"{prog} {sub.group(1)}" if sub else prog
-        print(f"{prog}: error: {text}{hint}\n"
-              f"(`{helped} --help` lists the flags; --verbose shows the full message)",
-              file=sys.stderr)
+        sub = _SUBCOMMAND.search(text)
+        command = sub.group(1) if sub else WORDS[0] if WORDS else None
+        if " " not in prog and command in TRAINER_COMMANDS:  # LightningCLI's root parser
+            prog = f"{prog} {command}"
+        text = refused_option_text(text, self) or text
+        print(usage_error(prog, text), file=sys.stderr)
         self.exit(2)  # type: ignore[attr-defined]
+
+
+def usage_error(prog: str, text: str) -> str:
+    """The two lines of a command-line error: what is wrong, and where to look."""
+    return (f"{prog}: error: {text}\n"
+            f"(`{prog} --help` lists the flags; --verbose shows the full message)")
+
+
+def unknown_option(name: str, close: str | None, file: str | None = None, *,
+                   flag: bool | None = None) -> str:
+    """``unknown option --trainer.max_step; did you mean --trainer.max_steps?`` for a flag,
+    ``unknown option 'trainer.max_step' (set in x.yaml); did you mean 'trainer.max_steps'?``
+    for a config key (``flag`` defaults to "no file given")."""
+    flag = file is None if flag is None else flag
+    show = (lambda n: f"--{n}") if flag else repr
+    where = f" (set in {file})" if file else ""
+    fix = f"; did you mean {show(close)}?" if close and close != name else ""
+    return f"unknown option {show(name)}{where}{fix}"
+
+
+def closest(name: str, names: Sequence[str]) -> str | None:
+    """The option of ``names`` closest to ``name``, if one is close (not the forms that only
+    jsonargparse's machinery uses: ``--a+`` appends, ``--a.help`` prints a class's help)."""
+    names = [n for n in names if not n.endswith(("+", ".help"))]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.7)
+    return close[0] if close else None
 
 
 def option_names(parser: Any) -> list[str]:
@@ -66,17 +98,19 @@ def option_names(parser: Any) -> list[str]:
     return names
 
 
-def typo_hint(message: str, parser: Any) -> str:
-    """``; did you mean 'trainer.max_steps'? (in typo.yaml)`` for an option a parser
-    refused: the closest option it knows, and the ``--config`` file that set the refused
-    one (the parser's own message names neither)."""
-    refused = next((m.group(1) for m in (r.search(message) for r in _REFUSED) if m), None)
-    if refused is None:
-        return ""
-    close = difflib.get_close_matches(refused, option_names(parser), n=1, cutoff=0.7)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    where = config_file_setting(refused, config_paths(WORDS))
-    return hint + (f" (set in {where})" if where else "")
+def refused_option_text(message: str, parser: Any) -> str | None:
+    """:func:`unknown_option` of the option a parser's ``message`` says it refused: the
+    closest option it knows, and the ``--config`` file that set a refused key (the parser's
+    own message names neither); ``None`` for another message."""
+    key, flag = _REFUSED_KEY.search(message), _REFUSED_FLAG.search(message)
+    if key is None and flag is None:
+        return None
+    if key is not None:
+        name = f"{key.group(1)}.{key.group(2)}" if key.group(1) else key.group(2)
+        file = config_file_setting(name, config_paths(WORDS))
+        return unknown_option(name, closest(name, option_names(parser)), file, flag=False)
+    name = flag.group(1)  # type: ignore[union-attr]
+    return unknown_option(name, closest(name, option_names(parser)), flag=True)
 
 
 def config_file_setting(key: str, paths: Sequence[str]) -> str | None:

@@ -1,5 +1,6 @@
 """``lightning-aquila fit --help`` without importing Lightning: the text is kept in a cache
-file the first time it is printed and read back after.
+file the first time it is printed and read back after (and so are the options of each trainer
+command, which ``known_options`` checks a command line against).
 
 The trainer commands' flags come from LightningCLI, whose import (torch, Lightning,
 torchmetrics) takes 4-6 s on a loaded 2-core machine; the help itself does not change until
@@ -32,12 +33,12 @@ def _key() -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(command: str) -> Path | None:
-    """Where ``command``'s help is kept; ``None`` when caching is off."""
+def cache_path(command: str, what: str = "help", suffix: str = "txt") -> Path | None:
+    """Where ``command``'s help (or ``what`` else) is kept; ``None`` when caching is off."""
     if os.environ.get("LIGHTNING_AQUILA_NO_CACHE"):
         return None
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lightning-aquila" / f"{command}-help-{_key()}.txt"
+    return base / "lightning-aquila" / f"{command}-{what}-{_key()}.{suffix}"
 
 
 def read_help(command: str) -> str | None:
@@ -49,11 +50,14 @@ def read_help(command: str) -> str | None:
 
 
 def write_help(command: str, text: str) -> None:
-    """Keep ``text`` (written whole, then renamed; a cache that cannot be written is no
-    error)."""
     path = cache_path(command)
-    if path is None or not text.strip():
-        return
+    if path is not None and text.strip():
+        write_cache(path, text)
+
+
+def write_cache(path: Path, text: str) -> None:
+    """Keep ``text`` at ``path`` (written whole, then renamed; a cache that cannot be written
+    is no error)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
@@ -63,4 +67,4 @@ def write_help(command: str, text: str) -> None:
         pass
 
 
-__all__ = ["cache_path", "read_help", "write_help"]
+__all__ = ["cache_path", "read_help", "write_cache", "write_help"]

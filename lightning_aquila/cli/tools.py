@@ -137,9 +137,10 @@ def prepare_command(argv: Sequence[str] | None = None) -> int:
         skip={"batch_chars", "piece_chars", "progress"})
     parser.add_argument("--threads", type=int | None, default=None,
                         help="tokenizer threads (default: all cores)")
-    add_switch(parser, "--quiet", help="no progress bars")
+    add_switch(parser, "--quiet", help="no progress bars, and the summary in one line")
     add_switch(parser, "-v", "--verbose",
-               help="name every skipped source, not only the first few")
+               help="the whole summary, also with --quiet: each split's size, and every "
+                    "skipped source named, not only the first few")
     args = parser.parse_argv(argv)
     if args.threads:
         os.environ["RAYON_NUM_THREADS"] = str(args.threads)
@@ -148,7 +149,7 @@ def prepare_command(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"lightning-aquila prepare: error: {exc}", file=sys.stderr)
         return 1
-    print_prepare_summary(report, args.verbose)
+    print_prepare_summary(report, args.verbose, brief=args.quiet and not args.verbose)
     if report.undecodable:
         print(f"warning: skipped {len(report.undecodable)} file(s) that do not decode "
               "(--encoding reads another encoding):", file=sys.stderr)
@@ -162,10 +163,21 @@ def prepare_command(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def print_prepare_summary(report: Any, verbose: bool) -> None:
+def print_prepare_summary(report: Any, verbose: bool, brief: bool = False) -> None:
     """What a ``prepare`` run did: skipped duplicates (counted; named with ``-v``), then the
-    split sizes of this run and of the domain after it."""
+    split sizes of this run and of the domain after it; ``brief``: one line, what was added
+    (and how much of it is held out) or else what was skipped."""
     from lightning_aquila.datamodules.split import HELDOUT_WINDOW_TOKENS
+
+    added = (f"domain {report.domain!r} (language {report.language!r}): added "
+             f"{len(report.added)} source(s), {report.documents:,} documents, "
+             f"{report.tokens:,} tokens")
+    if brief and report.added:
+        skipped = (f"; skipped {len(report.skipped)} already there" if report.skipped
+                   else "")
+        print(f"{added} ({report.split_tokens.get('heldout', 0):,} held out){skipped} -> "
+              f"{report.store}")
+        return
 
     shown = len(report.skipped) if verbose else 3
     if report.skipped:
@@ -178,9 +190,7 @@ def print_prepare_summary(report: Any, verbose: bool) -> None:
         if not report.skipped and not report.undecodable:
             print("nothing to do")
         return
-    print(f"domain {report.domain!r} (language {report.language!r}): added "
-          f"{len(report.added)} source(s), {report.documents:,} documents, "
-          f"{report.tokens:,} tokens -> {report.store}")
+    print(f"{added} -> {report.store}")
     how = ("whole documents" if report.split_mode == "documents" else
            f"windows of {HELDOUT_WINDOW_TOKENS} tokens cut from the documents")
     tokens, pieces = report.split_tokens, report.split_pieces
@@ -348,7 +358,7 @@ def report_runs(run_dir: str | None = None, output_dir: str | None = None,
     from lightning_aquila.tracking.report import write_report
 
     png, page = write_report(run_dir, output_dir, title)
-    print(f"report: {page}\nfigure: {png}")
+    print(f"report: {page} (figure: {png})")
     return 0
 
 

@@ -7,10 +7,13 @@
   so in one line and starts fresh; a fit whose processes resolved it to different
   checkpoints (nodes that see different folders) stops before training (``same_resume``).
 - No prefix abbreviations (``--trainer.max_step`` is an error, not ``max_steps``), and parser
-  errors are one line naming the field (``errors``; ``--verbose`` shows them in full).
+  errors are one line naming the field (``errors``; ``--verbose`` shows them in full). The
+  options are kept for the dispatcher's check before this module is imported
+  (``known_options``).
 - The model's vocabulary size, bos and eos follow the tokenizer the store records unless the
   config sets them (``store_defaults``).
-- A step progress bar and a summary without "Total Flops: 0" (``console``).
+- A step progress bar and a one-line model summary (``console``); the Neptune run is stopped
+  before the quiet block ends (``quiet``).
 - Checkpoints are written atomically (``AtomicCheckpointIO``) unless the configuration names
   another ``CheckpointIO``; see ``docs/crash-safety.md``.
 """
@@ -30,6 +33,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 import lightning_aquila.strategies  # noqa: F401  (registers our named strategies)
 from lightning_aquila.checkpoint import AtomicCheckpointIO
 from lightning_aquila.checkpoint_check import checked_resume_path
+from lightning_aquila.cli import known_options
 from lightning_aquila.cli.console import CompactModelSummary, StepProgressBar
 from lightning_aquila.cli.errors import OneLineErrors
 from lightning_aquila.cli.quiet import quiet_dependencies
@@ -81,6 +85,10 @@ class AquilaCLI(LightningCLI):
             if self._folder_before is not None and getattr(trainer, "global_step", 0) == 0:
                 self._folder_before.restore()
             raise
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        known_options.remember(parser)  # the next typo is refused before this import
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -193,9 +201,19 @@ def with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any] | None:
     return None
 
 
+def stop_tracker_runs(cli: AquilaCLI) -> None:
+    """Stop the Neptune run of a command that is done, inside ``quiet_dependencies`` (the
+    client would stop it at exit, printing two lines of goodbye)."""
+    from lightning_aquila.loggers import NeptuneLogger
+
+    for logger in getattr(getattr(cli, "trainer", None), "loggers", None) or []:
+        if isinstance(logger, NeptuneLogger):
+            logger.stop()
+
+
 def run_cli(args: list[str] | None = None) -> AquilaCLI:
     with quiet_dependencies():
-        return AquilaCLI(
+        cli = AquilaCLI(
             AquilaLM,
             LightningDataModule,
             subclass_mode_data=True,
@@ -204,3 +222,5 @@ def run_cli(args: list[str] | None = None) -> AquilaCLI:
             parser_kwargs={"prog": "lightning-aquila"},
             args=args,
         )
+        stop_tracker_runs(cli)
+        return cli

@@ -37,6 +37,7 @@ from lightning_aquila.datamodules.quality import (
 from lightning_aquila.datamodules.sampler import MixtureSampler
 from lightning_aquila.datamodules.shard_format import DataError
 from lightning_aquila.datamodules.split import PARTS
+from lightning_aquila.datamodules.storage_retry import StorageRetry
 from lightning_aquila.datamodules.store import ShardStore, heldout_parts
 from lightning_aquila.datamodules.store_tokenizer import StoreTokenizer, store_tokenizer
 from lightning_aquila.datamodules.tokenizer_check import check_run_tokenizer, probes_of
@@ -97,6 +98,17 @@ class DomainDataModule(LightningDataModule):
         verify: ``"chunks"`` checks in ``setup`` that every chunk exists; ``"full"`` also
             decodes them all (catches corruption up front); ``"none"`` skips both.
         storage_options: fsspec options for remote stores (credentials, endpoints).
+        storage_retry: how every process that reads the store (each loader worker on its
+            own, and the main one) waits for it when it is unreachable or throttling:
+            ``{max_wait_s: 300, first_delay_s: 1, max_delay_s: 30}`` (the defaults; give any
+            of them). A read that fails with a connection error, a timeout or a 5xx/429
+            answer (after s3fs's and botocore's own retries) is retried with exponential
+            backoff (pauses from ``first_delay_s``, doubling, at most ``max_delay_s``), and
+            the process says so in one line (``waiting for s3://...``). Past ``max_wait_s``
+            it stops with one line naming the store and the bound; resume with
+            ``--ckpt_path last``. ``max_wait_s: 0`` stops at the first failure. Keep
+            ``max_wait_s`` under the process group's timeout when other ranks wait for
+            this one (docs/crash-safety.md, "Object-store faults").
         quality: sample by document score inside each domain (docs/data.md, "Sampling by
             score"): ``{score: NAME, temperature: τ or {domain: τ}, floor_quantile: q,
             max_repeats: k}``. ``score`` is one of the store's scores; a document's weight is
@@ -125,6 +137,7 @@ class DomainDataModule(LightningDataModule):
         verify: Literal["chunks", "full", "none"] = "chunks",
         storage_options: Mapping[str, Any] | None = None,
         quality: Mapping[str, Any] | None = None,
+        storage_retry: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         # ``tokenizer`` is the model's hyperparameter (Lightning refuses a key both hold with
@@ -159,6 +172,7 @@ class DomainDataModule(LightningDataModule):
             raise DataError(f"domains must be a list of domain names, got {domains!r}")
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise DataError(f"storage_options must be a mapping, got {storage_options!r}")
+        self.storage_retry = StorageRetry.parse(storage_retry)
         if verify not in ("chunks", "full", "none"):
             raise DataError(f"verify must be 'chunks', 'full' or 'none', got {verify!r}")
         if quality is not None:  # checked again once the store's domains are known
@@ -192,7 +206,8 @@ class DomainDataModule(LightningDataModule):
     @property
     def store(self) -> ShardStore:
         if self._store is None:
-            self._store = ShardStore(self.store_url, self.storage_options)
+            self._store = ShardStore(self.store_url, self.storage_options,
+                                     retry=self.storage_retry)
         return self._store
 
     @property
@@ -297,12 +312,10 @@ class DomainDataModule(LightningDataModule):
                     )
         if self.quality is not None:
             for name in domains:
-                names = store.info(name).score_names
-                if self.quality.score not in names:
-                    raise DataError(f"quality.score {self.quality.score!r}: "
-                                    f"{store.where(name)} has no such score; it has "
-                                    f"{names or 'none'} (attach one with `lightning-aquila "
-                                    "score`)")
+                try:
+                    store.info(name).score_key(self.quality.score, store.where(name))
+                except DataError as exc:
+                    raise DataError(f"quality.score: {exc}") from None
         if self.verify != "none":
             store.verify(domains, full=self.verify == "full")
 
@@ -367,7 +380,8 @@ class DomainDataModule(LightningDataModule):
         # Chunks one epoch group can touch per domain (a block spans at most two chunks).
         cache_chunks = 2 * (self.shuffle_blocks + 1)
         dataset = TrainWindows(self.store_url, self.domains, self.seq_len,
-                               storage_options=self.storage_options, cache_chunks=cache_chunks)
+                               storage_options=self.storage_options, cache_chunks=cache_chunks,
+                               retry=self.storage_retry)
         workers = self.num_workers
         return TrainLoader(
             dataset, batch_size=None, sampler=self.sampler, num_workers=workers,
@@ -453,7 +467,8 @@ class DomainDataModule(LightningDataModule):
                               dtype=np.float32)
         dataset = HeldOutWindows(self.store_url, self.domains, views, domains, windows,
                                  self.seq_len, PARTS.index(part),
-                                 storage_options=self.storage_options, scores=scores)
+                                 storage_options=self.storage_options, scores=scores,
+                                 retry=self.storage_retry)
         sampler = (DistributedSampler(dataset, num_replicas=self.num_replicas, rank=self.rank,
                                       shuffle=False, drop_last=True)
                    if self.num_replicas > 1 else None)

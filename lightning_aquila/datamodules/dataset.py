@@ -2,7 +2,9 @@
 
 They hold only the store's URL and open it lazily in whichever process reads (the main one
 or a DataLoader worker), so nothing that owns threads or file handles crosses a fork or a
-pickle; each process keeps its own cache of decompressed chunks.
+pickle; each process keeps its own cache of decompressed chunks, and waits on its own for
+an unreachable store (``retry``, a ``StorageRetry``). A batch is returned only once all its
+windows are read, so a wait delays it and never drops or repeats a window.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_aquila.datamodules.sampler import unpack_scores
+from lightning_aquila.datamodules.storage_retry import NO_RETRY, StorageRetry
 from lightning_aquila.datamodules.store import ShardStore, TokenStream
 
 
@@ -23,15 +26,16 @@ class _LazyStreams:
     """The token streams of some domains of a store, opened once per process."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None,
-                 domains: Sequence[str], split: str, cache_chunks: int) -> None:
-        self.url, self.storage_options = url, dict(storage_options or {})
+                 domains: Sequence[str], split: str, cache_chunks: int,
+                 retry: StorageRetry = NO_RETRY) -> None:
+        self.url, self.storage_options, self.retry = url, dict(storage_options or {}), retry
         self.domains, self.split, self.cache_chunks = list(domains), split, cache_chunks
         self._pid: int | None = None
         self._streams: list[TokenStream] = []
 
     def get(self) -> list[TokenStream]:
         if self._pid != os.getpid():
-            store = ShardStore(self.url, self.storage_options)
+            store = ShardStore(self.url, self.storage_options, retry=self.retry)
             self._streams = [store.stream(d, self.split, cache_chunks=self.cache_chunks)
                              for d in self.domains]
             self._pid = os.getpid()
@@ -61,9 +65,11 @@ class TrainWindows(Dataset):
     """
 
     def __init__(self, url: str, domains: Sequence[str], seq_len: int, *,
-                 storage_options: Mapping[str, Any] | None = None, cache_chunks: int = 32) -> None:
+                 storage_options: Mapping[str, Any] | None = None, cache_chunks: int = 32,
+                 retry: StorageRetry = NO_RETRY) -> None:
         self.seq_len = int(seq_len)
-        self.streams = _LazyStreams(url, storage_options, domains, "train", cache_chunks)
+        self.streams = _LazyStreams(url, storage_options, domains, "train", cache_chunks,
+                                    retry)
 
     def __getitem__(self, spec: np.ndarray) -> dict[str, torch.Tensor]:
         spec = np.asarray(spec, dtype=np.int64)
@@ -124,13 +130,14 @@ class HeldOutWindows(Dataset):
     def __init__(self, url: str, names: Sequence[str], views: Sequence[PartView],
                  domains: Sequence[int], windows: Sequence[int], seq_len: int, part: int, *,
                  storage_options: Mapping[str, Any] | None = None,
-                 scores: np.ndarray | None = None) -> None:
+                 scores: np.ndarray | None = None, retry: StorageRetry = NO_RETRY) -> None:
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
         self.seq_len, self.part = int(seq_len), int(part)
         self.views = list(views)
         self.domains = np.asarray(domains, dtype=np.int64)
         self.window_ids = np.asarray(windows, dtype=np.int64)
-        self.streams = _LazyStreams(url, storage_options, names, "heldout", cache_chunks=4)
+        self.streams = _LazyStreams(url, storage_options, names, "heldout", cache_chunks=4,
+                                    retry=retry)
 
     def __len__(self) -> int:
         return len(self.window_ids)

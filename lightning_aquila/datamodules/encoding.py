@@ -12,6 +12,8 @@ tokenized, so no part of it reaches the store: ``sources.undecodable``).
 from __future__ import annotations
 
 import codecs
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from fsspec.compression import compr
@@ -39,10 +41,17 @@ def check_encoding(name: str) -> str:
     return name
 
 
-def open_decompressed(source: Any) -> Any:
-    """The raw bytes of ``source`` (a ``SourceFile``), decompressed."""
-    raw = source.fs.open(source.path, "rb")
-    return compr[source.compression](raw, mode="rb") if source.compression else raw
+@contextlib.contextmanager
+def open_decompressed(source: Any) -> Iterator[tuple[Any, Any]]:
+    """``(raw, stream)``: the file of ``source`` (a ``SourceFile``) and its bytes
+    decompressed (the same object for an uncompressed file); both are closed on exit. The
+    raw file's position is how far a reader has got, for progress."""
+    with source.fs.open(source.path, "rb") as raw:
+        if not source.compression:
+            yield raw, raw
+            return
+        with compr[source.compression](raw, mode="rb") as stream:
+            yield raw, stream
 
 
 def detect_encoding(source: Any) -> str:
@@ -50,7 +59,7 @@ def detect_encoding(source: Any) -> str:
     its first bytes; UTF-8 for an empty file or one it cannot place."""
     from charset_normalizer import from_bytes
 
-    with open_decompressed(source) as stream:
+    with open_decompressed(source) as (_, stream):
         sample = stream.read(SAMPLE_BYTES)
     if not sample:
         return DEFAULT_ENCODING

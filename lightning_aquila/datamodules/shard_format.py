@@ -116,6 +116,16 @@ class DomainInfo:
         ``prepare --quality-field`` wrote it."""
         return sorted({*self.scores, *(["quality"] if self.has_quality else [])})
 
+    def score_key(self, name: str, where: str) -> str:
+        """The array key of the score ``name`` in a segment; a ``DataError`` naming the
+        scores the domain (at ``where``) has when it has no such score."""
+        if name in self.scores:
+            return f"scores/{self.scores[name]['key']}"
+        if name == "quality" and self.has_quality:
+            return "quality"
+        raise DataError(f"{where} has no score {name!r}; it has {self.score_names or 'none'} "
+                        "(attach one with `lightning-aquila score`)")
+
     def tokens(self, split: str = "train") -> int:
         return sum(s.tokens for s in self.segments.get(split, ()))
 

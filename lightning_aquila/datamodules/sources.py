@@ -21,7 +21,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from fsspec.compression import compr
 from fsspec.utils import infer_compression
 from tqdm import tqdm
 
@@ -183,8 +182,7 @@ class RecordReader:
 
     def pieces(self) -> Iterator[Piece]:
         source = self.source
-        with _reading(source), source.fs.open(source.path, "rb") as raw:
-            stream = compr[source.compression](raw, mode="rb") if source.compression else raw
+        with _reading(source), open_decompressed(source) as (raw, stream):
             if source.format == "jsonl":
                 yield from self._jsonl(stream, raw)
             elif source.format == "txt":
@@ -346,7 +344,7 @@ def read_texts(paths: Sequence[str], *, text_field: str = "text", fmt: str = "au
 def undecodable(source: SourceFile, encoding: str) -> str | None:
     """Why ``source`` does not decode as ``encoding`` (``None`` when it does), read as a
     stream so a large file never sits in memory whole; damage is a ``DataError``."""
-    with _reading(source), open_decompressed(source) as stream:
+    with _reading(source), open_decompressed(source) as (_, stream):
         decoder = io.TextIOWrapper(stream, encoding=encoding, errors="strict", newline="")
         try:
             while decoder.read(TXT_PIECE_CHARS):
@@ -363,8 +361,7 @@ def read_records(source: SourceFile) -> Iterator[tuple[str, int, int]]:
     if source.format == "txt":
         yield source.sha256, 0, source.size
         return
-    with _reading(source), source.fs.open(source.path, "rb") as raw:
-        stream = compr[source.compression](raw, mode="rb") if source.compression else raw
+    with _reading(source), open_decompressed(source) as (_, stream):
         if source.format == "parquet":
             rows = _open_parquet(source, stream).metadata.num_rows
             for row in range(1, rows + 1):

@@ -1,7 +1,8 @@
 """The shard store, opened for reading: ``ShardStore`` (the manifest, each domain's committed
 metadata, ``verify``) and ``TokenStream`` (one split of one domain as a flat token sequence,
 read chunk by chunk through a small cache). Every failure to read names the store, domain,
-split, segment and chunk.
+split, segment and chunk. Every read goes through the store's ``StorageRetry``
+(``storage_retry.py``): an unreachable store is waited for, not taken for a damaged one.
 
 The format they read is ``shard_format.py``; writing is ``writer.py``. What sits on top of the
 format lives elsewhere: ``split.py`` (the held-out rule), ``sources.py``/``prepare.py``
@@ -32,27 +33,36 @@ from lightning_aquila.datamodules.shard_format import (
     zarr_store,
 )
 from lightning_aquila.datamodules.split import PARTS, heldout_part
+from lightning_aquila.datamodules.storage_retry import NO_RETRY, StorageRetry, transient
 
 
 class ShardStore:
     """A shard store opened for reading: the manifest and each domain's committed metadata.
 
     Opening reads metadata only (a few small JSON objects); token chunks are read by
-    ``TokenStream`` on demand, so this is cheap enough to do in every process.
+    ``TokenStream`` on demand, so this is cheap enough to do in every process. ``retry``:
+    how long each read waits for an unreachable store (default: not at all).
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 retry: StorageRetry = NO_RETRY) -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
+        self.retry = retry
+        retry.call(self.url, self._open)
+
+    def _open(self) -> None:
         try:
             self._root = zarr.open_group(
                 zarr_store(self.url, read_only=True, storage_options=self.storage_options),
-                mode="r",
+                mode="r", zarr_format=3,  # one GET (zarr.json), not also v2's three
             )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
             raise DataError(f"no shard store at {self.url!r} ({type(exc).__name__}); "
                             "build one with `lightning-aquila prepare`") from None
         except Exception as exc:  # zarr raises JSON, codec and validation errors of many types
+            if transient(exc):
+                raise
             raise damaged(f"shard store {self.url!r}", "the root group (zarr.json)",
                            exc) from None
         names = checked_manifest(self.url, self._root.attrs.get(MANIFEST_KEY), "reads")["domains"]
@@ -65,6 +75,8 @@ class ShardStore:
                 raise DataError(f"shard store {self.url!r}: the manifest lists domain {name!r} "
                                 "but its group is missing") from None
             except Exception as exc:
+                if transient(exc):
+                    raise
                 raise damaged(where, "its group", exc) from None
             if not isinstance(group, zarr.Group):
                 raise DataError(f"{where}: {name!r} is not a group")
@@ -75,11 +87,16 @@ class ShardStore:
         (``store_tokenizer.py``); ``None`` in a store prepared before copies were kept."""
         from lightning_aquila.datamodules.store_tokenizer import read_tokenizer_copy
 
-        try:
-            return read_tokenizer_copy(self._root, hash_)
-        except Exception as exc:  # zarr's codec and JSON errors of many types
-            raise damaged(f"shard store {self.url!r}", f"the tokenizer copy {hash_[:8]}",
-                          exc) from None
+        def read() -> str | None:
+            try:
+                return read_tokenizer_copy(self._root, hash_)
+            except Exception as exc:  # zarr's codec and JSON errors of many types
+                if transient(exc):
+                    raise
+                raise damaged(f"shard store {self.url!r}", f"the tokenizer copy {hash_[:8]}",
+                              exc) from None
+
+        return self.retry.call(self.url, read)
 
     def where(self, domain: str, split: str | None = None, segment: str | None = None) -> str:
         parts = [f"shard store {self.url!r}", f"domain {domain!r}"]
@@ -105,12 +122,20 @@ class ShardStore:
     def _array(self, domain: str, split: str, segment: str, name: str) -> zarr.Array | None:
         """The array, or ``None`` when it does not exist; damaged metadata is a DataError."""
         where = self.where(domain, split, segment)
-        try:
-            node = self._root[f"{domain}/{split}/{segment}/{name}"]
-        except KeyError:
+
+        def open_node() -> Any:
+            try:
+                return self._root[f"{domain}/{split}/{segment}/{name}"]
+            except KeyError:
+                return None
+            except Exception as exc:
+                if transient(exc):
+                    raise
+                raise damaged(where, f"array {name!r}", exc) from None
+
+        node = self.retry.call(self.url, open_node)
+        if node is None:
             return None
-        except Exception as exc:
-            raise damaged(where, f"array {name!r}", exc) from None
         if not isinstance(node, zarr.Array):
             raise DataError(f"{where}: {name!r} is not an array")
         if len(node.shape) != 1 or len(node.chunks) != 1 or node.chunks[0] < 1:
@@ -148,7 +173,7 @@ class ShardStore:
                         if array is not None:
                             arrays.append(array)
                     for array in arrays:
-                        missing = missing_chunks(array)
+                        missing = self.retry.call(self.url, lambda a=array: missing_chunks(a))
                         if missing:
                             raise DataError(
                                 f"{where}: {len(missing)} chunk(s) of {array.basename!r} are "
@@ -157,17 +182,25 @@ class ShardStore:
                     if full:
                         for array in arrays:
                             for index in range(array.nchunks):
-                                read_chunk(array, index, where)
+                                self.read_chunk(array, index, where)
+
+    def read_chunk(self, array: zarr.Array, index: int, where: str,
+                   stop: int | None = None) -> np.ndarray:
+        """:func:`read_chunk`, waiting for the store as ``retry`` says."""
+        return self.retry.call(self.url, lambda: read_chunk(array, index, where, stop))
 
 
 def read_chunk(array: zarr.Array, index: int, where: str, stop: int | None = None) -> np.ndarray:
     """Chunk ``index`` of a 1-D array (up to element ``stop``), decoded; any failure (a
-    CRC32C mismatch, a chunk that does not decompress) is a ``DataError`` naming it."""
+    CRC32C mismatch, a chunk that does not decompress) is a ``DataError`` naming it, except
+    an unreachable store (:func:`transient`), which is raised as it is, to be retried."""
     size = array.chunks[0]
     end = min((index + 1) * size, array.shape[0] if stop is None else stop)
     try:
         return np.asarray(array[index * size:end])
     except Exception as exc:  # zarr raises codec/IO-specific types; name the chunk
+        if transient(exc):
+            raise
         raise DataError(
             f"{where}: chunk c/{index} of {array.basename!r} could not be read "
             f"({type(exc).__name__}: {exc}); the store is corrupt - rebuild this domain with "
@@ -225,8 +258,9 @@ class TokenStream:
             self._cache.move_to_end(key)
             return cached
         array, seg = self.arrays[segment], self.segments[segment]
-        data = read_chunk(array, index, self.store.where(self.domain, self.split, seg.id),
-                          stop=seg.tokens)
+        data = self.store.read_chunk(array, index,
+                                     self.store.where(self.domain, self.split, seg.id),
+                                     stop=seg.tokens)
         self._cache[key] = data
         if len(self._cache) > self.cache_chunks:
             self._cache.popitem(last=False)
@@ -254,9 +288,9 @@ class TokenStream:
 
 
 
-def _whole(array: zarr.Array, where: str) -> np.ndarray:
+def _whole(store: ShardStore, array: zarr.Array, where: str) -> np.ndarray:
     """A small 1-D array (offsets, parts) read whole, chunk by chunk."""
-    parts = [read_chunk(array, i, where) for i in range(array.nchunks)]
+    parts = [store.read_chunk(array, i, where) for i in range(array.nchunks)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=array.dtype)
 
 
@@ -273,10 +307,10 @@ def heldout_parts(store: ShardStore, domain: str
     base = 0
     for seg in store.info(domain).segments.get("heldout", ()):
         where = store.where(domain, "heldout", seg.id)
-        offsets = _whole(store.array(domain, "heldout", seg.id, "offsets"), where)
+        offsets = _whole(store, store.array(domain, "heldout", seg.id, "offsets"), where)
         array = store._array(domain, "heldout", seg.id, "part")
         parts = (np.full(seg.documents, UNASSIGNED_PART, dtype=np.uint8) if array is None
-                 else _whole(array, where))
+                 else _whole(store, array, where))
         unassigned = np.flatnonzero(parts == UNASSIGNED_PART)
         if len(unassigned):
             recorded = False
@@ -303,22 +337,16 @@ def document_scores(store: ShardStore, domain: str, name: str, split: str = "tra
     ``name`` is an attached score or ``quality`` (``prepare --quality-field``); another is a
     DataError naming the scores the domain has."""
     info = store.info(domain)
-    if name in info.scores:
-        key = f"scores/{info.scores[name]['key']}"
-    elif name == "quality" and info.has_quality:
-        key = "quality"
-    else:
-        raise DataError(f"{store.where(domain)} has no score {name!r}; it has "
-                        f"{info.score_names or 'none'} (attach one with `lightning-aquila "
-                        "score`)")
+    key = info.score_key(name, store.where(domain))
     bounds, values, base = [np.zeros(1, dtype=np.int64)], [], 0
     for seg in info.segments.get(split, ()):
         where = store.where(domain, split, seg.id)
-        offsets = _whole(store.array(domain, split, seg.id, "offsets"), where).astype(np.int64)
+        offsets = _whole(store, store.array(domain, split, seg.id, "offsets"), where)
+        offsets = offsets.astype(np.int64)
         bounds.append(base + offsets[1:])
         array = store._array(domain, split, seg.id, key)
         column = (np.full(seg.documents, np.nan, dtype=np.float32) if array is None
-                  else _whole(array, where).astype(np.float32, copy=False))
+                  else _whole(store, array, where).astype(np.float32, copy=False))
         if len(column) != seg.documents:
             raise DataError(f"{where}: score {name!r} has {len(column)} values for "
                             f"{seg.documents} documents; the store is damaged")
@@ -334,7 +362,7 @@ def iter_documents(store: ShardStore, domain: str, split: str = "train") -> Iter
     for seg_index, seg in enumerate(store.info(domain).segments.get(split, ())):
         array = store.array(domain, split, seg.id, "offsets")
         where = store.where(domain, split, seg.id)
-        offsets = _whole(array, where)
+        offsets = _whole(store, array, where)
         base = int(stream.starts[seg_index])
         for begin, end in itertools.pairwise(offsets):
             yield stream.read(base + int(begin), base + int(end))

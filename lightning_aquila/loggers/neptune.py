@@ -277,6 +277,15 @@ class NeptuneLogger(Logger):
         self._run["lightning/status"] = status
         self._run.wait()
 
+    @rank_zero_only
+    def stop(self) -> None:
+        """Stop the run now, as the client does when the process exits (``lightning-aquila``
+        does once its command is done, where the client's goodbye can be kept off the
+        console). A later log starts another run."""
+        run, self._run = self._run, None
+        if run is not None:
+            run.stop()
+
     def _discard_offline_run(self) -> None:
         run, self._run = self._run, None
         folder = getattr(getattr(run, "_op_processor", None), "data_path", None)

@@ -4,6 +4,6 @@ The subprocess imports them as ``crash_helpers.<Name>`` (the tests put ``tests/`
 ``PYTHONPATH``); they record what a run did and inject a crash, and change nothing else.
 """
 
-from crash_helpers.callbacks import CrashOnce, StepRecorder
+from crash_helpers.callbacks import CrashOnce, KillServerAt, StepRecorder
 
-__all__ = ["CrashOnce", "StepRecorder"]
+__all__ = ["CrashOnce", "KillServerAt", "StepRecorder"]

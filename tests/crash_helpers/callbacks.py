@@ -1,11 +1,13 @@
-"""``StepRecorder`` (what every optimizer step trained on and produced) and ``CrashOnce`` (a
-rank that dies at a given step, once)."""
+"""``StepRecorder`` (what every optimizer step trained on and produced), ``CrashOnce`` (a
+rank that dies at a given step, once) and ``KillServerAt`` (a server that dies at a given
+step)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,19 @@ class CrashOnce(Callback):
                 and not self.marker.exists()):
             self.marker.write_text(f"crashed rank {self.rank} after step {self.step}\n")
             os._exit(self.exit_code)
+
+
+class KillServerAt(Callback):
+    """SIGKILLs process ``pid`` (a storage server the run reads from) right after optimizer
+    step ``step``, on global rank 0, unless ``marker`` exists; it creates the marker first,
+    so a resumed run that passes the step again leaves the server alone."""
+
+    def __init__(self, step: int, pid: int, marker: str) -> None:
+        self.step, self.pid, self.marker = step, pid, Path(marker)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if (trainer.global_step == self.step and trainer.global_rank == 0
+                and not self.marker.exists()):
+            self.marker.write_text(f"killed process {self.pid} after step {self.step}\n")
+            os.kill(self.pid, signal.SIGKILL)
