@@ -50,17 +50,9 @@ def crash_store(corpus_store: str) -> str:
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, crash_store: str):
-    """``uninterrupted(devices)``: the run directory of a run never killed (once each)."""
-    done: dict[int, Path] = {}
-
-    def get(devices: int) -> Path:
-        if devices not in done:
-            run = tmp_path_factory.mktemp(f"uninterrupted_{devices}proc")
-            harness.fit(run, harness.fit_config(run, crash_store, devices))
-            done[devices] = run
-        return done[devices]
-
-    return get
+    """``uninterrupted(devices)``: the run directory of a run never killed (once each per
+    session; ``test_several_nodes.py`` shares it)."""
+    return lambda devices: harness.reference_run(tmp_path_factory, crash_store, devices)
 
 
 def kill_points(count: int, seed: int, modes: list[str] | None = None) -> list:

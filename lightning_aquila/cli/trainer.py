@@ -4,7 +4,8 @@
 - Output paths a config leaves unset follow ``trainer.default_root_dir`` (``run_folder``);
   ``fit`` refuses to start a fresh run in a folder that holds another run
   (``--reuse_run_dir true`` allows it), and ``--ckpt_path last`` without a checkpoint says
-  so in one line and starts fresh.
+  so in one line and starts fresh; a fit whose processes resolved it to different
+  checkpoints (nodes that see different folders) stops before training (``same_resume``).
 - No prefix abbreviations (``--trainer.max_step`` is an error, not ``max_steps``), and parser
   errors are one line naming the field (``errors``; ``--verbose`` shows them in full). The
   options are kept for the dispatcher's check before this module is imported
@@ -43,6 +44,7 @@ from lightning_aquila.cli.run_folder import (
     has_last_checkpoint,
     previous_run_files,
 )
+from lightning_aquila.cli.same_resume import SameResumeOnEveryRank
 from lightning_aquila.cli.store_defaults import fill_model_vocabulary
 from lightning_aquila.module import AquilaLM
 from lightning_aquila.object_store import is_remote
@@ -75,6 +77,7 @@ class AquilaCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", AquilaArgumentParser)
         self._folder_before: FolderBefore | None = None
+        self._resume_path: str | None = None
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
@@ -123,6 +126,7 @@ class AquilaCLI(LightningCLI):
         # verified first (a damaged file is replaced by the newest intact one, or the run
         # stops), so that the finished-run check reads only a checkpoint that is whole
         config.ckpt_path = checked_resume_path(config.get("ckpt_path"), checkpoint_dirs)
+        self._resume_path = config.ckpt_path
         self._refuse_finished_run(config)
 
     @staticmethod
@@ -151,6 +155,8 @@ class AquilaCLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         added = console_callbacks(callbacks, config)
+        if self.subcommand == "fit":  # each process resolved --ckpt_path on its own
+            added.append(SameResumeOnEveryRank(self._resume_path))
         if added:
             kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)

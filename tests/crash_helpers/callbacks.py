@@ -23,12 +23,20 @@ def batch_digest(batch: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def sample_windows(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """``[domain, *window]`` per sample: the inputs and the last label are the whole window."""
+    windows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)
+    return torch.cat([batch["domain"][:, None], windows], dim=1).tolist()
+
+
 class StepRecorder(Callback):
     """Appends one JSON line per optimizer step to ``<out>/rank<r>.jsonl``: the step, a hash
-    of the batch, the loss as ``float.hex`` (bitwise), and the mixture (weights, history
-    length, consumed batches). List it after the monitor and the engine, so the weights are
-    the ones the engine set at this step. A resumed run appends the steps it redoes again:
-    readers keep the last record of each step.
+    of the batch, the loss as ``float.hex`` (bitwise), the mixture (weights, history length,
+    consumed batches), and ``windows``: per sample, its domain index and its window's
+    ``seq_len + 1`` tokens (what identifies a sample: ``crash_helpers.nodes.SampleIds``).
+    List it after the monitor and the engine, so the weights are the ones the engine set at
+    this step. A resumed run appends the steps it redoes again: readers keep the last record
+    of each step.
     """
 
     def __init__(self, out: str) -> None:
@@ -50,7 +58,8 @@ class StepRecorder(Callback):
         mixture = trainer.datamodule.mixture
         record = {"step": trainer.global_step, "batch": batch_digest(batch),
                   "loss": float(outputs["loss"]).hex(), "weights": mixture.weights,
-                  "history": len(mixture.history), "consumed": mixture.consumed_batches}
+                  "history": len(mixture.history), "consumed": mixture.consumed_batches,
+                  "windows": sample_windows(batch)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -10,9 +10,11 @@ and starts fresh, a relaunch resumes, exactly as a job script that is simply run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,14 +40,16 @@ TIMEOUT = 300.0
 
 
 def fit_config(run_dir: Path, store: str, devices: int = 1,
-               extra_callbacks: list[dict[str, Any]] | None = None) -> Path:
-    """Writes ``run_dir/fit.yaml`` and returns its path."""
+               extra_callbacks: list[dict[str, Any]] | None = None, num_nodes: int = 1,
+               name: str = "fit.yaml") -> Path:
+    """Writes ``run_dir/<name>`` and returns its path (``devices`` processes on each of
+    ``num_nodes`` nodes)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "seed_everything": 1234,
         "trainer": {
-            "accelerator": "cpu", "devices": devices,
-            "strategy": "ddp" if devices > 1 else "auto",
+            "accelerator": "cpu", "devices": devices, "num_nodes": num_nodes,
+            "strategy": "ddp" if devices * num_nodes > 1 else "auto",
             "precision": "32-true", "deterministic": True, "max_steps": MAX_STEPS,
             "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
             "num_sanity_val_steps": 0, "limit_val_batches": 0,
@@ -81,9 +85,21 @@ def fit_config(run_dir: Path, store: str, devices: int = 1,
                                "weights": "natural", "num_workers": 0, "seed": 7,
                                "val_windows_per_domain": 0, "epoch_batches": EPOCH_BATCHES}},
     }
-    path = run_dir / "fit.yaml"
+    path = run_dir / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def reference_run(factory: Any, store: str, devices: int) -> Path:
+    """The run directory of a run on ``devices`` processes never killed, made once per test
+    session (``factory``: pytest's ``tmp_path_factory``) whichever test file asks first."""
+    run = factory.getbasetemp() / f"uninterrupted_{devices}proc"
+    if not (run / "finished").exists():
+        if run.exists():  # an earlier attempt in this session failed half-way
+            shutil.rmtree(run)
+        fit(run, fit_config(run, store, devices))
+        (run / "finished").touch()
+    return run
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -306,8 +322,8 @@ def assert_same_run(reference: Path, run: Path, devices: int) -> None:
             f"rank {rank}: steps {sorted(set(expected) ^ set(got))} differ in presence")
         for step in sorted(expected):
             assert got[step] == expected[step], (
-                f"rank {rank}, step {step}: resumed run recorded {got[step]}, uninterrupted "
-                f"run {expected[step]}")
+                f"rank {rank}, step {step}: resumed run recorded {brief(got[step])}, "
+                f"uninterrupted run {brief(expected[step])}")
     want, have = final_checkpoint(reference), final_checkpoint(run)
     assert want["global_step"] == MAX_STEPS
     assert_equal_tree(comparable_state(have), comparable_state(want), "checkpoint")
@@ -315,6 +331,12 @@ def assert_same_run(reference: Path, run: Path, devices: int) -> None:
     assert_equal_tree(have["optimizer_states"], want["optimizer_states"], "optimizer_states")
     leftovers = _partials(run / "checkpoints")
     assert not leftovers, f"temporary files left after the resumed run finished: {leftovers}"
+
+
+def brief(record: dict[str, Any]) -> dict[str, Any]:
+    """A step record for a message: the samples' tokens as a hash."""
+    windows = json.dumps(record.get("windows")).encode()
+    return {**record, "windows": hashlib.sha256(windows).hexdigest()[:16]}
 
 
 def assert_equal_tree(got: Any, expected: Any, where: str) -> None:
