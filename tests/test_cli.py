@@ -216,6 +216,38 @@ def test_doremi_without_its_reference_run_names_the_file(store, tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+def test_a_reference_run_of_another_tokenizer_is_refused_before_the_first_step(
+        first_run, store, tmp_path, monkeypatch):
+    """A run records its store's tokenizer; DoReMi reading a reference run trained with
+    another one (losses in another tokenizer's units) stops in one line before step 0."""
+    from lightning_aquila.datamodules.store import ShardStore
+    from lightning_aquila.datamodules.store_tokenizer import store_tokenizer
+
+    _, root, _ = first_run
+    ours = store_tokenizer(ShardStore(store), ["code", "prose"]).hash
+    events = [json.loads(line) for line in (root / "tsm" / "events.jsonl").open()]
+    assert [e["tokenizer"] for e in events if e["kind"] == "session_start"] == [ours]
+    reference = tmp_path / "reference" / "tsm"
+    reference.mkdir(parents=True)
+    (reference / "metrics.jsonl").write_text((root / "tsm" / "metrics.jsonl").read_text())
+    (reference / "events.jsonl").write_text("".join(json.dumps(
+        {**e, "tokenizer": "f" * 64} if e["kind"] == "session_start" else e) + "\n"
+        for e in events))
+    monkeypatch.chdir(tmp_path)
+    policy = ["--trainer.callbacks.init_args.policy",
+              "lightning_aquila.callbacks.ExcessLossMixture",
+              "--trainer.callbacks.init_args.policy.reference",
+              str(reference / "metrics.jsonl"),
+              "--trainer.callbacks.init_args.policy.signal", "val"]
+    code, err = run([*fit_args(Path("run"), store, 2), *policy])
+    assert code == 1
+    first = err.strip().splitlines()[-2]
+    assert first.startswith(f"lightning-aquila fit: the reference run {reference}/metrics.jsonl "
+                            "trained with a tokenizer of hash ffffffff, but the store ")
+    assert "train the reference run on this store" in first and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_ckpt_path_last_without_a_checkpoint_says_so_and_starts_fresh(first_run):
     _, _, err = first_run
     assert "no checkpoint to resume in runs/mine/checkpoints; starting a fresh run" in err

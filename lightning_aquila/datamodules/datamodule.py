@@ -40,7 +40,11 @@ from lightning_aquila.datamodules.split import PARTS
 from lightning_aquila.datamodules.storage_retry import StorageRetry
 from lightning_aquila.datamodules.store import ShardStore, heldout_parts
 from lightning_aquila.datamodules.store_tokenizer import StoreTokenizer, store_tokenizer
-from lightning_aquila.datamodules.tokenizer_check import check_run_tokenizer, probes_of
+from lightning_aquila.datamodules.tokenizer_check import (
+    check_run_tokenizer,
+    probes_of,
+    references_of,
+)
 from lightning_aquila.domain_weights import SPEC_NAMES, parse_spec, resolve_weights
 
 STATE_VERSION = 1
@@ -278,9 +282,9 @@ class DomainDataModule(LightningDataModule):
                            "prepared before stores kept one): probes without a tokenizer of "
                            "their own use the model's or the bundled one; re-run its prepare "
                            "commands to record it")
-        trainer = getattr(self, "trainer", None)
+        callbacks = getattr(getattr(self, "trainer", None), "callbacks", None) or []
         check_run_tokenizer(record, module=self._module(), datamodule_tokenizer=self.tokenizer,
-                            probes=probes_of(getattr(trainer, "callbacks", None) or []))
+                            probes=probes_of(callbacks), references=references_of(callbacks))
         config = getattr(self._module(), "config", None)
         vocab_size = getattr(config, "vocab_size", None)
         if vocab_size is not None:

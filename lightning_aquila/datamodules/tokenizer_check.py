@@ -66,10 +66,24 @@ def probes_of(callbacks: Iterable[Any]) -> list[Any]:
     return [probe for callback in callbacks for probe in getattr(callback, "probes", None) or []]
 
 
+def references_of(callbacks: Iterable[Any]) -> list[tuple[str, str]]:
+    """``(reference, tokenizer hash)`` of every mixture policy that reads a reference run
+    whose tokenizer is recorded (DoReMi's ``ExcessLossMixture``)."""
+    found = []
+    for callback in callbacks:
+        policy = getattr(callback, "policy", None)
+        hash_ = getattr(policy, "reference_tokenizer", None)
+        if hash_:
+            found.append((os.fspath(policy.reference), hash_))
+    return found
+
+
 def check_run_tokenizer(record: StoreTokenizer, *, module: Any = None,
-                        datamodule_tokenizer: Any = None, probes: Iterable[Any] = ()) -> None:
+                        datamodule_tokenizer: Any = None, probes: Iterable[Any] = (),
+                        references: Iterable[tuple[str, str]] = ()) -> None:
     """Raise a one-line ``DataError`` where the model, the datamodule's or model's named
-    tokenizer, or a probe disagrees with the store's tokenizer ``record``."""
+    tokenizer, a probe, or a reference run (``(its metrics file, its tokenizer hash)``)
+    disagrees with the store's tokenizer ``record``."""
     store = f"the store {record.store} was prepared with {record.describe()}"
     for label, tokenizer in (("the datamodule's tokenizer", datamodule_tokenizer),
                              ("the model's tokenizer", getattr(module, "tokenizer", None))):
@@ -81,6 +95,11 @@ def check_run_tokenizer(record: StoreTokenizer, *, module: Any = None,
         _check_model(config, record, store)
     for probe in probes:
         _check_probe(probe, module, record, store)
+    for reference, hash_ in references:
+        if hash_ != record.hash:
+            raise DataError(f"the reference run {reference} trained with a tokenizer of hash "
+                            f"{hash_[:8]}, but {store}: its losses are in another tokenizer's "
+                            "units; train the reference run on this store")
 
 
 def _check_model(config: Any, record: StoreTokenizer, store: str) -> None:
@@ -112,4 +131,4 @@ def _check_probe(probe: Any, module: Any, record: StoreTokenizer, store: str) ->
                         f"{vocab:,}; leave it unset (the model's is used)")
 
 
-__all__ = ["check_run_tokenizer", "probes_of", "run_tokenizer"]
+__all__ = ["check_run_tokenizer", "probes_of", "references_of", "run_tokenizer"]

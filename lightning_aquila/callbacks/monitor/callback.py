@@ -307,7 +307,7 @@ class TrainingStateMonitor(Callback):
                            batch_index=self.state.batch_index, world_size=trainer.world_size,
                            domains=self._losses.names,
                            batches_per_step=trainer.accumulate_grad_batches,
-                           mixture_history=history)
+                           mixture_history=history, tokenizer=_store_tokenizer_hash(trainer))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush_pending()
@@ -544,3 +544,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 __all__ = ["TrainingStateMonitor"]
+
+
+def _store_tokenizer_hash(trainer: Trainer) -> str | None:
+    """The hash of the tokenizer the run's store was prepared with, when the datamodule
+    knows it (a run used as a DoReMi reference is checked against it: its losses are in
+    that tokenizer's units)."""
+    record = getattr(getattr(trainer, "datamodule", None), "tokenizer_record", None)
+    return getattr(record(), "hash", None) if callable(record) else None

@@ -79,6 +79,19 @@ def load_reference_losses(reference: Mapping[str, float] | str,
     return losses
 
 
+def reference_tokenizer(reference: Mapping[str, float] | str) -> str | None:
+    """The tokenizer hash a reference run's monitor recorded at its first session start
+    (``events.jsonl`` beside its ``metrics.jsonl``), or ``None`` when it is not a run's
+    file or the run predates the record."""
+    if isinstance(reference, Mapping):
+        return None
+    events = Path(reference).parent / "events.jsonl"
+    if Path(reference).suffix != ".jsonl" or not events.is_file():
+        return None
+    return next((e["tokenizer"] for e in read_jsonl(events)
+                 if e.get("kind") == "session_start" and e.get("tokenizer")), None)
+
+
 class ExcessLossMixture(MixturePolicy):
     r"""DoReMi-style online reweighting (Xie et al. 2023) by excess loss over a reference.
 
@@ -116,6 +129,9 @@ class ExcessLossMixture(MixturePolicy):
         self.signal, self.step_size, self.smoothing = signal, float(step_size), float(smoothing)
         self.reference_command = reference_command
         self.reference_losses = load_reference_losses(reference, signal, reference_command)
+        #: the hash of the tokenizer the reference run trained with (None: not a run's
+        #: metrics.jsonl, or one from before runs recorded it); checked before step 0
+        self.reference_tokenizer = reference_tokenizer(reference)
         self.alpha: dict[str, float] | None = None
         self.last_signal_step: int | None = None
         self.updates = 0
