@@ -64,10 +64,13 @@ def test_forward_gives_logits_over_the_vocabulary():
     assert torch.isfinite(logits).all()
 
 
-def test_compiled_graph_takes_the_rotary_tables_from_one_opaque_op():
+@pytest.mark.parametrize("rope_scaling", [
+    None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_compiled_graph_takes_the_rotary_tables_from_one_opaque_op(rope_scaling):
     """Traced as plain ops, inductor recomputes cos/sin inside every q/k rotation kernel
-    (per batch row and head); the tables must enter the graph as one op's outputs."""
-    config = AquilaConfig.from_name("aquila2-tiny")
+    (per batch row and head); the tables must enter the graph as one op's outputs, scaled
+    or not."""
+    config = AquilaConfig.from_name("aquila2-tiny", rope_scaling=rope_scaling)
     model = AquilaModel(config)
     graphs = []
 

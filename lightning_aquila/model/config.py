@@ -6,12 +6,83 @@ docs and the Hugging Face mapping in ``hf.py`` all use them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 AQUILA2_VOCAB_SIZE = 100008
 AQUILA2_BOS_ID = 100006
 AQUILA2_EOS_ID = 100007
+
+#: ``AquilaConfig.rope_scaling`` types, each with its (required, optional) keys besides
+#: ``rope_type``: the keys of transformers' ``rope_parameters`` for that type.
+ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "truncate")),
+    "llama3": (("factor", "original_max_position_embeddings", "low_freq_factor",
+                "high_freq_factor"), ()),
+}
+_DYNAMIC_REFUSAL = (
+    "AquilaConfig.rope_scaling rope_type 'dynamic' is not supported: dynamic NTK recomputes "
+    "the RoPE base from each input's length at inference and equals plain RoPE at every "
+    "length up to max_position_embeddings, so training with it would silently train without "
+    "scaling; use 'linear', 'yarn' or 'llama3' (or a larger rope_theta)"
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_rope_scaling(value: Any) -> dict[str, Any] | None:
+    """``value`` as an ``AquilaConfig.rope_scaling``: ``None``, or a dict with ``rope_type``
+    (``type`` is read as its older name) and that type's keys; a ``ValueError`` of one line
+    naming the field otherwise."""
+    if value is None:
+        return None
+    where = "AquilaConfig.rope_scaling"
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be None or a mapping such as "
+                         f"{{'rope_type': 'linear', 'factor': 4.0}}, got {value!r}")
+    scaling = dict(value)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    rope_type = scaling.get("rope_type")
+    if rope_type == "dynamic":
+        raise ValueError(_DYNAMIC_REFUSAL)
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{where}['rope_type'] must be one of {sorted(ROPE_SCALING_KEYS)} "
+                         f"(or rope_scaling None for plain RoPE), got {rope_type!r}")
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    unknown = sorted(set(scaling) - {"rope_type", *required, *optional})
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown} for rope_type {rope_type!r}; "
+                         f"known: {sorted({*required, *optional})}")
+    missing = [key for key in required if key not in scaling]
+    if missing:
+        raise ValueError(f"{where} with rope_type {rope_type!r} lacks {missing}")
+    for key, item in scaling.items():
+        if key == "rope_type":
+            continue
+        if key == "truncate":
+            ok, wanted = isinstance(item, bool), "true or false"
+        elif key == "original_max_position_embeddings":
+            ok, wanted = isinstance(item, int) and not isinstance(item, bool) and item > 0, \
+                "a positive integer"
+        elif key == "factor":
+            ok, wanted = _is_number(item) and item >= 1, "a number >= 1"
+        elif key in ("mscale", "mscale_all_dim"):
+            ok, wanted = _is_number(item) and item >= 0, "a number >= 0"
+        else:
+            ok, wanted = _is_number(item) and item > 0, "a positive number"
+        if not ok:
+            raise ValueError(f"{where}[{key!r}] must be {wanted}, got {item!r}")
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{where}['high_freq_factor'] ({scaling['high_freq_factor']}) must "
+                         f"exceed low_freq_factor ({scaling['low_freq_factor']})")
+    return scaling
 
 
 @dataclass(frozen=True)
@@ -27,6 +98,9 @@ class AquilaConfig:
     num_kv_heads: int = 32
     intermediate_size: int = 11008
     rope_theta: float = 10000.0
+    #: RoPE scaling for long context, in transformers' terms (``rope_type`` and its keys,
+    #: ``ROPE_SCALING_KEYS``); ``None`` is plain RoPE. Left out of the hash (a dict).
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
     norm_eps: float = 1e-5
     max_seq_len: int = 4096
     bos_token_id: int = AQUILA2_BOS_ID
@@ -50,6 +124,7 @@ class AquilaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        object.__setattr__(self, "rope_scaling", check_rope_scaling(self.rope_scaling))
         for f in ("bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, f) < self.vocab_size:
                 raise ValueError(

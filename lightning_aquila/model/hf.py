@@ -81,6 +81,7 @@ def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
 def hf_config_dict(config: AquilaConfig, dtype: torch.dtype) -> dict:
     from transformers import LlamaConfig
 
+    rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     hf = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -91,7 +92,7 @@ def hf_config_dict(config: AquilaConfig, dtype: torch.dtype) -> dict:
         head_dim=config.head_dim,
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
+        rope_parameters=rope,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         tie_word_embeddings=False,
@@ -101,7 +102,11 @@ def hf_config_dict(config: AquilaConfig, dtype: torch.dtype) -> dict:
     data = hf.to_dict()
     data["architectures"] = ["LlamaForCausalLM"]
     data["torch_dtype"] = data["dtype"] = str(dtype).removeprefix("torch.")
-    data["rope_theta"] = config.rope_theta  # older transformers read it here
+    # transformers 5 reads rope_parameters; 4 reads rope_theta and rope_scaling at top level
+    data["rope_parameters"] = rope
+    data["rope_theta"] = config.rope_theta
+    if config.rope_scaling:
+        data["rope_scaling"] = dict(config.rope_scaling)
     return data
 
 
@@ -112,10 +117,16 @@ def config_from_hf(data: Mapping) -> AquilaConfig:
         raise ValueError(f"expected a llama or aquila config.json, got model_type={model_type!r}")
     if data.get("tie_word_embeddings"):
         raise ValueError("tied input/output embeddings are not an Aquila2 layout")
-    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"RoPE scaling {rope!r} is not supported")
-    theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
+    rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor) are not an Aquila2 "
+                         "layout")
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    scaling = None if rope_type in ("default", None) else {"rope_type": rope_type, **rope}
+    if rope_type in ("yarn", "llama3"):  # transformers' default for the pretraining length
+        scaling.setdefault("original_max_position_embeddings",
+                           data.get("max_position_embeddings", 4096))
     heads = data["num_attention_heads"]
     head_dim = data.get("head_dim") or data["hidden_size"] // heads
     if head_dim * heads != data["hidden_size"]:
@@ -132,6 +143,7 @@ def config_from_hf(data: Mapping) -> AquilaConfig:
         num_kv_heads=data.get("num_key_value_heads") or heads,
         intermediate_size=data["intermediate_size"],
         rope_theta=float(theta),
+        rope_scaling=scaling,
         norm_eps=data.get("rms_norm_eps", 1e-5),
         max_seq_len=data.get("max_position_embeddings", 4096),
         bos_token_id=_first(data.get("bos_token_id"), vocab - 2, vocab),

@@ -7,8 +7,10 @@ with ``-1`` heads, so the local head count follows whatever the projections prod
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -84,32 +86,104 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-@torch.library.custom_op("lightning_aquila::rope_tables", mutates_args=())
-def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | None,
+                     device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (head_dim / 2,) and the factor on its cos/sin for an
+    ``AquilaConfig.rope_scaling``, computed as transformers' ``ROPE_INIT_FUNCTIONS`` do, op for
+    op in fp32, so the tables agree with its Llama to the last bit."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
+    if rope_scaling is None:
+        return inv_freq, 1.0
+    kind, factor = rope_scaling["rope_type"], rope_scaling["factor"]
+    if kind == "linear":  # position interpolation: positions divided by factor
+        return inv_freq / factor, 1.0
+    original = rope_scaling["original_max_position_embeddings"]
+    if kind == "llama3":  # long wavelengths interpolated, short kept, a smooth ramp between
+        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolate the dimensions that rotate fewer than beta_slow times over the original
+    # context, extrapolate those that rotate more than beta_fast times, ramp in between, and
+    # scale cos/sin by the attention factor (YaRN eq. 21 unless given)
+    attention_factor = rope_scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+    beta_fast = rope_scaling.get("beta_fast") or 32
+    beta_slow = rope_scaling.get("beta_slow") or 1
+
+    def dimension(rotations: float) -> float:
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = dimension(beta_fast), dimension(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    extrapolated = 1 - _yarn_ramp(head_dim // 2, low, high, device)
+    pos_freqs = theta**exponents
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+    return inv_freq, float(attention_factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@functools.lru_cache(maxsize=16)
+def _yarn_ramp(half: int, low: float, high: float, device: torch.device | None) -> torch.Tensor:
+    """YaRN's 0-to-1 ramp over the frequency index, made on the host as transformers makes it
+    (the same bits) and copied to ``device`` once: a copy from pageable host memory in every
+    forward would wait for all the work queued on the GPU."""
+    ramp = torch.clamp((torch.arange(half, dtype=torch.float32) - low) / (high - low), 0, 1)
+    return ramp.to(device=device)
+
+
+def rope_scaling_key(rope_scaling: Mapping[str, Any] | None) -> str:
+    """An ``AquilaConfig.rope_scaling`` as the string the rotary-table op takes (an op's
+    arguments cannot be dicts): canonical JSON, ``""`` for plain RoPE."""
+    return "" if rope_scaling is None else json.dumps(dict(rope_scaling), sort_keys=True)
+
+
+@torch.library.custom_op("lightning_aquila::rope_tables", mutates_args=())
+def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                 dtype: torch.dtype, scaling: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq, attention_factor = rope_frequencies(
+        head_dim, theta, json.loads(scaling) if scaling else None, device)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 @_rope_tables.register_fake
 def _rope_tables_fake(seq_len: int, head_dim: int, theta: float, device: torch.device,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                      dtype: torch.dtype, scaling: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty(seq_len, head_dim, device=device, dtype=dtype),
             torch.empty(seq_len, head_dim, device=device, dtype=dtype))
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype,
+    scaling: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables (T, D), computed per call: no buffer means nothing to re-create after
     meta-device or sharded initialisation. They come from an opaque op because, traced as
     plain ops, whole-model ``torch.compile`` fuses the cos/sin into every q and k rotation
-    and recomputes them for each batch row and head (docs/benchmarks.md, "Fit path")."""
-    return torch.ops.lightning_aquila.rope_tables(seq_len, head_dim, theta, device, dtype)
+    and recomputes them for each batch row and head (docs/benchmarks.md, "Fit path").
+    ``scaling`` is ``rope_scaling_key(config.rope_scaling)``."""
+    return torch.ops.lightning_aquila.rope_tables(seq_len, head_dim, theta, device, dtype,
+                                                  scaling)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,6 +286,7 @@ class AquilaModel(nn.Module):
                  loss_impl: str = "standard", loss_chunk_size: int = 4096) -> None:
         super().__init__()
         self.config = config
+        self.rope_scaling = rope_scaling_key(config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -231,7 +306,7 @@ class AquilaModel(nn.Module):
             )
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta,
-                                x.device, x.dtype)
+                                x.device, x.dtype, self.rope_scaling)
         for block in self.layers:
             x = block(x, cos, sin)
         x = self.norm(x)
