@@ -47,7 +47,9 @@ class AquilaLM(LightningModule):
     Args:
         preset: a name from ``AquilaConfig.from_name`` (``aquila2-7b``, ``aquila2-mini``, ...).
         config: overrides of ``AquilaConfig`` fields, e.g. ``{max_seq_len: 256}``.
-        init_from: a Hugging Face Llama/Aquila2 directory to start from instead of random init.
+        init_from: a Hugging Face Llama/Aquila2 directory to start from instead of random init;
+            its config is the checkpoint's, but for ``max_seq_len``, ``rope_theta`` and
+            ``rope_scaling`` from ``config`` (extending its context).
         tokenizer: the tokenizer the data must have been prepared with (checked by the DMU).
         learning_rate, min_lr_ratio, warmup_steps, decay_steps: linear warmup then cosine
             decay to ``min_lr_ratio · learning_rate`` at ``decay_steps`` (default: the
@@ -144,7 +146,7 @@ class AquilaLM(LightningModule):
         kernels = {"attention": hp.attention, "loss_impl": hp.loss_impl,
                    "loss_chunk_size": hp.loss_chunk_size}
         if hp.init_from:
-            self.model = import_hf(hp.init_from, **kernels)
+            self.model = import_hf(hp.init_from, context=hp.config, **kernels)
             self.config = self.model.config
         else:
             # Under ModelParallelStrategy build on meta: prepare_model materialises only each

@@ -135,3 +135,30 @@ def test_legacy_type_key_is_read_as_rope_type():
     config = AquilaConfig.from_name("aquila2-tiny", rope_scaling={"type": "linear", "factor": 2})
     assert config.rope_scaling == {"rope_type": "linear", "factor": 2}
     assert AquilaConfig.from_dict(config.to_dict()) == config
+
+
+def test_init_from_takes_the_context_from_the_run_config_and_the_rest_from_the_checkpoint(
+        tmp_path):
+    """Extending a checkpoint's context: a model saved without scaling, imported with a
+    run's ``max_seq_len`` and ``rope_scaling``, computes what transformers' scaled Llama
+    with the same weights does; shape fields of ``config`` stay the checkpoint's."""
+    from lightning_aquila.module import AquilaLM
+
+    torch.manual_seed(0)
+    scaled = LlamaForCausalLM(_hf_config(SCALINGS["linear"])).eval()
+    scaled.save_pretrained(tmp_path / "llama")
+    unscaled = json.loads((tmp_path / "llama" / "config.json").read_text())
+    unscaled["rope_parameters"] = {"rope_type": "default", "rope_theta": THETA}
+    unscaled.pop("rope_scaling", None)
+    unscaled["max_position_embeddings"] = ORIGINAL
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(unscaled))
+    module = AquilaLM(init_from=str(tmp_path / "llama"), config={
+        "max_seq_len": MAX_LEN, "rope_scaling": SCALINGS["linear"], "vocab_size": 9000})
+    module.configure_model()
+    model = module.model.eval()
+    assert model.config.rope_scaling == SCALINGS["linear"]
+    assert (model.config.max_seq_len, model.config.vocab_size) == (MAX_LEN, 512)
+    assert module.config is model.config
+    ids = torch.randint(0, 512, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), scaled(ids).logits, rtol=0, atol=1e-6)

@@ -256,15 +256,26 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+#: What a run may change in an imported model's config: the context and its rotary
+#: positions (extending a checkpoint's context, as the Aquila2 16K variants did), never a
+#: shape of the weights.
+CONTEXT_FIELDS = ("max_seq_len", "rope_theta", "rope_scaling")
+
+
 def import_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-              **kernels: Any) -> AquilaModel:
-    """Load a Hugging Face Llama or BAAI Aquila2 directory as an AquilaModel; ``kernels``
-    (``attention``, ``loss_impl``, ``loss_chunk_size``) go to ``AquilaModel``."""
+              context: Mapping[str, Any] | None = None, **kernels: Any) -> AquilaModel:
+    """Load a Hugging Face Llama or BAAI Aquila2 directory as an AquilaModel; ``context``
+    replaces any of :data:`CONTEXT_FIELDS` of its config (the other fields are the
+    checkpoint's); ``kernels`` (``attention``, ``loss_impl``, ``loss_chunk_size``) go to
+    ``AquilaModel``."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
     config = config_from_hf(json.loads(config_file.read_text()))
+    if context:
+        config = AquilaConfig.from_dict({**config.to_dict(), **{
+            k: v for k, v in context.items() if k in CONTEXT_FIELDS}})
     state = from_hf_state_dict(_load_hf_weights(path))
     with torch.device("meta"):
         model = AquilaModel(config, **kernels)
