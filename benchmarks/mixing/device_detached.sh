@@ -7,6 +7,8 @@
 # SECONDS, prints the driver's progress and returns what the runs have written in
 # $OUT/runs.tgz (no checkpoints). Runs stop only when the machine goes back, so send the next
 # call at once.
+# Carry the wheels and the archives with every call (the device tool's carry list
+# [".whl", ".carry"]: both may be git-ignored, and what is ignored travels only when named).
 #   bash benchmarks/mixing/device_detached.sh 560     # first call: starts, then waits
 #   bash benchmarks/mixing/device_detached.sh 560     # later calls: wait, collect
 #   bash benchmarks/mixing/device_detached.sh stop    # end it: its runs leave the GPU
