@@ -87,6 +87,26 @@ def test_unimax_past_every_cap_gives_every_domain_n_epochs():
         {d: n / 21e6 for d, n in UNIQUE.items()})
 
 
+def test_temperature_below_one_sharpens_and_an_empty_domain_stays_at_zero():
+    assert temperature_weights({"a": 1, "b": 3, "c": 0}, 0.5) == pytest.approx(
+        {"a": 0.1, "b": 0.9, "c": 0.0})
+    assert resolve_weights("temperature:0.5", ["a", "b"], {"a": 1, "b": 3}, "w") == (
+        pytest.approx({"a": 0.1, "b": 0.9}))
+
+
+def test_unimax_refuses_a_budget_of_nothing():
+    with pytest.raises(ValueError, match=r"unimax:4 needs a positive token budget, got 0"):
+        unimax_weights(UNIQUE, 0, 4)
+
+
+def test_resolved_uniform_and_natural_specs_sum_to_one_over_the_domains():
+    assert resolve_weights("uniform", DOMAINS, None, "w") == pytest.approx(
+        dict.fromkeys(DOMAINS, 1 / 3))
+    assert resolve_weights("natural", DOMAINS, {"mid": 3, "large": 1}, "w") == pytest.approx(
+        {"small": 0.0, "mid": 0.75, "large": 0.25})  # a domain not counted is at 0
+    assert resolve_weights("natural", DOMAINS, dict.fromkeys(DOMAINS, 0), "w") is None
+
+
 @pytest.mark.parametrize(("spec", "match"), [
     ("temperature", "needs a positive number"), ("temperature:0", "needs a positive number"),
     ("unimax:x", "needs a positive number"), ("zipf:2", "one of")])
