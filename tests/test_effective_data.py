@@ -87,6 +87,26 @@ def test_unimax_past_every_cap_gives_every_domain_n_epochs():
         {d: n / 21e6 for d, n in UNIQUE.items()})
 
 
+def test_temperature_below_one_sharpens_and_an_empty_domain_stays_at_zero():
+    assert temperature_weights({"a": 1, "b": 3, "c": 0}, 0.5) == pytest.approx(
+        {"a": 0.1, "b": 0.9, "c": 0.0})
+    assert resolve_weights("temperature:0.5", ["a", "b"], {"a": 1, "b": 3}, "w") == (
+        pytest.approx({"a": 0.1, "b": 0.9}))
+
+
+def test_unimax_refuses_a_budget_of_nothing():
+    with pytest.raises(ValueError, match=r"unimax:4 needs a positive token budget, got 0"):
+        unimax_weights(UNIQUE, 0, 4)
+
+
+def test_resolved_uniform_and_natural_specs_sum_to_one_over_the_domains():
+    assert resolve_weights("uniform", DOMAINS, None, "w") == pytest.approx(
+        dict.fromkeys(DOMAINS, 1 / 3))
+    assert resolve_weights("natural", DOMAINS, {"mid": 3, "large": 1}, "w") == pytest.approx(
+        {"small": 0.0, "mid": 0.75, "large": 0.25})  # a domain not counted is at 0
+    assert resolve_weights("natural", DOMAINS, dict.fromkeys(DOMAINS, 0), "w") is None
+
+
 @pytest.mark.parametrize(("spec", "match"), [
     ("temperature", "needs a positive number"), ("temperature:0", "needs a positive number"),
     ("unimax:x", "needs a positive number"), ("zipf:2", "one of")])
@@ -253,3 +273,109 @@ init_args: {repetition_epochs: 1.0, window: 6, update_every: 50}
 """)
     assert isinstance(built, EffectiveDataMixture)
     assert (built.repetition_epochs, built.window, built.update_every) == (1.0, 6, 50)
+
+
+# -- configuration, state and edges ------------------------------------------------------------
+def test_the_defaults_are_the_documented_ones_and_the_config_rebuilds_the_policy():
+    made = EffectiveDataMixture()
+    assert {k: v for k, v in made.config().items() if k not in ("min_weight", "max_weight")} == {
+        "budget_tokens": None, "repetition_epochs": 0.75, "loss_exponent": 0.3,
+        "prior_temperature": None, "warmup_fraction": 0.1, "window": 8, "max_tilt": 4.0,
+        "inertia": 0.5, "max_swing": 2.0, "max_epochs": None, "update_every": 25}
+    tuned = EffectiveDataMixture(budget_tokens=10, repetition_epochs=2.0, loss_exponent=0.5,
+                                 prior_temperature=3.0, warmup_fraction=0.2, window=5,
+                                 max_tilt=2.0, inertia=0.1, max_swing=1.5, max_epochs=4.0)
+    assert EffectiveDataMixture(**tuned.config()).config() == tuned.config()
+
+
+@pytest.mark.parametrize(("arg", "value"), [
+    ("budget_tokens", 0), ("budget_tokens", 2.5), ("budget_tokens", True),
+    ("repetition_epochs", 0), ("repetition_epochs", math.inf), ("loss_exponent", "x"),
+    ("prior_temperature", 0), ("prior_temperature", "x"), ("warmup_fraction", 1.0),
+    ("warmup_fraction", "x"), ("inertia", 1.0), ("inertia", "x"), ("max_tilt", 0.99),
+    ("max_swing", "x"), ("window", 2), ("window", 3.0), ("max_epochs", 0),
+    ("max_epochs", "x")])
+def test_arguments_out_of_range_are_refused_naming_them(arg, value):
+    with pytest.raises(ValueError, match=rf"EffectiveDataMixture\({arg}"):
+        EffectiveDataMixture(**{arg: value})
+
+
+def test_arguments_on_the_edge_of_their_range_are_accepted():
+    made = EffectiveDataMixture(budget_tokens=1, max_tilt=1.0, max_swing=1.0, window=3,
+                                prior_temperature=0.5, max_epochs=0.5, warmup_fraction=0.0)
+    assert (made.budget_tokens, made.window, made.max_tilt) == (1, 3, 1.0)
+
+
+def test_a_resume_on_the_same_domains_keeps_the_window_and_on_others_starts_afresh():
+    made = policy(budget_epochs=0.2)
+    run(made, power_law({"small": 1.0, "mid": 4.0, "large": 2.0}), stop=20)
+    kept = made.state_dict()
+    assert kept["records"] and kept["scale"]
+    made.setup(DOMAINS, unique_tokens=UNIQUE, budget_tokens=int(0.2 * 21e6))
+    assert made.state_dict() == kept
+    made.setup(DOMAINS[:2], unique_tokens=UNIQUE, budget_tokens=int(0.2 * 21e6))
+    assert (made.records, made.scale, made.last) == ([], None, None)
+
+
+def test_once_the_budget_is_spent_it_proposes_nothing():
+    made = policy(budget_epochs=1.0)
+    spent = {"small": 1e6, "mid": 4e6, "large": 16e6}  # exactly the budget
+    assert made.propose(evaluation(25, spent, dict.fromkeys(DOMAINS, 3.0)),
+                        dict.fromkeys(DOMAINS, 1 / 3)) is None
+
+
+def test_inertia_keeps_that_share_of_the_previous_weights():
+    made = policy(budget_epochs=3.0, inertia=0.25)
+    first = made.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    tokens = {"small": 2e6, "mid": 1e6, "large": 1e6}
+    plan = made.plan(tokens)
+    second = made.propose(evaluation(25, tokens, dict.fromkeys(DOMAINS, 3.0)), first)
+    assert second == pytest.approx({d: 0.25 * first[d] + 0.75 * plan[d] for d in DOMAINS})
+
+
+def test_with_every_domain_at_its_hard_cap_it_draws_in_proportion_to_the_data():
+    made = policy(budget_epochs=3.0, max_epochs=1.0, inertia=0.0)
+    past = {"small": 2e6, "mid": 4e6, "large": 16e6}  # small past its cap, the others at it
+    weights = made.propose(evaluation(25, past, dict.fromkeys(DOMAINS, 3.0)),
+                           dict.fromkeys(DOMAINS, 1 / 3))
+    assert weights == pytest.approx({"small": 1 / 21, "mid": 4 / 21, "large": 16 / 21})
+
+
+def test_an_evaluation_is_read_once_and_a_state_without_one_reads_nothing():
+    made = policy(budget_epochs=1.0, warmup_fraction=0.0)
+    tokens = dict.fromkeys(DOMAINS, 1e6)
+    for _ in range(2):
+        made.propose(evaluation(25, tokens, dict.fromkeys(DOMAINS, 3.0)),
+                     dict.fromkeys(DOMAINS, 1 / 3))
+    made.propose(TrainingState(step=30, tokens_per_domain=tokens), dict.fromkeys(DOMAINS, 1 / 3))
+    assert [r["step"] for r in made.records] == [25]
+
+
+def test_three_evaluations_are_enough_to_measure_the_slopes():
+    curves = power_law({"small": 1.0, "mid": 4.0, "large": 2.0})
+    for evaluations in (2, 3):
+        made = policy(budget_epochs=1.0, warmup_fraction=0.0)
+        run(made, curves, stop=evaluations)
+        assert len(made.records) == evaluations
+        assert (made.scale is not None) == (evaluations == 3)
+
+
+def test_a_resume_between_evaluations_proposes_what_the_uninterrupted_run_does():
+    curves = power_law({"small": 1.0, "mid": 4.0, "large": 2.0})
+    first = policy(budget_epochs=0.2)
+    seen, tokens = run(first, curves, stop=20)
+    second = policy(budget_epochs=0.2)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    between = TrainingState(step=510, tokens_per_domain={d: int(n) for d, n in tokens.items()},
+                            val_loss=curves(tokens), val_step=500)  # no new evaluation
+    assert second.propose(between, seen[-1]) == first.propose(between, seen[-1])
+    fresh = policy()
+    fresh.load_state_dict(json.loads(json.dumps(policy().state_dict())))
+    assert fresh.state_dict() == policy().state_dict()
+
+
+def test_the_plan_spends_exactly_the_budget():
+    consumed = np.array([3e6, 1e6, 0.5e6])
+    unique = np.array(list(UNIQUE.values()), dtype=float)
+    final = plan_tokens(consumed, unique, 30e6, np.array([1.0, 2.0, 0.5]), 1.5, 0.3)
+    assert final.sum() == pytest.approx(30e6, rel=1e-12)

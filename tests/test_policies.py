@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -23,6 +24,7 @@ from lightning_aquila.callbacks.policies import (
     project_to_bounds,
 )
 from lightning_aquila.callbacks.state import TrainingState
+from lightning_aquila.domain_weights import check_bound, normalized
 
 DOMAINS = ["code", "web", "books"]
 UNIFORM = dict.fromkeys(DOMAINS, 1 / 3)
@@ -121,6 +123,78 @@ def test_per_domain_bounds_apply_to_their_domain_only():
     assert out["code"] == pytest.approx(0.5) and out["books"] == pytest.approx(0.3)
 
 
+def test_without_bounds_weights_on_the_simplex_come_back_unchanged():
+    weights = {"code": 0.1, "web": 0.2, "books": 0.7}  # sums to 1 within rounding only
+    assert project_to_bounds(weights) == weights
+    assert project_to_bounds({"code": 0.6, "web": 0.3, "books": 0.1}, 0.1, 0.6) == {
+        "code": 0.6, "web": 0.3, "books": 0.1}  # on a bound each side
+
+
+def test_bounds_that_sum_to_exactly_one_leave_exactly_that_mixture():
+    assert project_to_bounds({"a": 0.9, "b": 0.1}, 0.5, 1.0) == {"a": 0.5, "b": 0.5}
+    caps = {"a": 0.7, "b": 0.2, "c": 0.1}  # they sum to 1 - 1e-16 in floats
+    assert project_to_bounds({"a": 1.0, "b": 0.0, "c": 0.0}, 0.0, caps) == pytest.approx(caps)
+
+
+def test_a_domain_pinned_by_equal_bounds_gets_exactly_that_weight():
+    out = project_to_bounds({"code": 0.8, "web": 0.1, "books": 0.1}, {"web": 0.3}, {"web": 0.3})
+    assert out["web"] == pytest.approx(0.3) and sum(out.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("low", "high", "match"), [
+    ({"code": 0.3, "web": 0.6}, {"code": 0.3, "web": 0.4},
+     "min_weight exceeds max_weight for domain 'web'"),
+    (0.0, 1.5, r"max_weight for domain 'code' must be in \[0, 1\], got 1\.5"),
+    ("0.1", 1.0, "min_weight is not a number: '0.1'"),
+    (0.0, {"web": True}, r"max_weight\['web'\] is not a number: True"),
+    (0.0, {"news": 0.5}, r"max_weight: unknown domain\(s\) \['news'\]"),
+])
+def test_bounds_that_are_not_bounds_are_refused_naming_them(low, high, match):
+    with pytest.raises(ValueError, match=match):
+        project_to_bounds({"code": 0.5, "web": 0.3, "books": 0.2}, low, high)
+
+
+def test_non_finite_weights_are_refused_before_bounding_naming_the_domain():
+    with pytest.raises(ValueError, match=r"domain\(s\) \['web'\] are not finite"):
+        project_to_bounds({"code": 0.5, "web": math.nan, "books": 0.2})
+
+
+@pytest.mark.parametrize("bound", [{"code": 0.2}, 0.0, 1.0])
+def test_a_bound_in_zero_one_is_accepted(bound):
+    check_bound(bound, "min_weight")
+
+
+@pytest.mark.parametrize(("bound", "match"), [
+    (1.5, r"min_weight must lie in \[0, 1\], got 1\.5"),
+    ({"code": 1.5}, r"min_weight\['code'\] must lie in \[0, 1\]"),
+    ({"code": "x"}, r"min_weight\['code'\] is not a number"),
+])
+def test_a_bound_outside_zero_one_is_refused_naming_it(bound, match):
+    with pytest.raises(ValueError, match=match):
+        check_bound(bound, "min_weight")
+
+
+@pytest.mark.parametrize("value", [True, "0.5", None, [0.5], b"1"])
+def test_only_numbers_are_weights(value):
+    with pytest.raises(ValueError, match=f"w: weight for domain 'a' is not a number: "
+                       f"{re.escape(repr(value))}"):
+        normalized({"a": value, "b": 1.0}, "w")
+
+
+def test_normalised_weights_sum_to_one_even_near_the_float_maximum():
+    assert normalized({"a": 1e308, "b": 1e308, "c": 1e308}, "w") == pytest.approx(
+        dict.fromkeys("abc", 1 / 3))
+    with pytest.raises(ValueError, match="all zero"):
+        normalized({}, "w")
+
+
+def test_weights_that_must_sum_to_one_may_miss_it_by_the_tolerance_only():
+    assert normalized({"a": 0.5, "b": 0.5004}, "w", sum_tolerance=1e-3) == pytest.approx(
+        {"a": 0.5 / 1.0004, "b": 0.5004 / 1.0004})
+    with pytest.raises(ValueError, match=r"w: the weights sum to 1\.1, not 1"):
+        normalized({"a": 0.6, "b": 0.5}, "w", sum_tolerance=1e-3)
+
+
 # -- StaticMixture ----------------------------------------------------------------------------
 def test_static_mixture_proposes_its_weights_normalised():
     policy = StaticMixture({"code": 2, "web": 1})
@@ -147,10 +221,49 @@ def test_static_weights_for_an_unknown_domain_are_refused_naming_it():
 
 
 @pytest.mark.parametrize("weights", [{"code": -1.0}, {"code": float("nan")}, {"code": 0.0},
-                                     "natura1"])
+                                     "natura1", [0.5, 0.5]])
 def test_static_weights_that_are_not_weights_are_refused(weights):
     with pytest.raises(ValueError, match="StaticMixture"):
         StaticMixture(weights)
+
+
+def test_static_mixture_defaults_to_the_natural_mixture_updated_every_step():
+    policy = StaticMixture()
+    policy.setup(DOMAINS, {"code": 600, "web": 300, "books": 100})
+    assert policy.propose(state(1), UNIFORM) == pytest.approx(
+        {"code": 0.6, "web": 0.3, "books": 0.1})
+    assert policy.due(1) and StagedMixture(STAGES).due(1)
+
+
+def test_static_and_staged_mixtures_keep_a_copy_of_the_weights_they_were_given():
+    weights, tau = {"code": 1.0, "web": 1.0}, {"code": 0.5}
+    stage = {"name": "only", "weights": weights, "quality_temperature": tau}
+    static, staged = StaticMixture(weights), StagedMixture([stage])
+    weights["books"], tau["web"] = 8.0, 2.0
+    assert staged.quality_temperature == {"code": 0.5}
+    assert static.propose(state(1), UNIFORM) == {"code": 0.5, "web": 0.5, "books": 0.0}
+    assert staged.propose(state(1), UNIFORM) == {"code": 0.5, "web": 0.5, "books": 0.0}
+
+
+@pytest.mark.parametrize("policy", [
+    StaticMixture({"code": 2.0}, update_every=3, min_weight=0.1),
+    StagedMixture([{"name": "a", "weights": {"code": 1}, "until_step": 5},
+                   {"weights": "uniform", "quality_temperature": 0.5}], max_weight=0.9)])
+def test_a_fixed_mixture_is_rebuilt_from_its_config(policy):
+    rebuilt = type(policy)(**policy.config())
+    assert rebuilt.config() == policy.config()
+
+
+def test_static_unknown_domains_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"StaticMixture\(weights\): unknown domain\(s\)"):
+        StaticMixture({"news": 1.0}).setup(DOMAINS)
+
+
+def test_static_temperature_weights_follow_the_corpus_token_counts():
+    policy = StaticMixture("temperature:2")
+    policy.setup(DOMAINS, {"code": 900, "web": 400, "books": 100})
+    assert policy.propose(state(1), UNIFORM) == pytest.approx(
+        {"code": 0.5, "web": 1 / 3, "books": 1 / 6})
 
 
 # -- StagedMixture ----------------------------------------------------------------------------
@@ -203,10 +316,72 @@ def test_staged_mixture_skips_stages_passed_at_once_and_never_goes_back():
     ([{"name": "a", "weights": {"code": 1}, "until_step": 5},
       {"name": "a", "weights": {"web": 1}}], "stage names repeat"),
     ([], "at least one stage"),
+    ([{"name": "a", "weights": {"code": 1}, "until_step": 9},
+      {"name": "b", "weights": {"code": 1}, "until_step": 5},
+      {"name": "c", "weights": "uniform"}], "until_step must increase"),
+    ("K6", "must be a list of stages"),
 ])
 def test_malformed_stages_are_refused_naming_the_stage(stages, match):
     with pytest.raises(ValueError, match=match):
         StagedMixture(stages)
+
+
+def test_staged_stages_without_names_are_numbered():
+    policy = StagedMixture([{"weights": {"code": 1}, "until_step": 5}, {"weights": "uniform"}])
+    assert [s["name"] for s in policy.stages] == ["stage0", "stage1"]
+
+
+def test_a_last_stage_with_an_end_stays_in_force_past_it():
+    policy = StagedMixture(STAGES[:2])  # the last stage ends at 5000 tokens: nothing follows
+    policy.propose(state(1, tokens=9000), UNIFORM)
+    assert policy.stage == "K61"
+
+
+def test_staged_max_weight_applies_to_every_stage():
+    policy = StagedMixture([{"name": "a", "weights": {"code": 1}}], max_weight=0.5)
+    assert policy.propose(state(1), UNIFORM)["code"] == pytest.approx(0.5)
+
+
+def test_staged_natural_and_unimax_stages_read_the_counts_and_budget_of_setup():
+    policy = StagedMixture([{"name": "a", "weights": "natural", "until_step": 5},
+                            {"name": "b", "weights": "unimax:4"}])
+    policy.setup(DOMAINS, {"code": 600, "web": 300, "books": 100},
+                 unique_tokens={"code": 1000, "web": 4000, "books": 16000},
+                 budget_tokens=63000)
+    assert policy.propose(state(1), UNIFORM) == pytest.approx(
+        {"code": 1 / 21, "web": 4 / 21, "books": 16 / 21})  # unique tokens come first
+    assert policy.propose(state(5), UNIFORM) == pytest.approx(
+        {"code": 4 / 63, "web": 16 / 63, "books": 43 / 63})
+    natural = StagedMixture([{"name": "a", "weights": "natural"}])
+    natural.setup(DOMAINS, {"code": 600, "web": 300, "books": 100})  # corpus counts only
+    assert natural.propose(state(1), UNIFORM) == pytest.approx(
+        {"code": 0.6, "web": 0.3, "books": 0.1})
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    (0.5, 0.5), (None, "inf"), ({"code": 0.5, "web": None}, {"code": 0.5, "web": None})])
+def test_a_stage_quality_temperature_is_kept_as_given(given, kept):
+    policy = StagedMixture([{"name": "a", "weights": "uniform", "quality_temperature": given}])
+    assert policy.quality_temperature == kept
+    assert StagedMixture([{"weights": "uniform"}]).quality_temperature is None
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    (-1.0, r"stages\[0\]\)\.quality_temperature must be a positive number"),
+    ({"code": 0}, r"stages\[0\]\)\.quality_temperature\['code'\] must be a positive"),
+    ({"news": 1.0}, r"stages\[0\]\.quality_temperature\) names unknown domain"),
+])
+def test_a_stage_quality_temperature_that_is_not_one_is_refused_naming_it(value, match):
+    with pytest.raises(ValueError, match=match):
+        StagedMixture([{"weights": "uniform", "quality_temperature": value}]).setup(DOMAINS)
+
+
+@pytest.mark.parametrize("end", [0, -5, 2.5, True, "100"])
+def test_a_stage_end_that_is_not_a_positive_integer_is_refused(end):
+    with pytest.raises(ValueError, match=r"stages\[0\]\)\.until_step must be a positive"):
+        StagedMixture([{"weights": "uniform", "until_step": end}, {"weights": "uniform"}])
+    assert StagedMixture([{"weights": "uniform", "until_step": 1},
+                          {"weights": "uniform"}]).stages[0]["until_step"] == 1
 
 
 # -- ExcessLossMixture ------------------------------------------------------------------------
