@@ -20,11 +20,14 @@ DOMAINS := $(notdir $(patsubst %/,%,$(wildcard corpus/*/)))
 
 .PHONY: install test quickstart docs clean
 
+# The install ends with `fit --help`, which keeps fit's help and option list
+# (cli/help_cache.py): typos are then refused in under a second from the first run on.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/lightning-aquila fit --help > /dev/null
 	touch $(STAMP)
 
 install: $(STAMP)
