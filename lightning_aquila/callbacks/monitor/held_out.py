@@ -9,7 +9,7 @@ tokens."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -106,18 +106,44 @@ def account_held_out(state: TrainingState, sums: torch.Tensor, tokens: torch.Ten
     return metrics
 
 
+class PartLosses:
+    """One ``HeldOutLoss`` per held-out part (``"val"``: dev, ``"test"``), keyed by an index
+    the owner chooses (a domain, a score bucket): moved and reset together at the start of a
+    validation run, gathered part by part at its end."""
+
+    def __init__(self) -> None:
+        self.parts = {"val": HeldOutLoss(), "test": HeldOutLoss()}
+
+    def __getitem__(self, part: str) -> HeldOutLoss:
+        return self.parts[part]
+
+    def reset(self, device: torch.device) -> None:
+        for name, metric in self.parts.items():
+            self.parts[name] = metric = metric.to(device)
+            metric.reset()
+
+    def computed(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(part, loss sums, token counts)`` of each part some batch reached, gathered
+        across ranks (every rank calls it: each takes its share of every loader), then
+        reset. A part no batch had is skipped, the same on every rank."""
+        for part, metric in self.parts.items():
+            if metric.update_count == 0:
+                continue
+            sums, tokens = metric.compute()
+            metric.reset()
+            yield part, sums, tokens
+
+
 class HeldOutParts:
     """The ``dev`` (``"val"``) and ``test`` parts' ``HeldOutLoss``: which samples of a
     validation batch go to which part (``batch["part"]``: 1 is test; a batch without it is
     all dev), also for the score buckets, and what a validation run ends with."""
 
     def __init__(self) -> None:
-        self.parts = {"val": HeldOutLoss(), "test": HeldOutLoss()}
+        self.parts = PartLosses()
 
     def reset(self, device: torch.device) -> None:
-        for name, metric in self.parts.items():
-            self.parts[name] = metric.to(device)
-            self.parts[name].reset()
+        self.parts.reset(device)
 
     def add(self, batch: dict[str, Any], loss_sum: torch.Tensor, tokens: torch.Tensor,
             buckets: Any = None) -> None:
@@ -145,11 +171,7 @@ class HeldOutParts:
         test part into metrics only. A part no batch had is skipped (the same on every rank:
         each takes its share of every loader)."""
         metrics: dict[str, float] = {}
-        for part, metric in self.parts.items():
-            if metric.update_count == 0:
-                continue
-            sums, tokens = metric.compute()
-            metric.reset()
+        for part, sums, tokens in self.parts.computed():
             metrics.update(account_held_out(state, sums, tokens, name, step) if part == "val"
                            else held_out_metrics(sums, tokens, name, part)[1])
         return metrics

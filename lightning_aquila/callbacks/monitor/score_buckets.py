@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_aquila.callbacks.monitor.domain_loss import DomainLossTable, sum_over_ranks
-from lightning_aquila.callbacks.monitor.held_out import HeldOutLoss
+from lightning_aquila.callbacks.monitor.held_out import PartLosses
 
 
 def check_edges(edges: Sequence[float]) -> list[float]:
@@ -68,7 +68,7 @@ class ScoreBuckets:
         self._inner: torch.Tensor | None = None
         self._train: DomainLossTable | None = None
         self._restored_table: list[Any] | None = None
-        self.held_out = {"val": HeldOutLoss(), "test": HeldOutLoss()}
+        self.held_out = PartLosses()
 
     @property
     def active(self) -> bool:
@@ -138,9 +138,7 @@ class ScoreBuckets:
 
     # -- held-out ------------------------------------------------------------------------------
     def reset_held_out(self, device: torch.device) -> None:
-        for part, metric in self.held_out.items():
-            self.held_out[part] = metric = metric.to(device)
-            metric.reset()
+        self.held_out.reset(device)
 
     def add_held_out(self, part: str, score: torch.Tensor, loss_sum: torch.Tensor,
                      tokens: torch.Tensor) -> None:
@@ -152,11 +150,7 @@ class ScoreBuckets:
         """Token-weighted loss and share of tokens per bucket of each part, gathered across
         ranks (``tsm/val_loss_by_score/q<k>``, ``tsm/test_loss_by_score/q<k>``, ...)."""
         metrics: dict[str, float] = {}
-        for part, metric in self.held_out.items():
-            if metric.update_count == 0:
-                continue
-            sums, tokens = metric.compute()
-            metric.reset()
+        for part, sums, tokens in self.held_out.computed():
             metrics.update(_bucket_metrics(part, self.names,
                                            list(zip(sums.tolist(), tokens.tolist()))))
         return metrics
