@@ -14,7 +14,7 @@ from typing import Any, Literal
 from lightning_aquila.callbacks.policies.base import MixturePolicy
 from lightning_aquila.callbacks.state import TrainingState
 from lightning_aquila.domain_weights import Bound, as_number, normalized
-from lightning_aquila.tracking.run_files import read_jsonl
+from lightning_aquila.tracking.run_files import EVENTS_FILE, read_jsonl
 
 
 def load_reference_losses(reference: Mapping[str, float] | str,
@@ -85,7 +85,7 @@ def reference_tokenizer(reference: Mapping[str, float] | str) -> str | None:
     file or the run predates the record."""
     if isinstance(reference, Mapping):
         return None
-    events = Path(reference).parent / "events.jsonl"
+    events = Path(reference).parent / EVENTS_FILE
     if Path(reference).suffix != ".jsonl" or not events.is_file():
         return None
     return next((e["tokenizer"] for e in read_jsonl(events)
