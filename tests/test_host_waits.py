@@ -2,9 +2,10 @@
 the device: making a device tensor from Python values (``torch.tensor(x, device=cuda)``
 copies from pageable memory behind all queued work) and reading a device value back
 (``.item()``, ``.tolist()``). Either drains the GPU's queue once per step (measured on an
-H200: 4.6-7.6% of a 1B step idle, docs/benchmarks.md). Where they happen is the same on the
-CPU, so this runs a real fit with the TSM and ATE at their default intervals and records
-both ops, with the code that called them, over steps that log nothing. On the CPU
+H100: 7.2% of a 1B step idle against litgpt's 1.2%, docs/benchmarks.md, "Fit path"). Where
+they happen is the same on the CPU, so this runs a real fit with the TSM and ATE at their
+default intervals and records both ops, with the code that called them, over steps that log
+nothing. On the CPU
 ``.tolist()`` and ``.numpy()`` (after ``.cpu()``, a no-op there) reach no op, so the spy also
 wraps those methods; on a GPU the twin test makes CUDA itself refuse any synchronising call."""
 
