@@ -109,8 +109,8 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
 
 def test_a_class_name_typo_is_one_line_naming_the_field_and_the_cause(tmp_path):
     config = QUICKSTART.read_text().replace(
-        "        policy: null", "        policy:\n"
-        "          class_path: lightning_aquila.callbacks.EffectiveDataMixtur")
+        "class_path: lightning_aquila.callbacks.EffectiveDataMixture",
+        "class_path: lightning_aquila.callbacks.EffectiveDataMixtur")
     path = tmp_path / "typo.yaml"
     path.write_text(config)
     code, err = run(["fit", "--config", str(path), "--print_config"])
@@ -155,12 +155,11 @@ def store(tmp_path_factory) -> str:
 
 
 def fit_args(root: Path, store: str, max_steps: int, *extra: str) -> list[str]:
-    """The quickstart config at toy size, with the policy its engine comment's one flag gives
-    (EffectiveDataMixture: the engine's policy is null in the quickstart itself)."""
+    """The quickstart config at toy size (its engine plans with EffectiveDataMixture, which
+    re-plans every ``update_every`` steps: set to the toy's evaluation interval)."""
     return ["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(root),
             "--data.init_args.store", store, "--trainer.max_steps", str(max_steps),
-            "--trainer.callbacks.init_args.policy",
-            "lightning_aquila.callbacks.EffectiveDataMixture",
+            "--trainer.callbacks.init_args.policy.update_every", "2",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2",
             "--data.init_args.val_windows_per_domain", "2", "--data.init_args.num_workers", "0",
@@ -190,7 +189,7 @@ def test_every_file_of_a_run_goes_under_its_default_root_dir(first_run):
     assert len(list((root / ".neptune" / "offline").iterdir())) == 1
 
 
-def test_one_flag_gives_the_quickstart_engine_a_policy(first_run):
+def test_the_quickstart_engine_plans_with_effective_data(first_run):
     _, root, _ = first_run
     engine = yaml.safe_load((root / "config.yaml").read_text())["trainer"]["callbacks"][-1]
     assert engine["class_path"].endswith("AdaptiveTrainingEngine")

@@ -106,11 +106,13 @@ def test_the_quickstart_reference_run_is_the_quickstart_on_the_uniform_mixture_w
     assert reference["trainer"]["callbacks"][1]["init_args"]["save_last"]  # --ckpt_path last
 
 
-def test_the_quickstart_keeps_unimax_weights_with_the_monitor_and_rollback_on():
+def test_the_quickstart_plans_with_effective_data_from_unimax_with_the_monitor_and_rollback_on():
     main = print_config("configs/quickstart.yaml")
-    engine = main["trainer"]["callbacks"][-1]  # last: one flag gives it a policy
+    engine = main["trainer"]["callbacks"][-1]  # last: one flag changes its policy
     assert engine["class_path"].endswith("AdaptiveTrainingEngine")
-    assert engine["init_args"]["policy"] is None and engine["init_args"]["rollback"]
+    policy = engine["init_args"]["policy"]
+    assert policy["class_path"].endswith("EffectiveDataMixture") and engine["init_args"]["rollback"]
+    assert policy["init_args"]["update_every"] == main["trainer"]["val_check_interval"]
     assert main["trainer"]["callbacks"][0]["class_path"].endswith("TrainingStateMonitor")
     assert main["data"]["init_args"]["weights"] == "unimax:4"
 

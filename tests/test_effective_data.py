@@ -279,7 +279,7 @@ init_args: {repetition_epochs: 1.0, window: 6, update_every: 50}
 def test_the_defaults_are_the_documented_ones_and_the_config_rebuilds_the_policy():
     made = EffectiveDataMixture()
     assert {k: v for k, v in made.config().items() if k not in ("min_weight", "max_weight")} == {
-        "budget_tokens": None, "repetition_epochs": 0.75, "loss_exponent": 0.3,
+        "budget_tokens": None, "repetition_epochs": 3.0, "loss_exponent": 0.3,
         "prior_temperature": None, "warmup_fraction": 0.1, "window": 8, "max_tilt": 4.0,
         "inertia": 0.5, "max_swing": 2.0, "max_epochs": None, "update_every": 25}
     tuned = EffectiveDataMixture(budget_tokens=10, repetition_epochs=2.0, loss_exponent=0.5,

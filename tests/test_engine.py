@@ -297,6 +297,7 @@ def test_the_shipped_configs_put_a_valid_engine_after_the_monitor(path, tmp_path
     kinds = [type(c).__name__ for c in callbacks]
     assert kinds.index("TrainingStateMonitor") < kinds.index("AdaptiveTrainingEngine")
     engine = callbacks[kinds.index("AdaptiveTrainingEngine")]
-    if engine.policy is not None:  # none: the data's mixture stays (the quickstart)
-        engine.policy.setup(corpus, dict.fromkeys(corpus, 1.0))  # names and bounds fit
+    if engine.policy is not None:  # none: the data's mixture stays
+        engine.policy.setup(corpus, dict.fromkeys(corpus, 1.0),  # names and bounds fit
+                            unique_tokens=dict.fromkeys(corpus, 1000), budget_tokens=10_000)
     assert engine.rollback

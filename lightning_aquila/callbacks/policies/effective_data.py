@@ -51,10 +51,12 @@ Differences from the work it builds on, on purpose:
   pooled slope; and the remaining budget is planned to the end of the run, which is where
   repetition is decided.
 * Muennighoff et al. fit ``R* ≈ 15`` for a whole corpus repeated at compute-optimal size.
-  ``repetition_epochs`` (``R*``) defaults to 0.75: inside a mixture a small domain is
-  repeated while the others are not, and in our 125M-parameter runs one repeated 11 times
-  ended 0.7 nats above its 4-epoch held-out loss, far worse than ``R* = 15`` predicts; the
-  measured slopes correct it per domain (docs/engine.md says how the default was chosen).
+  ``repetition_epochs`` (``R*``) defaults to 3: inside a mixture a small domain is repeated
+  while the others are not, so 15 lets the plan repeat it far past what helps, while 0.75
+  (the first default) held small domains to a few passes where their held-out loss kept
+  falling; 3 was the closest to the best fixed mixture of the three values tried on the GPU
+  benchmark (docs/engine.md says how the default was chosen); the measured slopes correct
+  it per domain.
 * Olmix (allenai/olmix) caps each domain's repetition; ``max_epochs`` is that hard cap, off by
   default (the soft cap of the effective-data model takes its place).
 
@@ -191,7 +193,7 @@ class EffectiveDataMixture(MixturePolicy):
             re-plans once per dev evaluation.
     """
 
-    def __init__(self, budget_tokens: int | None = None, repetition_epochs: float = 0.75,
+    def __init__(self, budget_tokens: int | None = None, repetition_epochs: float = 3.0,
                  loss_exponent: float = 0.3, prior_temperature: float | None = None,
                  warmup_fraction: float = 0.1, window: int = 8,
                  max_tilt: float = 4.0, inertia: float = 0.5, max_swing: float = 2.0,
