@@ -104,12 +104,14 @@ def test_each_epoch_visits_every_window_of_a_domain_exactly_once():
                               order.windows(1, 100, np.arange(100)))
 
 
-def test_the_draw_order_is_local_so_few_chunks_are_live_at_once():
-    order = EpochOrder("en", seed=0, block_windows=64, shuffle_blocks=4)
+@pytest.mark.parametrize("shuffle_blocks", [4, 1])
+def test_the_draw_order_is_local_so_few_chunks_are_live_at_once(shuffle_blocks):
+    order = EpochOrder("en", seed=0, block_windows=64, shuffle_blocks=shuffle_blocks)
     ids = order.windows(0, 64 * 100, np.arange(64 * 100))
-    # Any 256 consecutive draws (one group) touch at most shuffle_blocks=4 blocks.
-    for start in range(0, len(ids), 256):
-        assert len(np.unique(ids[start:start + 256] // 64)) <= 4
+    # Each group of 64 x shuffle_blocks consecutive draws touches shuffle_blocks blocks.
+    group = 64 * shuffle_blocks
+    for start in range(0, len(ids), group):
+        assert len(np.unique(ids[start:start + group] // 64)) <= shuffle_blocks
 
 
 def test_ranks_get_disjoint_windows_that_cover_the_domain_once_per_epoch():
