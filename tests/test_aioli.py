@@ -314,3 +314,15 @@ def test_aioli_averages_each_probe_over_its_own_measurements_and_skips_a_nan_eva
     assert sorted(policy.counts.values()) == [1, 1, 2]
     assert policy.matrices == 1
     assert np.array(policy.a_ema) == pytest.approx(normalised(A + 0.05), abs=1e-9)
+
+
+def test_aioli_edges_of_its_ranges_integers_that_are_not_and_a_copy_of_its_prior():
+    assert AioliMixture(one_hot_factor=1.0, ema=0.0).one_hot_factor == 1.0
+    for kwargs in ({"one_hot_factor": 0.0}, {"lp_rounds": True}, {"lp_rounds": 1.5},
+                   {"seed": "1"}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            AioliMixture(**kwargs)
+    given = {"code": 1.0, "web": 1.0, "books": 1.0}
+    policy = AioliMixture(prior=given)
+    given["code"] = 9.0
+    assert policy.config()["prior"] == {"code": 1.0, "web": 1.0, "books": 1.0}
