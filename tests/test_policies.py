@@ -722,3 +722,32 @@ def test_the_reference_runs_tokenizer_is_read_from_its_events_file(tmp_path):
     (tmp_path / "reference.json").write_text('{"code": 2.0}')
     assert ExcessLossMixture(str(tmp_path / "reference.json")).reference_tokenizer is None
     assert ExcessLossMixture({"code": 2.0}).reference_tokenizer is None
+
+
+def test_excess_loss_on_held_out_loss_reads_the_reference_runs_held_out_loss_and_waits_for_it(
+        tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 5, "tsm/train_loss/code": 9.0,
+                                   "tsm/val_loss/code": 2.0, "tsm/val_loss/code/p90": 7.0,
+                                   "tsm/val_loss/web": 2.0, "tsm/val_loss/books": 2.0}) + "\n")
+    policy = ExcessLossMixture(str(metrics), signal="val")
+    assert policy.reference_losses == {"code": 2.0, "web": 2.0, "books": 2.0}
+    seen = state(10)
+    seen.val_loss, seen.val_step = {"code": 3.0, "web": 2.0, "books": 2.0}, 10
+    first = policy.propose(seen, UNIFORM)
+    later = state(20)  # training moved on, no new held-out evaluation
+    later.val_loss, later.val_step = seen.val_loss, 10
+    assert first is not None and policy.propose(later, first) is None
+
+
+def test_excess_loss_keeps_a_copy_of_its_reference_and_a_run_without_a_tokenizer_record(
+        tmp_path):
+    given = dict(REFERENCE)
+    policy = ExcessLossMixture(given)
+    given["code"] = 9.0
+    assert policy.config()["reference"] == REFERENCE
+    from lightning_aquila.tracking.run_files import EVENTS_FILE
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tsm/train_loss/code": 2.0}\n')
+    (tmp_path / EVENTS_FILE).write_text('{"kind": "session_start"}\n')
+    assert ExcessLossMixture(str(tmp_path / "metrics.jsonl")).reference_tokenizer is None
