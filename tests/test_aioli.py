@@ -5,6 +5,7 @@ resumes exactly from its state_dict, and says what is wrong with bad settings.""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -193,3 +194,135 @@ init_args: {update_every: 50, eta: 2.0, prior: natural}
 """)
     assert isinstance(policy, AioliMixture)
     assert (policy.update_every, policy.eta, policy.prior) == (50, 2.0, "natural")
+
+
+# -- what mutation testing found untested ------------------------------------------------------
+def normalised(law: np.ndarray) -> np.ndarray:
+    """The fitted matrix of an exactly linear run: shifted to be non-negative, summing to 1."""
+    law = law - min(law.min(), 0.0)
+    return law / law.sum()
+
+
+def test_aioli_defaults_are_the_documented_ones_and_the_config_rebuilds_the_policy():
+    assert AioliMixture().config() == {
+        "eta": 1.0, "one_hot_factor": 0.75, "lp_rounds": 1, "exploit_updates": 8, "ema": 0.1,
+        "prior": "uniform", "warmup_steps": 0, "seed": 0, "update_every": 50,
+        "min_weight": 0.0, "max_weight": 1.0}
+    tuned = AioliMixture(eta=2.0, one_hot_factor=0.5, lp_rounds=2, exploit_updates=3, ema=0.3,
+                         prior={"code": 2, "web": 1, "books": 1}, warmup_steps=20, seed=4,
+                         update_every=7, min_weight=0.05, max_weight=0.9)
+    assert AioliMixture(**tuned.config()).config() == tuned.config()
+
+
+def test_aioli_needs_two_domains_and_names_what_is_not_a_number_or_not_a_domain():
+    with pytest.raises(ValueError, match="at least two domains"):
+        AioliMixture().setup(["code"])
+    AioliMixture().setup(["code", "web"])
+    with pytest.raises(ValueError, match=r"AioliMixture\(eta\) is not a number"):
+        AioliMixture(eta="x")
+    with pytest.raises(ValueError, match=r"AioliMixture\(prior\).*'fr'"):
+        AioliMixture(prior={"code": 1.0, "fr": 1.0}).setup(DOMAINS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cap on the probes: no warning
+        AioliMixture(prior="initial").setup(DOMAINS)
+
+
+def test_aioli_starts_afresh_on_other_domains_and_keeps_what_it_learnt_on_the_same():
+    policy = AioliMixture(update_every=V, exploit_updates=3)
+    policy.setup(DOMAINS)
+    drive(policy, LinearRun(A), len(DOMAINS) + 3)
+    learnt = policy.state_dict()
+    policy.setup(DOMAINS)
+    assert policy.state_dict() == learnt and policy.matrices == 1
+    policy.setup(["code", "web"])
+    assert (policy.matrices, policy.a_ema, policy.exploit, policy.round) == (0, None, None, 0)
+
+
+@pytest.mark.parametrize("prior", ["natural", "initial", {"code": 1, "web": 2, "books": 5}])
+def test_aioli_exploits_the_law_times_its_prior(prior):
+    start = {"code": 0.2, "web": 0.3, "books": 0.5}
+    natural = {"code": 6.0, "web": 3.0, "books": 1.0}
+    policy = AioliMixture(eta=3.0, ema=0.0, update_every=V, exploit_updates=3, prior=prior)
+    policy.setup(DOMAINS, natural)
+    seen = drive(policy, LinearRun(A), len(DOMAINS) + 3, current=start)
+    weights = {"natural": natural, "initial": start}[prior] if isinstance(prior, str) else prior
+    p = np.array([weights[d] for d in DOMAINS], dtype=float)
+    expected = p / p.sum() * np.exp(3.0 * normalised(A + 0.05).sum(axis=0))
+    assert [seen[-1][d] for d in DOMAINS] == pytest.approx(expected / expected.sum(), rel=1e-9)
+
+
+def test_aioli_natural_prior_without_corpus_counts_is_the_mixtures_weights():
+    start = {"code": 0.2, "web": 0.3, "books": 0.5}
+    policy = AioliMixture(update_every=V, prior="natural")
+    policy.setup(DOMAINS)
+    drive(policy, LinearRun(A), 1, current=start)
+    assert policy.prior_weights == start
+
+
+def test_aioli_rounds_are_the_seeded_probes_then_exploit_updates_intervals():
+    policy = AioliMixture(update_every=V, exploit_updates=3, seed=2)
+    seen = drive(policy, LinearRun(A), 1 + 3 * (len(DOMAINS) + 3))
+    for r in range(3):
+        block = seen[1 + r * 6:1 + r * 6 + 6]
+        assert [max(w, key=w.get) for w in block[:3]] == policy.probe_order(r)
+        assert all(max(w.values()) == pytest.approx(0.75) for w in block[:3])
+        assert all(max(w.values()) != pytest.approx(0.75) for w in block[3:])
+
+
+def test_aioli_shifts_a_law_with_negative_entries_and_falls_back_to_uniform_without_signal():
+    harmful = np.array([[0.03, -0.05, 0.0], [0.0, 0.02, 0.0], [-0.04, 0.0, 0.01]])
+    policy = AioliMixture(ema=0.0, update_every=V, exploit_updates=3)
+    drive(policy, LinearRun(harmful, common=0.0), len(DOMAINS) + 3)
+    assert np.array(policy.a_ema) == pytest.approx(normalised(harmful), abs=1e-9)
+    flat = AioliMixture(ema=0.0, update_every=V, exploit_updates=3)
+    seen = drive(flat, LinearRun(np.zeros((3, 3)), common=0.0), len(DOMAINS) + 3)
+    assert np.array(flat.a_ema) == pytest.approx(np.full((3, 3), 1 / 9))
+    assert seen[-1] == pytest.approx(dict.fromkeys(DOMAINS, 1 / 3))
+
+
+def test_aioli_smooths_each_new_law_with_the_previous_one():
+    class Switching(LinearRun):  # the law changes once the first round is over
+        def train(self, step, weights):
+            self.a = A if step < 6 * V else A.T
+            super().train(step, weights)
+
+    policy = AioliMixture(ema=0.25, update_every=V, exploit_updates=3)
+    drive(policy, Switching(A, common=0.0), 1 + 2 * (len(DOMAINS) + 3))
+    assert policy.matrices == 2
+    expected = 0.75 * normalised(A.T) + 0.25 * normalised(A)
+    assert np.array(policy.a_ema) == pytest.approx(expected, abs=1e-9)
+
+
+def test_aioli_a_large_eta_does_not_overflow():
+    policy = AioliMixture(eta=1e4, update_every=V, exploit_updates=3)
+    exploit = drive(policy, LinearRun(A), len(DOMAINS) + 3)[-1]
+    assert exploit["books"] == pytest.approx(1.0) and all(np.isfinite(list(exploit.values())))
+
+
+def test_aioli_averages_each_probe_over_its_own_measurements_and_skips_a_nan_evaluation():
+    """Two sweeps; the evaluation ending the second sweep's first probe is NaN for one domain,
+    so that probe and the next (whose interval starts there) are measured once, the third
+    twice. The law of an exactly linear run is the same, however often each was measured."""
+    class Holed(LinearRun):
+        def train(self, step, weights):
+            super().train(step, weights)
+            if step == 4 * V:
+                self.vals[step + V]["web"] = float("nan")
+
+    policy = AioliMixture(ema=0.0, lp_rounds=2, update_every=V, exploit_updates=3)
+    drive(policy, Holed(A), 1 + 2 * len(DOMAINS) + 2)
+    assert sorted(policy.counts.values()) == [1, 1, 2]
+    assert policy.matrices == 1
+    assert np.array(policy.a_ema) == pytest.approx(normalised(A + 0.05), abs=1e-9)
+
+
+def test_aioli_edges_of_its_ranges_integers_that_are_not_and_a_copy_of_its_prior():
+    assert AioliMixture(one_hot_factor=1.0, ema=0.0).one_hot_factor == 1.0
+    for kwargs in ({"one_hot_factor": 0.0}, {"lp_rounds": True}, {"lp_rounds": 1.5},
+                   {"seed": "1"}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            AioliMixture(**kwargs)
+    given = {"code": 1.0, "web": 1.0, "books": 1.0}
+    policy = AioliMixture(prior=given)
+    given["code"] = 9.0
+    assert policy.config()["prior"] == {"code": 1.0, "web": 1.0, "books": 1.0}

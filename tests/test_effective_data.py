@@ -379,3 +379,47 @@ def test_the_plan_spends_exactly_the_budget():
     unique = np.array(list(UNIQUE.values()), dtype=float)
     final = plan_tokens(consumed, unique, 30e6, np.array([1.0, 2.0, 0.5]), 1.5, 0.3)
     assert final.sum() == pytest.approx(30e6, rel=1e-12)
+
+
+# -- the plan's numerics, against plans known in closed form -----------------------------------
+NO_REPEATS = np.full(3, 1e15)  # unique tokens no plan here comes near: a pure power law
+
+
+def test_without_repetition_the_plan_is_the_closed_form_water_filling_at_any_scale():
+    # g_i = A_i n^(-alpha-1) equal for all: n_i ∝ A_i^(1/(1+alpha)), from a first token up to
+    # 10^9 times it, as finely as the docstring's grid promises
+    scale = np.array([1.0, 2.0, 0.5])
+    share = scale ** (1 / 1.3) / (scale ** (1 / 1.3)).sum()
+    for total in (3e3, 3e6, 3e9):
+        final = plan_tokens(np.zeros(3), NO_REPEATS, total, scale, 1.5, 0.3)
+        assert final == pytest.approx(total * share, rel=1e-5)
+
+
+def test_a_small_remaining_budget_goes_whole_to_the_domain_worth_most():
+    # "mid" is worth most at the present counts, and still worth most after all 1% left
+    consumed = np.full(3, 10e6)
+    final = plan_tokens(consumed, NO_REPEATS, 30.3e6, np.array([1.0, 2.0, 0.5]), 1.5, 0.3)
+    assert final == pytest.approx([10e6, 10.3e6, 10e6], rel=1e-9)
+
+
+def test_a_domain_at_its_hard_cap_stays_there_and_the_others_share_the_rest():
+    cap = np.array([2e6, 1e15, 1e15])
+    final = plan_tokens(np.zeros(3), NO_REPEATS, 30e6, np.ones(3), 1.5, 0.3, cap)
+    assert final == pytest.approx([2e6, 14e6, 14e6], rel=1e-6)
+
+
+def test_when_no_token_is_worth_anything_the_plan_still_spends_exactly_the_budget():
+    # 10^6 epochs of a thousand tokens: every marginal value underflows to zero
+    consumed, unique = np.array([0.0, 5e3]), np.array([1e3, 1e3])
+    final = plan_tokens(consumed, unique, 1e9, np.ones(2), 0.75, 0.3)
+    assert final.sum() == pytest.approx(1e9, rel=1e-12)
+    assert (final >= consumed).all() and (final <= consumed + 1e9 - 5e3).all()
+
+
+def test_a_domain_behind_its_plan_draws_at_most_max_swing_times_its_average_share():
+    made = policy(budget_epochs=0.1, max_swing=1.5, inertia=0.0)  # no repeats: plan uniform
+    budget = made.budget
+    behind = made.plan({"small": 0.0, "mid": 0.6 * budget / 2.1, "large": 0.6 * budget / 2.1})
+    # unbounded it would draw 7/9 of the rest; 1.5 x 1/3 is all it may
+    assert behind["small"] == pytest.approx(0.5, abs=1e-6)
+    assert behind["mid"] == pytest.approx(0.25, abs=1e-6) == behind["large"]

@@ -580,3 +580,174 @@ init_args:
         built = policy_from_config({"class_path": f"lightning_aquila.callbacks.policies.{path}",
                                     "init_args": args})
         assert type(built).__name__ == path
+
+
+# -- what mutation testing found untested in the bandit and DoReMi policies ---------------------
+def test_bandit_and_excess_loss_defaults_are_the_documented_ones_and_configs_rebuild_them():
+    assert BanditMixture().config() == {"smoothing": 0.9, "importance_weighted": False,
+                                        "warmup_steps": 0, "update_every": 10,
+                                        "min_weight": 0.0, "max_weight": 1.0}
+    assert ExcessLossMixture(REFERENCE).config() == {
+        "reference": REFERENCE, "signal": "train", "step_size": 1.0, "smoothing": 1e-3,
+        "update_every": 10, "min_weight": 0.0, "max_weight": 1.0}
+    for tuned in (BanditMixture(smoothing=0.5, importance_weighted=True, warmup_steps=7,
+                                update_every=3, min_weight=0.1, max_weight=0.8),
+                  ExcessLossMixture(REFERENCE, signal="val", step_size=0.5, smoothing=0.2,
+                                    update_every=4, min_weight=0.1, max_weight=0.8)):
+        assert type(tuned)(**tuned.config()).config() == tuned.config()
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: BanditMixture(smoothing=1.0), r"smoothing=1\.0\) must be in \[0, 1\)"),
+    (lambda: BanditMixture(smoothing="x"), r"BanditMixture\(smoothing\) is not a number"),
+    (lambda: BanditMixture(warmup_steps=-1), r"warmup_steps=-1\) must be >= 0"),
+    (lambda: BanditMixture(warmup_steps=True), r"warmup_steps=True\) must be >= 0"),
+    (lambda: BanditMixture(warmup_steps=1.5), r"warmup_steps=1\.5\) must be >= 0"),
+    (lambda: ExcessLossMixture(REFERENCE, signal="dev"), r"signal='dev'\) must be 'train'"),
+    (lambda: ExcessLossMixture(REFERENCE, step_size=0), r"step_size=0\) must be positive"),
+    (lambda: ExcessLossMixture(REFERENCE, step_size="x"),
+     r"ExcessLossMixture\(step_size\) is not a number"),
+    (lambda: ExcessLossMixture(REFERENCE, smoothing=1.5), r"smoothing=1\.5\) must be in \[0, 1\]"),
+    (lambda: ExcessLossMixture(REFERENCE, smoothing="x"),
+     r"ExcessLossMixture\(smoothing\) is not a number"),
+    (lambda: ExcessLossMixture(3), r"reference=3\) must be a mapping domain -> loss or the path"),
+])
+def test_bandit_and_excess_loss_settings_out_of_range_are_refused_naming_them(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bandit_and_excess_loss_accept_the_edges_of_their_ranges():
+    assert BanditMixture(smoothing=0.0).smoothing == 0.0
+    assert ExcessLossMixture(REFERENCE, smoothing=1.0, step_size=1e-9).smoothing == 1.0
+
+
+def test_bandit_waits_for_its_warmup_step_and_starts_at_it():
+    policy = BanditMixture(update_every=1, warmup_steps=20)
+    losses = {"code": 4.0, "web": 3.0, "books": 2.0}
+    assert policy.propose(state(19, losses), UNIFORM) is None
+    assert policy.propose(state(20, losses), UNIFORM) is not None
+
+
+def test_bandit_first_update_uses_one_over_k_as_its_temperature():
+    policy = BanditMixture(smoothing=0.0, update_every=1)
+    losses = {"code": 4.0, "web": 3.0, "books": 2.0}
+    out = policy.propose(state(30, losses), UNIFORM)
+    eps = math.sqrt(math.log(3) / (3 * 30))
+    raw = {d: math.exp(losses[d] / 3) for d in DOMAINS}
+    total = sum(raw.values())
+    assert out == pytest.approx({d: (1 - 3 * eps) * raw[d] / total + eps for d in DOMAINS},
+                                rel=1e-12)
+
+
+def test_bandit_exploration_decays_with_two_domains_too():
+    policy = BanditMixture()
+    policy.setup(["code", "web"])
+    assert policy.exploration(0) == 0.5
+    assert policy.exploration(100) == pytest.approx(math.sqrt(math.log(2) / 200))
+
+
+def test_bandit_does_not_reward_a_domain_absent_from_the_token_counts_or_at_weight_zero():
+    policy = BanditMixture(update_every=1, importance_weighted=True, smoothing=0.0)
+    losses = {"code": 4.0, "web": 3.0, "books": 2.0}
+    out = policy.propose(state(10, losses, per_domain_tokens={"code": 500, "web": 500}),
+                         {"code": 0.5, "web": 0.5, "books": 0.0})
+    assert policy.rewards["books"] == 0.0 and all(map(math.isfinite, out.values()))
+    assert policy.tokens_seen == {"code": 500, "web": 500, "books": 0}
+    policy.propose(state(20, losses, per_domain_tokens={"code": 900, "web": 500, "books": 9}),
+                   {"code": 0.5, "web": 0.5, "books": 0.0})
+    assert policy.rewards["books"] == 0.0 and policy.rewards["web"] == 6.0  # 3.0 / 0.5
+
+
+def test_bandit_a_huge_importance_weighted_reward_does_not_overflow():
+    policy = BanditMixture(update_every=1, importance_weighted=True)
+    out = policy.propose(state(10, {"code": 10.0, "web": 3.0, "books": 2.0}),
+                         {"code": 1e-5, "web": 0.5, "books": 0.5 - 1e-5})
+    assert all(map(math.isfinite, out.values())) and out["code"] == max(out.values())
+
+
+def test_excess_loss_builds_on_its_previous_weights_and_survives_a_large_excess():
+    policy = ExcessLossMixture(REFERENCE, step_size=1.0, smoothing=0.0)
+    first = policy.propose(state(10, {"code": 3.0, "web": 2.0, "books": 2.0}), UNIFORM)
+    second = policy.propose(state(20, {"code": 2.0, "web": 3.0, "books": 2.0}), first)
+    raw = {"code": first["code"], "web": first["web"] * math.e, "books": first["books"]}
+    assert second == pytest.approx({d: v / sum(raw.values()) for d, v in raw.items()},
+                                   rel=1e-12)
+    huge = ExcessLossMixture(REFERENCE, step_size=1000.0, smoothing=0.0)
+    out = huge.propose(state(10, {"code": 5.0, "web": 4.0, "books": 2.0}), UNIFORM)
+    assert out == pytest.approx({"code": 1.0, "web": 0.0, "books": 0.0})
+
+
+def test_excess_loss_state_round_trips_before_its_first_update_and_resumes_on_new_domains():
+    fresh = ExcessLossMixture(REFERENCE)
+    again = ExcessLossMixture(REFERENCE)
+    again.load_state_dict(json.loads(json.dumps(fresh.state_dict())))
+    assert again.state_dict() == fresh.state_dict() == {
+        "alpha": None, "last_signal_step": None, "updates": 0}
+    policy = ExcessLossMixture({**REFERENCE, "math": 2.0}, smoothing=0.0)
+    policy.setup(["code", "web"])
+    policy.propose(state(10, {"code": 3.0, "web": 2.0}, per_domain_tokens={"code": 1, "web": 1}),
+                   {"code": 0.5, "web": 0.5})
+    kept = dict(policy.alpha)
+    policy.setup(["code", "web", "math"])  # a resume with a domain added
+    assert policy.alpha == pytest.approx({"code": kept["code"] * 3 / 4, "web": kept["web"] * 3 / 4,
+                                          "math": 1 / 4})
+
+
+def test_reference_losses_from_bad_files_are_refused_naming_the_file_and_the_value(tmp_path):
+    cases = {"metrics.jsonl": ('{"step": 1, "tsm/val_loss/code": 2.0}\n', "holds no "
+                               "tsm/train_loss/<domain> values"),
+             "list.json": ("[1, 2]", "must hold a mapping domain -> loss, got list"),
+             "word.json": ('{"code": "low"}', "reference loss of 'code' is not a number: 'low'"),
+             "inf.yml": ("code: .inf", "reference loss of 'code' is not finite: inf")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}") + ".*" + match):
+            load_reference_losses(str(tmp_path / name))
+    (tmp_path / "ok.yml").write_text("code: 2.5\n")
+    assert load_reference_losses(str(tmp_path / "ok.yml")) == {"code": 2.5}
+
+
+def test_the_reference_runs_tokenizer_is_read_from_its_events_file(tmp_path):
+    from lightning_aquila.tracking.run_files import EVENTS_FILE
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "tsm/train_loss/code": 2.0}\n')
+    assert ExcessLossMixture(str(metrics)).reference_tokenizer is None  # no events file
+    (tmp_path / EVENTS_FILE).write_text("\n".join(json.dumps(e) for e in [
+        {"kind": "stop", "tokenizer": "wrong"}, {"kind": "session_start"},
+        {"kind": "session_start", "tokenizer": "abc123"},
+        {"kind": "session_start", "tokenizer": "later"}]) + "\n")
+    assert ExcessLossMixture(str(metrics)).reference_tokenizer == "abc123"
+    (tmp_path / "reference.json").write_text('{"code": 2.0}')
+    assert ExcessLossMixture(str(tmp_path / "reference.json")).reference_tokenizer is None
+    assert ExcessLossMixture({"code": 2.0}).reference_tokenizer is None
+
+
+def test_excess_loss_on_held_out_loss_reads_the_reference_runs_held_out_loss_and_waits_for_it(
+        tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 5, "tsm/train_loss/code": 9.0,
+                                   "tsm/val_loss/code": 2.0, "tsm/val_loss/code/p90": 7.0,
+                                   "tsm/val_loss/web": 2.0, "tsm/val_loss/books": 2.0}) + "\n")
+    policy = ExcessLossMixture(str(metrics), signal="val")
+    assert policy.reference_losses == {"code": 2.0, "web": 2.0, "books": 2.0}
+    seen = state(10)
+    seen.val_loss, seen.val_step = {"code": 3.0, "web": 2.0, "books": 2.0}, 10
+    first = policy.propose(seen, UNIFORM)
+    later = state(20)  # training moved on, no new held-out evaluation
+    later.val_loss, later.val_step = seen.val_loss, 10
+    assert first is not None and policy.propose(later, first) is None
+
+
+def test_excess_loss_keeps_a_copy_of_its_reference_and_a_run_without_a_tokenizer_record(
+        tmp_path):
+    given = dict(REFERENCE)
+    policy = ExcessLossMixture(given)
+    given["code"] = 9.0
+    assert policy.config()["reference"] == REFERENCE
+    from lightning_aquila.tracking.run_files import EVENTS_FILE
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tsm/train_loss/code": 2.0}\n')
+    (tmp_path / EVENTS_FILE).write_text('{"kind": "session_start"}\n')
+    assert ExcessLossMixture(str(tmp_path / "metrics.jsonl")).reference_tokenizer is None

@@ -10,7 +10,7 @@ import pytest
 
 from lightning_aquila.datamodules.mixture import DomainMixture
 from lightning_aquila.datamodules.quality import DomainScores, lower_quantiles
-from lightning_aquila.datamodules.sampler import MixtureSampler, unpack_scores
+from lightning_aquila.datamodules.sampler import MixtureSampler, WeightedEpochOrder, unpack_scores
 
 SEQ = 16
 WINDOWS = {"code": 3000, "en": 5000}
@@ -211,3 +211,100 @@ def test_the_floor_and_median_are_numpys_lower_quantiles_of_the_scored_documents
     expected = (np.nanquantile(values, wanted, method="lower") if scored
                 else [np.nan] * len(wanted))
     np.testing.assert_array_equal(found, expected)
+
+
+# -- epochs, caps and domains without scores ----------------------------------------------------
+def test_a_cap_below_the_expected_count_shortens_the_epoch():
+    sampler = make(0.05, max_repeats=1)  # the odd windows would be drawn twice each
+    order = sampler._order("en", 0.05)
+    counts = np.bincount(order.windows(0, WINDOWS["en"], np.arange(order.length(0, 5000))))
+    assert order.length(0, 5000) == 2500 and counts[1::2].min() == counts.max() == 1
+
+
+def test_block_sums_past_one_byte_and_domains_past_one_slice_count_every_draw():
+    # 129 windows of 2 or 3 draws in blocks of 128: a block's draws do not fit one byte
+    order = WeightedEpochOrder("en", 0, 128, 2, np.full(129, 2.5, dtype=np.float32))
+    counts = order.counts(0)[0]
+    visited = order.windows(0, 129, np.arange(order.length(0, 129)))
+    np.testing.assert_array_equal(np.bincount(visited, minlength=129), counts)
+    # 5 * 2^20 + 1 windows: counted in slices of 2^22 (bounded temporaries), blocks of 2^20
+    n, block = 5 * 2**20 + 1, 2**20
+    big = WeightedEpochOrder("en", 0, block, 1, np.full(n, 0.5, dtype=np.float32))
+    counts, per_block = big.counts(0)
+    np.testing.assert_array_equal(per_block, np.add.reduceat(counts, np.arange(0, n, block),
+                                                             dtype=np.int64))
+    assert big.length(0, n) == counts.sum()
+
+
+def test_a_scored_domain_is_drawn_epoch_after_epoch_across_temperature_changes():
+    """20 windows drawn 64 at a time: each batch spans several epochs of uneven length;
+    each change starts a new epoch at its batch, from the epoch's first position."""
+    windows = {"en": 20}
+    scores = table(20, two_level(20))
+    mixture = DomainMixture(["en"], {"en": 1.0}, quality_temperature={"en": 1.0})
+    sampler = MixtureSampler(mixture, windows, batch_size=64, seed=3, block_windows=4,
+                             shuffle_blocks=2, epoch_batches=100_000, quality={"en": scores})
+    for temperature in (1.0, 2.0, 0.5, 4.0):  # more than the orders the sampler keeps
+        if temperature != 1.0:
+            mixture.set_quality_temperature({"en": temperature})
+        epoch = sampler.state_dict()["cursors"]["en"]["epoch"] + (temperature != 1.0)
+        drawn = np.concatenate([b[:, 1] for b in take(sampler, 5)])
+        order = WeightedEpochOrder("en", 3, 4, 2, scores.expected_counts(temperature, None))
+        expected = []
+        while len(expected) < len(drawn):
+            expected += order.windows(epoch, 20, np.arange(order.length(epoch, 20))).tolist()
+            assert np.bincount(expected[-order.length(epoch, 20):], minlength=20).tolist() == (
+                order.counts(epoch)[0].tolist())
+            epoch += 1
+        np.testing.assert_array_equal(drawn, expected[:len(drawn)])
+
+
+def test_a_domain_without_scores_carries_nan_beside_scored_ones():
+    mixture = DomainMixture(list(WINDOWS), {"code": 0.5, "en": 0.5},
+                            quality_temperature={"en": 1.0})
+    sampler = MixtureSampler(mixture, WINDOWS, batch_size=8, seed=3, block_windows=64,
+                             shuffle_blocks=4, quality={"en": table(5000, two_level(5000))})
+    rows = np.concatenate(take(sampler, 20))
+    scores = unpack_scores(rows[:, 2])
+    assert np.isnan(scores[rows[:, 0] == 0]).all()
+    np.testing.assert_array_equal(scores[rows[:, 0] == 1],
+                                  two_level(5000).astype(np.float32)[rows[rows[:, 0] == 1, 1]])
+
+
+# -- resuming with other scores ------------------------------------------------------------------
+def test_a_plain_run_resumed_with_scores_starts_the_scored_domains_next_epoch():
+    plain = MixtureSampler(DomainMixture(list(WINDOWS), {"code": 0.4, "en": 0.6}), WINDOWS,
+                           batch_size=8, seed=3, block_windows=64, shuffle_blocks=4)
+    take(plain, 40)
+    scored = make(2.0)
+    scored.load_state_dict(plain.state_dict())  # cursors without a temperature: plain orders
+    rows = np.concatenate(take(scored, 1))
+    assert scored.state_dict()["cursors"] == {  # the first draw starts the scored epochs
+        d: {"epoch": 1, "position": int((rows[:, 0] == i).sum()), "windows": n,
+            "temperature": 2.0} for i, (d, n) in enumerate(WINDOWS.items())}
+
+
+def test_a_resume_on_other_scores_of_the_same_windows_starts_that_domains_next_epoch():
+    first = make(2.0)
+    take(first, 40)
+    before = first.state_dict()["cursors"]
+    rescored = make(2.0, scores={"code": two_level(3000), "en": two_level(5000)[::-1].copy()})
+    with pytest.warns(UserWarning, match=r"\['en'\] start a new epoch"):
+        rescored.load_state_dict(first.state_dict())
+    after = rescored.state_dict()["cursors"]
+    assert after["en"] == {"epoch": before["en"]["epoch"] + 1, "position": 0, "windows": 5000,
+                           "temperature": 2.0}
+    assert after["code"] == before["code"]
+
+
+def test_a_scored_domain_added_on_resume_starts_its_first_epoch_at_the_temperature_in_force():
+    first = MixtureSampler(DomainMixture(["code"], {"code": 1.0}, quality_temperature={
+        "code": 2.0}), {"code": 3000}, batch_size=8, seed=3, block_windows=64,
+        shuffle_blocks=4, quality={"code": table(3000, two_level(3000))})
+    take(first, 10)
+    wider = make(2.0)
+    wider.load_state_dict(first.state_dict())
+    assert wider.state_dict()["cursors"]["en"] == {"epoch": 0, "position": 0, "windows": 5000,
+                                                   "temperature": 2.0}
+    take(wider, 5)
+    assert wider.state_dict()["cursors"]["en"]["epoch"] == 0
