@@ -179,15 +179,7 @@ def joint_table(summaries: list[dict[str, Any]]) -> str:
     for policy in [p for p in JOINT if any(s["policy"] == p for s in runs)]:
         mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
         pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
-        delta = ("-" if policy == JOINT[0] or not pairs else
-                 f"{statistics.fmean(c['delta'] for c in pairs):+.3f} ("
-                 + ", ".join(f"{c['delta']:+.3f}" for c in pairs) + ")")
-        savings = [c["saving"] for c in pairs]
-        reached = [v for v in savings if v is not None]
-        saving = ("-" if policy == JOINT[0] or not pairs else
-                  f"{statistics.fmean(reached):+.0%} in {len(reached)}/{len(pairs)} seeds ("
-                  + ", ".join("never" if v is None else f"{v:+.0%}" for v in savings) + ")"
-                  if reached else f"never (0/{len(pairs)})")
+        delta, saving = paired_cells(pairs, policy == JOINT[0])
         worst = sorted({s["worst_domain"] for s in mine})
         pools = sorted({d for s in mine for d in s["pool_shares"]})
         shares = " / ".join(_mean([s["pool_shares"].get(d, 0.0) for s in mine], percent=True)
@@ -219,6 +211,20 @@ def compare(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
             "saving": None if hit is None else 1.0 - hit / base["tokens"]}
 
 
+def paired_cells(pairs: list[dict[str, Any]], baseline: bool) -> tuple[str, str]:
+    """The table's paired difference and saving cells: their means, then per seed."""
+    if baseline or not pairs:
+        return "-", "-"
+    delta = (f"{statistics.fmean(c['delta'] for c in pairs):+.3f} ("
+             + ", ".join(f"{c['delta']:+.3f}" for c in pairs) + ")")
+    savings = [c["saving"] for c in pairs]
+    reached = [v for v in savings if v is not None]
+    saving = (f"{statistics.fmean(reached):+.0%} in {len(reached)}/{len(pairs)} seeds ("
+              + ", ".join("never" if v is None else f"{v:+.0%}" for v in savings) + ")"
+              if reached else f"never (0/{len(pairs)})")
+    return delta, saving
+
+
 def _mean(values: Sequence[float], digits: int = 3, percent: bool = False) -> str:
     if not values:
         return "-"
@@ -239,16 +245,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
     for policy in [p for p in POLICIES if any(s["policy"] == p for s in runs)]:
         mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
         pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
-        deltas = [c["delta"] for c in pairs]
-        savings = [c["saving"] for c in pairs]
-        reached = [v for v in savings if v is not None]
-        saving = ("-" if policy == BASELINE or not pairs else
-                  f"{statistics.fmean(reached):+.0%} in {len(reached)}/{len(pairs)} seeds ("
-                  + ", ".join("never" if v is None else f"{v:+.0%}" for v in savings) + ")"
-                  if reached else f"never (0/{len(pairs)})")
-        delta = ("-" if policy == BASELINE or not deltas else
-                 f"{statistics.fmean(deltas):+.3f} (" + ", ".join(f"{d:+.3f}" for d in deltas)
-                 + ")")
+        delta, saving = paired_cells(pairs, policy == BASELINE)
         lines.append(
             f"| {policy} | {','.join(str(s['seed']) for s in mine)} | "
             f"{_mean([s['clean'] for s in mine])} | {delta} | {saving} | "
