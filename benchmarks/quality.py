@@ -173,15 +173,16 @@ def joint_table(summaries: list[dict[str, Any]]) -> str:
     base = {s["seed"]: s for s in runs if s["policy"] == JOINT[0]}
     cells = {JOINT[0]: "temperature:2 × uniform", JOINT[1]: "temperature:2 × curriculum",
              JOINT[2]: "effective-data × uniform", JOINT[3]: "effective-data × curriculum"}
+    pools = sorted({d for s in runs for d in s["pool_shares"]})
     lines = ["| mixture × documents | seeds | clean domain average | paired Δ vs "
              "temperature:2 × uniform (per seed) | tokens to its final: saving (per seed) | "
-             "worst domain | pool token shares |", "|---|---|---:|---|---|---:|---|"]
+             f"worst domain | token shares ({' / '.join(pools)}) |",
+             "|---|---|---:|---|---|---:|---|"]
     for policy in [p for p in JOINT if any(s["policy"] == p for s in runs)]:
         mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
         pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
         delta, saving = paired_cells(pairs, policy == JOINT[0])
         worst = sorted({s["worst_domain"] for s in mine})
-        pools = sorted({d for s in mine for d in s["pool_shares"]})
         shares = " / ".join(_mean([s["pool_shares"].get(d, 0.0) for s in mine], percent=True)
                             for d in pools)
         lines.append(f"| {cells[policy]} | {','.join(str(s['seed']) for s in mine)} | "
