@@ -14,6 +14,12 @@ Usage::
         --wave "uniform filter-top20 tau-1 tau-2 curriculum:1,2,3"
     python benchmarks/quality.py table --out runs/quality --json results.json
 
+On a store built with ``build_quality_corpus.py --per-domain`` (pools ``web_D``, clean test
+domains ``clean_D``) the ``joint-*`` policies put quality and mixture together (a fixed or
+an adaptive mixture, uniform documents or the τ curriculum); their table is the domain
+average of the clean test losses, its worst domain and the paired difference against
+``joint-temperature`` (fixed mixture, uniform documents).
+
 Metrics, per run: the loss on the test part of ``clean_test`` (clean documents no run
 trained on and the scorer never saw), its curve against tokens, the tokens at which it first
 reaches the uniform run's final loss of the same seed (the saving is one minus their ratio
@@ -48,7 +54,10 @@ _spec.loader.exec_module(mixing)
 from diversity import coverage, drawn_windows  # noqa: E402
 
 CONFIGS = ROOT.parent / "configs" / "benchmarks" / "quality"
-POLICIES = ("uniform", "filter-top20", "tau-0.5", "tau-1", "tau-2", "curriculum")
+#: quality and mixture together, on a --per-domain corpus: the baseline first
+JOINT = ("joint-temperature", "joint-temperature-curriculum", "joint-effective-data",
+         "joint-effective-data-curriculum")
+POLICIES = ("uniform", "filter-top20", "tau-0.5", "tau-1", "tau-2", "curriculum", *JOINT)
 BASELINE = "uniform"
 #: the domain trained on and the one judged on
 POOL, CLEAN = "web", "clean_test"
@@ -118,6 +127,70 @@ def summarise(run: Any, setting: dict[str, Any], overlay: Path | None) -> dict[s
             "curve": curves[CLEAN], **seen}
 
 
+def is_joint(setting: dict[str, Any]) -> bool:
+    """A --per-domain corpus: pools web_D and clean test domains clean_D."""
+    return POOL not in setting["shares"]
+
+
+def summarise_joint(run: Any) -> dict[str, Any] | None:
+    """The run's final clean test loss per domain clean_D, their plain average (every domain
+    alike) and worst, the average's curve, and the share of training tokens of each pool."""
+    from lightning_aquila.tracking.compare import held_out_curves
+    from lightning_aquila.tracking.run_record import load_run
+
+    if not run.metrics.is_file():
+        return None
+    curves = held_out_curves(load_run(run.dir), "test")
+    cleans = sorted(d for d in curves if d.startswith("clean_"))
+    if not cleans or not all(curves[d] for d in cleans):
+        return None
+    steps = min(len(curves[d]) for d in cleans)
+    curve = [(curves[cleans[0]][i][0], statistics.fmean(curves[d][i][1] for d in cleans))
+             for i in range(steps)]
+    final = {d: curves[d][-1][1] for d in cleans}
+    return {"policy": run.policy, "seed": run.seed, "done": run.done, "tokens": curve[-1][0],
+            "clean": curve[-1][1], "worst": max(final.values()),
+            "worst_domain": max(final, key=final.get), "per_domain": final, "curve": curve,
+            "pool_shares": pool_shares(run)}
+
+
+def pool_shares(run: Any) -> dict[str, float]:
+    """Each pool's share of the training tokens at the end (the monitor's count)."""
+    last: dict[str, float] = {}
+    for line in run.metrics.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key.startswith("tsm/tokens/web"):
+                last[key.rsplit("/", 1)[-1]] = float(value)
+    total = sum(last.values())
+    return {d: n / total for d, n in sorted(last.items())} if total else {}
+
+
+def joint_table(summaries: list[dict[str, Any]]) -> str:
+    """The markdown table of quality and mixture together: per cell over its finished seeds,
+    paired with the fixed mixture and uniform documents."""
+    runs = [s for s in summaries if s["done"]]
+    base = {s["seed"]: s for s in runs if s["policy"] == JOINT[0]}
+    cells = {JOINT[0]: "temperature:2 × uniform", JOINT[1]: "temperature:2 × curriculum",
+             JOINT[2]: "effective-data × uniform", JOINT[3]: "effective-data × curriculum"}
+    pools = sorted({d for s in runs for d in s["pool_shares"]})
+    lines = ["| mixture × documents | seeds | clean domain average | paired Δ vs "
+             "temperature:2 × uniform (per seed) | tokens to its final: saving (per seed) | "
+             f"worst domain | token shares ({' / '.join(pools)}) |",
+             "|---|---|---:|---|---|---:|---|"]
+    for policy in [p for p in JOINT if any(s["policy"] == p for s in runs)]:
+        mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
+        pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
+        delta, saving = paired_cells(pairs, policy == JOINT[0])
+        worst = sorted({s["worst_domain"] for s in mine})
+        shares = " / ".join(_mean([s["pool_shares"].get(d, 0.0) for s in mine], percent=True)
+                            for d in pools)
+        lines.append(f"| {cells[policy]} | {','.join(str(s['seed']) for s in mine)} | "
+                     f"{_mean([s['clean'] for s in mine])} | {delta} | {saving} | "
+                     f"{_mean([s['worst'] for s in mine])} ({', '.join(worst)}) | {shares} |")
+    return "\n".join(lines)
+
+
 def gather(out: Path, name: str, overlay: Path | None) -> list[dict[str, Any]]:
     folder = out / name
     setting = json.loads((folder / "setting.json").read_text())
@@ -125,7 +198,9 @@ def gather(out: Path, name: str, overlay: Path | None) -> list[dict[str, Any]]:
     for path in sorted(folder.glob("*-s*")):
         policy, _, seed = path.name.rpartition("-s")
         if policy in POLICIES and seed.isdigit():
-            summary = summarise(mixing.Run(name, policy, int(seed), out), setting, overlay)
+            run = mixing.Run(name, policy, int(seed), out)
+            summary = (summarise_joint(run) if is_joint(setting) else
+                       summarise(run, setting, overlay))
             if summary is not None:
                 found.append(summary)
     return found
@@ -135,6 +210,20 @@ def compare(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     hit = mixing.tokens_to_reach(summary["curve"], base["clean"])
     return {"delta": summary["clean"] - base["clean"],
             "saving": None if hit is None else 1.0 - hit / base["tokens"]}
+
+
+def paired_cells(pairs: list[dict[str, Any]], baseline: bool) -> tuple[str, str]:
+    """The table's paired difference and saving cells: their means, then per seed."""
+    if baseline or not pairs:
+        return "-", "-"
+    delta = (f"{statistics.fmean(c['delta'] for c in pairs):+.3f} ("
+             + ", ".join(f"{c['delta']:+.3f}" for c in pairs) + ")")
+    savings = [c["saving"] for c in pairs]
+    reached = [v for v in savings if v is not None]
+    saving = (f"{statistics.fmean(reached):+.0%} in {len(reached)}/{len(pairs)} seeds ("
+              + ", ".join("never" if v is None else f"{v:+.0%}" for v in savings) + ")"
+              if reached else f"never (0/{len(pairs)})")
+    return delta, saving
 
 
 def _mean(values: Sequence[float], digits: int = 3, percent: bool = False) -> str:
@@ -157,16 +246,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
     for policy in [p for p in POLICIES if any(s["policy"] == p for s in runs)]:
         mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
         pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
-        deltas = [c["delta"] for c in pairs]
-        savings = [c["saving"] for c in pairs]
-        reached = [v for v in savings if v is not None]
-        saving = ("-" if policy == BASELINE or not pairs else
-                  f"{statistics.fmean(reached):+.0%} in {len(reached)}/{len(pairs)} seeds ("
-                  + ", ".join("never" if v is None else f"{v:+.0%}" for v in savings) + ")"
-                  if reached else f"never (0/{len(pairs)})")
-        delta = ("-" if policy == BASELINE or not deltas else
-                 f"{statistics.fmean(deltas):+.3f} (" + ", ".join(f"{d:+.3f}" for d in deltas)
-                 + ")")
+        delta, saving = paired_cells(pairs, policy == BASELINE)
         lines.append(
             f"| {policy} | {','.join(str(s['seed']) for s in mine)} | "
             f"{_mean([s['clean'] for s in mine])} | {delta} | {saving} | "
@@ -213,6 +293,9 @@ def report(out: Path, names: Sequence[str], overlay: Path | None) -> dict[str, A
         print(f"### {name}: {about['store']}, {about['epochs']} epochs = "
               f"{about['max_steps'] * about['tokens_per_step'] / 1e6:.2f}M tokens "
               f"({about['max_steps']} steps)\n")
+        if is_joint(about):
+            print(joint_table(summaries), "\n", flush=True)
+            continue
         print(table(summaries), "\n")
         print(verdict(summaries), "\n", flush=True)
     return everything

@@ -423,3 +423,65 @@ def test_a_domain_behind_its_plan_draws_at_most_max_swing_times_its_average_shar
     # unbounded it would draw 7/9 of the rest; 1.5 x 1/3 is all it may
     assert behind["small"] == pytest.approx(0.5, abs=1e-6)
     assert behind["mid"] == pytest.approx(0.25, abs=1e-6) == behind["large"]
+
+
+def test_a_domain_held_at_max_weight_zero_is_left_out_of_the_plan():
+    """A held-out-only domain (read for reports, never trained on) gets weight 0, and its
+    unique tokens and falling dev loss change nothing of the other domains' plan."""
+    budget = int(0.2 * sum(UNIQUE.values()))
+    alone = EffectiveDataMixture()
+    alone.setup(DOMAINS, unique_tokens=UNIQUE, budget_tokens=budget)
+    held = EffectiveDataMixture(max_weight={"clean": 0.0})
+    held.setup([*DOMAINS, "clean"], unique_tokens=UNIQUE | {"clean": 50_000},
+               budget_tokens=budget)
+    curves = power_law({"small": 2.0, "mid": 6.0, "large": 2.0})
+    weights = alone.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))
+    tokens = dict.fromkeys(DOMAINS, 0.0)
+    for i in range(1, 21):
+        for d in DOMAINS:
+            tokens[d] += weights[d] * budget / 20
+        dev = curves(tokens)
+        mine = held.propose(evaluation(25 * i, tokens | {"clean": 0},
+                                       dev | {"clean": 9.0 - 0.2 * i}),
+                            weights | {"clean": 0.0})
+        weights = alone.propose(evaluation(25 * i, tokens, dev), weights)
+        assert mine["clean"] == 0.0
+        assert {d: mine[d] for d in DOMAINS} == pytest.approx(weights, abs=1e-6)
+    assert alone.scale is not None and held.scale == alone.scale  # the slopes were measured
+
+
+def test_a_quality_curriculum_on_top_keeps_its_weights_and_switches_the_temperature():
+    """QualityCurriculum(EffectiveDataMixture) proposes what the policy alone proposes, at the
+    same steps, and moves the quality temperature at its stage's end (chosen from YAML)."""
+    wrapped = policy_from_yaml("""
+class_path: lightning_aquila.callbacks.QualityCurriculum
+init_args:
+  policy:
+    class_path: lightning_aquila.callbacks.EffectiveDataMixture
+    init_args: {update_every: 25}
+  stages:
+    - {name: broad, until_step: 250, quality_temperature: null}
+    - {name: sharp, quality_temperature: {small: 1.0, mid: 1.0, large: 1.0}}
+""")
+    budget = int(0.2 * sum(UNIQUE.values()))
+    alone = EffectiveDataMixture(update_every=25)
+    for made in (wrapped, alone):
+        made.setup(DOMAINS, unique_tokens=UNIQUE, budget_tokens=budget)
+    curves = power_law({"small": 2.0, "mid": 6.0, "large": 2.0})
+    start = dict.fromkeys(DOMAINS, 1 / 3)
+    weights = alone.propose(TrainingState(), start)
+    assert wrapped.propose(TrainingState(), start) == weights
+    assert (wrapped.stage, wrapped.quality_temperature) == ("broad", "inf")
+    tokens = dict.fromkeys(DOMAINS, 0.0)
+    for i in range(1, 21):
+        for d in DOMAINS:
+            tokens[d] += weights[d] * budget / 20
+        state = evaluation(25 * i, tokens, curves(tokens))
+        assert wrapped.due(state.step) and alone.due(state.step)
+        mine = wrapped.propose(state, weights)
+        weights = alone.propose(state, weights)
+        assert mine == weights
+        assert wrapped.stage == ("broad" if state.step < 250 else "sharp")
+    assert wrapped.quality_temperature == {"small": 1.0, "mid": 1.0, "large": 1.0}
+    assert wrapped.switches == [{"stage": "broad", "step": 0}, {"stage": "sharp", "step": 250}]
+    assert wrapped.state_dict()["policy"] == alone.state_dict()

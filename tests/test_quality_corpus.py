@@ -90,3 +90,45 @@ def test_clean_test_documents_share_no_text_with_training_or_the_scorer(corpus, 
         for record in _texts(tmp_path / name):
             assert record["text"] not in held
             assert not any(f"{s}:" in record["text"] for s in sections), name
+
+
+@pytest.fixture(scope="module")
+def two_domains(corpus, tmp_path_factory) -> Path:
+    """The corpus above plus a smaller domain whose documents are marked ``Legal``."""
+    root = tmp_path_factory.mktemp("mixing2")
+    (root / "en_docs").symlink_to(corpus / "en_docs")
+    rng = random.Random(1)
+    (root / "en_small").mkdir()
+    lines = [json.dumps({"text": _document(rng, 1000 + n).replace("Section", "Legal")})
+             for n in range(80)]
+    (root / "en_small" / "small.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_per_domain_builds_each_domain_as_alone_with_one_scorer_sample(two_domains, tmp_path):
+    """--per-domain: a pool web_D and a test domain clean_D per source domain, each what a
+    build of that domain alone makes; the scorer's samples are theirs, domain after domain."""
+    assert builder.main([str(two_domains), str(tmp_path / "joint"), "--per-domain",
+                         "--domains", "en_docs", "en_small", "--seed", "3"]) == 0
+    joint = json.loads((tmp_path / "joint" / "manifest.json").read_text())
+    assert joint["per_domain"] is True
+    assert list(joint["files"]) == [
+        "web_en_docs/pool.jsonl", "clean_en_docs/clean.jsonl", "web_en_small/pool.jsonl",
+        "clean_en_small/clean.jsonl", "scorer/positive.jsonl", "scorer/negative.jsonl",
+        "scorer/test.jsonl"]
+    alone = {d: builder.build(two_domains, tmp_path / d, domains=[d], seed=3)
+             for d in ("en_docs", "en_small")}
+    for d in alone:
+        for mine, theirs in ((f"web_{d}/pool.jsonl", "web/pool.jsonl"),
+                             (f"clean_{d}/clean.jsonl", "clean_test/clean.jsonl")):
+            assert (tmp_path / "joint" / mine).read_bytes() == (tmp_path / d / theirs
+                                                                ).read_bytes()
+    for sample in ("positive", "negative", "test"):
+        assert (tmp_path / "joint" / "scorer" / f"{sample}.jsonl").read_bytes() == b"".join(
+            (tmp_path / d / "scorer" / f"{sample}.jsonl").read_bytes() for d in alone)
+    # each domain's pool and clean test documents hold only its own text, and every kind
+    small = _texts(tmp_path / "joint" / "web_en_small" / "pool.jsonl")
+    assert small and all("Section" not in r["text"] for r in small)
+    assert set(joint["files"]["web_en_small/pool.jsonl"]["documents"]) == set(builder.KINDS)
+    assert all("Legal" not in r["text"]
+               for r in _texts(tmp_path / "joint" / "clean_en_docs" / "clean.jsonl"))

@@ -24,6 +24,11 @@ Output (``OUT``): ``web/pool.jsonl`` and ``clean_test/clean.jsonl`` (the two dom
 ``scorer/negative.jsonl``, ``scorer/test.jsonl``, ``tokenizer/`` (copied from ``--tokenizer``)
 and ``manifest.json`` (settings, per file its SHA-256, and documents and characters per kind).
 Everything is a pure function of the source files and the settings.
+
+With ``--per-domain`` each source domain ``D`` is built on its own, as above, into a pool
+``web_D/pool.jsonl`` and a test domain ``clean_D/clean.jsonl`` (junk of ``D`` made from ``D``
+only); the scorer's files hold every domain's samples, domain after domain, so that one
+classifier scores all the pools (the benchmark of quality and mixture together).
 """
 
 from __future__ import annotations
@@ -99,12 +104,13 @@ def junk(source: str, kind: str, seed: int, key: str, near: list[str] | None = N
     return MAKERS[kind](source, rng)
 
 
-def build(corpus: Path, out: Path, *, domains: list[str], fraction: float = 1.0,
-          junk_share: float = 0.5, seed: int = 0, scorer_docs: int = 400,
-          tokenizer: Path | None = None) -> dict:
-    """Writes the corpus to ``out``; returns the manifest."""
+def split(texts: list[str], seed: int, junk_share: float, scorer_docs: int
+          ) -> dict[str, list[dict]]:
+    """The source ``texts`` cut into chunks and sent to their parts: ``pool`` (clean chunks
+    and junk made from the others), ``clean`` (the clean test chunks) and the scorer's
+    ``positive``, ``negative`` and ``test`` samples (at most ``scorer_docs`` sources each)."""
     parts: dict[str, list[str]] = {"clean_test": [], "scorer": [], "web": []}
-    for text in read_documents(corpus, domains, fraction, seed):
+    for text in texts:
         place = unit(seed, "part", text)
         part = ("clean_test" if place < TEST_SHARE else
                 "scorer" if place < TEST_SHARE + SCORER_SHARE else "web")
@@ -136,11 +142,32 @@ def build(corpus: Path, out: Path, *, domains: list[str], fraction: float = 1.0,
     for i, c in enumerate(thirds[2][:scorer_docs]):
         kind = junk_kinds[i % len(junk_kinds)]
         test.append({"text": junk(c, kind, seed, c, thirds[2]), "kind": KINDS.index(kind)})
-    files = {"web/pool.jsonl": pool,
-             "clean_test/clean.jsonl": [{"text": c, "kind": 0} for c in parts["clean_test"]],
-             "scorer/positive.jsonl": positive, "scorer/negative.jsonl": negative,
-             "scorer/test.jsonl": test}
-    manifest: dict = {"source": str(corpus), "domains": domains, "fraction": fraction,
+    return {"pool": pool, "clean": [{"text": c, "kind": 0} for c in parts["clean_test"]],
+            "positive": positive, "negative": negative, "test": test}
+
+
+def build(corpus: Path, out: Path, *, domains: list[str], fraction: float = 1.0,
+          junk_share: float = 0.5, seed: int = 0, scorer_docs: int = 400,
+          tokenizer: Path | None = None, per_domain: bool = False) -> dict:
+    """Writes the corpus to ``out``; returns the manifest. With ``per_domain``, each source
+    domain ``D`` is split on its own into a pool ``web_D`` and a test domain ``clean_D``
+    (junk made from ``D`` only); the scorer's samples hold up to ``scorer_docs`` sources of
+    every domain each, so that one classifier is trained for all the pools."""
+    groups = [[d] for d in domains] if per_domain else [domains]
+    files: dict[str, list[dict]] = {}
+    scorer: dict[str, list[dict]] = {"positive": [], "negative": [], "test": []}
+    for group in groups:
+        made = split(read_documents(corpus, group, fraction, seed), seed, junk_share,
+                     scorer_docs)
+        pool, clean = (f"web_{group[0]}", f"clean_{group[0]}") if per_domain else (
+            "web", "clean_test")
+        files[f"{pool}/pool.jsonl"] = made["pool"]
+        files[f"{clean}/clean.jsonl"] = made["clean"]
+        for sample, records in scorer.items():
+            records.extend(made[sample])
+    files.update({f"scorer/{sample}.jsonl": records for sample, records in scorer.items()})
+    manifest: dict = {"source": str(corpus), "domains": domains, "per_domain": per_domain,
+                      "fraction": fraction,
                       "junk_share": junk_share, "seed": seed, "scorer_docs": scorer_docs,
                       "chunk_chars": [CHUNK_MIN, CHUNK_MAX], "kinds": list(KINDS), "files": {}}
     for name, records in files.items():
@@ -173,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scorer-docs", type=int, default=400,
                         help="at most this many documents in each scorer sample")
+    parser.add_argument("--per-domain", action="store_true",
+                        help="a pool web_D and a test domain clean_D per source domain D "
+                             "(the scorer's samples drawn from every domain)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer folder copied to OUT/tokenizer (default: the "
                              "corpus's tokenizer/)")
@@ -182,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = args.tokenizer or (args.corpus / "tokenizer")
     manifest = build(args.corpus, args.out, domains=args.domains, fraction=args.fraction,
                      junk_share=args.junk_share, seed=args.seed, scorer_docs=args.scorer_docs,
-                     tokenizer=tokenizer if tokenizer.is_dir() else None)
+                     tokenizer=tokenizer if tokenizer.is_dir() else None,
+                     per_domain=args.per_domain)
     for name, about in manifest["files"].items():
         print(f"{name}: {about['documents']} documents, "
               f"{sum(about['chars'].values()):,} characters")

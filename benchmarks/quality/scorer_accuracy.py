@@ -62,10 +62,11 @@ def measure(corpus: Path, store: str) -> dict:
     test = by_kind(np.array([r["kind"] for r in records]),
                    log_odds(model, [r["text"] for r in records], "__label__hq"))
     opened = ShardStore(store)
-    kinds = np.concatenate([document_scores(opened, "web", "quality", s)[1]
-                            for s in ("train", "heldout")]).astype(int)
-    scores = np.concatenate([document_scores(opened, "web", "fasttext_hq", s)[1]
-                             for s in ("train", "heldout")])
+    pools = [d for d in opened.domains if d.startswith("web")]  # web, or web_D per domain
+    kinds = np.concatenate([document_scores(opened, d, "quality", s)[1]
+                            for d in pools for s in ("train", "heldout")]).astype(int)
+    scores = np.concatenate([document_scores(opened, d, "fasttext_hq", s)[1]
+                             for d in pools for s in ("train", "heldout")])
     return {"scorer_test": test, "pool": by_kind(kinds, scores),
             "pool_floor": kept_by_floor(kinds, scores)}
 

@@ -13,6 +13,7 @@ from lightning_aquila.callbacks.policies import (
     EffectiveDataMixture,
     ExcessLossMixture,
     MixturePolicy,
+    QualityCurriculum,
     StagedMixture,
     StaticMixture,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "MixturePolicy",
     "MultipleChoiceProbe",
     "Probe",
+    "QualityCurriculum",
     "RollbackError",
     "StagedMixture",
     "StaticMixture",

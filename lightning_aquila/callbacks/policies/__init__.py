@@ -18,7 +18,8 @@ One file per policy family; the update rules, with formulas, are in ``docs/engin
 
 * ``base.py``: the interface and what every policy shares (bounds, set-up, proposal checks);
 * ``static.py``: fixed weights and the report's data stages (``StaticMixture``,
-  ``StagedMixture``);
+  ``StagedMixture``), and stages of the quality temperature on top of any policy
+  (``QualityCurriculum``);
 * ``excess_loss.py``: DoReMi-style excess loss over a reference (``ExcessLossMixture``);
 * ``bandit.py``: Online Data Mixing, an EXP3 bandit (``BanditMixture``);
 * ``aioli.py``: a mixing law learned from held-out losses (``AioliMixture``);
@@ -37,10 +38,14 @@ from lightning_aquila.callbacks.policies.excess_loss import (
     ExcessLossMixture,
     load_reference_losses,
 )
-from lightning_aquila.callbacks.policies.static import StagedMixture, StaticMixture
+from lightning_aquila.callbacks.policies.static import (
+    QualityCurriculum,
+    StagedMixture,
+    StaticMixture,
+)
 from lightning_aquila.domain_weights import project_to_bounds, resolve_weights
 
 __all__ = ["AioliMixture", "BanditMixture", "EffectiveDataMixture", "ExcessLossMixture",
-           "MixturePolicy",
+           "MixturePolicy", "QualityCurriculum",
            "StagedMixture", "StaticMixture", "load_reference_losses", "project_to_bounds",
            "resolve_weights"]

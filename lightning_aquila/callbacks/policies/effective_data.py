@@ -74,7 +74,12 @@ import numpy as np
 
 from lightning_aquila.callbacks.policies.base import MixturePolicy
 from lightning_aquila.callbacks.state import TrainingState
-from lightning_aquila.domain_weights import Bound, as_number, project_to_bounds
+from lightning_aquila.domain_weights import (
+    Bound,
+    as_number,
+    per_domain_bounds,
+    project_to_bounds,
+)
 
 
 def effective_tokens(tokens: np.ndarray, unique: np.ndarray, repetition_epochs: float
@@ -189,6 +194,9 @@ class EffectiveDataMixture(MixturePolicy):
             plan (``n_i / budget``), either way.
         max_epochs: an optional hard cap on each domain's passes over its data (Olmix-style);
             ``None``: only the soft cap of the effective-data model.
+        min_weight, max_weight: as for every policy; a domain whose ``max_weight`` is 0 (a
+            held-out-only domain, read for reports) is left out of the plan: it gets weight
+            0, and neither its tokens nor its dev loss move the others'.
         update_every: optimizer steps between re-plans; the trainer's ``val_check_interval``
             re-plans once per dev evaluation.
     """
@@ -236,6 +244,7 @@ class EffectiveDataMixture(MixturePolicy):
         self.max_swing = float(max_swing)
         self.max_epochs = None if max_epochs is None else float(max_epochs)
         self.unique: dict[str, float] | None = None
+        self.planned: list[str] | None = None  # the domains the plan shares the budget over
         self.budget: float | None = None
         self.records: list[dict[str, Any]] = []  # the dev evaluations in the window
         self.scale: dict[str, float] | None = None  # the measured A_i (None: equal)
@@ -248,11 +257,13 @@ class EffectiveDataMixture(MixturePolicy):
         super().setup(domains, natural, **context)
         name = type(self).__name__
         unique = self.unique_tokens or {}
-        missing = [d for d in self.domains if not unique.get(d, 0) > 0]
+        high = per_domain_bounds(self.max_weight, self.domains, 1.0, "max_weight")
+        self.planned = [d for d, h in zip(self.domains, high) if h > 0]
+        missing = [d for d in self.planned if not unique.get(d, 0) > 0]
         if missing:
             raise ValueError(f"{name} needs every domain's unique training tokens (the "
                              f"mixture's unique_tokens); unknown or zero for {missing}")
-        self.unique = {d: float(unique[d]) for d in self.domains}
+        self.unique = {d: float(unique[d]) for d in self.planned}
         self.budget = float(self.budget_tokens or self.budget_tokens_hint or 0) or None
         if self.budget is None:
             raise ValueError(f"{name} needs the run's token budget: set trainer.max_steps "
@@ -265,7 +276,7 @@ class EffectiveDataMixture(MixturePolicy):
     def _propose(self, state: TrainingState, current: dict[str, float]
                  ) -> dict[str, float] | None:
         assert self.unique is not None and self.budget is not None  # setup ran
-        consumed = {d: float(state.tokens_per_domain.get(d, 0)) for d in self.domains}
+        consumed = {d: float(state.tokens_per_domain.get(d, 0)) for d in self.planned}
         remaining = self.budget - sum(consumed.values())
         if remaining <= 0:
             return None
@@ -273,14 +284,14 @@ class EffectiveDataMixture(MixturePolicy):
         weights = self.plan(consumed)
         if self.last is not None:
             weights = {d: self.inertia * self.last[d] + (1 - self.inertia) * weights[d]
-                       for d in self.domains}
+                       for d in self.planned}
         self.last = weights
-        return dict(weights)
+        return {d: weights.get(d, 0.0) for d in self.domains}
 
     def plan(self, consumed: Mapping[str, float]) -> dict[str, float]:
         """The planned share of the remaining budget of each domain, given the tokens each
         has had (``consumed``) and the measured scales (equal before the first fit)."""
-        domains = self.domains
+        domains = self.planned
         have = np.array([consumed.get(d, 0.0) for d in domains], dtype=np.float64)
         unique = np.array([self.unique[d] for d in domains], dtype=np.float64)
         if self.scale is not None:
@@ -314,17 +325,17 @@ class EffectiveDataMixture(MixturePolicy):
         self.last_val_step = int(state.val_step)
         if sum(consumed.values()) < self.warmup_fraction * self.budget:
             return
-        losses = {d: state.val_loss.get(d) for d in self.domains}
+        losses = {d: state.val_loss.get(d) for d in self.planned}
         if any(v is None or not math.isfinite(v) for v in losses.values()):
             return  # a missing or non-finite dev loss (a spike's NaN) must not steer
         self.records.append({"step": int(state.val_step), "tokens": dict(consumed),
                              "loss": {d: float(v) for d, v in losses.items()}})
         self.records = self.records[-self.window:]
-        unique = np.array([self.unique[d] for d in self.domains], dtype=np.float64)
-        scale = slope_scales(self.records, self.domains, unique, self.repetition_epochs,
+        unique = np.array([self.unique[d] for d in self.planned], dtype=np.float64)
+        scale = slope_scales(self.records, self.planned, unique, self.repetition_epochs,
                              self.loss_exponent, self.max_tilt)
         if scale is not None:
-            self.scale = {d: float(v) for d, v in zip(self.domains, scale)}
+            self.scale = {d: float(v) for d, v in zip(self.planned, scale)}
 
     # -- configuration and state -------------------------------------------------------------
     def config(self) -> dict[str, Any]:

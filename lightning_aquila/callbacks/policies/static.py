@@ -1,6 +1,7 @@
 """Fixed mixtures: :class:`StaticMixture` (one set of weights, the baseline) and
 :class:`StagedMixture` (the Aquila2 report's data stages, each in force until a token count or
-a step)."""
+a step); and :class:`QualityCurriculum`, stages of the quality temperature on top of any
+policy's weights."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from lightning_aquila.callbacks.policies.base import MixturePolicy
 from lightning_aquila.callbacks.state import TrainingState
 from lightning_aquila.domain_weights import Bound, check_weight_spec, resolve_weights
 from lightning_aquila.quality_temperature import temperature_value, temperatures
+
+
+def stage_temperature(tau: Any, where: str) -> Any:
+    """A stage's ``quality_temperature``, checked; null becomes ``"inf"`` (no reweighting),
+    which must not read as the base class's "no opinion"."""
+    tau = dict(tau) if isinstance(tau, Mapping) else "inf" if tau is None else tau
+    for name, value in (tau.items() if isinstance(tau, dict) else [(None, tau)]):
+        temperature_value(value, f"{where}.quality_temperature"
+                          + (f"[{name!r}]" if name is not None else ""))
+    return tau
 
 
 class StaticMixture(MixturePolicy):
@@ -112,13 +123,8 @@ class StagedMixture(MixturePolicy):
                  "weights": dict(weights) if isinstance(weights, Mapping) else weights,
                  **{k: int(stage[k]) for k in ends}}
         if "quality_temperature" in stage:
-            tau = stage["quality_temperature"]
-            # null is "no reweighting", which must not read as the base class's "no opinion"
-            tau = dict(tau) if isinstance(tau, Mapping) else "inf" if tau is None else tau
-            for name, value in (tau.items() if isinstance(tau, dict) else [(None, tau)]):
-                temperature_value(value, f"{where}.quality_temperature"
-                                  + (f"[{name!r}]" if name is not None else ""))
-            found["quality_temperature"] = tau
+            found["quality_temperature"] = stage_temperature(stage["quality_temperature"],
+                                                             where)
         return found
 
     @property
@@ -177,5 +183,109 @@ class StagedMixture(MixturePolicy):
         self.switches = [dict(s) for s in state["switches"]]
 
 
+class QualityCurriculum(MixturePolicy):
+    """A quality curriculum (QuRating) on top of another policy: ``policy`` decides the domain
+    weights exactly as it would alone, and the quality temperature changes at given steps.
+    What :class:`StagedMixture` does with fixed weights, for an adaptive mixture.
 
-__all__ = ["StagedMixture", "StaticMixture"]
+    Args:
+        policy: the policy whose weights are applied; its ``update_every`` and bounds are this
+            one's. It is asked when training starts and whenever it is due, as alone.
+        stages: ``[{name, until_step, quality_temperature}, ...]`` in order, each in force
+            until ``state.step >= until_step`` (the last may leave it out and runs to the
+            end); ``quality_temperature`` as in :class:`StagedMixture` (null: no
+            reweighting). The switch is applied at the first optimizer step at or past the
+            stage's end.
+    """
+
+    def __init__(self, policy: MixturePolicy, stages: Sequence[Mapping[str, Any]]) -> None:
+        if not isinstance(policy, MixturePolicy):
+            raise ValueError(f"QualityCurriculum(policy) must be a MixturePolicy, got "
+                             f"{policy!r}")
+        super().__init__(policy.update_every, policy.min_weight, policy.max_weight)
+        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence) or (
+                not stages):
+            raise ValueError(f"QualityCurriculum(stages) must be a non-empty list of stages, "
+                             f"got {stages!r}")
+        self.policy = policy
+        self.stages = []
+        for i, stage in enumerate(stages):
+            where = f"QualityCurriculum(stages[{i}])"
+            if not isinstance(stage, Mapping) or set(stage) - {"name", "until_step",
+                                                               "quality_temperature"}:
+                raise ValueError(f"{where} must be a mapping of name, until_step and "
+                                 f"quality_temperature, got {stage!r}")
+            end = stage.get("until_step")
+            bad_end = end is not None and (not isinstance(end, int) or isinstance(end, bool)
+                                           or end <= 0)
+            if bad_end or (end is None and i < len(stages) - 1):
+                raise ValueError(f"{where}.until_step must be a positive integer (only the "
+                                 f"last stage may leave it out), got {end!r}")
+            self.stages.append({"name": str(stage.get("name", f"stage{i}")), "until_step": end,
+                                "quality_temperature": stage_temperature(
+                                    stage.get("quality_temperature"), where)})
+        ends = [s["until_step"] for s in self.stages if s["until_step"] is not None]
+        if ends != sorted(set(ends)):
+            raise ValueError(f"QualityCurriculum(stages): until_step must increase from stage "
+                             f"to stage, got {ends}")
+        self.index = 0
+        self.switches: list[dict[str, Any]] = []  # {stage, step}, one per stage entered
+        self._started = False
+
+    @property
+    def name(self) -> str:
+        return f"QualityCurriculum({self.policy.name})"
+
+    @property
+    def stage(self) -> str:
+        return self.stages[self.index]["name"]
+
+    @property
+    def quality_temperature(self) -> float | Mapping[str, float | None] | None:
+        return self.stages[self.index]["quality_temperature"]
+
+    def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
+              **context: Any) -> None:
+        super().setup(domains, natural, **context)
+        self.policy.setup(domains, natural, **context)
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage["quality_temperature"], Mapping):
+                temperatures(stage["quality_temperature"], self.domains,
+                             f"QualityCurriculum(stages[{i}].quality_temperature)")
+        self._started = False  # the engine asks once when training starts
+
+    def due(self, step: int) -> bool:
+        return self.policy.due(step) or any(
+            s["until_step"] == step for s in self.stages[self.index:])
+
+    def propose(self, state: TrainingState, current: Mapping[str, float]
+                ) -> dict[str, float] | None:
+        index = self.index
+        while index < len(self.stages) - 1 and state.step >= self.stages[index]["until_step"]:
+            index += 1
+        if index != self.index or not self.switches:
+            self.index = index
+            self.switches.append({"stage": self.stage, "step": state.step})
+        ask = not self._started or self.policy.due(state.step)
+        self._started = True
+        return self.policy.propose(state, current) if ask else None
+
+    def _propose(self, state: TrainingState, current: dict[str, float]
+                 ) -> dict[str, float] | None:
+        return self.policy.propose(state, current)
+
+    def config(self) -> dict[str, Any]:
+        return {"policy": {"class": type(self.policy).__name__, **self.policy.config()},
+                "stages": self.stages}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "switches": [dict(s) for s in self.switches],
+                "policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.index = int(state["index"])
+        self.switches = [dict(s) for s in state["switches"]]
+        self.policy.load_state_dict(state["policy"])
+
+
+__all__ = ["QualityCurriculum", "StagedMixture", "StaticMixture"]
