@@ -593,8 +593,10 @@ def test_bandit_and_excess_loss_defaults_are_the_documented_ones_and_configs_reb
     for tuned in (BanditMixture(smoothing=0.5, importance_weighted=True, warmup_steps=7,
                                 update_every=3, min_weight=0.1, max_weight=0.8),
                   ExcessLossMixture(REFERENCE, signal="val", step_size=0.5, smoothing=0.2,
-                                    update_every=4, min_weight=0.1, max_weight=0.8)):
+                                    update_every=4, min_weight=0.1, max_weight=0.8,
+                                    reference_command="make reference")):
         assert type(tuned)(**tuned.config()).config() == tuned.config()
+    assert tuned.config()["reference_command"] == "make reference"
 
 
 @pytest.mark.parametrize(("make", "match"), [

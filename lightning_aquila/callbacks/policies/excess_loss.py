@@ -181,8 +181,11 @@ class ExcessLossMixture(MixturePolicy):
         return dict(self.alpha)
 
     def config(self) -> dict[str, Any]:
+        # reference_command only when given: a run recorded without it compares equal on resume
+        command = {"reference_command": self.reference_command} if self.reference_command else {}
         return {"reference": self.reference, "signal": self.signal,
-                "step_size": self.step_size, "smoothing": self.smoothing, **super().config()}
+                "step_size": self.step_size, "smoothing": self.smoothing, **command,
+                **super().config()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": None if self.alpha is None else dict(self.alpha),
