@@ -1,6 +1,7 @@
 """The engine changes the quality temperature at a stage (a quality curriculum): the change is
 stamped with a batch index, recorded in the mixture, the engine and the run log, and a resume
-replays it exactly."""
+replays it exactly; with fixed weights (``StagedMixture``) and on top of an adaptive policy
+(``QualityCurriculum``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_aquila.callbacks.engine import AdaptiveTrainingEngine
 from lightning_aquila.callbacks.monitor import TrainingStateMonitor
-from lightning_aquila.callbacks.policies import StagedMixture
+from lightning_aquila.callbacks.policies import BanditMixture, QualityCurriculum, StagedMixture
 from lightning_aquila.datamodules import DomainDataModule
 
 SEQ, DOCS, STEPS, SWITCH = 16, 200, 10, 4
@@ -46,21 +47,35 @@ def store(dmu_make_store) -> str:
                           quality={"a": ramp, "b": ramp})
 
 
-def engine() -> AdaptiveTrainingEngine:
-    return AdaptiveTrainingEngine(StagedMixture([
+def staged() -> StagedMixture:
+    return StagedMixture([
         {"name": "broad", "weights": "uniform", "until_step": SWITCH,
          "quality_temperature": None},
         {"name": "sharp", "weights": "uniform", "quality_temperature": {"a": 0.05}},
-    ]))
+    ])
+
+
+def curriculum() -> QualityCurriculum:
+    """The same temperature stages on top of a bandit that moves the weights every 3 steps."""
+    return QualityCurriculum(BanditMixture(update_every=3), [
+        {"name": "broad", "until_step": SWITCH, "quality_temperature": None},
+        {"name": "sharp", "quality_temperature": {"a": 0.05}},
+    ])
+
+
+@pytest.fixture(params=[staged, curriculum], ids=["staged", "curriculum"])
+def policy(request):
+    return request.param
 
 
 def fit(run: Path, store: str, max_steps: int, resume: str | None = None,
-        checkpoint_every: int | None = None) -> tuple[AdaptiveTrainingEngine, Probe,
-                                                       DomainDataModule]:
+        checkpoint_every: int | None = None, policy=staged
+        ) -> tuple[AdaptiveTrainingEngine, Probe, DomainDataModule]:
     callbacks = [TrainingStateMonitor(val_loss=False, grad_norm_every_n_steps=None,
+                                      train_loss_every_n_steps=1,  # the bandit's reward
                                       throughput_every_n_steps=None,
                                       weight_stats_every_n_steps=None, run_dir=str(run)),
-                 engine()]
+                 AdaptiveTrainingEngine(policy())]
     if checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1,
                                          every_n_train_steps=checkpoint_every))
@@ -70,13 +85,14 @@ def fit(run: Path, store: str, max_steps: int, resume: str | None = None,
                          enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
                          default_root_dir=run, enable_checkpointing=bool(checkpoint_every))
+    torch.manual_seed(0)  # the same initial model in every fit: losses, and so rewards, agree
     model = Probe()
     trainer.fit(model, dm, ckpt_path=resume)
     return callbacks[1], model, dm
 
 
-def test_a_stage_sets_the_quality_temperature_from_a_recorded_batch(store, tmp_path):
-    ate, model, dm = fit(tmp_path, store, STEPS)
+def test_a_stage_sets_the_quality_temperature_from_a_recorded_batch(store, tmp_path, policy):
+    ate, model, dm = fit(tmp_path, store, STEPS, policy=policy)
     [change] = [c for c in ate.changes if "quality_temperature" in c]
     assert change["step"] == SWITCH and change["stage"] == "sharp"
     assert change["quality_temperature"] == {"a": 0.05, "b": None}
@@ -95,11 +111,14 @@ def test_a_stage_sets_the_quality_temperature_from_a_recorded_batch(store, tmp_p
     assert min(a_scores(True)) > 0.75 and sum(a_scores(False)) / len(a_scores(False)) < 0.7
 
 
-def test_a_resume_replays_the_temperature_change_exactly(store, tmp_path):
-    _, whole, _ = fit(tmp_path / "whole", store, STEPS)
-    fit(tmp_path / "first", store, SWITCH + 2, checkpoint_every=SWITCH + 2)
+def test_a_resume_replays_the_temperature_change_exactly(store, tmp_path, policy):
+    whole_ate, whole, whole_dm = fit(tmp_path / "whole", store, STEPS, policy=policy)
+    fit(tmp_path / "first", store, SWITCH + 2, checkpoint_every=SWITCH + 2, policy=policy)
     [checkpoint] = (tmp_path / "first" / "ckpt").glob(f"*step={SWITCH + 2}.ckpt")
-    ate, resumed, dm = fit(tmp_path / "resumed", store, STEPS, resume=str(checkpoint))
+    ate, resumed, dm = fit(tmp_path / "resumed", store, STEPS, resume=str(checkpoint),
+                           policy=policy)
     assert resumed.seen == [s for s in whole.seen if s[0] >= SWITCH + 2]
+    assert ate.policy.state_dict() == whole_ate.policy.state_dict()
+    assert dm.mixture.weights == whole_dm.mixture.weights
     assert [c["step"] for c in ate.changes if "quality_temperature" in c] == [SWITCH]
     assert dm.mixture.quality_temperature == {"a": 0.05, "b": None}
