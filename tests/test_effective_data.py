@@ -17,6 +17,7 @@ from lightning_aquila.callbacks.policies.effective_data import (
     effective_tokens,
     marginal_value,
     plan_tokens,
+    slope_scales,
 )
 from lightning_aquila.callbacks.state import TrainingState
 from lightning_aquila.domain_weights import resolve_weights, temperature_weights, unimax_weights
@@ -485,3 +486,64 @@ init_args:
     assert wrapped.quality_temperature == {"small": 1.0, "mid": 1.0, "large": 1.0}
     assert wrapped.switches == [{"stage": "broad", "step": 0}, {"stage": "sharp", "step": 250}]
     assert wrapped.state_dict()["policy"] == alone.state_dict()
+
+
+# -- the slopes measured from dev losses, against losses known in closed form ------------------
+def power_law_records(slopes: list[float], shares: list[float], steps: int = 5
+                      ) -> list[dict]:
+    """Dev evaluations of domains whose loss is exactly ``5 - s_i log D_i``, each domain
+    drawing the same share of every interval (so all ``log D_i`` move alike), none
+    repeating (unique tokens far above any count)."""
+    names = [f"d{i}" for i in range(len(slopes))]
+    records = []
+    for k in range(1, steps + 1):
+        tokens = {d: share * 1e6 * 2 ** k for d, share in zip(names, shares)}
+        records.append({"tokens": tokens, "loss": {
+            d: 5.0 - s * math.log(tokens[d]) for d, s in zip(names, slopes)}})
+    return records
+
+
+def expected_scales(slopes: list[float], shares: list[float], exponent: float,
+                    max_tilt: float) -> np.ndarray:
+    """The docstring's rule where every domain's ``log D`` moves alike: equal evidence, so
+    each slope is shrunk halfway to the pooled one (their mean), floored at ``1/max_tilt`` of
+    it, times ``D_i^alpha`` at the last evaluation, over their geometric mean, clipped."""
+    s = np.array(slopes)
+    shrunk = np.maximum((s + s.mean()) / 2, s.mean() / max_tilt)
+    scale = shrunk * (np.array(shares) * 1e6 * 2 ** 5) ** exponent
+    return np.clip(scale / np.exp(np.log(scale).mean()), 1 / max_tilt, max_tilt)
+
+
+@pytest.mark.parametrize(("slopes", "shares"), [
+    ([0.3, 0.1, 0.2], [1.0, 1.0, 1.0]),     # slopes alone
+    ([0.2, 0.2, 0.2], [0.6, 0.3, 0.1]),     # the tokens' exponent alone
+    ([0.5, 0.05, 0.2], [0.2, 0.5, 0.3]),    # both, the smallest slope at its floor
+])
+def test_the_measured_scales_follow_dev_losses_known_in_closed_form(slopes, shares):
+    unique = np.full(len(slopes), 1e15)
+    scales = slope_scales(power_law_records(slopes, shares), [f"d{i}" for i in
+                          range(len(slopes))], unique, 3.0, 0.3, 4.0)
+    assert scales == pytest.approx(expected_scales(slopes, shares, 0.3, 4.0), rel=1e-9)
+
+
+def test_measured_scales_are_clipped_to_max_tilt_either_way():
+    slopes, shares = [0.3, 0.3, 0.3], [0.98, 0.0199, 0.0001]  # D spans 9,800x
+    unique = np.full(3, 1e15)
+    scales = slope_scales(power_law_records(slopes, shares), ["d0", "d1", "d2"], unique,
+                          3.0, 1.0, 2.0)
+    assert scales[0] == 2.0 and scales[2] == 0.5  # both bounds bind
+    assert scales == pytest.approx(expected_scales(slopes, shares, 1.0, 2.0), rel=1e-9)
+
+
+def test_records_that_cannot_tell_give_no_scales():
+    unique = np.full(2, 1e15)
+    still = power_law_records([0.2, 0.1], [1.0, 1.0])
+    for r in still:  # no domain drew a token between evaluations
+        r["tokens"] = {"d0": 1e6, "d1": 1e6}
+    assert slope_scales(still, ["d0", "d1"], unique, 3.0, 0.3, 4.0) is None
+    flat = power_law_records([0.0, 0.0], [1.0, 1.0])  # no dev loss fell
+    assert slope_scales(flat, ["d0", "d1"], unique, 3.0, 0.3, 4.0) is None
+    rising = power_law_records([-0.1, -0.2], [1.0, 1.0])
+    assert slope_scales(rising, ["d0", "d1"], unique, 3.0, 0.3, 4.0) is None
+    assert slope_scales(power_law_records([0.2, 0.1], [1.0, 1.0])[:2], ["d0", "d1"], unique,
+                        3.0, 0.3, 4.0) is None  # fewer than three evaluations
