@@ -547,3 +547,15 @@ def test_records_that_cannot_tell_give_no_scales():
     assert slope_scales(rising, ["d0", "d1"], unique, 3.0, 0.3, 4.0) is None
     assert slope_scales(power_law_records([0.2, 0.1], [1.0, 1.0])[:2], ["d0", "d1"], unique,
                         3.0, 0.3, 4.0) is None  # fewer than three evaluations
+
+
+def test_the_tokens_factor_is_read_at_the_newest_evaluation():
+    # exact power laws of one slope: every fit finds it, so only D_i^alpha tells the domains
+    # apart, and only the newest evaluation, where d0 has had 8 times the others' tokens
+    records = power_law_records([0.2, 0.2, 0.2], [1.0, 1.0, 1.0])
+    last = records[-1]
+    last["tokens"]["d0"] *= 8
+    last["loss"]["d0"] = 5.0 - 0.2 * math.log(last["tokens"]["d0"])
+    scales = slope_scales(records, ["d0", "d1", "d2"], np.full(3, 1e15), 3.0, 0.3, 4.0)
+    assert scales[0] / scales[1] == pytest.approx(8 ** 0.3, rel=1e-9)
+    assert scales[1] == pytest.approx(scales[2], rel=1e-12)
