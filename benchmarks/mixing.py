@@ -649,6 +649,35 @@ def verdict(summaries: list[dict[str, Any]], policy: str) -> str:
             f"{'MET' if aim else 'MISSED'}")
 
 
+def gaps(everything: dict[str, list[dict[str, Any]]]) -> str:
+    """Every policy's paired mean gap to each setting's best fixed mixture, side by side, and
+    its worst over the settings it ran in: the number the default is chosen by (the policy
+    that stays closest to the best fixed mixture wherever it is measured)."""
+    cells: dict[str, dict[str, str]] = {}
+    worst: dict[str, list[float]] = {}
+    for name, summaries in everything.items():
+        runs = [s for s in summaries if s["done"]]
+        best, baseline = best_fixed(runs)
+        if best is None:
+            continue
+        for policy in {s["policy"] for s in runs}:
+            deltas = [compare(s, baseline[s["seed"]])["delta"] for s in runs
+                      if s["policy"] == policy and s["seed"] in baseline]
+            if deltas:
+                mean = statistics.fmean(deltas)
+                cells.setdefault(policy, {})[name] = f"{mean:+.3f} ({len(deltas)})"
+                worst.setdefault(policy, []).append(mean)
+    names = list(everything)
+    lines = ["Paired mean gap to each setting's best fixed mixture (seeds), and the worst:", "",
+             "| policy | " + " | ".join(names) + " | worst |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    for policy in sorted(cells, key=known_policies().index):
+        row = [cells[policy].get(n, "not run") for n in names]
+        lines.append(f"| {policy} | " + " | ".join(row)
+                     + f" | {max(worst[policy]):+.3f} |")
+    return "\n".join(lines)
+
+
 def per_seed(summaries: list[dict[str, Any]]) -> str:
     """Every finished run's final figures, for the seed-by-seed view."""
     lines = ["| run | tokens | domain average | worst (domain) | token-weighted |",
@@ -757,6 +786,8 @@ def report(out: Path, settings: Sequence[str]) -> dict[str, list[dict[str, Any]]
             print(per_seed(summaries), "\n")
         if not all(s["done"] for s in summaries):
             print(stopped(summaries), "\n")
+    if len(everything) > 1:
+        print(gaps(everything), "\n")
     return everything
 
 

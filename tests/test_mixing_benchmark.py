@@ -148,6 +148,24 @@ def test_the_table_compares_each_seed_with_the_best_fixed_mixture():
     assert regret == [(100, pytest.approx(-0.4)), (200, pytest.approx(-0.1))]
 
 
+def test_the_gaps_table_puts_each_setting_s_paired_gap_side_by_side_with_the_worst():
+    one = [summary("uniform", 1, 3.0, 3.5, [(200, 3.0)]),
+           summary("natural", 1, 3.2, 3.9, [(200, 3.2)]),
+           summary("effective-data", 1, 3.01, 3.5, [(200, 3.01)])]
+    two = [summary("uniform", 1, 3.3, 3.8, [(200, 3.3)]),
+           summary("natural", 1, 3.1, 3.6, [(200, 3.1)]),
+           summary("natural", 2, 3.2, 3.7, [(200, 3.2)]),
+           summary("effective-data", 1, 3.05, 3.5, [(200, 3.05)]),
+           summary("effective-data", 2, 3.22, 3.5, [(200, 3.22)]),
+           summary("doremi", 1, 3.0, 3.5, [(200, 3.0)])]
+    text = mixing.gaps({"one": one, "two": two})
+    assert "| policy | one | two | worst |" in text
+    assert "| natural | +0.200 (1) | +0.000 (2) | +0.200 |" in text  # natural is two's best
+    assert "| uniform | +0.000 (1) | +0.200 (1) | +0.200 |" in text
+    assert "| effective-data | +0.010 (1) | -0.015 (2) | +0.010 |" in text
+    assert "| doremi | not run | -0.100 (1) | -0.100 |" in text
+
+
 def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, tmp_path):
     """--checkpoint-every: a run cut short (here by a smaller max_steps, as a deadline would)
     is resumed by the next sitting from last.ckpt, not restarted, and counted once."""
