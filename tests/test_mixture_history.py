@@ -82,6 +82,22 @@ def test_a_domain_added_on_resume_is_at_zero_until_the_recorded_change():
     assert np.allclose(mixture.weights_at(8), [0.25, 0.25, 0.5])
 
 
+def test_a_domain_added_at_weight_zero_or_one_removed_on_resume_is_a_recorded_change():
+    """Either edit of the domain list alone (nothing else configured differently) records the
+    configured weights at the next batch, replacing what a policy had set: a removed domain
+    must stop being drawn, and an added one is announced even at weight 0."""
+    old = DomainMixture(["a", "b"], {"a": 1.0, "b": 1.0})
+    old.set_weights({"a": 0.2, "b": 0.8}, "policy")
+    added = DomainMixture(["a", "b", "held"], {"a": 1.0, "b": 1.0, "held": 0.0})
+    change = added.load_state_dict(old.state_dict(), next_batch_index=4)
+    assert change.reason == "resume: domains changed (added ['held'], removed [])"
+    assert added.weights_at(4).tolist() == [0.5, 0.5, 0.0]
+    removed = DomainMixture(["a"], {"a": 1.0})
+    change = removed.load_state_dict(old.state_dict(), next_batch_index=4)
+    assert change.reason == "resume: domains changed (added [], removed ['b'])"
+    assert removed.weights_at(4).tolist() == [1.0]
+
+
 def test_quality_sampling_switched_on_at_resume_starts_at_the_next_batch():
     old = DomainMixture(["a", "b"], {"a": 1.0, "b": 1.0})
     mixture = DomainMixture(["a", "b"], {"a": 1.0, "b": 1.0}, quality_temperature={"a": 2.0})
