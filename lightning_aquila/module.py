@@ -171,9 +171,10 @@ class AquilaLM(LightningModule):
         # need neither the YAML nor the original Hugging Face directory.
         checkpoint["aquila_config"] = self.config.to_dict()
         # The store's tokenizer, so an export carries the one the model was trained with.
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        record = getattr(datamodule, "tokenizer_record", None)
-        copy = record().json if callable(record) else None
+        from lightning_aquila.datamodules.tokenizer_check import datamodule_tokenizer
+
+        record = datamodule_tokenizer(self._trainer)
+        copy = record.json if record is not None else None
         if copy is not None:
             checkpoint[TOKENIZER_KEY] = copy
 

@@ -89,11 +89,9 @@ def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
 def _run_tokenizer(pl_module: LightningModule) -> Any:
     """The tokenizer of the run ``pl_module`` trains in (``tokenizer_check.run_tokenizer``),
     read from a datamodule that records one (``DomainDataModule.tokenizer_record``)."""
-    from lightning_aquila.datamodules.tokenizer_check import run_tokenizer
+    from lightning_aquila.datamodules.tokenizer_check import datamodule_tokenizer, run_tokenizer
 
-    trainer = getattr(pl_module, "_trainer", None)
-    record = getattr(getattr(trainer, "datamodule", None), "tokenizer_record", None)
-    return run_tokenizer(pl_module, record() if callable(record) else None)
+    return run_tokenizer(pl_module, datamodule_tokenizer(getattr(pl_module, "_trainer", None)))
 
 
 class MultipleChoiceProbe(Probe):

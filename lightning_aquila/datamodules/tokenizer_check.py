@@ -61,6 +61,13 @@ def run_tokenizer(module: Any, record: StoreTokenizer | None) -> Any:
     return DEFAULT_TOKENIZER
 
 
+def datamodule_tokenizer(trainer: Any) -> StoreTokenizer | None:
+    """The tokenizer record of ``trainer``'s datamodule when it keeps one
+    (``DomainDataModule.tokenizer_record``); none for any other datamodule, or no trainer."""
+    record = getattr(getattr(trainer, "datamodule", None), "tokenizer_record", None)
+    return record() if callable(record) else None
+
+
 def probes_of(callbacks: Iterable[Any]) -> list[Any]:
     """Every probe of the trainer's callbacks (the monitor keeps them in ``probes``)."""
     return [probe for callback in callbacks for probe in getattr(callback, "probes", None) or []]

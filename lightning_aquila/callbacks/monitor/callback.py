@@ -538,17 +538,19 @@ class TrainingStateMonitor(Callback):
             rank_zero_warn(message)
 
 
+def _store_tokenizer_hash(trainer: Trainer) -> str | None:
+    """The hash of the tokenizer the run's store was prepared with, when the datamodule
+    knows it (a run used as a DoReMi reference is checked against it: its losses are in
+    that tokenizer's units)."""
+    from lightning_aquila.datamodules.tokenizer_check import datamodule_tokenizer
+
+    record = datamodule_tokenizer(trainer)
+    return None if record is None else record.hash
+
+
 def _same(a: Any, b: Any) -> bool:
     """Lightning hands hooks a wrapped optimizer; compare what it wraps."""
     return getattr(a, "optimizer", a) is getattr(b, "optimizer", b)
 
 
 __all__ = ["TrainingStateMonitor"]
-
-
-def _store_tokenizer_hash(trainer: Trainer) -> str | None:
-    """The hash of the tokenizer the run's store was prepared with, when the datamodule
-    knows it (a run used as a DoReMi reference is checked against it: its losses are in
-    that tokenizer's units)."""
-    record = getattr(getattr(trainer, "datamodule", None), "tokenizer_record", None)
-    return getattr(record(), "hash", None) if callable(record) else None
