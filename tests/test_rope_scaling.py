@@ -55,7 +55,7 @@ def _transformers(scaling, head_dim=16):
 def test_rotary_tables_equal_transformers_beyond_the_original_context(name, head_dim):
     ours, theirs = _ours(SCALINGS[name], head_dim), _transformers(SCALINGS[name], head_dim)
     for mine, reference in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
     # the check can fail: without the scaling the tables are far off past the original context
     plain, _ = _ours(None, head_dim)
     assert (plain[ORIGINAL:] - theirs[0][ORIGINAL:]).abs().max() > 0.1
@@ -162,3 +162,18 @@ def test_init_from_takes_the_context_from_the_run_config_and_the_rest_from_the_c
     ids = torch.randint(0, 512, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), scaled(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_the_scaled_frequencies_are_made_once_and_a_table_first_made_in_validation_trains():
+    from lightning_aquila.model.model import _cached_frequencies
+
+    config = AquilaConfig.from_name("aquila2-tiny", rope_theta=THETA,
+                                    rope_scaling=SCALINGS["yarn"])
+    model = AquilaModel(config)
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    _cached_frequencies.cache_clear()
+    with torch.inference_mode():  # Lightning's validation: the first forward may be there
+        model(ids)
+    for _ in range(3):
+        model(ids).float().mean().backward()
+    assert _cached_frequencies.cache_info().misses == 1  # not one per forward

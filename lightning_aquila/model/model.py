@@ -127,7 +127,9 @@ def rope_frequencies(head_dim: int, theta: float, rope_scaling: Mapping[str, Any
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    extrapolated = 1 - _yarn_ramp(head_dim // 2, low, high, device)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low),
+                       0, 1)  # made on the host as transformers makes it: the same bits
+    extrapolated = 1 - ramp.to(device=device)
     pos_freqs = theta**exponents
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
     return inv_freq, float(attention_factor)
@@ -138,12 +140,13 @@ def _yarn_mscale(factor: float, mscale: float = 1) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _yarn_ramp(half: int, low: float, high: float, device: torch.device | None) -> torch.Tensor:
-    """YaRN's 0-to-1 ramp over the frequency index, made on the host as transformers makes it
-    (the same bits) and copied to ``device`` once: a copy from pageable host memory in every
-    forward would wait for all the work queued on the GPU."""
-    ramp = torch.clamp((torch.arange(half, dtype=torch.float32) - low) / (high - low), 0, 1)
-    return ramp.to(device=device)
+def _cached_frequencies(head_dim: int, theta: float, scaling: str, device: torch.device
+                        ) -> tuple[torch.Tensor, float]:
+    """``rope_frequencies`` once per (shape, scaling, device) rather than in every forward: with
+    scaling it is a dozen small ops and, for YaRN, a copy from pageable host memory that would
+    wait for all the work queued on the GPU. Nothing differentiates through them, so ones first
+    made under inference mode (a validation step) serve training too."""
+    return rope_frequencies(head_dim, theta, json.loads(scaling) if scaling else None, device)
 
 
 def rope_scaling_key(rope_scaling: Mapping[str, Any] | None) -> str:
@@ -155,8 +158,7 @@ def rope_scaling_key(rope_scaling: Mapping[str, Any] | None) -> str:
 @torch.library.custom_op("lightning_aquila::rope_tables", mutates_args=())
 def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
                  dtype: torch.dtype, scaling: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq, attention_factor = rope_frequencies(
-        head_dim, theta, json.loads(scaling) if scaling else None, device)
+    inv_freq, attention_factor = _cached_frequencies(head_dim, theta, scaling, device)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
