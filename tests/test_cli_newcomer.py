@@ -316,7 +316,10 @@ def fit_options(tmp_path_factory):
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         with contextlib.redirect_stdout(io.StringIO()):
             in_process("fit", "--help", cwd=tmp_path_factory.mktemp("cwd"))
-        return known_options.kept("fit")
+        known = known_options.kept("fit")
+    # the tests below pass nothing to judge without it: refuse a cache that was not written
+    assert known is not None and "trainer.max_steps" in known.options
+    return known
 
 
 @pytest.mark.parametrize("words", [
