@@ -18,6 +18,7 @@ from lightning_aquila.callbacks.policies import (
     BanditMixture,
     ExcessLossMixture,
     MixturePolicy,
+    QualityCurriculum,
     StagedMixture,
     StaticMixture,
     load_reference_losses,
@@ -324,6 +325,39 @@ def test_staged_mixture_skips_stages_passed_at_once_and_never_goes_back():
 def test_malformed_stages_are_refused_naming_the_stage(stages, match):
     with pytest.raises(ValueError, match=match):
         StagedMixture(stages)
+
+
+@pytest.mark.parametrize(("policy", "stages", "match"), [
+    ("uniform", [], r"QualityCurriculum\(stages\) needs at least one stage"),
+    ("uniform", {"name": "a"}, r"QualityCurriculum\(stages\) must be a list"),
+    ("uniform", [{"name": "a", "weights": "uniform"}],
+     r"stages\[0\]\) has unknown key\(s\) \['weights'\]"),
+    ("uniform", [{"name": "a", "until_tokens": 5}, {"name": "b"}],
+     r"stages\[0\]\) has unknown key\(s\) \['until_tokens'\]"),
+    ("uniform", [{"name": "a"}, {"name": "b"}], r"stages\[0\]\) needs until_step"),
+    ("uniform", [{"name": "a", "until_step": 0}, {"name": "b"}], r"must be a positive integer"),
+    ("uniform", [{"name": "a", "until_step": 9}, {"name": "b", "until_step": 4}, {"name": "c"}],
+     r"until_step must increase"),
+    ("uniform", [{"name": "a", "until_step": 4}, {"name": "a"}], r"stage names repeat"),
+    ("uniform", [{"name": "a", "quality_temperature": -1.0}], r"quality_temperature"),
+    (None, [{"name": "a"}], r"QualityCurriculum\(policy\) must be a MixturePolicy"),
+])
+def test_malformed_curriculum_stages_are_refused_naming_the_stage(policy, stages, match):
+    inner = StaticMixture(policy) if policy else {"weights": "uniform"}
+    with pytest.raises(ValueError, match=match):
+        QualityCurriculum(inner, stages)
+
+
+def test_a_curriculum_stage_without_a_temperature_keeps_the_one_in_force():
+    curriculum = QualityCurriculum(StaticMixture("uniform"), [
+        {"name": "sharp", "until_step": 4, "quality_temperature": 0.5}, {"name": "later"}])
+    curriculum.setup(["a", "b"])
+    current = {"a": 0.5, "b": 0.5}
+    curriculum.propose(TrainingState(step=0), current)
+    assert (curriculum.stage, curriculum.quality_temperature) == ("sharp", 0.5)
+    curriculum.propose(TrainingState(step=4), current)
+    # no opinion (None), so the engine leaves the mixture's temperature, 0.5, in force
+    assert (curriculum.stage, curriculum.quality_temperature) == ("later", None)
 
 
 def test_staged_stages_without_names_are_numbered():

@@ -24,6 +24,77 @@ def stage_temperature(tau: Any, where: str) -> Any:
     return tau
 
 
+def checked_stages(owner: str, stages: Any, *, weights: bool,
+                   ends: tuple[str, ...] = ("until_tokens", "until_step")
+                   ) -> list[dict[str, Any]]:
+    """A list of stages, each a mapping of ``name``, ``weights`` (when ``weights``), one of
+    ``ends`` (only the last may leave it out) and an optional ``quality_temperature``; names
+    distinct, ends increasing. Errors name ``owner`` and the stage."""
+    if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
+        raise ValueError(f"{owner}(stages) must be a list of stages, got {stages!r}")
+    if not stages:
+        raise ValueError(f"{owner}(stages) needs at least one stage")
+    checked = [_checked_stage(f"{owner}(stages[{i}])", i, stage, i == len(stages) - 1,
+                              weights, ends) for i, stage in enumerate(stages)]
+    names = [s["name"] for s in checked]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{owner}(stages): stage names repeat: {names}")
+    for kind in ends:
+        found = [s[kind] for s in checked if s.get(kind) is not None]
+        if found != sorted(found) or len(set(found)) != len(found):
+            raise ValueError(f"{owner}(stages): {kind} must increase from stage to stage, got "
+                             f"{found}")
+    return checked
+
+
+def _checked_stage(where: str, index: int, stage: Any, last: bool, weights: bool,
+                   ends: tuple[str, ...]) -> dict[str, Any]:
+    keys = ["name", *(["weights"] if weights else []), *ends, "quality_temperature"]
+    if not isinstance(stage, Mapping):
+        raise ValueError(f"{where} must be a mapping with name, {'weights and ' if weights else ''}"
+                         f"{' or '.join(ends)}, got {stage!r}")
+    unknown = set(stage) - set(keys)
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use {', '.join(keys)}")
+    if weights and "weights" not in stage:
+        raise ValueError(f"{where} has no weights")
+    if weights:
+        check_weight_spec(stage["weights"], f"{where}.weights")
+    given = [k for k in ends if stage.get(k) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{where} gives both {' and '.join(given)}; give one")
+    if not given and not last:
+        raise ValueError(f"{where} needs {' or '.join(ends)} (only the last stage may run to "
+                         "the end)")
+    for key in given:
+        if not isinstance(stage[key], int) or isinstance(stage[key], bool) or stage[key] <= 0:
+            raise ValueError(f"{where}.{key} must be a positive integer, got {stage[key]!r}")
+    found: dict[str, Any] = {"name": str(stage.get("name", f"stage{index}")),
+                             **{k: int(stage[k]) for k in given}}
+    if weights:
+        found["weights"] = (dict(stage["weights"]) if isinstance(stage["weights"], Mapping)
+                            else stage["weights"])
+    if "quality_temperature" in stage:
+        found["quality_temperature"] = stage_temperature(stage["quality_temperature"], where)
+    return found
+
+
+def stage_reached(stages: Sequence[Mapping[str, Any]], index: int, state: TrainingState) -> int:
+    """The index of the stage in force for ``state``, from stage ``index`` on (stages end at a
+    token count or a step; the last never does)."""
+    while index < len(stages) - 1 and _ended(stages[index], state):
+        index += 1
+    return index
+
+
+def _ended(stage: Mapping[str, Any], state: TrainingState) -> bool:
+    if stage.get("until_tokens") is not None:
+        return state.tokens >= stage["until_tokens"]
+    if stage.get("until_step") is not None:
+        return state.step >= stage["until_step"]
+    return False
+
+
 class StaticMixture(MixturePolicy):
     """Fixed weights: the baseline.
 
@@ -77,55 +148,9 @@ class StagedMixture(MixturePolicy):
     def __init__(self, stages: Sequence[Mapping[str, Any]], update_every: int = 1,
                  min_weight: Bound = 0.0, max_weight: Bound = 1.0) -> None:
         super().__init__(update_every, min_weight, max_weight)
-        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
-            raise ValueError(f"StagedMixture(stages) must be a list of stages, got {stages!r}")
-        if not stages:
-            raise ValueError("StagedMixture(stages) needs at least one stage")
-        self.stages = [self._checked(i, stage, last=i == len(stages) - 1)
-                       for i, stage in enumerate(stages)]
-        names = [s["name"] for s in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"StagedMixture(stages): stage names repeat: {names}")
-        for kind in ("until_tokens", "until_step"):
-            ends = [s[kind] for s in self.stages if s.get(kind) is not None]
-            if ends != sorted(ends) or len(set(ends)) != len(ends):
-                raise ValueError(f"StagedMixture(stages): {kind} must increase from stage to "
-                                 f"stage, got {ends}")
+        self.stages = checked_stages("StagedMixture", stages, weights=True)
         self.index = 0
         self.switches: list[dict[str, Any]] = []  # {stage, step, tokens}, one per stage entered
-
-    @staticmethod
-    def _checked(index: int, stage: Mapping[str, Any], last: bool) -> dict[str, Any]:
-        where = f"StagedMixture(stages[{index}])"
-        if not isinstance(stage, Mapping):
-            raise ValueError(f"{where} must be a mapping with name, weights and until_tokens "
-                             f"or until_step, got {stage!r}")
-        unknown = set(stage) - {"name", "weights", "until_tokens", "until_step",
-                                "quality_temperature"}
-        if unknown:
-            raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use name, "
-                             "weights, until_tokens, until_step, quality_temperature")
-        if "weights" not in stage:
-            raise ValueError(f"{where} has no weights")
-        check_weight_spec(stage["weights"], f"{where}.weights")
-        ends = [k for k in ("until_tokens", "until_step") if stage.get(k) is not None]
-        if len(ends) > 1:
-            raise ValueError(f"{where} gives both until_tokens and until_step; give one")
-        if not ends and not last:
-            raise ValueError(f"{where} needs until_tokens or until_step (only the last stage "
-                             "may run to the end)")
-        for key in ends:
-            if not isinstance(stage[key], int) or isinstance(stage[key], bool) or stage[key] <= 0:
-                raise ValueError(f"{where}.{key} must be a positive integer, got "
-                                 f"{stage[key]!r}")
-        weights = stage["weights"]
-        found = {"name": str(stage.get("name", f"stage{index}")),
-                 "weights": dict(weights) if isinstance(weights, Mapping) else weights,
-                 **{k: int(stage[k]) for k in ends}}
-        if "quality_temperature" in stage:
-            found["quality_temperature"] = stage_temperature(stage["quality_temperature"],
-                                                             where)
-        return found
 
     @property
     def stage(self) -> str:
@@ -147,18 +172,7 @@ class StagedMixture(MixturePolicy):
 
     def stage_at(self, state: TrainingState) -> int:
         """The index of the stage in force for ``state`` (never before the current one)."""
-        index = self.index
-        while index < len(self.stages) - 1 and self._ended(self.stages[index], state):
-            index += 1
-        return index
-
-    @staticmethod
-    def _ended(stage: Mapping[str, Any], state: TrainingState) -> bool:
-        if stage.get("until_tokens") is not None:
-            return state.tokens >= stage["until_tokens"]
-        if stage.get("until_step") is not None:
-            return state.step >= stage["until_step"]
-        return False
+        return stage_reached(self.stages, self.index, state)
 
     def _propose(self, state: TrainingState, current: dict[str, float]
                  ) -> dict[str, float] | None:
@@ -194,8 +208,9 @@ class QualityCurriculum(MixturePolicy):
         stages: ``[{name, until_step, quality_temperature}, ...]`` in order, each in force
             until ``state.step >= until_step`` (the last may leave it out and runs to the
             end); ``quality_temperature`` as in :class:`StagedMixture` (null: no
-            reweighting). The switch is applied at the first optimizer step at or past the
-            stage's end.
+            reweighting; left out: the one in force stays). The stages are checked as
+            :class:`StagedMixture`'s are. The switch is applied at the first optimizer step at
+            or past the stage's end.
     """
 
     def __init__(self, policy: MixturePolicy, stages: Sequence[Mapping[str, Any]]) -> None:
@@ -203,31 +218,9 @@ class QualityCurriculum(MixturePolicy):
             raise ValueError(f"QualityCurriculum(policy) must be a MixturePolicy, got "
                              f"{policy!r}")
         super().__init__(policy.update_every, policy.min_weight, policy.max_weight)
-        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence) or (
-                not stages):
-            raise ValueError(f"QualityCurriculum(stages) must be a non-empty list of stages, "
-                             f"got {stages!r}")
         self.policy = policy
-        self.stages = []
-        for i, stage in enumerate(stages):
-            where = f"QualityCurriculum(stages[{i}])"
-            if not isinstance(stage, Mapping) or set(stage) - {"name", "until_step",
-                                                               "quality_temperature"}:
-                raise ValueError(f"{where} must be a mapping of name, until_step and "
-                                 f"quality_temperature, got {stage!r}")
-            end = stage.get("until_step")
-            bad_end = end is not None and (not isinstance(end, int) or isinstance(end, bool)
-                                           or end <= 0)
-            if bad_end or (end is None and i < len(stages) - 1):
-                raise ValueError(f"{where}.until_step must be a positive integer (only the "
-                                 f"last stage may leave it out), got {end!r}")
-            self.stages.append({"name": str(stage.get("name", f"stage{i}")), "until_step": end,
-                                "quality_temperature": stage_temperature(
-                                    stage.get("quality_temperature"), where)})
-        ends = [s["until_step"] for s in self.stages if s["until_step"] is not None]
-        if ends != sorted(set(ends)):
-            raise ValueError(f"QualityCurriculum(stages): until_step must increase from stage "
-                             f"to stage, got {ends}")
+        self.stages = checked_stages("QualityCurriculum", stages, weights=False,
+                                     ends=("until_step",))
         self.index = 0
         self.switches: list[dict[str, Any]] = []  # {stage, step}, one per stage entered
         self._started = False
@@ -242,27 +235,25 @@ class QualityCurriculum(MixturePolicy):
 
     @property
     def quality_temperature(self) -> float | Mapping[str, float | None] | None:
-        return self.stages[self.index]["quality_temperature"]
+        return self.stages[self.index].get("quality_temperature")
 
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
               **context: Any) -> None:
         super().setup(domains, natural, **context)
         self.policy.setup(domains, natural, **context)
         for i, stage in enumerate(self.stages):
-            if isinstance(stage["quality_temperature"], Mapping):
+            if isinstance(stage.get("quality_temperature"), Mapping):
                 temperatures(stage["quality_temperature"], self.domains,
                              f"QualityCurriculum(stages[{i}].quality_temperature)")
         self._started = False  # the engine asks once when training starts
 
     def due(self, step: int) -> bool:
         return self.policy.due(step) or any(
-            s["until_step"] == step for s in self.stages[self.index:])
+            s.get("until_step") == step for s in self.stages[self.index:])
 
     def propose(self, state: TrainingState, current: Mapping[str, float]
                 ) -> dict[str, float] | None:
-        index = self.index
-        while index < len(self.stages) - 1 and state.step >= self.stages[index]["until_step"]:
-            index += 1
+        index = stage_reached(self.stages, self.index, state)
         if index != self.index or not self.switches:
             self.index = index
             self.switches.append({"stage": self.stage, "step": state.step})
@@ -271,7 +262,7 @@ class QualityCurriculum(MixturePolicy):
         return self.policy.propose(state, current) if ask else None
 
     def _propose(self, state: TrainingState, current: dict[str, float]
-                 ) -> dict[str, float] | None:
+                 ) -> dict[str, float] | None:  # unused: propose asks the wrapped policy
         return self.policy.propose(state, current)
 
     def config(self) -> dict[str, Any]:
@@ -288,4 +279,5 @@ class QualityCurriculum(MixturePolicy):
         self.policy.load_state_dict(state["policy"])
 
 
-__all__ = ["QualityCurriculum", "StagedMixture", "StaticMixture"]
+__all__ = ["QualityCurriculum", "StagedMixture", "StaticMixture", "checked_stages",
+           "stage_reached"]
