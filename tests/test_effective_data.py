@@ -427,13 +427,13 @@ def test_a_domain_behind_its_plan_draws_at_most_max_swing_times_its_average_shar
 
 
 def test_a_domain_held_at_max_weight_zero_is_left_out_of_the_plan():
-    """A held-out-only domain (read for reports, never trained on) gets weight 0, and its
-    unique tokens and falling dev loss change nothing of the other domains' plan."""
+    """A held-out-only domain (read for reports, never trained on) gets weight 0, needs no
+    unique-token count, and its falling dev loss changes nothing of the other domains' plan."""
     budget = int(0.2 * sum(UNIQUE.values()))
     alone = EffectiveDataMixture()
     alone.setup(DOMAINS, unique_tokens=UNIQUE, budget_tokens=budget)
     held = EffectiveDataMixture(max_weight={"clean": 0.0})
-    held.setup([*DOMAINS, "clean"], unique_tokens=UNIQUE | {"clean": 50_000},
+    held.setup([*DOMAINS, "clean"], unique_tokens=UNIQUE,  # none needed for a held domain
                budget_tokens=budget)
     curves = power_law({"small": 2.0, "mid": 6.0, "large": 2.0})
     weights = alone.propose(TrainingState(), dict.fromkeys(DOMAINS, 1 / 3))

@@ -244,7 +244,6 @@ class EffectiveDataMixture(MixturePolicy):
         self.max_swing = float(max_swing)
         self.max_epochs = None if max_epochs is None else float(max_epochs)
         self.unique: dict[str, float] | None = None
-        self.planned: list[str] | None = None  # the domains the plan shares the budget over
         self.budget: float | None = None
         self.records: list[dict[str, Any]] = []  # the dev evaluations in the window
         self.scale: dict[str, float] | None = None  # the measured A_i (None: equal)
@@ -258,12 +257,12 @@ class EffectiveDataMixture(MixturePolicy):
         name = type(self).__name__
         unique = self.unique_tokens or {}
         high = per_domain_bounds(self.max_weight, self.domains, 1.0, "max_weight")
-        self.planned = [d for d, h in zip(self.domains, high) if h > 0]
-        missing = [d for d in self.planned if not unique.get(d, 0) > 0]
+        planned = [d for d, h in zip(self.domains, high) if h > 0]
+        missing = [d for d in planned if not unique.get(d, 0) > 0]
         if missing:
             raise ValueError(f"{name} needs every domain's unique training tokens (the "
                              f"mixture's unique_tokens); unknown or zero for {missing}")
-        self.unique = {d: float(unique[d]) for d in self.planned}
+        self.unique = {d: float(unique[d]) for d in planned}
         self.budget = float(self.budget_tokens or self.budget_tokens_hint or 0) or None
         if self.budget is None:
             raise ValueError(f"{name} needs the run's token budget: set trainer.max_steps "
@@ -271,6 +270,12 @@ class EffectiveDataMixture(MixturePolicy):
                              f"{name}(budget_tokens=...)")
         if changed:  # another domain list on resume: the window's evaluations no longer fit
             self.records, self.scale, self.last = [], None, None
+
+    @property
+    def planned(self) -> list[str]:
+        """The domains the plan shares the budget over: those that may take weight (a
+        ``max_weight`` above 0); empty before ``setup``."""
+        return list(self.unique or ())
 
     # -- the rule ----------------------------------------------------------------------------
     def _propose(self, state: TrainingState, current: dict[str, float]
