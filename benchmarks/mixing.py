@@ -541,6 +541,17 @@ def best_fixed(summaries: Sequence[dict[str, Any]]) -> tuple[str | None, dict[in
     return best, {s["seed"]: s for s in finished if s["policy"] == best}
 
 
+def paired(runs: Sequence[dict[str, Any]], policy: str
+           ) -> tuple[str | None, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """The best fixed mixture of the finished ``runs``, and each finished run of ``policy``
+    (by seed) with its comparison to the best fixed run of the same seed."""
+    done = [s for s in runs if s["done"]]
+    best, baseline = best_fixed(done)
+    return best, [(s, compare(s, baseline[s["seed"]]))
+                  for s in sorted(done, key=lambda s: s["seed"])
+                  if s["policy"] == policy and s["seed"] in baseline]
+
+
 def compare(summary: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """One run against the best fixed run of its seed: the paired final difference, the
     tokens to reach its final loss, and the regret (difference at equal tokens) at every
@@ -577,7 +588,7 @@ def table(summaries: list[dict[str, Any]], header: str = "") -> str:
     """One setting's markdown tables: per policy over its finished seeds, then the regret
     against the best fixed mixture at fractions of the run, then the verdict on the goal."""
     runs = [s for s in summaries if s["done"]]
-    best, baseline = best_fixed(runs)
+    best, _ = best_fixed(runs)
     parts = {s["part"] for s in runs}
     lines = [header] if header else []
     lines += [f"Best fixed mixture: {best or '-'} (lowest mean final domain average); losses "
@@ -598,7 +609,7 @@ def table(summaries: list[dict[str, Any]], header: str = "") -> str:
                "|---|" + "---:|" * len(REGRET_AT)]
     for policy in sorted(by_policy, key=order.index):
         mine = sorted(by_policy[policy], key=lambda s: s["seed"])
-        pairs = [(s, compare(s, baseline[s["seed"]])) for s in mine if s["seed"] in baseline]
+        _, pairs = paired(runs, policy)
         deltas = [c["delta"] for _, c in pairs]
         savings = [c["saving"] for _, c in pairs]
         reached = [v for v in savings if v is not None]
@@ -631,10 +642,8 @@ def table(summaries: list[dict[str, Any]], header: str = "") -> str:
 def verdict(summaries: list[dict[str, Any]], policy: str) -> str:
     """Issue 25's goal for ``policy`` in one setting: paired mean ≤ 0, no seed worse by more
     than 0.01, the worst domain no worse on average; and the aim, 25% fewer tokens."""
-    runs = [s for s in summaries if s["done"]]
-    best, baseline = best_fixed(runs)
-    pairs = [compare(s, baseline[s["seed"]]) for s in runs
-             if s["policy"] == policy and s["seed"] in baseline]
+    best, both = paired(summaries, policy)
+    pairs = [c for _, c in both]
     if not pairs or best is None:
         return f"{policy}: no paired seeds with a best fixed mixture yet"
     mean = statistics.fmean(c["delta"] for c in pairs)
@@ -656,13 +665,8 @@ def gaps(everything: dict[str, list[dict[str, Any]]]) -> str:
     cells: dict[str, dict[str, str]] = {}
     worst: dict[str, list[float]] = {}
     for name, summaries in everything.items():
-        runs = [s for s in summaries if s["done"]]
-        best, baseline = best_fixed(runs)
-        if best is None:
-            continue
-        for policy in {s["policy"] for s in runs}:
-            deltas = [compare(s, baseline[s["seed"]])["delta"] for s in runs
-                      if s["policy"] == policy and s["seed"] in baseline]
+        for policy in {s["policy"] for s in summaries if s["done"]}:
+            deltas = [c["delta"] for _, c in paired(summaries, policy)[1]]
             if deltas:
                 mean = statistics.fmean(deltas)
                 cells.setdefault(policy, {})[name] = f"{mean:+.3f} ({len(deltas)})"
