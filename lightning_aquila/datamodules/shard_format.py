@@ -41,6 +41,8 @@ from typing import Any
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
+from lightning_aquila.object_store import is_remote
+
 FORMAT_NAME = "lightning-aquila-shards"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "lightning_aquila"
@@ -79,7 +81,7 @@ def zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] 
     (atomic writes by rename, which the commit relies on); anything else (``memory://``,
     ``s3://``, ``gs://``, ...) goes through fsspec."""
     url = str(url)
-    if "://" not in url or url.startswith("file://"):
+    if not is_remote(url):
         return LocalStore(url.removeprefix("file://"), read_only=read_only)
     return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
                                 read_only=read_only)
