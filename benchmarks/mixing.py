@@ -26,6 +26,8 @@ Usage::
         --wave "natural uniform temperature unimax effective-data:1,2,3" \\
         --wave "effective-data @best-fixed:4,5"
     python benchmarks/mixing.py table --out runs/mixing     # what the table says now
+    python benchmarks/mixing.py table --out runs/mixing --earlier OLD.json  # with an earlier
+                                          # sitting's raw rows (--json) for runs not redone
     python benchmarks/mixing.py run --toy --settings toy=STORE:1 --wave "uniform:1" \\
         --gpus cpu --out DIR                  # the CI test: tiny model, bundled corpus, CPU
 
@@ -768,17 +770,47 @@ def gather(out: Path, setting: str) -> list[dict[str, Any]]:
     return found
 
 
-def report(out: Path, settings: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+def with_earlier(found: list[dict[str, Any]], earlier: Sequence[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """A setting's runs found under ``--out`` and those of earlier sittings (their ``--json``
+    rows) that were not run again: the run folders of a sitting on a lent GPU machine are
+    gone with the machine, its raw rows are not."""
+    have = {(s["policy"], s["seed"]) for s in found}
+    return found + [s for s in earlier if (s["policy"], s["seed"]) not in have]
+
+
+def load_earlier(paths: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """The summaries of earlier ``--json`` files by setting; a later file wins a repeated run."""
+    merged: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    for path in paths:
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise SystemExit(
+                f"--earlier {path}: not a --json file of this script ({error})") from None
+        for setting, summaries in rows.items():
+            for s in summaries:
+                merged.setdefault(setting, {})[(s["policy"], s["seed"])] = s
+    return {setting: list(runs.values()) for setting, runs in merged.items()}
+
+
+def report(out: Path, settings: Sequence[str],
+           earlier: dict[str, list[dict[str, Any]]] | None = None
+           ) -> dict[str, list[dict[str, Any]]]:
     """Print every setting's tables; returns the summaries by setting."""
     everything = {}
     for name in settings:
-        summaries = gather(out, name)
+        summaries = with_earlier(gather(out, name), (earlier or {}).get(name, []))
         everything[name] = summaries
         saved = out / name / "setting.json"
         about = json.loads(saved.read_text()) if saved.is_file() else {}
-        header = (f"### {name}: {about.get('store', '?')}, {about.get('epochs', '?')} epochs = "
-                  f"{about.get('max_steps', 0) * about.get('tokens_per_step', 0) / 1e6:.1f}M "
-                  f"tokens ({about.get('max_steps', '?')} steps)")
+        if about:
+            header = (f"### {name}: {about['store']}, {about['epochs']} epochs = "
+                      f"{about['max_steps'] * about['tokens_per_step'] / 1e6:.1f}M "
+                      f"tokens ({about['max_steps']} steps)")
+        else:
+            tokens = max((s["tokens"] for s in summaries), default=0.0)
+            header = f"### {name}: {tokens / 1e6:.1f}M tokens (runs of earlier sittings)"
         if not summaries:
             print(f"{header}\n\nno runs with a held-out evaluation yet\n", flush=True)
             continue
@@ -795,11 +827,11 @@ def report(out: Path, settings: Sequence[str]) -> dict[str, list[dict[str, Any]]
     return everything
 
 
-def table_settings(out: Path, texts: Sequence[str]) -> list[str]:
+def table_settings(out: Path, texts: Sequence[str], earlier: Sequence[str] = ()) -> list[str]:
     """The settings ``table`` reports: those named (``NAME`` or ``NAME=...``), else every one
-    found under ``out``."""
+    found under ``out`` or in the earlier sittings' rows."""
     return [t.partition("=")[0] for t in texts] or sorted(
-        p.parent.name for p in out.glob("*/setting.json"))
+        {p.parent.name for p in out.glob("*/setting.json")} | set(earlier))
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -837,11 +869,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wait-for-stores", action="store_true",
                         help="a setting's runs start once <store>.ready exists (for corpora "
                              "prepared while the first runs train)")
+    parser.add_argument("--earlier", type=Path, action="append", default=[],
+                        metavar="JSON",
+                        help="also report the runs of an earlier sitting's --json file that "
+                             "are not under --out (repeatable; a later file wins)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write every summary (curves included) to this file")
     parser.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                         help="everything after this goes to every `fit`")
     args = parser.parse_args(argv)
+    earlier = load_earlier(args.earlier)
     if args.command == "run":
         settings = [Setting.parse(t) for t in args.settings]
         if not settings or not args.wave:
@@ -862,8 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"not run: {', '.join(f'{r.setting}/{r.name}' for r in left)}", flush=True)
         names = [s.name for s in settings]
     else:
-        names = table_settings(args.out, args.settings)
-    everything = report(args.out, names)
+        names = table_settings(args.out, args.settings, list(earlier))
+    everything = report(args.out, names, earlier)
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1), encoding="utf-8")
     return 0 if any(everything.values()) else 1

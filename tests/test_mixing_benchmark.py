@@ -166,6 +166,28 @@ def test_the_gaps_table_puts_each_setting_s_paired_gap_side_by_side_with_the_wor
     assert "| doremi | not run | -0.100 (1) | -0.100 |" in text
 
 
+def test_the_table_joins_an_earlier_sitting_s_rows_and_a_run_done_again_replaces_its_row(
+        tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"s": [
+        summary("uniform", 1, 3.0, 3.5, [(200, 3.0)]),
+        summary("effective-data", 1, 3.5, 3.9, [(200, 3.5)]),  # replaced by newer.json
+    ]}))
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"s": [summary("effective-data", 1, 3.02, 3.4, [(200, 3.02)])],
+                                 "t": [summary("natural", 2, 4.0, 4.5, [(300, 4.0)])]}))
+    code = mixing.main(["table", "--out", str(tmp_path / "none"),
+                        "--earlier", str(old), "--earlier", str(newer)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "### s: 0.0M tokens (runs of earlier sittings)" in printed and "### t:" in printed
+    assert "| effective-data | 1 | 3.020 | +0.020 (+0.020) |" in printed
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    with pytest.raises(SystemExit, match=r"--earlier .*bad\.json: not a --json file"):
+        mixing.main(["table", "--out", str(tmp_path / "none"), "--earlier", str(bad)])
+
+
 def test_a_run_stopped_between_sittings_resumes_from_its_last_checkpoint(store, tmp_path):
     """--checkpoint-every: a run cut short (here by a smaller max_steps, as a deadline would)
     is resumed by the next sitting from last.ckpt, not restarted, and counted once."""
