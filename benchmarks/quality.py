@@ -38,7 +38,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,35 +133,48 @@ def is_joint(setting: dict[str, Any]) -> bool:
 
 
 def summarise_joint(run: Any) -> dict[str, Any] | None:
-    """The run's final clean test loss per domain clean_D, their plain average (every domain
-    alike) and worst, the average's curve, and the share of training tokens of each pool."""
+    """The clean test loss per domain clean_D at the run's last evaluation of all of them,
+    their plain average (every domain alike) and worst, the average's curve, and the share of
+    training tokens of each pool."""
     from lightning_aquila.tracking.compare import held_out_curves
     from lightning_aquila.tracking.run_record import load_run
 
     if not run.metrics.is_file():
         return None
-    curves = held_out_curves(load_run(run.dir), "test")
+    record = load_run(run.dir)
+    curves = held_out_curves(record, "test")
     cleans = sorted(d for d in curves if d.startswith("clean_"))
     if not cleans or not all(curves[d] for d in cleans):
         return None
-    steps = min(len(curves[d]) for d in cleans)
-    curve = [(curves[cleans[0]][i][0], statistics.fmean(curves[d][i][1] for d in cleans))
-             for i in range(steps)]
-    final = {d: curves[d][-1][1] for d in cleans}
-    return {"policy": run.policy, "seed": run.seed, "done": run.done, "tokens": curve[-1][0],
+    curve = domain_average(curves, cleans)
+    tokens = curve[-1][0]
+    final = {d: dict(curves[d])[tokens] for d in cleans}
+    return {"policy": run.policy, "seed": run.seed, "done": run.done, "tokens": tokens,
             "clean": curve[-1][1], "worst": max(final.values()),
             "worst_domain": max(final, key=final.get), "per_domain": final, "curve": curve,
-            "pool_shares": pool_shares(run)}
+            "pool_shares": pool_shares(record)}
 
 
-def pool_shares(run: Any) -> dict[str, float]:
-    """Each pool's share of the training tokens at the end (the monitor's count)."""
-    last: dict[str, float] = {}
-    for line in run.metrics.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        for key, value in row.items():
-            if key.startswith("tsm/tokens/web"):
-                last[key.rsplit("/", 1)[-1]] = float(value)
+def domain_average(curves: Mapping[str, Sequence[tuple[float, float]]],
+                   domains: Sequence[str]) -> list[tuple[float, float]]:
+    """The plain mean of the ``(tokens, loss)`` curves of ``domains`` at each token count where
+    every one of them has a point. A domain's curve has a gap where its loss was not finite,
+    so curves can differ in length and in their token counts: their n-th points need not be
+    the same evaluation. Refuses curves that share no token count."""
+    points = [dict(curves[d]) for d in domains]
+    shared = sorted(set(points[0]).intersection(*points[1:]))
+    if not shared:
+        raise ValueError(f"the clean test curves of {list(domains)} share no token count "
+                         "(no evaluation measured every domain), so they have no average: "
+                         + "; ".join(f"{d} at {sorted(p)}" for d, p in zip(domains, points)))
+    return [(tokens, statistics.fmean(p[tokens] for p in points)) for tokens in shared]
+
+
+def pool_shares(record: Any) -> dict[str, float]:
+    """Each pool's share of the training tokens at the end (the monitor's count), from the
+    run's record as ``load_run`` read it."""
+    last = {d: record.last(f"tsm/tokens/{d}") for d in record.names("tsm/tokens/")
+            if d.startswith(POOL)}
     total = sum(last.values())
     return {d: n / total for d, n in sorted(last.items())} if total else {}
 
@@ -169,26 +182,22 @@ def pool_shares(run: Any) -> dict[str, float]:
 def joint_table(summaries: list[dict[str, Any]]) -> str:
     """The markdown table of quality and mixture together: per cell over its finished seeds,
     paired with the fixed mixture and uniform documents."""
-    runs = [s for s in summaries if s["done"]]
-    base = {s["seed"]: s for s in runs if s["policy"] == JOINT[0]}
     cells = {JOINT[0]: "temperature:2 × uniform", JOINT[1]: "temperature:2 × curriculum",
              JOINT[2]: "effective-data × uniform", JOINT[3]: "effective-data × curriculum"}
-    pools = sorted({d for s in runs for d in s["pool_shares"]})
-    lines = ["| mixture × documents | seeds | clean domain average | paired Δ vs "
-             "temperature:2 × uniform (per seed) | tokens to its final: saving (per seed) | "
-             f"worst domain | token shares ({' / '.join(pools)}) |",
-             "|---|---|---:|---|---|---:|---|"]
-    for policy in [p for p in JOINT if any(s["policy"] == p for s in runs)]:
-        mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
-        pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
-        delta, saving = paired_cells(pairs, policy == JOINT[0])
+    pools = sorted({d for s in summaries if s["done"] for d in s["pool_shares"]})
+
+    def more(mine: list[dict[str, Any]]) -> list[str]:
         worst = sorted({s["worst_domain"] for s in mine})
         shares = " / ".join(_mean([s["pool_shares"].get(d, 0.0) for s in mine], percent=True)
                             for d in pools)
-        lines.append(f"| {cells[policy]} | {','.join(str(s['seed']) for s in mine)} | "
-                     f"{_mean([s['clean'] for s in mine])} | {delta} | {saving} | "
-                     f"{_mean([s['worst'] for s in mine])} ({', '.join(worst)}) | {shares} |")
-    return "\n".join(lines)
+        return [f"{_mean([s['worst'] for s in mine])} ({', '.join(worst)})", shares]
+
+    return "\n".join([
+        "| mixture × documents | seeds | clean domain average | paired Δ vs "
+        "temperature:2 × uniform (per seed) | tokens to its final: saving (per seed) | "
+        f"worst domain | token shares ({' / '.join(pools)}) |",
+        "|---|---|---:|---|---|---:|---|",
+        *policy_rows(summaries, JOINT, JOINT[0], more, cells)])
 
 
 def gather(out: Path, name: str, overlay: Path | None) -> list[dict[str, Any]]:
@@ -235,26 +244,40 @@ def _mean(values: Sequence[float], digits: int = 3, percent: bool = False) -> st
     return form(mean) + spread
 
 
-def table(summaries: list[dict[str, Any]]) -> str:
-    """The markdown table: per policy over its finished seeds, paired with uniform."""
+def policy_rows(summaries: list[dict[str, Any]], policies: Sequence[str], baseline: str,
+                more: Callable[[list[dict[str, Any]]], list[str]],
+                names: Mapping[str, str] | None = None) -> list[str]:
+    """The rows both tables share, one per policy of ``policies`` with finished runs, in
+    that order: its name (``names`` may rename it), seeds, mean clean loss, and the paired
+    difference and saving against ``baseline``'s run of the same seed; then the cells
+    ``more`` makes of its finished runs (sorted by seed)."""
     runs = [s for s in summaries if s["done"]]
-    base = {s["seed"]: s for s in runs if s["policy"] == BASELINE}
-    lines = ["| policy | seeds | clean test loss | paired Δ vs uniform (per seed) | tokens to "
-             "uniform's final: saving (per seed) | pool docs seen | clean docs seen | junk "
-             "share of tokens | pool loss (junk incl.) |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|"]
-    for policy in [p for p in POLICIES if any(s["policy"] == p for s in runs)]:
+    base = {s["seed"]: s for s in runs if s["policy"] == baseline}
+    rows = []
+    for policy in [p for p in policies if any(s["policy"] == p for s in runs)]:
         mine = sorted((s for s in runs if s["policy"] == policy), key=lambda s: s["seed"])
         pairs = [compare(s, base[s["seed"]]) for s in mine if s["seed"] in base]
-        delta, saving = paired_cells(pairs, policy == BASELINE)
-        lines.append(
-            f"| {policy} | {','.join(str(s['seed']) for s in mine)} | "
-            f"{_mean([s['clean'] for s in mine])} | {delta} | {saving} | "
-            f"{_mean([s['documents_seen'] for s in mine if 'documents_seen' in s], percent=True)}"
-            f" | {_mean([s['clean_documents_seen'] for s in mine if 'documents_seen' in s], percent=True)}"  # noqa: E501
-            f" | {_mean([s['junk_token_share'] for s in mine if 'documents_seen' in s], percent=True)}"  # noqa: E501
-            f" | {_mean([s['pool'] for s in mine])} |")
-    return "\n".join(lines)
+        delta, saving = paired_cells(pairs, policy == baseline)
+        cells = [(names or {}).get(policy, policy), ",".join(str(s["seed"]) for s in mine),
+                 _mean([s["clean"] for s in mine]), delta, saving, *more(mine)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    """The markdown table: per policy over its finished seeds, paired with uniform."""
+    def more(mine: list[dict[str, Any]]) -> list[str]:
+        replayed = [s for s in mine if "documents_seen" in s]  # the diversity replay's figures
+        return [*(_mean([s[key] for s in replayed], percent=True) for key in
+                  ("documents_seen", "clean_documents_seen", "junk_token_share")),
+                _mean([s["pool"] for s in mine])]
+
+    return "\n".join([
+        "| policy | seeds | clean test loss | paired Δ vs uniform (per seed) | tokens to "
+        "uniform's final: saving (per seed) | pool docs seen | clean docs seen | junk "
+        "share of tokens | pool loss (junk incl.) |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
+        *policy_rows(summaries, POLICIES, BASELINE, more)])
 
 
 def verdict(summaries: list[dict[str, Any]]) -> str:

@@ -122,3 +122,28 @@ def test_a_resume_replays_the_temperature_change_exactly(store, tmp_path, policy
     assert dm.mixture.weights == whole_dm.mixture.weights
     assert [c["step"] for c in ate.changes if "quality_temperature" in c] == [SWITCH]
     assert dm.mixture.quality_temperature == {"a": 0.05, "b": None}
+
+
+def curriculum_on_update_steps() -> QualityCurriculum:
+    """The stages of ``curriculum`` on a bandit due every 2 steps: the switch is an update."""
+    return QualityCurriculum(BanditMixture(update_every=2), [
+        {"name": "broad", "until_step": SWITCH, "quality_temperature": None},
+        {"name": "sharp", "quality_temperature": {"a": 0.05}},
+    ])
+
+
+@pytest.mark.parametrize(("make", "weight_changes"), [(staged, 0),
+                                                       (curriculum_on_update_steps, 1)],
+                         ids=["same-weights", "update-step"])
+def test_a_stage_change_writes_the_weights_at_most_once_and_the_temperature_once(
+        store, tmp_path, make, weight_changes):
+    """At the switch: the staged mixture's weights are those in force (nothing to write), the
+    curriculum's bandit is due (one write); the temperature is written once either way."""
+    _, _, dm = fit(tmp_path, store, STEPS, policy=make)
+    assert len([c for c in dm.mixture.history if c.step == SWITCH]) == weight_changes
+    assert len([t for t in dm.mixture.temperatures if t.step == SWITCH]) == 1
+    events = [json.loads(line) for line in (tmp_path / "tsm" / "events.jsonl").read_text()
+              .splitlines()]
+    assert [e["kind"] for e in events if e["step"] == SWITCH and e["kind"] in (
+        "mixture", "quality_temperature")] == ["mixture"] * weight_changes + [
+            "quality_temperature"]

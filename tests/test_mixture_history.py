@@ -1,15 +1,18 @@
-"""``DomainMixture`` on its own, without a sampler: what each change records, the defaults
-before a sampler binds it, and how a checkpoint's history is taken over on resume (older
-checkpoints, added domains, the quality temperature switched on or changed)."""
+"""``DomainMixture`` on its own: what each change records, the defaults before a sampler
+binds it, and how a checkpoint's history is taken over on resume (older checkpoints, added
+domains, the quality temperature switched on or changed); a sampler only where a resume must
+give the same sequence."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from lightning_aquila.datamodules.mixture import DomainMixture
+from lightning_aquila.datamodules.sampler import MixtureSampler
 
 
 def test_weights_must_sum_to_one_unless_normalize_is_asked():
@@ -59,9 +62,34 @@ def test_a_temperature_change_records_its_batch_reason_step_and_extra():
                               "extra": {"source": "engine"}}
 
 
-def test_a_mixture_without_scores_saves_no_temperature_history():
-    assert set(DomainMixture(["a"], {"a": 1.0}).state_dict()) == {
-        "domains", "configured", "history", "skips"}
+def _sampler(mixture: DomainMixture) -> MixtureSampler:
+    return MixtureSampler(mixture, {"a": 300, "b": 500}, batch_size=4, seed=3,
+                          block_windows=16, shuffle_blocks=2, epoch_batches=1000,
+                          consume_on_yield=True)
+
+
+def _take(sampler: MixtureSampler, count: int) -> list[list[list[int]]]:
+    return [spec.tolist() for spec in itertools.islice(iter(sampler), count)]
+
+
+def test_a_mixture_without_scores_round_trips_to_the_same_sequence_and_no_temperature():
+    def first_part() -> tuple[DomainMixture, MixtureSampler]:
+        mixture = DomainMixture(["a", "b"], {"a": 1.0, "b": 1.0})
+        sampler = _sampler(mixture)
+        _take(sampler, 12)
+        mixture.set_weights({"a": 0.9, "b": 0.1}, "policy")  # from batch 12 on
+        return mixture, sampler
+
+    whole = _take(first_part()[1], 18)
+    saved, saved_sampler = first_part()
+    resumed = DomainMixture(["a", "b"], {"a": 1.0, "b": 1.0})
+    assert resumed.load_state_dict(saved.state_dict()) is None
+    sampler = _sampler(resumed)
+    sampler.load_state_dict(saved_sampler.state_dict())
+    assert _take(sampler, 18) == whole
+    assert resumed.weights == {"a": 0.9, "b": 0.1}
+    assert (resumed.temperatures, resumed.quality_temperature, resumed.temperature_at(20)) == (
+        [], None, {})
 
 
 def test_an_older_checkpoint_without_skips_or_configured_weights_resumes_unchanged():

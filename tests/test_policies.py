@@ -112,6 +112,15 @@ def test_bounds_that_leave_one_feasible_mixture_warn_naming_the_bound_to_change(
         policy.setup(["a", "b"])
 
 
+def test_a_curriculum_over_pinned_bounds_warns_once_naming_the_wrapped_policy(recwarn):
+    """The bounds are the wrapped policy's: one warning, in its name, not a second one for
+    the curriculum around it."""
+    QualityCurriculum(BanditMixture(min_weight=0.03, max_weight=0.5),
+                      [{"name": "only"}]).setup(["a", "b"])
+    pinned = [str(w.message) for w in recwarn if "allows only one mixture" in str(w.message)]
+    assert len(pinned) == 1 and pinned[0].startswith("BanditMixture(min_weight=0.03")
+
+
 def test_bounds_that_leave_room_do_not_warn(recwarn):
     BanditMixture(min_weight=0.03, max_weight=0.5).setup(["a", "b", "c"])
     StaticMixture({"a": 1.0, "b": 1.0}).setup(["a", "b"])

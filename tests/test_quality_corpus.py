@@ -132,3 +132,18 @@ def test_per_domain_builds_each_domain_as_alone_with_one_scorer_sample(two_domai
     assert set(joint["files"]["web_en_small/pool.jsonl"]["documents"]) == set(builder.KINDS)
     assert all("Legal" not in r["text"]
                for r in _texts(tmp_path / "joint" / "clean_en_docs" / "clean.jsonl"))
+
+
+def test_scorer_docs_caps_each_sample_per_domain_with_per_domain(two_domains, tmp_path):
+    """What --scorer-docs's help says: N chunks per sample (the test sample: N clean and N
+    junk), from each domain under --per-domain, from all the domains together without it."""
+    def sizes(*options: str) -> dict[str, int]:
+        out = tmp_path / "-".join(options or ("pooled",))
+        assert builder.main([str(two_domains), str(out), "--domains", "en_docs", "en_small",
+                             "--scorer-docs", "3", *options]) == 0
+        files = json.loads((out / "manifest.json").read_text())["files"]
+        return {sample: sum(files[f"scorer/{sample}.jsonl"]["documents"].values())
+                for sample in ("positive", "negative", "test")}
+
+    assert sizes() == {"positive": 3, "negative": 3, "test": 6}
+    assert sizes("--per-domain") == {"positive": 6, "negative": 6, "test": 12}

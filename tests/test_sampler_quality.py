@@ -51,6 +51,33 @@ def windows_of(batches: list[np.ndarray], domain: int) -> np.ndarray:
     return rows[rows[:, 0] == domain, 1]
 
 
+def epochs_of(sampler: MixtureSampler, domain: str, count: int) -> list[np.ndarray]:
+    """The windows of ``domain`` in each of its first ``count`` epochs, as the sampler yields
+    them; its mixture must draw ``domain`` alone. An epoch ends where the domain's cursor in
+    ``state_dict`` says the next one began (epochs are far longer than a batch)."""
+    index = sampler.mixture.domains.index(domain)
+    drawn: list[np.ndarray] = []
+    ends: list[int] = []
+    for spec in iter(sampler):
+        sampler.mark_consumed()
+        assert (spec[:, 0] == index).all()
+        drawn.append(spec[:, 1])
+        cursor = sampler.state_dict()["cursors"][domain]
+        if cursor["epoch"] > len(ends):
+            ends.append(sum(map(len, drawn)) - cursor["position"])
+            if len(ends) == count:
+                break
+    windows = np.concatenate(drawn)
+    return [windows[start:stop] for start, stop in zip([0, *ends], ends)]
+
+
+def only_en(temperature: float, max_repeats: int | None) -> MixtureSampler:
+    """A sampler that draws "en" alone, at ``temperature``, 64 windows a batch."""
+    mixture = DomainMixture(list(WINDOWS), {"code": 0.0, "en": 1.0},
+                            quality_temperature=dict.fromkeys(WINDOWS, temperature))
+    return make(temperature, batch_size=64, max_repeats=max_repeats, mixture=mixture)
+
+
 def test_without_a_temperature_the_windows_are_those_of_the_plain_sampler():
     plain = MixtureSampler(DomainMixture(list(WINDOWS), {"code": 0.4, "en": 0.6}), WINDOWS,
                            batch_size=8, seed=3, block_windows=64, shuffle_blocks=4,
@@ -78,14 +105,12 @@ def test_windows_are_drawn_in_proportion_to_exp_score_over_temperature():
 
 
 def test_an_epoch_draws_each_window_its_rounded_expected_count():
-    sampler = make(0.5, max_repeats=None)
-    order = sampler._order("en", 0.5)
+    sampler = only_en(0.5, max_repeats=None)
     expected = sampler.quality["en"].expected_counts(0.5, None)
-    length = order.length(0, WINDOWS["en"])
-    visited = order.windows(0, WINDOWS["en"], np.arange(length))
-    counts = np.bincount(visited, minlength=WINDOWS["en"])
+    [epoch] = epochs_of(sampler, "en", 1)
+    counts = np.bincount(epoch, minlength=WINDOWS["en"])
     assert np.all((counts == np.floor(expected)) | (counts == np.ceil(expected)))
-    assert abs(length - WINDOWS["en"]) < 4 * np.sqrt(WINDOWS["en"])
+    assert abs(len(epoch) - WINDOWS["en"]) < 4 * np.sqrt(WINDOWS["en"])
 
 
 def test_documents_below_the_floor_quantile_are_never_drawn():
@@ -100,11 +125,9 @@ def test_documents_below_the_floor_quantile_are_never_drawn():
 
 
 def test_no_window_is_drawn_more_than_max_repeats_times_per_epoch():
-    sampler = make(0.05, max_repeats=2)  # at τ = 0.05 the odd windows would take ~all draws
-    order = sampler._order("en", 0.05)
-    for epoch in range(3):
-        length = order.length(epoch, WINDOWS["en"])
-        counts = np.bincount(order.windows(epoch, WINDOWS["en"], np.arange(length)))
+    sampler = only_en(0.05, max_repeats=2)  # at τ = 0.05 the odd windows would take ~all draws
+    for epoch in epochs_of(sampler, "en", 3):
+        counts = np.bincount(epoch, minlength=WINDOWS["en"])
         assert counts.max() == 2
         assert counts[1::2].min() == 2 and counts[0::2].max() == 0
 
@@ -215,10 +238,10 @@ def test_the_floor_and_median_are_numpys_lower_quantiles_of_the_scored_documents
 
 # -- epochs, caps and domains without scores ----------------------------------------------------
 def test_a_cap_below_the_expected_count_shortens_the_epoch():
-    sampler = make(0.05, max_repeats=1)  # the odd windows would be drawn twice each
-    order = sampler._order("en", 0.05)
-    counts = np.bincount(order.windows(0, WINDOWS["en"], np.arange(order.length(0, 5000))))
-    assert order.length(0, 5000) == 2500 and counts[1::2].min() == counts.max() == 1
+    sampler = only_en(0.05, max_repeats=1)  # the odd windows would be drawn twice each
+    [epoch] = epochs_of(sampler, "en", 1)
+    counts = np.bincount(epoch, minlength=WINDOWS["en"])
+    assert len(epoch) == 2500 and counts[1::2].min() == counts.max() == 1
 
 
 def test_block_sums_past_one_byte_and_domains_past_one_slice_count_every_draw():

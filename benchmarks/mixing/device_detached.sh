@@ -36,21 +36,6 @@ for archive in .carry/corpus*.tar.xz; do
   [ -f "$archive" ] && [ ! -f "$WORK/inbox/$(basename "$archive")" ] \
     && cp "$archive" "$WORK/inbox/" && echo "inbox: $(basename "$archive")"
 done
-# A setting whose corpus is neither prepared nor in the inbox waits silently in the driver:
-# say so at every call (the usual cause: .carry/ not carried; where git ignores it, the run
-# tool's carry list must name it, e.g. [".whl", ".carry"]).
-for s in ${SETTINGS:-}; do
-  folder=${s#*=}; folder=${folder%:*}  # an archive's top folder, or that folder + -cut
-  [ -f "$WORK/stores/$folder.zarr.ready" ] && continue
-  found=
-  for archive in "$WORK/inbox"/*.tar.xz; do
-    [ -f "$archive" ] || continue
-    top=$(tar tJf "$archive" 2>/dev/null | head -1 | cut -d/ -f1)
-    [ "$top" = "$folder" ] || [ "$top-cut" = "$folder" ] && found=1 && break
-  done
-  [ -n "$found" ] || echo "no corpus for setting ${s%%=*}: no .carry/corpus*.tar.xz has the" \
-    "top folder ${folder%-cut}/ (carry .carry/ with this call)"
-done
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "sitting $(cat "$PIDFILE") still running"
 elif [ -f "$PIDFILE" ]; then

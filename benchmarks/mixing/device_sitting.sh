@@ -62,6 +62,28 @@ prepare_inbox() {  # every archive not yet prepared: unpack, prepare its store (
   done
 }
 
+# A setting whose corpus is neither prepared nor in the inbox waits silently in the driver:
+# say so, here where SETTINGS has its default (device_detached.sh shows the end of this log at
+# every call; the usual cause: .carry/ not carried; where git ignores it, the run tool's carry
+# list must name it, e.g. [".whl", ".carry"]).
+no_corpus() {  # a line per setting without a corpus
+  local s folder found archive top
+  for s in $SETTINGS; do
+    folder=${s#*=}; folder=${folder%:*}  # an archive's top folder, or that folder + -cut
+    [ -f "$STORES/$folder.zarr.ready" ] && continue
+    found=
+    for archive in "$INBOX"/*.tar.xz; do
+      [ -f "$archive" ] || continue
+      top=$(tar tJf "$archive" 2>/dev/null | head -1 | cut -d/ -f1)
+      [ "$top" = "$folder" ] || [ "$top-cut" = "$folder" ] && found=1 && break
+    done
+    [ -n "$found" ] || echo "no corpus for setting ${s%%=*}: no .carry/corpus*.tar.xz has the" \
+      "top folder ${folder%-cut}/ (carry .carry/ with this call)"
+  done
+}
+
+missing=$(no_corpus)  # before preparing, which takes minutes
+[ -n "$missing" ] && echo "$missing"
 prepare_inbox
 settings=()
 for s in $SETTINGS; do  # NAME=FOLDER:EPOCHS -> NAME=STORE:EPOCHS
@@ -79,6 +101,9 @@ python3 benchmarks/mixing.py run --wait-for-stores --out "$RUNS" --gpus "${gpus[
 driver=$!
 while kill -0 "$driver" 2>/dev/null; do
   prepare_inbox
+  now=$(no_corpus)  # said again when it changes (a corpus arrived with a later call)
+  [ -n "$now" ] && [ "$now" != "$missing" ] && echo "$now"
+  missing=$now
   sleep 10
 done
 wait "$driver"

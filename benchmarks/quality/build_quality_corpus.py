@@ -108,7 +108,8 @@ def split(texts: list[str], seed: int, junk_share: float, scorer_docs: int
           ) -> dict[str, list[dict]]:
     """The source ``texts`` cut into chunks and sent to their parts: ``pool`` (clean chunks
     and junk made from the others), ``clean`` (the clean test chunks) and the scorer's
-    ``positive``, ``negative`` and ``test`` samples (at most ``scorer_docs`` sources each)."""
+    ``positive``, ``negative`` and ``test`` samples, each made from at most ``scorer_docs``
+    chunks (the test sample holds them clean and as junk: up to twice as many records)."""
     parts: dict[str, list[str]] = {"clean_test": [], "scorer": [], "web": []}
     for text in texts:
         place = unit(seed, "part", text)
@@ -151,8 +152,8 @@ def build(corpus: Path, out: Path, *, domains: list[str], fraction: float = 1.0,
           tokenizer: Path | None = None, per_domain: bool = False) -> dict:
     """Writes the corpus to ``out``; returns the manifest. With ``per_domain``, each source
     domain ``D`` is split on its own into a pool ``web_D`` and a test domain ``clean_D``
-    (junk made from ``D`` only); the scorer's samples hold up to ``scorer_docs`` sources of
-    every domain each, so that one classifier is trained for all the pools."""
+    (junk made from ``D`` only); each scorer sample is made from up to ``scorer_docs``
+    chunks of every domain, so that one classifier is trained for all the pools."""
     groups = [[d] for d in domains] if per_domain else [domains]
     files: dict[str, list[dict]] = {}
     scorer: dict[str, list[dict]] = {"positive": [], "negative": [], "test": []}
@@ -199,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the pool's chunks replaced by junk, in [0, 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scorer-docs", type=int, default=400,
-                        help="at most this many documents in each scorer sample")
+                        help="chunks per scorer sample: the positive and the negative "
+                             "sample hold at most this many each, the test sample at most "
+                             "this many clean and as many junk; with --per-domain, that many "
+                             "from each domain (up to this many times the number of "
+                             "--domains)")
     parser.add_argument("--per-domain", action="store_true",
                         help="a pool web_D and a test domain clean_D per source domain D "
                              "(the scorer's samples drawn from every domain)")

@@ -256,41 +256,42 @@ class AdaptiveTrainingEngine(Callback):
         before = self.policy.stage
         proposal = self.policy.propose(self._state(), self._mixture.weights)
         stage = self.policy.stage
+        policy = self.policy.name
         if stage_reason is not None:
-            name = stage or (self.policy.name if stage_reason == "start"
+            name = stage or (policy if stage_reason == "start"
                              else f"resume@{trainer.global_step}")
             if self.stages and self.stages[-1]["name"] == name:
                 name = f"{name} (resumed@{trainer.global_step})"
             self._enter_stage(trainer, name, stage_reason)
         elif stage is not None and stage != before:
-            self._enter_stage(trainer, stage, f"{self.policy.name}: stage {stage}")
+            self._enter_stage(trainer, stage, f"{policy}: stage {stage}")
+        reason = f"{policy}: " + (f"stage {stage}" if stage else why)
         if proposal is not None:
-            self._apply(trainer, proposal, f"{self.policy.name}: "
-                        + (f"stage {stage}" if stage else why))
+            self._apply(trainer, proposal, reason)
         if self.policy.quality_temperature is not None:
-            self._apply_temperature(trainer, self.policy.quality_temperature,
-                                    f"{self.policy.name}: " + (f"stage {stage}" if stage else why))
+            self._apply_temperature(trainer, self.policy.quality_temperature, reason)
 
     def _apply_temperature(self, trainer: Trainer, temperature: Any, reason: str) -> None:
         """Set the quality temperature the policy wants, unless it is the one in force; log
         and record it like a weight change (the mixture stamps it with a batch index)."""
         mixture = self._mixture
+        policy = self._policy_name()
         current = mixture.quality_temperature()
         if current is None:
-            raise ValueError(f"AdaptiveTrainingEngine: {self.policy.name} sets a quality "
+            raise ValueError(f"AdaptiveTrainingEngine: {policy} sets a quality "
                              f"temperature ({temperature!r}) but the data is not sampled by "
                              "score; give the datamodule quality: {score: ...}")
-        wanted = temperatures(temperature, mixture.domains, f"{self.policy.name} quality "
-                              "temperature", current=current)
+        wanted = temperatures(temperature, mixture.domains, f"{policy} quality temperature",
+                              current=current)
         if wanted == current:
             return
         step = trainer.global_step
-        change = mixture.set_quality_temperature(wanted, reason, step=step,
-                                                 policy=self.policy.name,
+        change = mixture.set_quality_temperature(wanted, reason, step=step, policy=policy,
                                                  stage=self._stage_name())
         self._record(trainer, step, change, "quality_temperature", dict(wanted), reason,
                      {f"ate/quality_temperature/{d}": float(t)  # none: no reweighting
-                      for d, t in wanted.items() if t is not None}, "quality_temperature")
+                      for d, t in wanted.items() if t is not None}, "quality_temperature",
+                     policy)
 
     def _apply(self, trainer: Trainer, weights: Mapping[str, float], reason: str,
                **extra: Any) -> dict[str, Any] | None:
@@ -310,7 +311,7 @@ class AdaptiveTrainingEngine(Callback):
                for d in set(weights) | set(current)):
             return None
         step = trainer.global_step
-        policy = self.policy.name if self.policy is not None else None
+        policy = self._policy_name()
         total = sum(weights.values())
         if math.isfinite(total) and total > 0:  # else the mixture raises, naming the values
             weights = {d: w / total for d, w in weights.items()}
@@ -320,17 +321,17 @@ class AdaptiveTrainingEngine(Callback):
         # an observable mixture's change is recorded by the monitor, which listens to it
         return self._record(trainer, step, change, "weights", applied, reason,
                             {f"ate/weight/{d}": float(w) for d, w in applied.items()},
-                            None if mixture.observable else "mixture", **extra)
+                            None if mixture.observable else "mixture", policy, **extra)
 
     def _record(self, trainer: Trainer, step: int, change: Any, field: str, value: Any,
                 reason: str, metrics: dict[str, float], event: str | None,
-                **extra: Any) -> dict[str, Any]:
-        """Keep a change the mixture made (``field``: what changed, to ``value``) in
-        ``changes``, log ``metrics`` with the change count and, with ``event``, write it to
-        the run's event log."""
+                policy: str | None, **extra: Any) -> dict[str, Any]:
+        """Keep a change the mixture made (``field``: what changed, to ``value``, asked by
+        ``policy``: the name the caller already gave the mixture) in ``changes``, log
+        ``metrics`` with the change count and, with ``event``, write it to the run's event
+        log."""
         record = {"step": step, "batch_index": getattr(change, "batch_index", None),
-                  field: value, "reason": reason,
-                  "policy": self.policy.name if self.policy is not None else None,
+                  field: value, "reason": reason, "policy": policy,
                   "stage": self._stage_name(), **extra}
         self.changes.append(record)
         self._log(trainer, metrics | {"ate/changes": float(len(self.changes))}, step)
@@ -341,10 +342,13 @@ class AdaptiveTrainingEngine(Callback):
     def _enter_stage(self, trainer: Trainer, name: str, reason: str) -> None:
         step = trainer.global_step
         self.stages.append({"name": name, "step": step, "reason": reason})
-        self._event("stage", step, name=name, reason=reason,
-                    policy=self.policy.name if self.policy is not None else None)
+        self._event("stage", step, name=name, reason=reason, policy=self._policy_name())
         self._log(trainer, {"ate/stage": float(len(self.stages) - 1)}, step)
         rank_zero_info(f"AdaptiveTrainingEngine: stage {name!r} from step {step} ({reason})")
+
+    def _policy_name(self) -> str | None:
+        """The policy's name as changes and events record it (``None`` without a policy)."""
+        return self.policy.name if self.policy is not None else None
 
     def _stage_name(self) -> str | None:
         return self.stages[-1]["name"] if self.stages else None

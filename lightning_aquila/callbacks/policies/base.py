@@ -71,10 +71,8 @@ class MixturePolicy(ABC):
         training tokens (``budget_tokens``: ``trainer.max_steps`` times the tokens of a global
         batch), when both are known. Also checks the bounds can be met. Subclasses extend it
         to check their domain names."""
-        self.domains = list(domains)
-        self.natural = dict(natural) if natural else None
-        self.unique_tokens = dict(unique_tokens) if unique_tokens else None
-        self.budget_tokens_hint = budget_tokens
+        self._keep_context(domains, natural, unique_tokens=unique_tokens,
+                           budget_tokens=budget_tokens)
         try:
             project_to_bounds(dict.fromkeys(self.domains, 1.0 / len(self.domains)),
                               self.min_weight, self.max_weight)
@@ -82,6 +80,17 @@ class MixturePolicy(ABC):
             raise ValueError(f"{self.name}(min_weight={self.min_weight!r}, max_weight="
                              f"{self.max_weight!r}) over domains {self.domains}: {exc}") from None
         self._warn_if_pinned()
+
+    def _keep_context(self, domains: Sequence[str], natural: Mapping[str, float] | None, *,
+                      unique_tokens: Mapping[str, float] | None = None,
+                      budget_tokens: int | None = None) -> None:
+        """Keep what ``setup`` is told, without checking the bounds: a policy that wraps
+        another and shares its bounds (``QualityCurriculum``) leaves the check and the
+        pinned-bounds warning to the wrapped policy's ``setup``, so each is made once."""
+        self.domains = list(domains)
+        self.natural = dict(natural) if natural else None
+        self.unique_tokens = dict(unique_tokens) if unique_tokens else None
+        self.budget_tokens_hint = budget_tokens
 
     def _warn_if_pinned(self) -> None:
         """Bounds that sum to exactly 1 (two domains under ``max_weight=0.5``, say) leave

@@ -239,8 +239,10 @@ class QualityCurriculum(MixturePolicy):
 
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
               **context: Any) -> None:
-        super().setup(domains, natural, **context)
+        # The bounds are the wrapped policy's: its setup checks them (and warns when they are
+        # pinned); checking them here too would say the same thing twice.
         self.policy.setup(domains, natural, **context)
+        self._keep_context(domains, natural, **context)
         for i, stage in enumerate(self.stages):
             if isinstance(stage.get("quality_temperature"), Mapping):
                 temperatures(stage["quality_temperature"], self.domains,
