@@ -6,8 +6,13 @@
 # benchmarks/mixing.py over SETTINGS in the order of WAVES, SLOTS runs at a time on the GPU;
 # a setting's runs start once its store is ready. Results: /tmp/mixing/runs (no checkpoints).
 #   SETTINGS   "NAME=STORE:EPOCHS ..." with STORE a corpus archive's top folder, or that
-#              folder followed by -cut for its CUT share of documents (cut_corpus.py)
-#   WAVES      "POLICIES:SEEDS;POLICIES:SEEDS;..." (mixing.py --wave, in order)
+#              folder followed by -cut for its CUT share of documents (cut_corpus.py); given,
+#              a setting waits for its corpus to arrive; left out, the four settings of
+#              docs/benchmarks.md whose corpus came with the first call (mixing-corpus/: A,
+#              mixing-corpus-b/: B)
+#   WAVES      "POLICIES:SEEDS;POLICIES:SEEDS;..." (mixing.py --wave, in order); left out,
+#              the fixed mixtures and the default policy (effective-data-r3) on seeds 1-3,
+#              both on 4-5, then DoReMi, bandit and Aioli
 #   CUT        the share of documents of the -cut stores (default 0.15)
 #   SLOTS      runs at a time on the GPU (default 8)
 #   FIT_ARGS   extra arguments for every fit
@@ -23,8 +28,9 @@ CORPORA=$WORK/corpora
 RUNS=$WORK/runs
 CUT=${CUT:-0.15}
 SLOTS=${SLOTS:-8}
+SETTINGS_GIVEN=${SETTINGS:+1}
 SETTINGS=${SETTINGS:-"a-0.5ep=mixing-corpus:0.5 a-3ep=mixing-corpus-cut:3 b-0.5ep=mixing-corpus-b:0.5 b-3ep=mixing-corpus-b:3"}
-WAVES=${WAVES:-"natural uniform temperature unimax effective-data:1,2,3;effective-data @best-fixed:4,5;doremi bandit aioli:1,2,3"}
+WAVES=${WAVES:-"natural uniform temperature unimax effective-data-r3:1,2,3;effective-data-r3 @best-fixed:4,5;doremi bandit aioli:1,2,3"}
 mkdir -p "$INBOX" "$STORES" "$CORPORA" "$RUNS"
 if [ ! -f "$WORK/wheels.installed" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install --no-deps -q .whl/*.whl 2>&1 | grep -v WARNING | tail -3
@@ -66,22 +72,38 @@ prepare_inbox() {  # every archive not yet prepared: unpack, prepare its store (
 # say so, here where SETTINGS has its default (device_detached.sh shows the end of this log at
 # every call; the usual cause: .carry/ not carried; where git ignores it, the run tool's carry
 # list must name it, e.g. [".whl", ".carry"]).
+has_corpus() {  # NAME=FOLDER:EPOCHS: its store is prepared or its archive is in the inbox
+  local folder=${1#*=} archive top
+  folder=${folder%:*}  # an archive's top folder, or that folder + -cut
+  [ -f "$STORES/$folder.zarr.ready" ] && return 0
+  for archive in "$INBOX"/*.tar.xz; do
+    [ -f "$archive" ] || continue
+    top=$(tar tJf "$archive" 2>/dev/null | head -1 | cut -d/ -f1)
+    { [ "$top" = "$folder" ] || [ "$top-cut" = "$folder" ]; } && return 0
+  done
+  return 1
+}
+
 no_corpus() {  # a line per setting without a corpus
-  local s folder found archive top
+  local s folder
   for s in $SETTINGS; do
-    folder=${s#*=}; folder=${folder%:*}  # an archive's top folder, or that folder + -cut
-    [ -f "$STORES/$folder.zarr.ready" ] && continue
-    found=
-    for archive in "$INBOX"/*.tar.xz; do
-      [ -f "$archive" ] || continue
-      top=$(tar tJf "$archive" 2>/dev/null | head -1 | cut -d/ -f1)
-      [ "$top" = "$folder" ] || [ "$top-cut" = "$folder" ] && found=1 && break
-    done
-    [ -n "$found" ] || echo "no corpus for setting ${s%%=*}: no .carry/corpus*.tar.xz has the" \
+    has_corpus "$s" && continue
+    folder=${s#*=}; folder=${folder%:*}
+    echo "no corpus for setting ${s%%=*}: no .carry/corpus*.tar.xz has the" \
       "top folder ${folder%-cut}/ (carry .carry/ with this call)"
   done
 }
 
+# The default settings are those whose corpus came with the first call, so that a sitting
+# on one corpus (a user's own as mixing-corpus/, say) ends instead of waiting for the other.
+if [ -z "$SETTINGS_GIVEN" ]; then
+  kept=
+  for s in $SETTINGS; do
+    if has_corpus "$s"; then kept+="$s "; else echo "left out: setting ${s%%=*} (no corpus)"; fi
+  done
+  SETTINGS=$kept
+  [ -n "$SETTINGS" ] || { echo "no corpus archive in .carry/ for any default setting"; exit 1; }
+fi
 missing=$(no_corpus)  # before preparing, which takes minutes
 [ -n "$missing" ] && echo "$missing"
 prepare_inbox
