@@ -12,6 +12,7 @@ library.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from importlib import metadata
@@ -21,7 +22,10 @@ PACKAGE = Path(__file__).resolve().parents[1]
 DEPENDENCIES = ("torch", "lightning", "jsonargparse")
 
 
+@functools.cache
 def _key() -> str:
+    """The versions and file times the cache is keyed on, read once per process: a command
+    asks for its help and its options, and each would walk the package again."""
     digest = hashlib.sha256()
     for name in DEPENDENCIES:
         try:
