@@ -10,7 +10,7 @@ checkpoint loaders themselves (``AtomicCheckpointIO``, ``AquilaParallelStrategy`
 that do not go through the CLI. Checkpoint folders on object storage are listed through fsspec
 (``object_store.listing``) by the same code as local folders, and their objects checked by
 ``checkpoint_remote`` with the record module's comparison, so with the same answers and
-messages.
+messages. An object is downloaded once for its check and its load (``checkpoint_remote.fetch``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ _verified: dict[tuple, Verdict] = {}
 
 def checked_verify(path: str | os.PathLike[str]) -> Verdict:
     """``verify``, remembered while the file is unchanged (the CLI's check and the loader's
-    guard then read a checkpoint once). An object is checksummed at each call (the loader
-    checks the bytes it downloads itself)."""
+    guard then read a checkpoint once). An object is downloaded and checked once while it is
+    unchanged, and the loader loads that copy (``checkpoint_remote.fetch``)."""
     if object_store.is_remote(path):
-        return checkpoint_remote.verify(str(path))
+        try:
+            return checkpoint_remote.fetch(str(path)).verdict
+        except FileNotFoundError:
+            return Verdict("damaged", "missing")
     path = Path(path)
     try:
         stat = path.stat()

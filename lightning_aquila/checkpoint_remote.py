@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
+import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import IO, Any
 
 from lightning_aquila import object_store
 from lightning_aquila.checkpoint_record import (
@@ -51,6 +54,8 @@ from lightning_aquila.checkpoint_record import (
     sidecar_name,
     verify_file,
 )
+
+_CHUNK = 8 << 20
 
 
 def sidecar_url(url: str) -> str:
@@ -168,5 +173,65 @@ def verify(url: str, data: bytes | None = None) -> Verdict:
     return verify_file(fs, path, None if data is None else checksum_bytes(data))
 
 
-__all__ = ["UPLOADING", "RemoteSave", "exists", "read_sidecar", "remove_sidecar", "sidecar_url",
-           "verify", "write_sidecar"]
+# -- one download for the check and the load -------------------------------------------------
+@dataclass
+class Download:
+    """A local copy of an object, checksummed as its bytes arrived, and the verdict on those
+    bytes: the bytes a resume checks are the bytes it loads."""
+
+    url: str
+    #: size, ETag and time of the object when it was downloaded
+    identity: tuple[Any, ...]
+    #: a temporary file without a name: its space is freed when it is closed, or when the
+    #: process ends however it ends
+    file: IO[bytes]
+    verdict: Verdict
+
+
+_download: Download | None = None
+
+
+def fetch(url: str) -> Download:
+    """The object ``url`` downloaded once and compared with its sidecar.
+
+    A resume checks the checkpoint before the trainer is built (``checkpoint_check``) and
+    loads it inside ``trainer.fit`` (``AtomicCheckpointIO.load_checkpoint``); both ask here,
+    and while the object is unchanged (one ``HEAD``: the same size, ETag and time) the second
+    gets the copy the first downloaded. One copy is kept (the last fetched) in the run's
+    local folder (``object_store.local_copy``), not in memory: a checkpoint may be larger
+    than what the host can spare while the model is built. ``FileNotFoundError`` without
+    the object."""
+    global _download
+    fs, path = object_store.filesystem(url)
+    fs.invalidate_cache(path)  # s3fs caches listings: another process may have written
+    info = fs.info(path)
+    identity = (info.get("size"), info.get("ETag"), object_store.mtime_ns(info))
+    if _download is not None and (_download.url, _download.identity) == (url, identity):
+        return _download
+    release()
+    folder = object_store.local_copy(object_store.parent(url))
+    folder.mkdir(parents=True, exist_ok=True)
+    file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115  (kept open for the load)
+    try:
+        writer = ChecksumWriter(file)
+        with fs.open(path, "rb", block_size=_CHUNK, cache_type="none") as source:
+            shutil.copyfileobj(source, writer, _CHUNK)
+        file.flush()
+        verdict = verify_file(fs, path, writer.record)
+    except BaseException:
+        file.close()
+        raise
+    _download = Download(url, identity, file, verdict)
+    return _download
+
+
+def release() -> None:
+    """Close the kept copy (a load is done with it)."""
+    global _download
+    if _download is not None:
+        _download.file.close()
+        _download = None
+
+
+__all__ = ["UPLOADING", "Download", "RemoteSave", "exists", "fetch", "read_sidecar", "release",
+           "remove_sidecar", "sidecar_url", "verify", "write_sidecar"]

@@ -62,6 +62,30 @@ def s3():
     return s3fs.S3FileSystem(skip_instance_cache=True)
 
 
+@pytest.fixture
+def proxy(s3_env, tmp_path, monkeypatch):
+    """A proxy process in front of the S3 server that logs every request
+    (``helpers.s3_faults.FaultProxy``, no faults injected), as the endpoint of this
+    process."""
+    from helpers.s3_faults import FaultProxy
+
+    proxy = FaultProxy(s3_env["AWS_ENDPOINT_URL_S3"], tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield proxy
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # none left with the proxy's endpoint
+        proxy.stop()
+
+
+def bytes_read(proxy, since: int, key: str) -> int:
+    """Bytes of the object ``key`` (``bucket/path``) that GETs fetched since request
+    ``since``."""
+    return sum(size for method, path, size in proxy.requests()[since:]
+               if method == "GET" and path == f"/{key}")
+
+
 def s3_config(run: Path, store: str, root: str, padded_step: int | None = None) -> Path:
     """The crash tests' run with its root (and so its checkpoints and run files) at ``root``;
     only the step records stay local. ``padded_step``: its checkpoints carry 64 MB more
@@ -318,6 +342,26 @@ def test_a_failed_completion_leaves_the_old_object_verified_with_the_note(s3_env
     verdict = checkpoint_remote.verify(url)
     assert verdict.state == "intact" and "did not complete" in verdict.note
     assert checkpoint_io.load_checkpoint(url)["global_step"] == 1
+
+
+def test_a_resume_downloads_the_checkpoint_once_for_its_check_and_its_load(proxy):
+    """``checked_resume_path`` verifies the object before the trainer is built, and the
+    loader loads the copy it verified: the object's bytes cross the network once. An object
+    replaced in between is downloaded again, and the new one is loaded."""
+    url = f"s3://{BUCKET}/once/last.ckpt"
+    checkpoint_io = AtomicCheckpointIO(part_size=PART)
+    checkpoint_io.save_checkpoint({"global_step": 7, "weights": torch.ones(PART // 8)}, url)
+    size = s3().info(url)["size"]
+    before = len(proxy.requests())
+    assert checked_resume_path(url, []) == url
+    assert checkpoint_io.load_checkpoint(url)["global_step"] == 7
+    assert bytes_read(proxy, before, f"{BUCKET}/once/last.ckpt") == size
+
+    assert checked_resume_path(url, []) == url
+    checkpoint_io.save_checkpoint({"global_step": 8, "weights": torch.ones(PART // 8)}, url)
+    before = len(proxy.requests())
+    assert checkpoint_io.load_checkpoint(url)["global_step"] == 8
+    assert bytes_read(proxy, before, f"{BUCKET}/once/last.ckpt") == s3().info(url)["size"]
 
 
 def test_a_damaged_remote_last_is_never_loaded_and_the_resume_falls_back_in_one_line(
