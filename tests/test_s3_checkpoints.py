@@ -27,6 +27,8 @@ import pytest
 import torch
 import yaml
 from crash_helpers import harness
+from helpers.tiny_project import VOCAB, TinyLM, quiet_trainer
+from torch.utils.data import DataLoader, Dataset
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -362,6 +364,47 @@ def test_a_resume_downloads_the_checkpoint_once_for_its_check_and_its_load(proxy
     before = len(proxy.requests())
     assert checkpoint_io.load_checkpoint(url)["global_step"] == 8
     assert bytes_read(proxy, before, f"{BUCKET}/once/last.ckpt") == s3().info(url)["size"]
+
+
+class Windows(Dataset):
+    """Token windows of two domains, for ``helpers.tiny_project.TinyLM``."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.arange(i, i + 9) % VOCAB
+        return {"input_ids": ids[:-1], "labels": ids[1:], "domain": torch.tensor(i % 2)}
+
+
+def test_each_run_file_goes_up_once_per_checkpoint_and_once_at_the_end_of_fit(proxy,
+                                                                                 tmp_path):
+    """With ``save_last`` every checkpoint event saves two files, each telling the monitor to
+    upload its run files; at the end of the fit the report is written, then the log
+    closes. Each file is uploaded once per event, and never again unchanged: every PUT of a
+    file carries more than the one before it (the files only grow)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_aquila.callbacks.monitor import TrainingStateMonitor
+
+    run = f"s3://{BUCKET}/uploads"
+    monitor = TrainingStateMonitor(run_dir=run, domains=["a", "b"], train_loss_every_n_steps=1,
+                                   report_on_fit_end=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2,
+                                 save_last=True, save_top_k=-1)
+    before = len(proxy.requests())
+    quiet_trainer(tmp_path, [monitor, checkpoint], max_steps=4, enable_checkpointing=True
+                  ).fit(TinyLM(), DataLoader(Windows(), batch_size=4))
+    puts: dict[str, list[int]] = {}
+    for method, path, size in proxy.requests()[before:]:
+        if method == "PUT":
+            puts.setdefault(path.removeprefix(f"/{BUCKET}/uploads/"), []).append(size)
+    assert sorted(puts) == ["report.html", "report.png", "tsm/events.jsonl",
+                            "tsm/metrics.jsonl"]
+    assert len(puts["tsm/metrics.jsonl"]) == 2  # the checkpoints of steps 2 and 4
+    for name, sizes in puts.items():
+        assert sizes == sorted(set(sizes)), (name, sizes)
+        assert sizes[-1] == s3().info(f"{run}/{name}")["size"], name
 
 
 def test_a_damaged_remote_last_is_never_loaded_and_the_resume_falls_back_in_one_line(
