@@ -448,6 +448,36 @@ def test_bad_settings_for_object_storage_are_refused_in_one_line():
         AquilaParallelStrategy().save_checkpoint({}, "s3://bucket/run/last.ckpt")
 
 
+def test_sharded_checkpoints_to_object_storage_are_refused_at_setup_in_one_line(s3_env,
+                                                                                  tmp_path):
+    """``AquilaParallelStrategy`` saves sharded checkpoints by renaming a directory, which
+    object storage cannot do: a fit whose ``ModelCheckpoint`` folder is a URL stops in the
+    strategy's setup, before the model is set up or trained, with one line naming it."""
+    import torch.distributed as dist
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_aquila.cli.errors import one_line
+    from lightning_aquila.strategies import AquilaParallelStrategy
+
+    folder = f"s3://{BUCKET}/sharded/checkpoints"
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=AquilaParallelStrategy(),
+                      max_steps=2, callbacks=[ModelCheckpoint(dirpath=folder)], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    try:
+        with pytest.raises(ValueError) as refused:
+            trainer.fit(TinyLM(), DataLoader(Windows(), batch_size=4))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert one_line(refused.value) == str(refused.value) == (
+        f"AquilaParallelStrategy: sharded checkpoints cannot go to object storage ({folder}): "
+        "give a local or shared-filesystem checkpoint folder, or "
+        "save_distributed_checkpoint=false for single files")
+    assert trainer.global_step == 0 and not s3().exists(folder)
+
+
 def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
