@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,12 +31,6 @@ from pathlib import Path
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message>"
              b"<RequestId>fault-proxy</RequestId></Error>")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -61,6 +54,9 @@ class MotoServer:
 
     def __init__(self, source: str | Path, bucket: str, key: str, port: int | None = None
                  ) -> None:
+        from helpers.ports import free_port  # not at the top: run as a script, this file has
+        # tests/helpers on its path, not tests
+
         self.source, self.bucket, self.key = str(source), bucket, key
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -88,6 +84,8 @@ class FaultProxy:
     each request it forwards one line of its request log (``requests``)."""
 
     def __init__(self, upstream: str, folder: Path) -> None:
+        from helpers.ports import free_port  # (see MotoServer)
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.control, self.log = folder / "faults.json", folder / "faults.log"
