@@ -21,7 +21,6 @@ it with a mark that an upload is under way (:mod:`lightning_aquila.checkpoint_re
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
@@ -95,16 +94,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         only one that tensor subclasses in optimizer state (torchao's 8-bit AdamW moments)
         can be rebuilt with. A file that does not match its size/checksum record is refused
         (``ValueError``), never loaded; on object storage the bytes loaded are the ones
-        checked (one download)."""
+        checked: the copy that the resume's check downloaded, when the object has not
+        changed since (``checkpoint_remote.fetch``), else a new one."""
         if not is_local_path(path):
-            fs, key = object_store.filesystem(str(path))
-            data = fs.cat_file(key)
-            verdict = checkpoint_remote.verify(str(path), data)
-            if not verdict.usable:
-                raise ValueError(f"checkpoint {path} is damaged ({verdict.problem}); not "
-                                 "loading it")
-            return pl_load(io.BytesIO(data), map_location=map_location,
-                           weights_only=weights_only)
+            download = checkpoint_remote.fetch(str(path))
+            try:
+                if not download.verdict.usable:
+                    raise ValueError(f"checkpoint {path} is damaged "
+                                     f"({download.verdict.problem}); not loading it")
+                download.file.seek(0)
+                return pl_load(download.file, map_location=map_location,
+                               weights_only=weights_only)
+            finally:
+                checkpoint_remote.release()
         ensure_loadable(str(path).removeprefix("file://"))
         return super().load_checkpoint(path, map_location=map_location,
                                        weights_only=weights_only)

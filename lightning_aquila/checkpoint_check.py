@@ -7,8 +7,10 @@ byte or a missing shard is found before training starts, not as a ``torch.load``
 into the job, and never loaded silently. Every rank runs the same check on the same files and
 so reaches the same answer; only rank 0 prints. ``ensure_loadable`` is the last guard, in the
 checkpoint loaders themselves (``AtomicCheckpointIO``, ``AquilaParallelStrategy``), for runs
-that do not go through the CLI. Checkpoint folders on object storage are listed and checked
-through fsspec (``checkpoint_remote``), with the same answers and messages.
+that do not go through the CLI. Checkpoint folders on object storage are listed through fsspec
+(``object_store.listing``) by the same code as local folders, and their objects checked by
+``checkpoint_remote`` with the record module's comparison, so with the same answers and
+messages. An object is downloaded once for its check and its load (``checkpoint_remote.fetch``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lightning_aquila import checkpoint_remote, object_store
-from lightning_aquila.atomic import PARTIAL_SUFFIX
 from lightning_aquila.checkpoint_record import Verdict, verify
 
 PREFIX = "lightning-aquila fit"
@@ -31,10 +32,13 @@ _verified: dict[tuple, Verdict] = {}
 
 def checked_verify(path: str | os.PathLike[str]) -> Verdict:
     """``verify``, remembered while the file is unchanged (the CLI's check and the loader's
-    guard then read a checkpoint once). An object is checksummed at each call (the loader
-    checks the bytes it downloads itself)."""
+    guard then read a checkpoint once). An object is downloaded and checked once while it is
+    unchanged, and the loader loads that copy (``checkpoint_remote.fetch``)."""
     if object_store.is_remote(path):
-        return checkpoint_remote.verify(str(path))
+        try:
+            return checkpoint_remote.fetch(str(path)).verdict
+        except FileNotFoundError:
+            return Verdict("damaged", "missing")
     path = Path(path)
     try:
         stat = path.stat()
@@ -56,28 +60,40 @@ def ensure_loadable(path: str | os.PathLike[str]) -> None:
 def newest_last(checkpoint_dirs: Iterable[str | os.PathLike[str]]) -> Path | str | None:
     """What Lightning resolves ``last`` to: the newest ``last*.ckpt`` in the folders (a URL
     for one on object storage)."""
-    checkpoint_dirs = [str(d) for d in checkpoint_dirs]
-    found: list[tuple[int, Path | str]] = [
-        (_mtime(p), p) for d in checkpoint_dirs if not object_store.is_remote(d)
-        and Path(d).is_dir() for p in Path(d).iterdir()
-        if p.suffix == ".ckpt" and _LAST.match(p.stem)]
-    remote = checkpoint_remote.newest(
-        [d for d in checkpoint_dirs if object_store.is_remote(d)], _LAST)
-    if remote is not None:
-        found.append(remote)
+    found = [(mtime, p) for d in checkpoint_dirs for mtime, p in _checkpoints(str(d))
+             if _LAST.match(object_store.name(str(p))[:-len(".ckpt")])]
     return max(found, key=lambda item: item[0], default=(0, None))[1]
 
 
-def candidates(directory: Path, exclude: Path) -> list[Path]:
-    """The other checkpoints of ``directory``, newest first (hidden and partial ones not)."""
-    found = [p for p in directory.iterdir()
-             if p.suffix == ".ckpt" and not p.name.startswith(".")
-             and not p.name.endswith(PARTIAL_SUFFIX) and p != exclude]
-    return sorted(found, key=lambda p: (_mtime(p), p.name), reverse=True)
+def candidates(directory: Path | str, exclude: Path | str) -> list[Path | str]:
+    """The other checkpoints of ``directory`` (a folder, or a URL on object storage), newest
+    first. Ties go by the numbers in their names, ``step=12`` after ``step=9``: S3 times its
+    objects to the second."""
+    found = [(mtime, p) for mtime, p in _checkpoints(str(directory)) if p != exclude]
+    return [p for _, p in sorted(found, key=lambda item: (item[0], _natural(str(item[1]))),
+                                 reverse=True)]
 
 
-def _mtime(path: Path) -> int:
-    return path.stat().st_mtime_ns
+def _checkpoints(directory: str) -> list[tuple[int, Path | str]]:
+    """``(mtime_ns, path)`` of the checkpoints directly in ``directory``: ``.ckpt`` files
+    and sharded ``.ckpt`` folders, not hidden ones (a sidecar, a partial write). A URL's are
+    URLs."""
+    if object_store.is_remote(directory):
+        return [(mtime, url) for url, mtime in object_store.listing(directory)
+                if _is_checkpoint_name(object_store.name(url))]
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    return [(p.stat().st_mtime_ns, p) for p in folder.iterdir() if _is_checkpoint_name(p.name)]
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    return name.endswith(".ckpt") and not name.startswith(".")
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part
+                 for part in re.split(r"(\d+)", object_store.name(text)))
 
 
 def _say(message: str) -> None:
@@ -121,10 +137,8 @@ def checked_resume_path(ckpt_path: str | None,
         _say(f"checkpoint {chosen} has {verdict.problem}: it was written without one and "
              "cannot be verified; resuming from it")
         return str(chosen)
-    remote = isinstance(chosen, str)
-    folder = object_store.parent(chosen) if remote else chosen.parent
-    others = (checkpoint_remote.candidates(folder, chosen) if remote
-              else candidates(folder, chosen))
+    folder = object_store.parent(chosen) if isinstance(chosen, str) else chosen.parent
+    others = candidates(folder, chosen)
     also_damaged = []
     for other in others:
         other_verdict = checked_verify(other)

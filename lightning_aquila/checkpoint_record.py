@@ -41,28 +41,40 @@ before the directory is renamed into place whole; the rename is the commit, so t
 window. Each rank checksums the shards it wrote.
 
 A checkpoint without a record (written before records existed, or by another
-``CheckpointIO``) is "unverified": accepted, with a note. Kept free of torch/Lightning
-imports.
+``CheckpointIO``) is "unverified": accepted, with a note.
+
+**Object storage** (``checkpoint_remote``) keeps the same sidecar beside the object, with one
+more field while an upload is under way (``Uploading``). The sidecar's format, the checksum of
+a file and the comparison of a file with its records are written once, here, for any fsspec
+filesystem (``verify_file``): local files and objects get the same answers and messages.
+Kept free of torch/Lightning imports.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import google_crc32c
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from lightning_aquila.atomic import write_bytes_atomically
 
 SIDECAR_SUFFIX = ".crc32c.json"
 MANIFEST_NAME = "checksums.json"
+#: The sidecar's field for an upload under way (object storage only).
+UPLOADING = "uploading"
 _CHUNK = 8 << 20
+#: The local filesystem, through the same interface as an object store's.
+LOCAL = LocalFileSystem()
 
 
 @dataclass(frozen=True)
@@ -101,42 +113,95 @@ class ChecksumWriter:
         return Record(self.size, self.crc)
 
 
-def checksum_file(path: str | os.PathLike[str]) -> Record:
-    """Size and CRC32C of a file, read in 8 MiB chunks."""
+def checksum_stream(handle: IO[bytes]) -> Record:
+    """Size and CRC32C of what is left to read from a binary handle, read in 8 MiB chunks into
+    one buffer (a local file, an fsspec object handle)."""
     crc, size = 0, 0
     buffer = bytearray(_CHUNK)
     view = np.frombuffer(buffer, dtype=np.uint8)
-    with open(path, "rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            crc = google_crc32c.extend(crc, view[:count])
-            size += count
+    while count := handle.readinto(buffer):
+        crc = google_crc32c.extend(crc, view[:count])
+        size += count
     return Record(size, crc)
 
 
+def checksum_bytes(data: bytes) -> Record:
+    return Record(len(data), google_crc32c.extend(0, np.frombuffer(data, dtype=np.uint8)))
+
+
+def checksum_file(path: str | os.PathLike[str], fs: Any = None) -> Record:
+    """Size and CRC32C of a file, local or (``fs``: an fsspec filesystem) on object storage,
+    streamed: memory holds one chunk."""
+    if fs is None:
+        with open(path, "rb", buffering=0) as handle:
+            return checksum_stream(handle)
+    with fs.open(str(path), "rb", block_size=_CHUNK, cache_type="none") as handle:
+        return checksum_stream(handle)
+
+
 # -- single files: the sidecar ------------------------------------------------------------
-def sidecar_path(path: str | os.PathLike[str]) -> Path:
+def sidecar_name(name: str) -> str:
     """Hidden and without ``.ckpt``: no checkpoint glob and no ``last*`` lookup finds it."""
+    return f".{name}{SIDECAR_SUFFIX}"
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
-    return path.with_name(f".{path.name}{SIDECAR_SUFFIX}")
+    return path.with_name(sidecar_name(path.name))
+
+
+@dataclass(frozen=True)
+class Uploading:
+    """The mark an object store's save keeps in the sidecar while its upload is under way
+    (``checkpoint_remote``): when it began, and the record of the new version once its bytes
+    are all sent (``None`` before)."""
+
+    started: float
+    record: Record | None = None
+
+
+def encode_sidecar(records: list[Record], uploading: Uploading | None = None) -> bytes:
+    data: dict[str, Any] = {"format": "crc32c-v1", "records": [r.to_json() for r in records]}
+    if uploading is not None:
+        data[UPLOADING] = {"started": uploading.started, "record": None
+                           if uploading.record is None else uploading.record.to_json()}
+    return json.dumps(data).encode()
+
+
+def decode_sidecar(text: bytes | str, name: str) -> tuple[list[Record], Uploading | None]:
+    """The records and the upload mark of a sidecar's text; ``ValueError`` naming the
+    sidecar ``name`` when it cannot be read."""
+    try:
+        data = json.loads(text)
+        records = [Record.from_json(r) for r in data["records"]]
+        mark = data.get(UPLOADING)
+        if mark is not None:
+            mark = Uploading(float(mark["started"]), None if mark["record"] is None
+                             else Record.from_json(mark["record"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"its record {name} is unreadable ({error})") from None
+    return records, mark
+
+
+def load_sidecar(fs: Any, path: str) -> tuple[list[Record] | None, Uploading | None]:
+    """The records and upload mark of the file ``path``'s sidecar on the fsspec filesystem
+    ``fs``; ``(None, None)`` without one. ``ValueError`` when it cannot be read."""
+    sidecar = posixpath.join(posixpath.dirname(path), sidecar_name(posixpath.basename(path)))
+    try:
+        text = fs.cat_file(sidecar)
+    except FileNotFoundError:
+        return None, None
+    return decode_sidecar(text, posixpath.basename(sidecar))
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> list[Record] | None:
-    """The records of ``path``'s sidecar; ``None`` when it has none. Raises ``ValueError``
-    when the sidecar cannot be read."""
-    sidecar = sidecar_path(path)
-    try:
-        text = sidecar.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    try:
-        return [Record.from_json(r) for r in json.loads(text)["records"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"its record {sidecar.name} is unreadable ({error})") from None
+    """The records of a local file's sidecar; ``None`` when it has none. Raises
+    ``ValueError`` when the sidecar cannot be read."""
+    return load_sidecar(LOCAL, str(Path(path).absolute()))[0]
 
 
 def _write_sidecar(path: Path, records: list[Record], fsync: bool) -> None:
-    text = json.dumps({"format": "crc32c-v1", "records": [r.to_json() for r in records]})
-    write_bytes_atomically(sidecar_path(path), text.encode(), fsync=fsync)
+    write_bytes_atomically(sidecar_path(path), encode_sidecar(records), fsync=fsync)
 
 
 def begin_record(path: str | os.PathLike[str], new: Record, *, fsync: bool = True) -> None:
@@ -200,26 +265,55 @@ class Verdict:
 
 
 def verify(path: str | os.PathLike[str]) -> Verdict:
-    """Compare a checkpoint (file or sharded directory) with its record."""
+    """Compare a local checkpoint (file or sharded directory) with its record."""
     path = Path(path)
     if path.is_dir():
         return _verify_directory(path)
     if not path.is_file():
         return Verdict("damaged", "missing")
+    return verify_file(LOCAL, str(path.absolute()))
+
+
+def verify_file(fs: Any, path: str, actual: Record | None = None) -> Verdict:
+    """Compare the single-file checkpoint ``path`` of the fsspec filesystem ``fs`` (local,
+    or an object store) with its sidecar. ``actual``: the record of its bytes, when they
+    were checksummed as they were read for another purpose (a download): ``path`` is then
+    not read again."""
+    if actual is None:
+        fs.invalidate_cache(path)  # s3fs caches listings: another process may have written
+        try:
+            size = fs.info(path)["size"]
+        except FileNotFoundError:
+            return Verdict("damaged", "missing")
+    else:
+        size = actual.size
     try:
-        records = read_sidecar(path)
+        records, uploading = load_sidecar(fs, path)
     except ValueError as error:
         return Verdict("damaged", str(error))
     if records is None:
-        return Verdict("unverified", f"no size/checksum record ({sidecar_path(path).name})")
-    size = path.stat().st_size
+        return Verdict("unverified", f"no size/checksum record "
+                                     f"({sidecar_name(posixpath.basename(path))})")
+    return compare(size, lambda: checksum_file(path, fs) if actual is None else actual,
+                   records, uploading)
+
+
+def compare(size: int, checksum: Callable[[], Record], records: list[Record],
+            uploading: Uploading | None = None) -> Verdict:
+    """A file of ``size`` bytes against its ``records``: damaged when no record has its
+    size, or (``checksum()``, run only then, as it reads the whole file) its CRC32C; intact
+    otherwise, with a note when an upload of a newer version was under way."""
     if size not in {r.size for r in records}:
         return Verdict("damaged", f"size {size} bytes, recorded "
                                   f"{' or '.join(str(r.size) for r in records)}")
-    actual = checksum_file(path)
+    actual = checksum()
     if actual not in records:
         return Verdict("damaged", f"checksum mismatch: crc32c {actual.crc32c:08x}, recorded "
                                   f"{' or '.join(f'{r.crc32c:08x}' for r in records)}")
+    if uploading is not None and actual != uploading.record:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(uploading.started))
+        return Verdict("intact", note=f"the upload of a newer version, begun {started}, did "
+                                      "not complete; this is the version before it")
     return Verdict("intact")
 
 
@@ -247,6 +341,8 @@ def _verify_directory(path: Path) -> Verdict:
     return Verdict("intact")
 
 
-__all__ = ["MANIFEST_NAME", "SIDECAR_SUFFIX", "ChecksumWriter", "Record", "Verdict",
-           "begin_record", "checksum_file", "checksum_files", "commit_record", "read_sidecar",
-           "remove_record", "shard_names", "sidecar_path", "verify", "write_manifest"]
+__all__ = ["LOCAL", "MANIFEST_NAME", "SIDECAR_SUFFIX", "UPLOADING", "ChecksumWriter", "Record",
+           "Uploading", "Verdict", "begin_record", "checksum_bytes", "checksum_file",
+           "checksum_files", "checksum_stream", "commit_record", "compare", "decode_sidecar",
+           "encode_sidecar", "load_sidecar", "read_sidecar", "remove_record", "shard_names",
+           "sidecar_name", "sidecar_path", "verify", "verify_file", "write_manifest"]

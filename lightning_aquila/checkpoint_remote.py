@@ -26,62 +26,54 @@ resume falls back to the newest intact checkpoint beside it (``checkpoint_check`
 inside 2 aborts the upload, so the object stays as it was. Every step is one PUT, so the
 sidecar itself is always whole. One writer per key at a time, as for local files.
 
-Kept free of torch/Lightning imports.
+The sidecar's format, the checksum and the comparison of an object with its records are
+``checkpoint_record``'s, through the object store's fsspec filesystem. Kept free of
+torch/Lightning imports.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
+import dataclasses
+import shutil
+import tempfile
 import time
-from typing import Any
-
-import google_crc32c
-import numpy as np
+from dataclasses import dataclass
+from typing import IO, Any
 
 from lightning_aquila import object_store
-from lightning_aquila.checkpoint_record import SIDECAR_SUFFIX, ChecksumWriter, Record, Verdict
+from lightning_aquila.checkpoint_record import (
+    UPLOADING,
+    ChecksumWriter,
+    Record,
+    Uploading,
+    Verdict,
+    checksum_bytes,
+    encode_sidecar,
+    load_sidecar,
+    sidecar_name,
+    verify_file,
+)
 
 _CHUNK = 8 << 20
-UPLOADING = "uploading"
 
 
 def sidecar_url(url: str) -> str:
     """``<dir>/.<name>.crc32c.json``: hidden, without ``.ckpt``, as for local files."""
-    return object_store.join(object_store.parent(url),
-                             f".{object_store.name(url)}{SIDECAR_SUFFIX}")
+    return object_store.join(object_store.parent(url), sidecar_name(object_store.name(url)))
 
 
-def read_sidecar(url: str) -> tuple[list[Record] | None, dict[str, Any] | None]:
+def read_sidecar(url: str) -> tuple[list[Record] | None, Uploading | None]:
     """The records of ``url``'s sidecar (``None`` without one) and its ``uploading`` mark.
     Raises ``ValueError`` when the sidecar cannot be read."""
-    fs, path = object_store.filesystem(sidecar_url(url))
-    try:
-        text = fs.cat_file(path).decode("utf-8")
-    except FileNotFoundError:
-        return None, None
-    try:
-        data = json.loads(text)
-        records = [Record.from_json(r) for r in data["records"]]
-        mark = data.get(UPLOADING)
-        if mark is not None:
-            mark = {"started": float(mark["started"]),
-                    "record": None if mark["record"] is None else Record.from_json(mark["record"])}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"its record {object_store.name(sidecar_url(url))} is unreadable "
-                         f"({error})") from None
-    return records, mark
+    fs, path = object_store.filesystem(url)
+    return load_sidecar(fs, path)
 
 
-def write_sidecar(url: str, records: list[Record], mark: dict[str, Any] | None = None) -> None:
+def write_sidecar(url: str, records: list[Record], mark: Uploading | None = None) -> None:
     """One PUT of the whole sidecar."""
-    data: dict[str, Any] = {"format": "crc32c-v1", "records": [r.to_json() for r in records]}
-    if mark is not None:
-        data[UPLOADING] = {"started": mark["started"], "record": None if mark["record"] is None
-                           else mark["record"].to_json()}
     fs, path = object_store.filesystem(sidecar_url(url))
-    fs.pipe_file(path, json.dumps(data).encode())
+    fs.pipe_file(path, encode_sidecar(records, mark))
 
 
 def remove_sidecar(url: str) -> None:
@@ -117,7 +109,7 @@ class RemoteSave:
         except FileNotFoundError:
             current = None
         self.kept = [r for r in old or [] if r.size == current]
-        self.mark = {"started": time.time(), "record": None}
+        self.mark = Uploading(started=time.time())
         write_sidecar(self.url, self.kept, self.mark)  # 1
         self._handle = self.fs.open(self.path, "wb", block_size=self.part_size)
         self.writer = ChecksumWriter(self._handle)
@@ -134,7 +126,7 @@ class RemoteSave:
     def ready(self) -> None:
         """Step 3: the new record first, the old ones kept, still marked."""
         try:
-            self.mark = {**self.mark, "record": self.writer.record}
+            self.mark = dataclasses.replace(self.mark, record=self.writer.record)
             write_sidecar(self.url, [self.writer.record,
                                      *(r for r in self.kept if r != self.writer.record)],
                           self.mark)
@@ -176,69 +168,70 @@ def exists(url: str) -> bool:
 
 
 def verify(url: str, data: bytes | None = None) -> Verdict:
-    """Compare the object ``url`` (or ``data``, its bytes as loaded) with its sidecar."""
+    """Compare the object ``url`` (or ``data``, its bytes as read) with its sidecar."""
     fs, path = object_store.filesystem(url)
+    return verify_file(fs, path, None if data is None else checksum_bytes(data))
+
+
+# -- one download for the check and the load -------------------------------------------------
+@dataclass
+class Download:
+    """A local copy of an object, checksummed as its bytes arrived, and the verdict on those
+    bytes: the bytes a resume checks are the bytes it loads."""
+
+    url: str
+    #: size, ETag and time of the object when it was downloaded
+    identity: tuple[Any, ...]
+    #: a temporary file without a name: its space is freed when it is closed, or when the
+    #: process ends however it ends
+    file: IO[bytes]
+    verdict: Verdict
+
+
+_download: Download | None = None
+
+
+def fetch(url: str) -> Download:
+    """The object ``url`` downloaded once and compared with its sidecar.
+
+    A resume checks the checkpoint before the trainer is built (``checkpoint_check``) and
+    loads it inside ``trainer.fit`` (``AtomicCheckpointIO.load_checkpoint``); both ask here,
+    and while the object is unchanged (one ``HEAD``: the same size, ETag and time) the second
+    gets the copy the first downloaded. One copy is kept (the last fetched) in the run's
+    local folder (``object_store.local_copy``), not in memory: a checkpoint may be larger
+    than what the host can spare while the model is built. ``FileNotFoundError`` without
+    the object."""
+    global _download
+    fs, path = object_store.filesystem(url)
+    fs.invalidate_cache(path)  # s3fs caches listings: another process may have written
+    info = fs.info(path)
+    identity = (info.get("size"), info.get("ETag"), object_store.mtime_ns(info))
+    if _download is not None and (_download.url, _download.identity) == (url, identity):
+        return _download
+    release()
+    folder = object_store.local_copy(object_store.parent(url))
+    folder.mkdir(parents=True, exist_ok=True)
+    file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115  (kept open for the load)
     try:
-        records, mark = read_sidecar(url)
-    except ValueError as error:
-        return Verdict("damaged", str(error))
-    if data is None:
-        try:
-            fs.invalidate_cache(path)  # s3fs caches listings: another process may have written
-            size = fs.info(path)["size"]
-        except FileNotFoundError:
-            return Verdict("damaged", "missing")
-    else:
-        size = len(data)
-    if records is None:
-        return Verdict("unverified", f"no size/checksum record "
-                                     f"({object_store.name(sidecar_url(url))})")
-    if size not in {r.size for r in records}:
-        return Verdict("damaged", f"size {size} bytes, recorded "
-                                  f"{' or '.join(str(r.size) for r in records)}")
-    actual = _checksum(fs, path) if data is None else Record(
-        len(data), google_crc32c.extend(0, np.frombuffer(data, dtype=np.uint8)))
-    if actual not in records:
-        return Verdict("damaged", f"checksum mismatch: crc32c {actual.crc32c:08x}, recorded "
-                                  f"{' or '.join(f'{r.crc32c:08x}' for r in records)}")
-    if mark is not None and actual != mark["record"]:
-        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(mark["started"]))
-        return Verdict("intact", note=f"the upload of a newer version, begun {started}, did "
-                                      "not complete; this is the version before it")
-    return Verdict("intact")
+        writer = ChecksumWriter(file)
+        with fs.open(path, "rb", block_size=_CHUNK, cache_type="none") as source:
+            shutil.copyfileobj(source, writer, _CHUNK)
+        file.flush()
+        verdict = verify_file(fs, path, writer.record)
+    except BaseException:
+        file.close()
+        raise
+    _download = Download(url, identity, file, verdict)
+    return _download
 
 
-def _checksum(fs: Any, path: str) -> Record:
-    crc, size = 0, 0
-    with fs.open(path, "rb", block_size=_CHUNK, cache_type="none") as handle:
-        while chunk := handle.read(_CHUNK):
-            crc = google_crc32c.extend(crc, np.frombuffer(chunk, dtype=np.uint8))
-            size += len(chunk)
-    return Record(size, crc)
+def release() -> None:
+    """Close the kept copy (a load is done with it)."""
+    global _download
+    if _download is not None:
+        _download.file.close()
+        _download = None
 
 
-def newest(directories: list[str], pattern: Any) -> tuple[int, str] | None:
-    """The newest checkpoint object whose name (without ``.ckpt``) ``pattern`` matches, as
-    ``(mtime_ns, url)``."""
-    found = [(mtime, url) for d in directories for url, mtime in object_store.listing(d)
-             if url.endswith(".ckpt") and pattern.match(object_store.name(url)[:-5])]
-    return max(found, key=lambda item: item[0], default=None)
-
-
-def candidates(directory: str, exclude: str) -> list[str]:
-    """The other checkpoint objects of ``directory``, newest first (S3 times its objects to
-    the second, so ties go by the numbers in their names: ``step=12`` after ``step=9``)."""
-    found = [(mtime, url) for url, mtime in object_store.listing(directory)
-             if url.endswith(".ckpt") and not object_store.name(url).startswith(".")
-             and url != exclude]
-    return [url for _, url in sorted(found, key=lambda item: (item[0], _natural(item[1])),
-                                     reverse=True)]
-
-
-def _natural(text: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part
-                 for part in re.split(r"(\d+)", object_store.name(text)))
-
-
-__all__ = ["UPLOADING", "RemoteSave", "candidates", "exists", "newest", "read_sidecar",
+__all__ = ["UPLOADING", "Download", "RemoteSave", "exists", "fetch", "read_sidecar", "release",
            "remove_sidecar", "sidecar_url", "verify", "write_sidecar"]

@@ -119,7 +119,8 @@ def moto_endpoint() -> Iterator[str]:
     has the one that can be stopped, restarted and throttled.)"""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    from helpers.s3_faults import free_port, wait_until_up
+    from helpers.ports import free_port
+    from helpers.s3_faults import wait_until_up
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",

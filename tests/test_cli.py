@@ -120,6 +120,38 @@ def test_a_class_name_typo_is_one_line_naming_the_field_and_the_cause(tmp_path):
     assert "module 'lightning_aquila.callbacks' has no attribute 'EffectiveDataMixtur'" in first
 
 
+class RefusingWindows:
+    """A dataset whose every item raises ``error(message)``, as a store read in a loader
+    worker does."""
+
+    def __init__(self, error: type[Exception], message: str) -> None:
+        self.error, self.message = error, message
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise self.error(self.message)
+
+
+@pytest.mark.parametrize("error", ["DataError", "StorageUnavailable"])
+def test_an_error_of_a_loader_worker_is_the_workers_own_line(error):
+    """A DataLoader rebuilds a worker's error in the main process with the worker's whole
+    traceback as its message; the line the CLI prints is the worker's message."""
+    from torch.utils.data import DataLoader
+
+    from lightning_aquila.cli.errors import is_user_error, one_line
+    from lightning_aquila.datamodules import storage_retry
+
+    kind = getattr(storage_retry, error)
+    message = ("s3://bucket/s.zarr stayed unreachable for 3 s, past storage_retry "
+               "max_wait_s=3: ConnectionError: refused; once it is back, resume")
+    with pytest.raises(kind) as raised:
+        next(iter(DataLoader(RefusingWindows(kind, message), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)
+    assert is_user_error(raised.value) and one_line(raised.value) == message
+
+
 def test_a_callback_argument_its_constructor_refuses_is_one_line_naming_the_cause():
     from jsonargparse import ArgumentParser
     from lightning.pytorch import Callback

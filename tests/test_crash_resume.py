@@ -36,6 +36,8 @@ from lightning_aquila import AquilaLM
 from lightning_aquila.atomic import atomic_file, partial_files, replace_directory
 from lightning_aquila.callbacks import TrainingStateMonitor
 from lightning_aquila.checkpoint import AtomicCheckpointIO
+from lightning_aquila.cli.run_folder import checkpoint_step
+from lightning_aquila.cli.same_resume import resume_point
 from lightning_aquila.cli.trainer import with_atomic_checkpoint_io
 from lightning_aquila.datamodules import DomainDataModule
 from lightning_aquila.strategies import AquilaParallelStrategy
@@ -232,6 +234,36 @@ def test_the_cli_trainer_gets_atomic_checkpoint_io(crash_store, monkeypatch):
                     args=["--data", "lightning_aquila.datamodules.DomainDataModule",
                           "--data.store", crash_store, "--trainer.logger", "false"])
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+#: One entry per unpickling of a ``Loaded`` (a read of a checkpoint that holds one).
+LOADS: list[int] = []
+
+
+def _loaded() -> Loaded:
+    LOADS.append(1)
+    return Loaded()
+
+
+class Loaded:
+    """Counts the reads of a checkpoint it is saved in: each unpickling calls ``_loaded``."""
+
+    def __reduce__(self):
+        return _loaded, ()
+
+
+def test_the_checks_of_a_resume_read_its_checkpoint_once(tmp_path):
+    """The finished-run check and ``SameResumeOnEveryRank`` both need the step of the
+    checkpoint a fit resumes from: it is read once (Lightning's load in ``fit`` is the only
+    other read), and again only once the file is replaced."""
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 12, "counted": Loaded()}, path)
+    LOADS.clear()
+    assert checkpoint_step(path) == 12
+    assert resume_point(path) == (12, path.stat().st_size)
+    assert len(LOADS) == 1
+    AtomicCheckpointIO().save_checkpoint({"global_step": 13, "counted": Loaded()}, path)
+    assert resume_point(path) == (13, path.stat().st_size) and len(LOADS) == 2
 
 
 def test_aquila_parallel_strategy_defaults_to_atomic_checkpoint_io():

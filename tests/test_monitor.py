@@ -13,13 +13,13 @@ import importlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.ports import free_port
 from helpers.tiny_project import (
     VOCAB,
     BagOfTokensLM,
@@ -597,12 +597,6 @@ def test_probe_results_are_logged_every_n_steps(tmp_path):
 
 
 # -- two processes, FSDP2 (ModelParallelStrategy on CPU with gloo) --------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_fsdp2_and_tensor_parallel_runs_reduce_across_ranks(tmp_path):
     """Both ranks check their monitor against values computed from all ranks' batches and
     from the gathered (test-only) full weights: first data-parallel FSDP2, then one
@@ -610,7 +604,7 @@ def test_two_process_fsdp2_and_tensor_parallel_runs_reduce_across_ranks(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), __file__, str(tmp_path)],
+         "--master_port", str(free_port()), __file__, str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,32 +22,8 @@ SECRET = "s3-test-secret-never-written"
 TEXTS = [f"document {i} of a corpus kept in object storage. " * (5 + i % 7) for i in range(300)]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server in its own process on a free local port; yields its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"moto server did not start on {url}")
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
 @pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request) -> dict:
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request) -> dict:
     """A fresh bucket; credentials in the environment (as in production), the endpoint in
     ``storage_options``. Returns the bucket URL, the options and the filesystem."""
     import s3fs
@@ -61,7 +31,7 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request) -> dict:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "s3-test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    options = {"endpoint_url": s3_endpoint}
+    options = {"endpoint_url": moto_endpoint}
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     bucket = f"dmu-{request.node.name.replace('_', '-')[:40].lower().strip('-')}"
     fs.mkdir(bucket)

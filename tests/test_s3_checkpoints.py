@@ -27,6 +27,8 @@ import pytest
 import torch
 import yaml
 from crash_helpers import harness
+from helpers.tiny_project import VOCAB, TinyLM, quiet_trainer
+from torch.utils.data import DataLoader, Dataset
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -60,6 +62,30 @@ def s3_env(moto_endpoint, tmp_path_factory):
 
 def s3():
     return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture
+def proxy(s3_env, tmp_path, monkeypatch):
+    """A proxy process in front of the S3 server that logs every request
+    (``helpers.s3_faults.FaultProxy``, no faults injected), as the endpoint of this
+    process."""
+    from helpers.s3_faults import FaultProxy
+
+    proxy = FaultProxy(s3_env["AWS_ENDPOINT_URL_S3"], tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield proxy
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # none left with the proxy's endpoint
+        proxy.stop()
+
+
+def bytes_read(proxy, since: int, key: str) -> int:
+    """Bytes of the object ``key`` (``bucket/path``) that GETs fetched since request
+    ``since``."""
+    return sum(size for method, path, size in proxy.requests()[since:]
+               if method == "GET" and path == f"/{key}")
 
 
 def s3_config(run: Path, store: str, root: str, padded_step: int | None = None) -> Path:
@@ -320,6 +346,67 @@ def test_a_failed_completion_leaves_the_old_object_verified_with_the_note(s3_env
     assert checkpoint_io.load_checkpoint(url)["global_step"] == 1
 
 
+def test_a_resume_downloads_the_checkpoint_once_for_its_check_and_its_load(proxy):
+    """``checked_resume_path`` verifies the object before the trainer is built, and the
+    loader loads the copy it verified: the object's bytes cross the network once. An object
+    replaced in between is downloaded again, and the new one is loaded."""
+    url = f"s3://{BUCKET}/once/last.ckpt"
+    checkpoint_io = AtomicCheckpointIO(part_size=PART)
+    checkpoint_io.save_checkpoint({"global_step": 7, "weights": torch.ones(PART // 8)}, url)
+    size = s3().info(url)["size"]
+    before = len(proxy.requests())
+    assert checked_resume_path(url, []) == url
+    assert checkpoint_io.load_checkpoint(url)["global_step"] == 7
+    assert bytes_read(proxy, before, f"{BUCKET}/once/last.ckpt") == size
+
+    assert checked_resume_path(url, []) == url
+    checkpoint_io.save_checkpoint({"global_step": 8, "weights": torch.ones(PART // 8)}, url)
+    before = len(proxy.requests())
+    assert checkpoint_io.load_checkpoint(url)["global_step"] == 8
+    assert bytes_read(proxy, before, f"{BUCKET}/once/last.ckpt") == s3().info(url)["size"]
+
+
+class Windows(Dataset):
+    """Token windows of two domains, for ``helpers.tiny_project.TinyLM``."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.arange(i, i + 9) % VOCAB
+        return {"input_ids": ids[:-1], "labels": ids[1:], "domain": torch.tensor(i % 2)}
+
+
+def test_each_run_file_goes_up_once_per_checkpoint_and_once_at_the_end_of_fit(proxy,
+                                                                                 tmp_path):
+    """With ``save_last`` every checkpoint event saves two files, each telling the monitor to
+    upload its run files; at the end of the fit the report is written, then the log
+    closes. Each file is uploaded once per event, and never again unchanged: every PUT of a
+    file carries more than the one before it (the files only grow)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_aquila.callbacks.monitor import TrainingStateMonitor
+
+    run = f"s3://{BUCKET}/uploads"
+    monitor = TrainingStateMonitor(run_dir=run, domains=["a", "b"], train_loss_every_n_steps=1,
+                                   report_on_fit_end=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2,
+                                 save_last=True, save_top_k=-1)
+    before = len(proxy.requests())
+    quiet_trainer(tmp_path, [monitor, checkpoint], max_steps=4, enable_checkpointing=True
+                  ).fit(TinyLM(), DataLoader(Windows(), batch_size=4))
+    puts: dict[str, list[int]] = {}
+    for method, path, size in proxy.requests()[before:]:
+        if method == "PUT":
+            puts.setdefault(path.removeprefix(f"/{BUCKET}/uploads/"), []).append(size)
+    assert sorted(puts) == ["report.html", "report.png", "tsm/events.jsonl",
+                            "tsm/metrics.jsonl"]
+    assert len(puts["tsm/metrics.jsonl"]) == 2  # the checkpoints of steps 2 and 4
+    for name, sizes in puts.items():
+        assert sizes == sorted(set(sizes)), (name, sizes)
+        assert sizes[-1] == s3().info(f"{run}/{name}")["size"], name
+
+
 def test_a_damaged_remote_last_is_never_loaded_and_the_resume_falls_back_in_one_line(
         s3_env, capsys):
     folder = f"s3://{BUCKET}/damaged"
@@ -359,6 +446,36 @@ def test_bad_settings_for_object_storage_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"sharded checkpoints cannot go to object storage "
                                          r"\(s3://bucket/run/last.ckpt\)"):
         AquilaParallelStrategy().save_checkpoint({}, "s3://bucket/run/last.ckpt")
+
+
+def test_sharded_checkpoints_to_object_storage_are_refused_at_setup_in_one_line(s3_env,
+                                                                                  tmp_path):
+    """``AquilaParallelStrategy`` saves sharded checkpoints by renaming a directory, which
+    object storage cannot do: a fit whose ``ModelCheckpoint`` folder is a URL stops in the
+    strategy's setup, before the model is set up or trained, with one line naming it."""
+    import torch.distributed as dist
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_aquila.cli.errors import one_line
+    from lightning_aquila.strategies import AquilaParallelStrategy
+
+    folder = f"s3://{BUCKET}/sharded/checkpoints"
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=AquilaParallelStrategy(),
+                      max_steps=2, callbacks=[ModelCheckpoint(dirpath=folder)], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    try:
+        with pytest.raises(ValueError) as refused:
+            trainer.fit(TinyLM(), DataLoader(Windows(), batch_size=4))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert one_line(refused.value) == str(refused.value) == (
+        f"AquilaParallelStrategy: sharded checkpoints cannot go to object storage ({folder}): "
+        "give a local or shared-filesystem checkpoint folder, or "
+        "save_distributed_checkpoint=false for single files")
+    assert trainer.global_step == 0 and not s3().exists(folder)
 
 
 def jsonl(text: str) -> list[dict]:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from crash_helpers import harness, nodes
+from helpers.ports import free_port
 
 from lightning_aquila.atomic import PARTIAL_SUFFIX
 from lightning_aquila.cli.same_resume import SameResumeOnEveryRank
@@ -156,7 +157,7 @@ def test_ranks_that_would_resume_from_different_checkpoints_all_stop_in_one_line
     shutil.copy(step3, copy)
     torch.save({"global_step": 6, "state_dict": {"w": torch.zeros(4)}}, step6)
     cases = [[str(step3), str(copy)], [None, None], [str(step3), None], [str(step3), str(step6)]]
-    init = f"tcp://127.0.0.1:{nodes.free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     mp.spawn(_resume_on_rank, args=(init, cases, str(tmp_path)), nprocs=2)
     answers = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
     assert answers[0] == answers[1]  # every rank stops, or none

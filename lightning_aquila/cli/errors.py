@@ -38,6 +38,10 @@ _REFUSED_KEY = re.compile(r"(?:Subcommand '[\w-]+'|Group '([\w.-]+)') does not a
                           r"'([^']+)'")
 _REFUSED_FLAG = re.compile(r"[Uu]nrecognized arguments: --([^\s=]+)")
 _SUBCOMMAND = re.compile(r"Subcommand '([\w-]+)'")
+#: How a DataLoader worker's exception reaches the main process: the same class, rebuilt with
+#: the worker's whole traceback as its message (``torch.utils.data``'s ``ExceptionWrapper``),
+#: whose end is ``<module>.<class>: <the worker's message>``.
+_WORKER = re.compile(r"\ACaught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
 class ConfigFileError(ValueError):
@@ -149,7 +153,7 @@ def one_line(error: BaseException) -> str:
     while _raised_by_jsonargparse(chain[-1]) and chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     if len(chain) == 1:
-        return " ".join(str(error).split()) or type(error).__name__
+        return " ".join(worker_message(str(error)).split()) or type(error).__name__
     # (a link that re-raises the one below with the same message adds nothing)
     firsts = [str(link).strip().split("\n", 1)[0] for link, below in pairwise(chain)
               if str(link) != str(below)]
@@ -160,6 +164,16 @@ def one_line(error: BaseException) -> str:
         where += f"{' ' if where else ''}(class_path {classes[-1]!r})"
     cause = " ".join(str(chain[-1]).split()).rstrip(":") or type(chain[-1]).__name__
     return f"{where}: {cause}" if where else cause
+
+
+def worker_message(text: str) -> str:
+    """The worker's own message when ``text`` is the message of an error a DataLoader worker
+    raised (a ``DataError`` naming a damaged chunk, ``StorageUnavailable``); else ``text``."""
+    worker = _WORKER.match(text)
+    if worker is None:
+        return text
+    ends = list(re.finditer(rf"^(?:[\w.]+\.)?{worker.group(1)}: ", text, re.M))
+    return text[ends[-1].end():] if ends else text
 
 
 def _raised_by_jsonargparse(error: BaseException) -> bool:

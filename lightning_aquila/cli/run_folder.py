@@ -115,16 +115,33 @@ def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
     return newest_last(checkpoint_dirs) is not None
 
 
-def checkpoint_step(path: str | Path | None) -> int | None:
-    """The ``global_step`` a single-file checkpoint was saved at (memory-mapped: nothing
-    but that number is read); ``None`` for a sharded (directory) checkpoint or none."""
-    if path is None or object_store.is_remote(path) or not Path(path).is_file():
-        return None  # an object would be downloaded whole for that number
-    import torch
+#: ``checkpoint_step``'s answers, by file and version: (path, inode, size, mtime_ns) -> step
+_steps: dict[tuple[str, int, int, int], int | None] = {}
 
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    step = state.get("global_step") if isinstance(state, dict) else None
-    return int(step) if isinstance(step, int) else None
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The ``global_step`` a single-file checkpoint was saved at; ``None`` for a sharded
+    (directory) checkpoint, an object on object storage (it would be downloaded whole for
+    that number) or none.
+
+    Read once per file while it is unchanged: a resume asks for the finished-run check
+    before the trainer is built and again for ``SameResumeOnEveryRank``'s comparison of the
+    ranks. This read cannot be Lightning's own load of the checkpoint, which happens inside
+    ``trainer.fit`` after the model is built: the finished run is refused before anything
+    is built (no trainer, no tracker run), and holding the whole checkpoint from then until
+    the load would keep it in memory while the model is built. So it is memory-mapped:
+    nothing but the pickled structure is read, not the tensors."""
+    if path is None or object_store.is_remote(path) or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _steps:
+        import torch
+
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        step = state.get("global_step") if isinstance(state, dict) else None
+        _steps[key] = int(step) if isinstance(step, int) else None
+    return _steps[key]
 
 
 @dataclass(frozen=True)

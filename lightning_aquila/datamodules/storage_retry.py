@@ -56,15 +56,8 @@ _NAMES = frozenset({"ConnectionError", "EndpointConnectionError", "ConnectionClo
 
 class StorageUnavailable(DataError):
     """The store stayed unreachable past ``storage_retry.max_wait_s``. Its message is one
-    line naming the store and the bound."""
-
-    def __init__(self, message: str) -> None:
-        # From a DataLoader worker it reaches the main process rebuilt from the worker's
-        # traceback text ("Caught StorageUnavailable in DataLoader worker process 0.\n
-        # Original Traceback ...\n<module>.StorageUnavailable: <message>"): keep the message.
-        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
-            message = message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
-        super().__init__(message)
+    line naming the store and the bound (from a loader worker it arrives inside the worker's
+    traceback text, which ``cli.errors.one_line`` takes it out of, as for any error)."""
 
 
 def transient(error: BaseException) -> bool:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,25 @@ from lightning_aquila.datamodules.split import PARTS, heldout_part
 from lightning_aquila.datamodules.storage_retry import NO_RETRY, StorageRetry, transient
 
 
+@contextmanager
+def _damage_unless_transient(damage: Callable[[Exception], DataError], *,
+                             chained: bool = False) -> Iterator[None]:
+    """An error of the body is the store's damage, raised as ``damage(error)`` (a
+    ``DataError`` that names what could not be read: zarr raises JSON, codec and validation
+    errors of many types), except two, raised as they are: one that says the store is
+    unreachable (:func:`transient`), which ``StorageRetry`` waits out, and a ``DataError``
+    of the body's own, which already says what is wrong. ``chained``: keep the error as the
+    cause (a chunk's codec error), rather than hide it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        if transient(exc):
+            raise
+        raise damage(exc) from (exc if chained else None)
+
+
 class ShardStore:
     """A shard store opened for reading: the manifest and each domain's committed metadata.
 
@@ -52,32 +73,26 @@ class ShardStore:
         retry.call(self.url, self._open)
 
     def _open(self) -> None:
-        try:
-            self._root = zarr.open_group(
-                zarr_store(self.url, read_only=True, storage_options=self.storage_options),
-                mode="r", zarr_format=3,  # one GET (zarr.json), not also v2's three
-            )
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
-            raise DataError(f"no shard store at {self.url!r} ({type(exc).__name__}); "
-                            "build one with `lightning-aquila prepare`") from None
-        except Exception as exc:  # zarr raises JSON, codec and validation errors of many types
-            if transient(exc):
-                raise
-            raise damaged(f"shard store {self.url!r}", "the root group (zarr.json)",
-                           exc) from None
+        with _damage_unless_transient(partial(damaged, f"shard store {self.url!r}",
+                                              "the root group (zarr.json)")):
+            try:
+                self._root = zarr.open_group(
+                    zarr_store(self.url, read_only=True, storage_options=self.storage_options),
+                    mode="r", zarr_format=3,  # one GET (zarr.json), not also v2's three
+                )
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+                raise DataError(f"no shard store at {self.url!r} ({type(exc).__name__}); "
+                                "build one with `lightning-aquila prepare`") from None
         names = checked_manifest(self.url, self._root.attrs.get(MANIFEST_KEY), "reads")["domains"]
         self.domains: dict[str, DomainInfo] = {}
         for name in names:
             where = f"shard store {self.url!r}, domain {name!r}"
-            try:
-                group = self._root[name]
-            except KeyError:
-                raise DataError(f"shard store {self.url!r}: the manifest lists domain {name!r} "
-                                "but its group is missing") from None
-            except Exception as exc:
-                if transient(exc):
-                    raise
-                raise damaged(where, "its group", exc) from None
+            with _damage_unless_transient(partial(damaged, where, "its group")):
+                try:
+                    group = self._root[name]
+                except KeyError:
+                    raise DataError(f"shard store {self.url!r}: the manifest lists domain "
+                                    f"{name!r} but its group is missing") from None
             if not isinstance(group, zarr.Group):
                 raise DataError(f"{where}: {name!r} is not a group")
             self.domains[name] = DomainInfo.from_attrs(where, group.attrs.asdict())
@@ -88,13 +103,9 @@ class ShardStore:
         from lightning_aquila.datamodules.store_tokenizer import read_tokenizer_copy
 
         def read() -> str | None:
-            try:
+            with _damage_unless_transient(partial(damaged, f"shard store {self.url!r}",
+                                                  f"the tokenizer copy {hash_[:8]}")):
                 return read_tokenizer_copy(self._root, hash_)
-            except Exception as exc:  # zarr's codec and JSON errors of many types
-                if transient(exc):
-                    raise
-                raise damaged(f"shard store {self.url!r}", f"the tokenizer copy {hash_[:8]}",
-                              exc) from None
 
         return self.retry.call(self.url, read)
 
@@ -124,14 +135,11 @@ class ShardStore:
         where = self.where(domain, split, segment)
 
         def open_node() -> Any:
-            try:
-                return self._root[f"{domain}/{split}/{segment}/{name}"]
-            except KeyError:
-                return None
-            except Exception as exc:
-                if transient(exc):
-                    raise
-                raise damaged(where, f"array {name!r}", exc) from None
+            with _damage_unless_transient(partial(damaged, where, f"array {name!r}")):
+                try:
+                    return self._root[f"{domain}/{split}/{segment}/{name}"]
+                except KeyError:
+                    return None
 
         node = self.retry.call(self.url, open_node)
         if node is None:
@@ -196,16 +204,11 @@ def read_chunk(array: zarr.Array, index: int, where: str, stop: int | None = Non
     an unreachable store (:func:`transient`), which is raised as it is, to be retried."""
     size = array.chunks[0]
     end = min((index + 1) * size, array.shape[0] if stop is None else stop)
-    try:
-        return np.asarray(array[index * size:end])
-    except Exception as exc:  # zarr raises codec/IO-specific types; name the chunk
-        if transient(exc):
-            raise
-        raise DataError(
+    with _damage_unless_transient(lambda exc: DataError(
             f"{where}: chunk c/{index} of {array.basename!r} could not be read "
             f"({type(exc).__name__}: {exc}); the store is corrupt - rebuild this domain with "
-            "`lightning-aquila prepare`"
-        ) from exc
+            "`lightning-aquila prepare`"), chained=True):
+        return np.asarray(array[index * size:end])
 
 
 def missing_chunks(array: zarr.Array) -> list[str]:

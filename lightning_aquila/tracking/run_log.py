@@ -11,9 +11,12 @@ the log instead. Only global rank 0 writes the files; events recorded before the
 A run directory on object storage (``s3://bucket/run``) cannot be appended to, so the files
 are written in a local copy of it (``object_store.local_copy``: under ``~/.cache``) and
 uploaded whole, one PUT each, by ``sync``: at every checkpoint (the monitor calls it) and
-when the log closes (fit end, an exception). A resume first downloads them into the local
-copy, which they replace, and appends there. A kill loses at most what was logged since the
-last checkpoint, which the resumed run logs again.
+when the log closes (fit end, an exception). ``sync`` sends only the files that changed since
+they were last sent: a checkpoint event that writes two files (``save_last``) calls it twice,
+and the end of a fit once for the report and once as the log closes, yet each file goes up
+once. A resume first downloads them into the local copy, which they replace, and appends
+there. A kill loses at most what was logged since the last checkpoint, which the resumed run
+logs again.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class RunLog:
         #: for a run directory on object storage: its URL and the local copy written to
         self.remote: str | None = None
         self.local_dir: Path | None = None
+        #: each local file as it was when last uploaded: (size, mtime_ns, inode)
+        self._uploaded: dict[Path, tuple[int, int, int]] = {}
 
     def open(self, run_dir: Path | str, write: bool) -> None:
         """Opens the files under ``run_dir/tsm`` when ``write`` (and they are not open yet)
@@ -67,6 +72,7 @@ class RunLog:
         if write and self._metrics is None:
             if object_store.is_remote(run_dir):
                 self.remote, self.local_dir = str(run_dir), object_store.local_copy(run_dir)
+                self._uploaded = {}
                 for path in (metrics_path(self.local_dir), events_path(self.local_dir)):
                     _download(self._url(path), path)
             else:
@@ -79,12 +85,18 @@ class RunLog:
 
     def sync(self, *extra: Path) -> None:
         """Upload the files (and ``extra`` files of the local copy) to a run directory on
-        object storage, each in one PUT; nothing for a local one."""
+        object storage, each in one PUT, those that changed since their last upload; nothing
+        for a local one."""
         if self.remote is None or self._metrics is None:
             return
         for path in (metrics_path(self.local_dir), events_path(self.local_dir), *extra):
+            stat = path.stat()
+            state = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            if self._uploaded.get(path) == state:
+                continue
             fs, key = object_store.filesystem(self._url(path))
             fs.put_file(str(path), key)
+            self._uploaded[path] = state
 
     def _url(self, local: Path) -> str:
         return object_store.join(self.remote, *local.relative_to(self.local_dir).parts)

@@ -19,7 +19,6 @@ import contextlib
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from helpers.ports import free_port
 
 from crash_helpers import harness
 
@@ -39,12 +39,6 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 #: torch's c10d rendezvous shares one TCPStore across restarts, and a restarted gloo group
 #: then reads the dead group's addresses (pytorch/pytorch#135712; docs/crash-safety.md)
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,12 +31,6 @@ from pathlib import Path
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message>"
              b"<RequestId>fault-proxy</RequestId></Error>")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -61,6 +54,9 @@ class MotoServer:
 
     def __init__(self, source: str | Path, bucket: str, key: str, port: int | None = None
                  ) -> None:
+        from helpers.ports import free_port  # not at the top: run as a script, this file has
+        # tests/helpers on its path, not tests
+
         self.source, self.bucket, self.key = str(source), bucket, key
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -84,16 +80,21 @@ class MotoServer:
 class FaultProxy:
     """The proxy process: forwards every request to ``upstream``; inside a window set by
     :meth:`inject` it answers ``503 SlowDown`` to every ``error_every``-th request and
-    delays every response by ``delay_s``. Each fault it injects is one line of its log."""
+    delays every response by ``delay_s``. Each fault it injects is one line of its log, and
+    each request it forwards one line of its request log (``requests``)."""
 
     def __init__(self, upstream: str, folder: Path) -> None:
+        from helpers.ports import free_port  # (see MotoServer)
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.control, self.log = folder / "faults.json", folder / "faults.log"
+        self.request_log = folder / "requests.log"
         self.control.write_text("{}")
         self.process = subprocess.Popen(
             [sys.executable, __file__, "proxy", "--port", str(self.port), "--upstream",
-             upstream, "--control", str(self.control), "--log", str(self.log)],
+             upstream, "--control", str(self.control), "--log", str(self.log),
+             "--requests", str(self.request_log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until_up(self.url, self.process)
 
@@ -108,6 +109,12 @@ class FaultProxy:
         """How many faults were injected so far, by kind (``error``, ``delay``)."""
         lines = self.log.read_text().split() if self.log.exists() else []
         return {kind: lines.count(kind) for kind in ("error", "delay")}
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        """The requests forwarded so far, in order: ``(method, path without the query,
+        bytes of the body)``: a PUT's or POST's own body, else the answer's."""
+        lines = self.request_log.read_text().splitlines() if self.request_log.exists() else []
+        return [(method, path, int(size)) for method, path, size in map(str.split, lines)]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -136,7 +143,7 @@ def serve_moto(port: int, source: str, bucket: str, key: str) -> None:
     threading.Event().wait()
 
 
-def serve_proxy(port: int, upstream: str, control: str, log: str) -> None:
+def serve_proxy(port: int, upstream: str, control: str, log: str, requests: str) -> None:
     target = upstream.removeprefix("http://")
     counter = iter(range(1 << 62))
     log_lock = threading.Lock()
@@ -157,8 +164,8 @@ def serve_proxy(port: int, upstream: str, control: str, log: str) -> None:
             every = int(spec.get("error_every", 1))
             return every > 0 and next(counter) % every == 0, float(spec.get("delay_s", 0))
 
-        def _note(self, kind: str) -> None:
-            with log_lock, open(log, "a") as out:
+        def _note(self, kind: str, file: str = log) -> None:
+            with log_lock, open(file, "a") as out:
                 out.write(kind + "\n")
 
         def _forward(self) -> None:
@@ -179,6 +186,8 @@ def serve_proxy(port: int, upstream: str, control: str, log: str) -> None:
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
                 response = upstream_conn.getresponse()
                 data = response.read()
+                sent = len(body or b"") if self.command in ("PUT", "POST") else len(data)
+                self._note(f"{self.command} {self.path.split('?', 1)[0]} {sent}", requests)
                 dropped = ("connection", "keep-alive", "transfer-encoding",
                            *(() if self.command == "HEAD" else ("content-length",)))
                 kept = {k: v for k, v in response.getheaders() if k.lower() not in dropped}
@@ -209,13 +218,13 @@ def main() -> None:
     for name in ("--port", "--load", "--bucket", "--key"):
         moto.add_argument(name, required=True, type=int if name == "--port" else str)
     proxy = sub.add_parser("proxy")
-    for name in ("--port", "--upstream", "--control", "--log"):
+    for name in ("--port", "--upstream", "--control", "--log", "--requests"):
         proxy.add_argument(name, required=True, type=int if name == "--port" else str)
     args = parser.parse_args()
     if args.what == "moto":
         serve_moto(args.port, args.load, args.bucket, args.key)
     else:
-        serve_proxy(args.port, args.upstream, args.control, args.log)
+        serve_proxy(args.port, args.upstream, args.control, args.log, args.requests)
 
 
 if __name__ == "__main__":
