@@ -130,7 +130,23 @@ class StaticMixture(MixturePolicy):
         return {"weights": self.weights, **super().config()}
 
 
-class StagedMixture(MixturePolicy):
+class _StageInForce:
+    """The stage in force of a policy that walks ``stages`` with ``index``: its name, and the
+    quality temperature the engine hands the mixture (``None``: keep the one in force)."""
+
+    stages: list[dict[str, Any]]
+    index: int
+
+    @property
+    def stage(self) -> str:
+        return self.stages[self.index]["name"]
+
+    @property
+    def quality_temperature(self) -> float | Mapping[str, float | None] | None:
+        return self.stages[self.index].get("quality_temperature")
+
+
+class StagedMixture(_StageInForce, MixturePolicy):
     """The Aquila2 report's data stages (K6 → K61 → … → K65): a list of mixtures, each in
     force until a token count or a step.
 
@@ -151,14 +167,6 @@ class StagedMixture(MixturePolicy):
         self.stages = checked_stages("StagedMixture", stages, weights=True)
         self.index = 0
         self.switches: list[dict[str, Any]] = []  # {stage, step, tokens}, one per stage entered
-
-    @property
-    def stage(self) -> str:
-        return self.stages[self.index]["name"]
-
-    @property
-    def quality_temperature(self) -> float | Mapping[str, float | None] | None:
-        return self.stages[self.index].get("quality_temperature")
 
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
               **context: Any) -> None:
@@ -197,7 +205,7 @@ class StagedMixture(MixturePolicy):
         self.switches = [dict(s) for s in state["switches"]]
 
 
-class QualityCurriculum(MixturePolicy):
+class QualityCurriculum(_StageInForce, MixturePolicy):
     """A quality curriculum (QuRating) on top of another policy: ``policy`` decides the domain
     weights exactly as it would alone, and the quality temperature changes at given steps.
     What :class:`StagedMixture` does with fixed weights, for an adaptive mixture.
@@ -228,14 +236,6 @@ class QualityCurriculum(MixturePolicy):
     @property
     def name(self) -> str:
         return f"QualityCurriculum({self.policy.name})"
-
-    @property
-    def stage(self) -> str:
-        return self.stages[self.index]["name"]
-
-    @property
-    def quality_temperature(self) -> float | Mapping[str, float | None] | None:
-        return self.stages[self.index].get("quality_temperature")
 
     def setup(self, domains: Sequence[str], natural: Mapping[str, float] | None = None,
               **context: Any) -> None:
