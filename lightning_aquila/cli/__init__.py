@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             from lightning_aquila.cli.tools import run_tool
 
             return run_tool(command, words[1:])
-        errors.check_config_files(words[1:])
+        configs = errors.check_config_files(words[1:])
         if not verbose:
             from lightning_aquila.cli.known_options import refusal
 
             # a typo refused before Lightning is imported (once its options are known)
-            problem = refusal(command, words[1:])
+            problem = refusal(command, words[1:], configs=configs)
             if problem is not None:
                 print(errors.usage_error(f"lightning-aquila {command}", problem),
                       file=sys.stderr)

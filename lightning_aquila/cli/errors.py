@@ -197,18 +197,20 @@ def config_paths(words: Sequence[str]) -> list[str]:
     return paths
 
 
-def check_config_files(words: Sequence[str]) -> None:
+def check_config_files(words: Sequence[str]) -> dict[str, Any]:
     """Read every ``--config`` file as YAML first, so a missing file or a syntax error names
     the file, line and column (the parser's own message names neither the file nor, for an
-    indentation error, the cause)."""
+    indentation error, the cause). Returns what each file holds, by path, for the typo check
+    (``known_options.refusal``), which then reads no file again."""
     import yaml
 
+    read: dict[str, Any] = {}
     for path in config_paths(words):
         file = Path(path)
         if not file.is_file():
             raise ConfigFileError(f"config file {path} does not exist")
         try:
-            yaml.safe_load(file.read_text(encoding="utf-8"))
+            read[path] = yaml.safe_load(file.read_text(encoding="utf-8"))
         except yaml.MarkedYAMLError as error:
             mark = error.problem_mark or error.context_mark
             at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -217,3 +219,4 @@ def check_config_files(words: Sequence[str]) -> None:
                                   "of that line and the one above)") from error
         except yaml.YAMLError as error:
             raise ConfigFileError(f"config file {path}: not valid YAML: {error}") from error
+    return read

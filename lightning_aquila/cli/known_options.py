@@ -18,14 +18,13 @@ Only what is certainly wrong is refused; the rest is left to the full parser:
 - a command line asking for help (``--help``, ``--data.help``) is not checked at all;
 - without the cache (the first run, ``LIGHTNING_AQUILA_NO_CACHE=1``) nothing is checked.
 
-Nothing here imports more than the standard library and PyYAML.
+Nothing here imports more than the standard library (the YAML is read by ``errors``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,12 +102,12 @@ def kept(command: str) -> KnownOptions | None:
     return KnownOptions(frozenset(data.get("options", ())), frozenset(data.get("groups", ())))
 
 
-def refusal(command: str, words: Sequence[str],
-            known: KnownOptions | None = None) -> str | None:
+def refusal(command: str, words: Sequence[str], known: KnownOptions | None = None,
+            configs: Mapping[str, Any] | None = None) -> str | None:
     """The one-line error for the first option of ``words`` (a trainer command's arguments)
     that is certainly unknown to ``known`` (default: the options kept for ``command``);
-    ``None`` when all may be right or nothing is kept. The ``--config`` files must exist and
-    be valid YAML (``errors.check_config_files``)."""
+    ``None`` when all may be right or nothing is kept. ``configs``: what each ``--config``
+    file holds, as ``errors.check_config_files`` read it (read here when not given)."""
     from lightning_aquila.cli import errors
 
     if any(w in ("-h", "--help") or (w.startswith("--") and w.split("=")[0].endswith(".help"))
@@ -117,38 +116,30 @@ def refusal(command: str, words: Sequence[str],
     known = known or kept(command)
     if known is None:
         return None
-    for name, file in _named(words):
+    if configs is None:
+        configs = errors.check_config_files(words)
+    for name, file in _named(words, configs):
         if known.unknown(name):
             return errors.unknown_option(name, known.closest(name), file)
     return None
 
 
-def _named(words: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+def _named(words: Sequence[str], configs: Mapping[str, Any]
+           ) -> Iterator[tuple[str, str | None]]:
     """Each option the command line names, in order: a flag's name with ``None``, and each key
-    path a ``--config`` file sets, with the file."""
+    path a ``--config`` file sets (down to its leaves or to a mapping that names a class),
+    with the file."""
     config_next = False
     for word in words:
         if word == "--":
             return
-        if config_next:
-            yield from ((key, word) for key in _config_keys(word))
-            config_next = False
-        elif word in ("-c", "--config"):
-            config_next = True
-        elif word.startswith("--config="):
-            path = word.split("=", 1)[1]
-            yield from ((key, path) for key in _config_keys(path))
-        elif word.startswith("--") and len(word) > 2:
+        path = word if config_next else (
+            word.split("=", 1)[1] if word.startswith("--config=") else None)
+        config_next = word in ("-c", "--config")
+        if path is not None:
+            yield from ((key, path) for key in _keys(configs.get(path), ""))
+        elif word.startswith("--") and len(word) > 2 and not config_next:
             yield word[2:].split("=", 1)[0], None
-
-
-def _config_keys(path: str) -> list[str]:
-    """The dotted key paths a YAML config file sets, down to its leaves or to a mapping that
-    names a class (the file was read once already: it exists and parses)."""
-    import yaml
-
-    with open(os.fspath(path), encoding="utf-8") as file:
-        return list(_keys(yaml.safe_load(file), ""))
 
 
 def _keys(node: Any, prefix: str) -> Iterator[str]:
