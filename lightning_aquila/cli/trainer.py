@@ -77,7 +77,6 @@ class AquilaCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", AquilaArgumentParser)
         self._folder_before: FolderBefore | None = None
-        self._resume_path: str | None = None
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
@@ -126,7 +125,6 @@ class AquilaCLI(LightningCLI):
         # verified first (a damaged file is replaced by the newest intact one, or the run
         # stops), so that the finished-run check reads only a checkpoint that is whole
         config.ckpt_path = checked_resume_path(config.get("ckpt_path"), checkpoint_dirs)
-        self._resume_path = config.ckpt_path
         self._refuse_finished_run(config)
 
     @staticmethod
@@ -156,7 +154,8 @@ class AquilaCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         added = console_callbacks(callbacks, config)
         if self.subcommand == "fit":  # each process resolved --ckpt_path on its own
-            added.append(SameResumeOnEveryRank(self._resume_path))
+            # the path before_instantiate_classes verified, as fit will be given it
+            added.append(SameResumeOnEveryRank(self.config.get("fit").get("ckpt_path")))
         if added:
             kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)
