@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_aquila import object_store
-from lightning_aquila.tracking.run_files import METRICS_FILE, RUN_FILES_DIR, metrics_path
+from lightning_aquila.tracking.run_files import METRICS_FILE, RUN_FILES_DIR
 
 #: Class names (the last part of a ``class_path``) whose unset paths are filled.
 MONITOR = "TrainingStateMonitor"
@@ -80,31 +80,35 @@ def fill_run_paths(trainer_config: Any, is_checkpoint: Any) -> list[str]:
 def previous_run_files(root: str | Path, checkpoint_dirs: Iterable[str | Path] = ()) -> list[str]:
     """What in ``root`` shows that a run already trained there: monitor metrics and
     checkpoints. (A prepared data store, an empty metrics file or a ``config.yaml`` left by a
-    run that failed before its first step do not count.)"""
-    if object_store.is_remote(root):
-        return _previous_remote_files(str(root), [str(d) for d in checkpoint_dirs])
-    root = Path(root)
-    found = []
-    metrics = metrics_path(root)
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append(str(metrics))
-    for folder in dict.fromkeys([Path(d) for d in checkpoint_dirs] + [root / "checkpoints"]):
-        if folder.is_dir() and any(folder.iterdir()):
-            found.append(f"{folder}/")
-    return found
-
-
-def _previous_remote_files(root: str, checkpoint_dirs: list[str]) -> list[str]:
+    run that failed before its first step do not count.) Each path is asked where it is: a
+    local checkpoint folder of a run whose root is on object storage counts, and so does the
+    reverse."""
     found = []
     metrics = object_store.join(root, RUN_FILES_DIR, METRICS_FILE)
-    fs, path = object_store.filesystem(metrics)
-    fs.invalidate_cache(path)
-    if fs.exists(path) and fs.size(path) > 0:
+    if _written(metrics):
         found.append(metrics)
-    for folder in dict.fromkeys([*checkpoint_dirs, object_store.join(root, "checkpoints")]):
-        if object_store.is_remote(folder) and object_store.listing(folder):
+    folders = [*map(str, checkpoint_dirs), object_store.join(root, "checkpoints")]
+    for folder in dict.fromkeys(folders):
+        if _holds_files(folder):
             found.append(f"{folder}/")
     return found
+
+
+def _written(path: str) -> bool:
+    """A file that exists and is not empty (an object store is asked afresh: fsspec's cache
+    would not show what another process wrote)."""
+    if not object_store.is_remote(path):
+        file = Path(path)
+        return file.is_file() and file.stat().st_size > 0
+    fs, inner = object_store.filesystem(path)
+    fs.invalidate_cache(inner)
+    return fs.exists(inner) and fs.size(inner) > 0
+
+
+def _holds_files(folder: str) -> bool:
+    if object_store.is_remote(folder):
+        return bool(object_store.listing(folder))
+    return Path(folder).is_dir() and any(Path(folder).iterdir())
 
 
 def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
