@@ -39,6 +39,19 @@ DMU_DOMAIN_STRIDE = 10_000_000
 DMU_HELDOUT_OFFSET = 5_000_000
 
 
+@pytest.fixture(autouse=True)
+def environment_as_found() -> Iterator[None]:
+    """Each test leaves ``os.environ`` as it found it. A ``Trainer`` with a parallel strategy
+    run inside the test process sets ``LOCAL_RANK`` (and ``MASTER_PORT``, ``NODE_RANK``); a
+    multi-process test started later inherits it, and Lightning's launcher then takes its
+    processes as started by someone else and waits for the second rank until the timeout."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture
 def dmu_make_store(tmp_path: Path) -> Callable[..., str]:
     """Writes a synthetic shard store: ``make({"a": 5000, "b": 3000}) -> url``."""
