@@ -20,6 +20,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -452,30 +454,42 @@ def test_sharded_checkpoints_to_object_storage_are_refused_at_setup_in_one_line(
                                                                                   tmp_path):
     """``AquilaParallelStrategy`` saves sharded checkpoints by renaming a directory, which
     object storage cannot do: a fit whose ``ModelCheckpoint`` folder is a URL stops in the
-    strategy's setup, before the model is set up or trained, with one line naming it."""
-    import torch.distributed as dist
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    strategy's setup, before the model is set up or trained, with one line naming it.
 
-    from lightning_aquila.cli.errors import one_line
-    from lightning_aquila.strategies import AquilaParallelStrategy
-
+    The fit runs in a process of its own: the strategy starts a process group (gloo, its
+    store's threads), which must not live on in the test process, whose later DataLoader
+    workers are forked from it."""
     folder = f"s3://{BUCKET}/sharded/checkpoints"
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=AquilaParallelStrategy(),
-                      max_steps=2, callbacks=[ModelCheckpoint(dirpath=folder)], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path)
-    try:
-        with pytest.raises(ValueError) as refused:
-            trainer.fit(TinyLM(), DataLoader(Windows(), batch_size=4))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    assert one_line(refused.value) == str(refused.value) == (
-        f"AquilaParallelStrategy: sharded checkpoints cannot go to object storage ({folder}): "
-        "give a local or shared-filesystem checkpoint folder, or "
-        "save_distributed_checkpoint=false for single files")
-    assert trainer.global_step == 0 and not s3().exists(folder)
+    script = f"""
+import sys
+sys.path[:0] = {[str(Path(__file__).parent)]!r}
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from helpers.tiny_project import TinyLM
+from test_s3_checkpoints import Windows
+from lightning_aquila.cli.errors import one_line
+from lightning_aquila.strategies import AquilaParallelStrategy
+
+trainer = Trainer(accelerator="cpu", devices=1, strategy=AquilaParallelStrategy(), max_steps=2,
+                  callbacks=[ModelCheckpoint(dirpath={folder!r})], logger=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir={str(tmp_path)!r})
+try:
+    trainer.fit(TinyLM(), DataLoader(Windows(), batch_size=4))
+except ValueError as error:
+    print("refused:", one_line(error) if one_line(error) == str(error) else repr(error))
+print("steps:", trainer.global_step)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == [
+        f"refused: AquilaParallelStrategy: sharded checkpoints cannot go to object storage "
+        f"({folder}): give a local or shared-filesystem checkpoint folder, or "
+        "save_distributed_checkpoint=false for single files",
+        "steps: 0"], done.stdout + done.stderr[-3000:]
+    assert not s3().exists(folder)
 
 
 def jsonl(text: str) -> list[dict]:
