@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from lightning_aquila import checkpoint_remote, object_store
 from lightning_aquila.checkpoint_record import Verdict, verify
@@ -28,6 +29,19 @@ PREFIX = "lightning-aquila fit"
 #: Lightning's own test for a ``last`` checkpoint (``ModelCheckpoint._find_last_checkpoints``).
 _LAST = re.compile(r"^last(-(\d+))?$")
 _verified: dict[tuple, Verdict] = {}
+_T = TypeVar("_T")
+
+
+def while_unchanged(cache: dict[tuple, _T], path: Path, read: Callable[[Path], _T]) -> _T:
+    """``read(path)``, remembered in ``cache`` while the file is the same version (resolved
+    path, inode, size, modification time): a resume asks several times of one checkpoint
+    (its check, the loader's guard, the finished-run check, the ranks' comparison), and a
+    checkpoint written again is read again. ``OSError`` when it cannot be stat'ed."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in cache:
+        cache[key] = read(path)
+    return cache[key]
 
 
 def checked_verify(path: str | os.PathLike[str]) -> Verdict:
@@ -39,15 +53,10 @@ def checked_verify(path: str | os.PathLike[str]) -> Verdict:
             return checkpoint_remote.fetch(str(path)).verdict
         except FileNotFoundError:
             return Verdict("damaged", "missing")
-    path = Path(path)
     try:
-        stat = path.stat()
+        return while_unchanged(_verified, Path(path), verify)
     except OSError:
         return verify(path)
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _verified:
-        _verified[key] = verify(path)
-    return _verified[key]
 
 
 def ensure_loadable(path: str | os.PathLike[str]) -> None:

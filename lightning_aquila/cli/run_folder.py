@@ -119,8 +119,8 @@ def has_last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> bool:
     return newest_last(checkpoint_dirs) is not None
 
 
-#: ``checkpoint_step``'s answers, by file and version: (path, inode, size, mtime_ns) -> step
-_steps: dict[tuple[str, int, int, int], int | None] = {}
+#: ``checkpoint_step``'s answers, by file version (``checkpoint_check.while_unchanged``)
+_steps: dict[tuple, int | None] = {}
 
 
 def checkpoint_step(path: str | Path | None) -> int | None:
@@ -137,15 +137,17 @@ def checkpoint_step(path: str | Path | None) -> int | None:
     nothing but the pickled structure is read, not the tensors."""
     if path is None or object_store.is_remote(path) or not Path(path).is_file():
         return None
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _steps:
-        import torch
+    from lightning_aquila.checkpoint_check import while_unchanged
 
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        step = state.get("global_step") if isinstance(state, dict) else None
-        _steps[key] = int(step) if isinstance(step, int) else None
-    return _steps[key]
+    return while_unchanged(_steps, Path(path), _saved_step)
+
+
+def _saved_step(path: Path) -> int | None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None
 
 
 @dataclass(frozen=True)
