@@ -341,8 +341,8 @@ def _verify_directory(path: Path) -> Verdict:
     return Verdict("intact")
 
 
-__all__ = ["LOCAL", "MANIFEST_NAME", "SIDECAR_SUFFIX", "UPLOADING", "ChecksumWriter", "Record",
+__all__ = ["MANIFEST_NAME", "SIDECAR_SUFFIX", "UPLOADING", "ChecksumWriter", "Record",
            "Uploading", "Verdict", "begin_record", "checksum_bytes", "checksum_file",
-           "checksum_files", "checksum_stream", "commit_record", "compare", "decode_sidecar",
-           "encode_sidecar", "load_sidecar", "read_sidecar", "remove_record", "shard_names",
-           "sidecar_name", "sidecar_path", "verify", "verify_file", "write_manifest"]
+           "checksum_files", "commit_record", "encode_sidecar", "load_sidecar", "read_sidecar",
+           "remove_record", "shard_names", "sidecar_name", "sidecar_path", "verify",
+           "verify_file", "write_manifest"]
