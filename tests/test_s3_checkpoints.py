@@ -208,6 +208,25 @@ def test_a_fresh_fit_is_refused_where_the_bucket_holds_a_run(reference):
     assert previous_run_files(f"s3://{BUCKET}/nothing-here", []) == []
 
 
+def test_a_bucket_root_counts_a_local_checkpoint_folder_and_a_local_root_a_bucket_one(
+        s3_env, tmp_path):
+    """Each path is asked where it is: a run whose root is in the bucket may keep its
+    checkpoints in a local folder, and a local run may name a bucket folder for them."""
+    root = f"s3://{BUCKET}/mixed-root"
+    s3().pipe(f"{BUCKET}/mixed-root/tsm/metrics.jsonl", b'{"step": 1}\n')
+    local = tmp_path / "checkpoints"
+    local.mkdir()
+    (local / "last.ckpt").write_bytes(b"x")
+    assert previous_run_files(root, [local]) == [f"{root}/tsm/metrics.jsonl", f"{local}/"]
+    s3().pipe(f"{BUCKET}/mixed-ckpt/last.ckpt", b"x")
+    run = tmp_path / "local-run"
+    (run / "tsm").mkdir(parents=True)
+    (run / "tsm" / "metrics.jsonl").write_text("")  # empty: a run that never stepped
+    assert previous_run_files(run, [f"s3://{BUCKET}/mixed-ckpt"]) == [
+        f"s3://{BUCKET}/mixed-ckpt/"]
+    assert previous_run_files(run, [f"s3://{BUCKET}/mixed-none"]) == []
+
+
 # -- a kill during an upload -------------------------------------------------------------------
 def kill_resume_compare(reference: Path, run: Path, store: str, name: str, checkpoint: int,
                         kind: str) -> tuple[int, float, list[str], int]:
