@@ -224,6 +224,10 @@ def main() -> None:
         default_root_dir=args.out, callbacks=callbacks,
     )
     trainer.fit(model, datamodule=data, ckpt_path=args.resume)
+    # Left to the interpreter's exit, gloo's threads once aborted a finished 2-process run
+    # (exit -6, benchmarks/strategies.py): every rank leaves its group first.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
