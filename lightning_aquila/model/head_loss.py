@@ -56,6 +56,22 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                         count: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's per-token losses (fp32, 0 where not ``valid``) and d(mean loss)/d(logits)
+    in ``dtype``, as one pure function of its logits: the form the chunk loop takes under
+    ``torch.compile``, where inductor fuses the fp32 up-cast, logsumexp, softmax, one-hot
+    and scaling instead of materialising the chunk's fp32 logits and copies of them."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    losses = torch.where(valid, lse - target, 0.0)
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
+    grad = torch.exp(logits - lse[:, None]) - onehot.to(logits.dtype)
+    return losses, (grad * (valid / count)[:, None]).to(dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``(mean token loss, per-token losses)`` of ``cross_entropy(x @ weight.T, labels)``.
 
@@ -77,9 +93,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x, dtype=dtype) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad \
             else None
+        # Traced by torch.compile (compile='model'), the in-place steps below become copies
+        # that inductor keeps alive (CPU inductor, 4 chunks: a peak of 6.2 chunks' fp32
+        # logits, 2.6x the standard head's); the pure form fuses into a reduction and one
+        # pointwise kernel per chunk (2.3 chunks' worth). Eager, in-place is leaner.
+        fused = torch.compiler.is_compiling()
         for start in range(0, tokens, chunk_size):
             end = min(start + chunk_size, tokens)
             xc = x[start:end].to(dtype)
+            if fused and need_grad:
+                losses[start:end], grad_logits = _chunk_loss_and_grad(
+                    xc @ w.t(), safe_labels[start:end], valid[start:end], count, dtype)
+                grad_x[start:end] = grad_logits @ w
+                grad_w.add_(grad_logits.t() @ xc)
+                continue
             logits = (xc @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
