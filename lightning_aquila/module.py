@@ -72,7 +72,9 @@ class AquilaLM(LightningModule):
             gradients bit for bit in fp32 on the CPU, tests/test_activation_checkpointing.py);
             any other value is a ``ValueError`` here, before the model is built.
         compile: ``torch.compile`` each decoder block (``true`` or ``"blocks"``), or the whole
-            model, output head and loss included (``"model"``: one graph, fewer kernels).
+            model, output head and loss included (``"model"``: one graph, fewer kernels; with
+            ``loss_impl="chunked"`` the chunk loop runs outside it, each chunk compiled, so
+            inductor cannot keep all chunks' logits alive: ``model/head_loss.py``).
         attention: ``auto`` (cuDNN SDPA on CUDA, plain SDPA elsewhere), ``sdpa``, ``cudnn``
             or ``flash`` (flash-attn-4, the ``flash`` extra).
         loss_impl: ``standard`` (full logits, fp32 cross-entropy) or ``chunked`` (head and
