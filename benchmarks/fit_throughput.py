@@ -35,6 +35,17 @@ in Perfetto) and a summary in the row's JSON: how much of the profiled wall time
 kernels, the host waits on the GPU (synchronize calls, device-to-host copies), and the
 kernels that took the most GPU time. Where a fit row loses to the plain loop, this says
 whether the GPU waited for the host (idle time) or did more work (kernels).
+
+``--memory DIR`` adds ``--memory-steps`` untimed steps after those (``step_memory.py``): the
+memory allocated when each step begins and the peak of each phase (forward with the loss,
+backward, optimizer step with clipping and zero_grad) in the row's JSON and a table, and
+``DIR/<row>.memory.pickle``, a ``torch.cuda.memory`` snapshot of those steps (open it at
+https://pytorch.org/memory_viz). On the CPU the phases are reported as not measured.
+
+``--activation-checkpointing none|full|op|every_N`` and ``--optimizer adamw|adamw8bit`` apply
+to every row: AquilaLM's options for the fit rows; for the plain loop the same
+``checkpoint_wrapper`` modes on litgpt's and our blocks, and torchao's ``AdamW8bit``. With
+``--seq-len`` and ``--preset`` they give the long-sequence and 7B rows.
 """
 
 from __future__ import annotations
@@ -47,14 +58,20 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lightning_aquila.model import AquilaConfig, AquilaModel
+from lightning_aquila.strategies.activation_checkpoint import (
+    activation_checkpointing_mode,
+    apply_activation_checkpointing_mode,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
+from step_memory import StepMemory, print_memory
 from step_profile import StepProfiler, elapsed, mark, print_profiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,30 +144,40 @@ def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
     torch.manual_seed(0)
     if row.startswith("litgpt"):
         model = litgpt_model(config).to(device)
+        # litgpt's blocks, wrapped the way AquilaLM wraps ours (the same modes and wrapper)
+        apply_activation_checkpointing_mode(SimpleNamespace(layers=model.transformer.h),
+                                            args.activation_checkpointing)
 
         def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             logits = model(x)
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     else:
         model = AquilaModel(config, attention=args.attention).to(device)
+        apply_activation_checkpointing_mode(model, args.activation_checkpointing)
 
         def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return model(x, labels=y)[0]
     if not row.endswith("eager") and args.compile:
         forward_loss = torch.compile(forward_loss)
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95),
-                                  weight_decay=0.1, fused=cuda or None)
+    optimizer = plain_optimizer(model, args.optimizer, cuda)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1),
                              generator=g).to(device) for _ in range(4)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    def train_step(step: int) -> torch.Tensor:
+    def train_step(step: int, memory: StepMemory | None = None) -> torch.Tensor:
         batch = batches[step % len(batches)]
+        if memory:
+            memory.step(step)
+            memory.phase("forward")
         with autocast:
             loss = forward_loss(batch[:, :-1], batch[:, 1:])
+        if memory:
+            memory.phase("backward")
         loss.backward()
+        if memory:
+            memory.phase("optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -160,17 +187,38 @@ def plain_loop(row: str, config: AquilaConfig, args: argparse.Namespace,
     timed_end = args.warmup + args.steps
     losses += [train_step(step) for step in range(args.warmup, timed_end)]
     seconds = elapsed(start, cuda)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
     profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
     if args.profile:  # untimed steps after the timed ones
         for step in range(timed_end, timed_end + args.profile_steps):
             profiler.step(step)
             train_step(step)
         profiler.step(timed_end + args.profile_steps)
-    result = _result(row, config, args, args.batch_size, seconds, losses, cuda)
-    result["profile"] = profiler.summary
+    first = timed_end + (args.profile_steps if args.profile else 0)
+    memory = StepMemory(args.memory, row, first, args.memory_steps, cuda)
+    for step in range(first, first + memory.steps):  # untimed, after the profiled ones
+        train_step(step, memory)
+    memory.step(first + memory.steps)
+    result = _result(row, config, args, args.batch_size, seconds, losses, peak)
+    result.update(profile=profiler.summary, memory=memory.summary,
+                  activation_checkpointing=args.activation_checkpointing,
+                  optimizer=args.optimizer)
     # the two models must have the same shape for the comparison to mean anything
     result["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return result
+
+
+def plain_optimizer(model: torch.nn.Module, name: str, cuda: bool) -> torch.optim.Optimizer:
+    """AdamW of the plain loop: fused ``torch.optim.AdamW``, or torchao's ``AdamW8bit``
+    (``--optimizer adamw8bit``, what AquilaLM's ``optimizer='adamw8bit'`` builds)."""
+    if name == "adamw8bit":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError as error:
+            raise Skipped(f"torchao is not installed (adamw8bit needs it: {error})") from error
+        return AdamW8bit(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95),
+                             weight_decay=0.1, fused=cuda or None)
 
 
 # -- the fit path ------------------------------------------------------------------------------
@@ -225,6 +273,12 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
             raise Skipped(f"flash-attn-4 is not installed ({error})") from error
     if options.get("float8") and importlib.util.find_spec("torchao") is None:
         raise Skipped("torchao is not installed (the float8 rows need it)")
+    options.update(activation_checkpointing=args.activation_checkpointing,
+                   optimizer=args.optimizer)
+    if args.optimizer == "adamw8bit":
+        if importlib.util.find_spec("torchao") is None:
+            raise Skipped("torchao is not installed (adamw8bit needs it)")
+        options["fused_optimizer"] = False  # torch's fused AdamW kernel; AdamW8bit has none
     if device.type != "cuda":
         options.update(compile=options["compile"] and args.compile, fused_optimizer=False)
         if strategy != "auto":
@@ -233,19 +287,32 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
 
     timed_end = args.warmup + args.steps
     profiler = StepProfiler(args.profile, row, timed_end, args.profile_steps, cuda)
+    first = timed_end + (args.profile_steps if args.profile else 0)
+    memory = StepMemory(args.memory, row, first, args.memory_steps, cuda)
 
     class Clock(Callback):
         """Reads the clock after a synchronize at the end of warmup and of the timed steps;
         keeps each step's loss on the device (read once at the end: no per-step host sync).
-        Profiled steps, if any, come after the timed ones."""
+        Profiled steps, then memory-measured steps, if any, come after the timed ones; their
+        phases are marked from Lightning's hooks (the optimizer phase runs from
+        ``on_before_optimizer_step``, before clipping, to the next step's start)."""
 
         def __init__(self) -> None:
             self.start: float | None = None
             self.seconds = 0.0
+            self.peak: int | None = None
             self.losses: list[torch.Tensor] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             profiler.step(trainer.global_step)
+            memory.step(trainer.global_step)
+            memory.phase("forward")
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            memory.phase("backward")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            memory.phase("optimizer")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(outputs["loss"].detach())
@@ -253,9 +320,11 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
                 self.start = mark(cuda)
             elif trainer.global_step == timed_end:
                 self.seconds = elapsed(self.start, cuda)
+                self.peak = torch.cuda.max_memory_allocated() if cuda else None
 
         def on_train_end(self, trainer, pl_module) -> None:
             profiler.step(trainer.global_step)
+            memory.step(trainer.global_step)
 
     clock = Clock()
     callbacks: list[Callback] = [clock]
@@ -271,7 +340,7 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
     trainer = Trainer(
         accelerator=device.type, devices=1, strategy=strategy,
         precision="bf16-mixed" if args.bf16 else "32-true",
-        max_steps=timed_end + (args.profile_steps if args.profile else 0),
+        max_steps=first + memory.steps,
         gradient_clip_val=1.0, log_every_n_steps=10,
         limit_val_batches=0, logger=CSVLogger(str(workdir / "logs"), name=row),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -279,15 +348,18 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
     )
     trainer.fit(module, data)
     result = _result(row, config, args, batch_size, clock.seconds,
-                     clock.losses[args.warmup:timed_end], cuda)
-    result.update(options, tsm_ate=callbacks_on, strategy=strategy, profile=profiler.summary)
+                     clock.losses[args.warmup:timed_end], clock.peak)
+    result.update(options, tsm_ate=callbacks_on, strategy=strategy, profile=profiler.summary,
+                  memory=memory.summary)
     del trainer, module, data
     return result
 
 
 # -- helpers -----------------------------------------------------------------------------------
 def _result(row: str, config: AquilaConfig, args: argparse.Namespace, batch_size: int,
-            seconds: float, losses: list[torch.Tensor], cuda: bool) -> dict[str, Any]:
+            seconds: float, losses: list[torch.Tensor], peak: int | None) -> dict[str, Any]:
+    """``peak``: ``torch.cuda.max_memory_allocated`` at the end of the timed steps (read
+    then, before untimed steps reset it), ``None`` on the CPU."""
     tokens = args.steps * batch_size * args.seq_len
     tokens_per_sec = tokens / seconds
     mfu = tokens_per_sec * config.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
@@ -295,11 +367,11 @@ def _result(row: str, config: AquilaConfig, args: argparse.Namespace, batch_size
     return {
         "row": row, "preset": config.name, "seq_len": args.seq_len, "batch_size": batch_size,
         "steps": args.steps, "tokens_per_sec": round(tokens_per_sec), "mfu": round(mfu, 4),
-        "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_mem_GiB": round(peak / 2**30, 2) if peak is not None else None,
         "loss_first": round(values[0], 4) if values else None,
         "loss_last": round(values[-1], 4) if values else None,
         "losses": [round(v, 4) for v in values],
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": torch.cuda.get_device_name() if peak is not None else "cpu",
         "torch": torch.__version__,
     }
 
@@ -337,6 +409,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="profile --profile-steps steps after the timed ones; traces and "
                              "a summary per row go here")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--memory", type=Path, default=None, metavar="DIR",
+                        help="after the timed (and profiled) steps, --memory-steps steps with "
+                             "the peak memory of each phase (forward+loss, backward, "
+                             "optimizer) and a torch.cuda.memory snapshot per row in DIR")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--activation-checkpointing", default="none", metavar="MODE",
+                        help="none, full, op or every_N, for every row (AquilaLM's option; "
+                             "the plain loop wraps litgpt's and our blocks the same way)")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                        help="adamw: fused torch AdamW; adamw8bit: torchao's, every row")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 15, 8
@@ -350,6 +432,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {[*PLAIN_ROWS, *FIT_ROWS]}")
     args.row_names = names
+    try:
+        args.activation_checkpointing = activation_checkpointing_mode(
+            args.activation_checkpointing)
+    except ValueError as error:
+        parser.error(str(error))
     args.bf16 = args.device == "cuda" or not args.tiny
     return args
 
@@ -386,6 +473,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             _free(cuda)
     print_table(rows)
     print_profiles(rows)
+    print_memory(rows)
     return rows
 
 

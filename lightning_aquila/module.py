@@ -72,7 +72,9 @@ class AquilaLM(LightningModule):
             gradients bit for bit in fp32 on the CPU, tests/test_activation_checkpointing.py);
             any other value is a ``ValueError`` here, before the model is built.
         compile: ``torch.compile`` each decoder block (``true`` or ``"blocks"``), or the whole
-            model, output head and loss included (``"model"``: one graph, fewer kernels).
+            model, output head and loss included (``"model"``: one graph, fewer kernels; with
+            ``loss_impl="chunked"`` the chunk loop runs outside it, each chunk compiled, so
+            inductor cannot keep all chunks' logits alive: ``model/head_loss.py``).
         attention: ``auto`` (cuDNN SDPA on CUDA, plain SDPA elsewhere), ``sdpa``, ``cudnn``
             or ``flash`` (flash-attn-4, the ``flash`` extra).
         loss_impl: ``standard`` (full logits, fp32 cross-entropy) or ``chunked`` (head and
@@ -300,6 +302,21 @@ class AquilaLM(LightningModule):
         if "deepspeed" in type(trainer.strategy).__name__.lower():
             return False
         return getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
+        """Lightning's step, then the gradients are freed at once. Lightning itself zeroes
+        them only inside the next step's closure, after ``training_step`` and before
+        ``backward``, so the last step's gradients (4 bytes per parameter in fp32) stay
+        allocated through every forward pass, the activations' peak included. A plain loop
+        frees them after ``step``; so does this. The monitor reads gradients in
+        ``on_before_optimizer_step``, before this point; under gradient accumulation this
+        runs once per optimizer step, after the last micro-batch, as zeroing should.
+        DeepSpeed's engine owns its gradients and is left alone."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if "deepspeed" not in type(strategy).__name__.lower():
+            optimizer.zero_grad(set_to_none=True)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

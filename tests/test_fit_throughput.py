@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +16,13 @@ def _benchmark():
     sys.modules["fit_throughput"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _step_memory():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_memory
+
+    return step_memory
 
 
 def test_fit_benchmark_smoke_runs_plain_and_fit_rows_and_skips_missing_kernels(capsys):
@@ -39,3 +48,49 @@ def test_profile_adds_untimed_steps_with_a_trace_and_a_summary_per_row(tmp_path)
         assert summary["gpu_idle_fraction"] is None  # no GPU kernels on the CPU
         assert (tmp_path / f"{row['row']}.trace.json.gz").stat().st_size > 0
         assert row["loss_first"] is not None  # the timed steps' losses, not the profiled ones
+
+
+def test_memory_adds_untimed_steps_whose_phases_the_cpu_reports_as_not_measured(tmp_path):
+    """``--memory DIR`` on the CPU: the rows run their extra steps and say that phases are not
+    measured there (no CUDA allocator), instead of failing; the timed steps are the same."""
+    rows = _benchmark().main(["--device", "cpu", "--tiny", "--rows", "aquila-plain,fit-best",
+                              "--memory", str(tmp_path), "--memory-steps", "2"])
+    for row in rows:
+        assert row["memory"] == {"steps": 2, "measured": False,
+                                 "reason": "no CUDA device: phases are not measured on the CPU"}
+        assert len(row["losses"]) == 2 and row["peak_mem_GiB"] is None
+    assert list(tmp_path.iterdir()) == []  # no snapshot without a CUDA allocator
+
+
+def test_step_memory_marks_phases_in_order_and_refuses_unknown_ones(tmp_path):
+    memory = _step_memory().StepMemory(tmp_path, "row", first=1, count=1, cuda=False)
+    memory.phase("forward")  # before its first step: ignored
+    memory.step(0)
+    assert memory.summary is None
+    memory.step(1)
+    memory.phase("forward")
+    with pytest.raises(ValueError, match="phase 'loss' is not one of"):
+        memory.phase("loss")
+    memory.step(2)
+    assert memory.summary["measured"] is False and memory.steps == 1
+
+
+def test_activation_checkpointing_and_adamw8bit_reach_plain_and_fit_rows():
+    """The long-sequence and 7B rows' settings, on the tiny shape: every row runs with them
+    and records them, the litgpt peer included (adamw8bit needs torchao, the peer litgpt;
+    without them the rows say so)."""
+    rows = _benchmark().main(["--device", "cpu", "--tiny",
+                              "--rows", "litgpt,aquila-plain,fit-best",
+                              "--activation-checkpointing", "full", "--optimizer", "adamw8bit"])
+    for row in rows:
+        if "skipped" in row:
+            assert "torchao" in row["skipped"] or "litgpt is not installed" in row["skipped"]
+            continue
+        assert row["tokens_per_sec"] > 0
+        assert row["activation_checkpointing"] == "full" and row["optimizer"] == "adamw8bit"
+
+
+def test_an_unknown_activation_checkpointing_mode_is_refused_before_any_row_runs(capsys):
+    with pytest.raises(SystemExit):
+        _benchmark().parse_args(["--activation-checkpointing", "most"])
+    assert "activation_checkpointing='most' is not one of" in capsys.readouterr().err

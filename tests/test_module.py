@@ -172,16 +172,22 @@ def test_checkpoint_carries_the_resolved_config_and_exports_to_transformers(tmp_
 
 
 class _GradNormAfterStep(Callback):
-    """The gradient norm the optimizer stepped with (after clipping; Lightning zeroes the
-    gradients at the start of the next step)."""
+    """The gradient norm (and largest entry) the optimizer stepped with, after clipping: read
+    by a post-step hook of the optimizer, as AquilaLM frees the gradients once its step is
+    done."""
 
     def __init__(self):
-        self.norms = []
+        self.norms, self.largest = [], []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
         self.norms.append(torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g) for g in grads])).item())
+        self.largest.append(max(g.abs().max().item() for g in grads))
 
 
 def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path):
@@ -209,11 +215,13 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path):
 
 def test_clipping_by_value_under_fused_adamw_clips_the_gradients(tmp_path):
     lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
+    grads = _GradNormAfterStep()
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="bf16-mixed",
-                       gradient_clip_val=1e-4, gradient_clip_algorithm="value")
+                       gradient_clip_val=1e-4, gradient_clip_algorithm="value",
+                       callbacks=[grads])
     trainer.fit(lm, CountingData())
     assert trainer.optimizers[0].grad_scale is None
-    assert max(p.grad.abs().max().item() for p in lm.parameters()) <= 1e-4
+    assert len(grads.largest) == 2 and max(grads.largest) <= 1e-4
 
 
 def test_fused_adamw_is_off_by_default_on_cpu():
@@ -245,3 +253,43 @@ def test_whole_model_compile_gives_the_eager_loss_and_gradients(loss_impl):
     assert (compiled["sample_loss"] - eager["sample_loss"]).abs().max().item() < 1e-5
     for got, want in zip(compiled_grads, eager_grads):
         assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+class _GradBytesBeforeBackward(Callback):
+    """Bytes of gradients allocated when each backward pass begins (after the forward, the
+    activations' peak)."""
+
+    def __init__(self):
+        self.bytes = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.bytes.append(sum(p.grad.nbytes for p in pl_module.parameters()
+                              if p.grad is not None))
+
+
+def test_gradients_are_freed_when_the_optimizer_step_ends(tmp_path):
+    """Lightning zeroes gradients only after the next training_step; AquilaLM frees them after
+    its step, so no forward pass (the activations' peak) carries the last step's gradients."""
+    lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1)
+    witness = _GradBytesBeforeBackward()
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[witness])
+    trainer.fit(lm, CountingData())
+    assert witness.bytes == [0, 0, 0]
+    assert all(p.grad is None for p in lm.parameters())
+
+
+def test_gradient_accumulation_still_sums_micro_batches(tmp_path):
+    """Freed after the optimizer step, not after each micro-batch: two accumulated batches of
+    4 give the weights of one batch of 8 (the same windows; the loss is a token mean), to
+    rounding (measured 1.0e-6); gradients dropped between micro-batches would move weights by
+    the order of an update (lr 3e-4)."""
+    weights = []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1)
+        trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0,
+                           accumulate_grad_batches=accumulate)
+        trainer.fit(lm, CountingData(batch_size=batch_size))
+        weights.append([p.detach().clone() for p in lm.parameters()])
+    for got, want in zip(*weights, strict=True):
+        assert (got - want).abs().max().item() <= 1e-5

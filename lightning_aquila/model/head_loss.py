@@ -15,6 +15,9 @@ This is plain PyTorch: matmuls plus one fused-able softmax per chunk.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
@@ -56,6 +59,30 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                         count: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's per-token losses (fp32, 0 where not ``valid``) and d(mean loss)/d(logits)
+    in ``dtype``, as one pure function of its logits, for ``torch.compile`` to fuse the fp32
+    up-cast, logsumexp, target logit, softmax, one-hot and scaling into a few kernels. The
+    target logit is a masked sum (one term is not zero, so it is exact) rather than a gather,
+    which inductor would leave for whoever reads the loss, keeping the logits alive."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
+    target = torch.where(onehot, logits, 0.0).sum(-1)
+    losses = torch.where(valid, lse - target, 0.0)
+    grad = torch.exp(logits - lse[:, None]) - onehot.to(logits.dtype)
+    return losses, (grad * (valid / count)[:, None]).to(dtype)
+
+
+@functools.cache
+def _compiled_chunk() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_chunk_loss_and_grad` compiled once per process (a new chunk shape, the last
+    chunk's, recompiles it, as torch.compile does)."""
+    return torch.compile(_chunk_loss_and_grad)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``(mean token loss, per-token losses)`` of ``cross_entropy(x @ weight.T, labels)``.
 
@@ -67,7 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk_size: int, dtype: torch.dtype, need_grad: bool):
+                chunk_size: int, dtype: torch.dtype, need_grad: bool, fused: bool = False):
         tokens = x.shape[0]
         w = weight.to(dtype)
         valid = labels != IGNORE_INDEX
@@ -80,6 +107,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, chunk_size):
             end = min(start + chunk_size, tokens)
             xc = x[start:end].to(dtype)
+            if fused and need_grad:  # under whole-model compile: see chunked_linear_cross_entropy
+                losses[start:end], grad_logits = _compiled_chunk()(
+                    xc @ w.t(), safe_labels[start:end], valid[start:end], count, dtype)
+                grad_x[start:end] = grad_logits @ w
+                grad_w.add_(grad_logits.t() @ xc)
+                continue
             logits = (xc @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe_labels[start:end, None]).squeeze(1)
@@ -107,7 +140,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         grad_x = (grad_x * grad_mean.to(grad_x.dtype)).to(ctx.input_dtype)
         grad_w = (grad_w * grad_mean.float()).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -126,11 +159,37 @@ def chunked_linear_cross_entropy(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if torch.compiler.is_compiling():
+        return _chunked_outside_the_graph(x, weight, labels, chunk_size)
+    return _chunked(x, weight, labels, chunk_size, fused=False)
+
+
+def _chunked(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+             fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = compute_dtype(x, weight)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     flat_x, flat_labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
     with torch.autocast(x.device.type, enabled=False):
         mean, per_token = _ChunkedLinearCrossEntropy.apply(
-            flat_x, weight, flat_labels, chunk_size, dtype, need_grad)
+            flat_x, weight, flat_labels, chunk_size, dtype, need_grad, fused)
     return mean, per_token.view_as(labels)
+
+
+@torch.compiler.disable
+def _chunked_outside_the_graph(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk loop under whole-model ``torch.compile`` (``compile='model'``): run by
+    Python, each chunk's loss and logit gradient compiled (:func:`_compiled_chunk`).
+
+    Traced into the model's graph, the loop is one graph that inductor schedules as a whole,
+    and it does not keep the chunks apart: it ran every chunk's logits matmul first, or every
+    chunk's softmax before any gradient matmul, and fused all chunks' losses (or all their
+    ``grad_weight`` additions) into one kernel at the end, so every chunk's logits or
+    gradients stayed allocated. Measured with CPU inductor (vocabulary 32,000, head loss and
+    backward only): 4,096 tokens in 4 chunks peaked at 772 MiB (6.2 chunks' fp32 logits)
+    against 293 MiB for the compiled standard head, and a pure-function loop inside the graph
+    still grew with the number of chunks (429 MiB at 16 chunks of 512 tokens, hidden 64);
+    this way, 109 MiB there. The price is a graph break at the head: the decoder stays one
+    graph, the loss is the few kernels of each chunk."""
+    return _chunked(x, weight, labels, chunk_size, fused=True)
 
