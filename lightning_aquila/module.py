@@ -125,10 +125,17 @@ class AquilaLM(LightningModule):
         if compile not in (False, True, "blocks", "model"):
             raise ValueError(f"compile={compile!r} is not one of [False, True, 'blocks', "
                              "'model']")
-        activation_checkpointing_mode(activation_checkpointing)
+        checkpointing = activation_checkpointing_mode(activation_checkpointing)
         check_choice("attention", attention, ATTENTION_IMPLS)
         check_choice("loss_impl", loss_impl, LOSS_IMPLS)
         check_choice("kernels", kernels, KERNEL_IMPLS)
+        if kernels == "liger" and checkpointing == "op":
+            # op mode keeps the projections' outputs for the recompute; Liger's RoPE rotates
+            # q and k in place inside a Triton kernel, unseen by autograd, so the kept q and k
+            # would come back already rotated and be rotated twice
+            raise ValueError("kernels='liger' does not combine with activation_checkpointing="
+                             "'op' (Liger's RoPE rotates the kept q/k in place); use 'full', "
+                             "'every_N' or kernels='torch'")
         check_choice("optimizer", optimizer, OPTIMIZERS)
         if optimizer == "adamw8bit" and fused_optimizer:
             raise ValueError("fused_optimizer=True is torch.optim.AdamW's fused kernel; "

@@ -1,27 +1,24 @@
 """kernels='liger' and loss_impl='liger': Liger-Kernel's Triton kernels give the eager model's
 losses, per-token losses and gradients.
 
-Without a GPU the kernels run on CPU tensors under Triton's interpreter: ``TRITON_INTERPRET``
-is set here, where CUDA is absent, before liger-kernel is first imported (``triton.jit``
-reads it when a kernel is defined). The interpreter runs the fused loss and RoPE kernels; it
-cannot run liger-kernel 0.8.5's RMSNorm and SwiGLU kernels (they call ``.to`` on float
-arguments, which the interpreter passes as Python floats: ``AttributeError: 'float' object
-has no attribute 'to'``), so those two are checked by the GPU-marked tests only.
+Without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET``, set in ``conftest.py`` where CUDA is absent, before anything imports
+triton). The interpreter runs the fused loss and RoPE kernels; it cannot run liger-kernel
+0.8.5's RMSNorm and SwiGLU kernels (they call ``.to`` on float arguments, which the
+interpreter passes as Python floats: ``AttributeError: 'float' object has no attribute
+'to'``), so those two are checked by the GPU-marked tests only.
 """
 
-import os
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
 
 from lightning_aquila import AquilaLM
 from lightning_aquila.model import AquilaConfig, AquilaModel
-from lightning_aquila.model.model import apply_rope, rope_cos_sin
+from lightning_aquila.model.model import Attention, apply_rope, rope_cos_sin
+from lightning_aquila.strategies.activation_checkpoint import _op_context
 
 pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (the liger extra)")
 from lightning_aquila.model import liger
@@ -29,8 +26,8 @@ from lightning_aquila.model import liger
 #: fp32: the same sums in another order (Liger's token chunks, its online softmax): measured
 #: 9.5e-7 on the losses and at most 1.7e-6 of each gradient's largest entry.
 FP32_ATOL = 1e-5
-#: bf16 on the GPU: the kernels round where the eager ops round, but in other orders;
-#: a step's gradients summed over 2×128 tokens differ at bf16 resolution.
+#: bf16: the kernels round where the eager ops round, but in other orders; a step's
+#: gradients differ at bf16 resolution.
 BF16_ATOL = 5e-2
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,6 +70,28 @@ def _assert_same_step(eager: AquilaModel, fast: AquilaModel, ids: torch.Tensor,
 def test_liger_loss_gives_the_standard_losses_per_token_losses_and_gradients_in_fp32():
     eager, fast = _pair(AquilaConfig.from_name("aquila2-tiny"), loss_impl="liger")
     _assert_same_step(eager, fast, *_batch(), atol=FP32_ATOL)
+
+
+def test_liger_loss_under_bf16_autocast_matches_the_standard_head():
+    """The fit path's precision (fp32 weights, bf16 autocast). The logits are the same bf16
+    matmul, so the losses agree to fp32 rounding (measured: loss equal, per-token 1.9e-6);
+    Liger rounds the logits' gradient to bf16 where the standard path's autograd does, in
+    another order, so gradients agree at bf16 resolution (measured at most 1.4e-2 of a
+    parameter's largest entry; the chunked head: 3.5e-3)."""
+    eager, fast = _pair(AquilaConfig.from_name("aquila2-tiny"), loss_impl="liger")
+    ids, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_e, tokens_e = eager(ids, labels=labels)
+        loss_f, tokens_f = fast(ids, labels=labels)
+    assert loss_f.dtype == torch.float32 and tokens_f.dtype == torch.float32
+    assert abs(loss_f.item() - loss_e.item()) < 1e-3
+    assert (tokens_f - tokens_e).abs().max().item() < 1e-3
+    loss_e.backward()
+    loss_f.backward()
+    for (name, p_e), p_f in zip(eager.named_parameters(), fast.parameters(), strict=True):
+        assert p_f.grad.dtype == torch.float32
+        scale = p_e.grad.abs().max().item()
+        assert (p_f.grad - p_e.grad).abs().max().item() <= BF16_ATOL * scale, name
 
 
 def test_liger_loss_gradient_scales_with_the_incoming_gradient():
@@ -161,6 +180,41 @@ def test_kernels_option_is_validated_and_names_the_extra_when_liger_is_missing(m
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"loss_impl='liger' needs liger-kernel .*\[liger\]"):
         AquilaModel(AquilaConfig.from_name("aquila2-tiny"), loss_impl="liger")
+
+
+def test_liger_rope_recomputes_exactly_under_full_checkpointing_but_not_under_op_mode():
+    """Why ``kernels='liger'`` is refused with ``activation_checkpointing='op'``: that mode
+    keeps the projections' outputs, which Liger's RoPE rotates in place unseen by autograd,
+    so the recompute rotates them twice (measured: input gradient off by 0.13). A full
+    recompute runs the projections again and is exact."""
+    config = AquilaConfig.from_name("aquila2-tiny")
+    torch.manual_seed(0)
+    eager, fast = Attention(config, "sdpa"), Attention(config, "sdpa", kernels="liger")
+    fast.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 9, config.hidden_size)
+    cos, sin = rope_cos_sin(9, config.head_dim, config.rope_theta, x.device, x.dtype)
+
+    def input_gradient(module: Attention, mode: str = "none") -> torch.Tensor:
+        leaf = x.clone().requires_grad_()
+        if mode == "none":
+            out = module(leaf, cos, sin)
+        else:
+            out = checkpoint(module, leaf, cos, sin, use_reentrant=False,
+                             **({"context_fn": _op_context} if mode == "op" else {}))
+        out.square().sum().backward()
+        return leaf.grad
+
+    reference = input_gradient(eager)
+    assert torch.equal(input_gradient(fast), reference)
+    assert torch.equal(input_gradient(fast, "full"), reference)
+    assert (input_gradient(fast, "op") - reference).abs().max().item() > 1e-2
+
+
+def test_liger_kernels_are_refused_with_op_activation_checkpointing():
+    with pytest.raises(ValueError, match=r"kernels='liger' does not combine with "
+                                         r"activation_checkpointing='op'"):
+        AquilaLM(preset="aquila2-tiny", kernels="liger", activation_checkpointing="op")
+    AquilaLM(preset="aquila2-tiny", kernels="liger", activation_checkpointing="full")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -344,6 +344,7 @@ class AquilaModel(nn.Module):
                  kernels: str = "torch") -> None:
         super().__init__()
         self.config = config
+        self.kernels = check_choice("kernels", kernels, KERNEL_IMPLS)
         self.rope_scaling = rope_scaling_key(config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, attention, kernels)
