@@ -38,7 +38,7 @@ def _batch(b: int = 3, t: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.
     ids = torch.randint(0, 8192, (b, t + 1), generator=g)
     labels = ids[:, 1:].clone()
     labels[0, :6] = -100  # a prompt-like ignored prefix
-    labels[2, -3:] = -100  # and padding at the end
+    labels[-1, -3:] = -100  # and padding at the end
     return ids[:, :-1], labels
 
 
