@@ -9,17 +9,23 @@
 #   bash benchmarks/device_perf.sh 7b         # 7B: the faster mode at micro-batch 4, seq 8,192
 #   bash benchmarks/device_perf.sh recheck    # after the first three: the 1-GPU rows again,
 #       profiled, with the float8 loss curves; the 1B scaling row profiled, and DDP beside it
+#   bash benchmarks/device_perf.sh liger-tests  # issue 29 (carry .whl from
+#       benchmarks/perf_wheels.sh): tests/test_liger.py, its GPU parity tests included
+#   bash benchmarks/device_perf.sh liger      # issue 29, on 2+ GPUs: litgpt and the fit path
+#       with and without Liger's kernels, micro-batch 8 on GPU 0 and 16 on GPU 1
 # one-gpu, each GPU a process with compiled litgpt in it: GPU 0 the fit path at micro-batch 8,
 # its TSM+ATE overhead row and clipping as a separate pass, profiled; GPU 1 litgpt and the fit path at micro-batch 16
 # (the same work for both); GPU 2 the float8 rows; GPU 3 the 1-GPU baseline of the scaling
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
 set -uo pipefail
-PHASE=${1:?one-gpu, fsdp, 7b or recheck}
+PHASE=${1:?one-gpu, fsdp, 7b, recheck, liger-tests or liger}
 SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
+  shopt -s nullglob  # .carry/ao (torchao) only where float8 rows run
   python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl .carry/ao/*.whl \
     2>&1 | grep -v WARNING | tail -3
+  shopt -u nullglob
 fi
 export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1
 RESULTS=/tmp/perf-results
@@ -42,7 +48,9 @@ wait_side_by_side() {  # for the one-GPU jobs in JOBS, collecting as they go; th
   local collector=$!
   wait "${JOBS[@]}"
   kill "$collector"
-  for log in fit_b8 fit_b16 fit_float8 gpu3; do grep -A14 '^device:' "$RESULTS/$log.log"; done
+  for log in fit_b8 fit_b16 fit_float8 gpu3; do
+    [ -f "$RESULTS/$log.log" ] && grep -A14 '^device:' "$RESULTS/$log.log"
+  done
   grep -A6 '^| strategy' "$RESULTS/gpu3.log"
 }
 nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader
@@ -102,6 +110,18 @@ recheck)
   LIMIT=150 strategies_row --global-batch 32 --profile "$RESULTS/profile"
   STRATEGY=ddp LIMIT=150 strategies_row --global-batch 32
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
+liger-tests)
+  python3 -m pytest tests/test_liger.py -v 2>&1 | tail -25 | tee "$OUT/liger_tests.txt" ;;
+liger)
+  # the rows most wanted first: a row cut off by the limit writes nothing
+  LIGER_ROWS=litgpt,fit-liger-all,fit-best,fit-liger,fit-liger-loss,fit-cudnn-liger,fit-cudnn
+  CUDA_VISIBLE_DEVICES=0 timeout 560 "${FIT[@]}" --rows "$LIGER_ROWS" \
+    --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1 &
+  JOBS=($!)
+  CUDA_VISIBLE_DEVICES=1 timeout 560 "${FIT[@]}" --batch-size 16 --rows "$LIGER_ROWS" \
+    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1 &
+  JOBS+=($!)
+  wait_side_by_side; collect ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 exit 0
