@@ -9,6 +9,20 @@
 #   bash benchmarks/device_perf.sh 7b         # 7B: the faster mode at micro-batch 4, seq 8,192
 #   bash benchmarks/device_perf.sh recheck    # after the first three: the 1-GPU rows again,
 #       profiled, with the float8 loss curves; the 1B scaling row profiled, and DDP beside it
+# Issue 29 on ONE GPU (nvidia-h100-x1; the 4-GPU phases above need a host that is not lent
+# now). Build the carry here with `FLASH=1 bash benchmarks/perf_wheels.sh`; every call waits
+# for nothing, so send the next one as soon as one returns (/tmp lives while the machine is
+# warm). Each phase keeps the peer in its own call, and ends inside 10 minutes.
+#   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: liger GPU tests, then
+#       litgpt, fit-best, fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
+#   bash benchmarks/device_perf.sh speed    # carry .carry/flash2: micro-batch 8, litgpt and
+#       the fit-best / fit-liger* rows
+#   bash benchmarks/device_perf.sh speed16  # carry .carry/flash3: micro-batch 16, litgpt,
+#       fit-best, fit-liger-all; then flash-attn-4 (installed once its 3 parts came): its GPU
+#       equality test and fit-best-flash beside litgpt at micro-batch 8
+#   bash benchmarks/device_perf.sh long     # seq 8,192 / 16,384 / 32,768: litgpt and fit-best
+#   bash benchmarks/device_perf.sh 7b-1gpu  # aquila2-7b, adamw8bit, full checkpointing
+#       (an H200: run with needs_h200; an H100 is not expected to hold it)
 #   bash benchmarks/device_perf.sh liger-tests  # issue 29 (carry .whl from
 #       benchmarks/perf_wheels.sh): tests/test_liger.py, its GPU parity tests included
 #   bash benchmarks/device_perf.sh liger      # issue 29, on 2+ GPUs: litgpt and the fit path
@@ -19,15 +33,33 @@
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
 set -uo pipefail
-PHASE=${1:?one-gpu, fsdp, 7b, recheck, liger-tests or liger}
+PHASE=${1:?memory, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck, liger-tests, liger}
 SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
-  shopt -s nullglob  # .carry/ao (torchao) only where float8 rows run
-  python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl .carry/ao/*.whl \
-    2>&1 | grep -v WARNING | tail -3
-  shopt -u nullglob
+  python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl \
+    $(ls .carry/ao/*.whl 2>/dev/null) 2>&1 | grep -v WARNING | tail -3
 fi
 export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1
+stage_flash() {  # .carry/flash*/ (perf_wheels.sh FLASH=1) gather here; once whole, one install
+  local inbox=/tmp/flash-in first base n k
+  [ -d /tmp/flash-site ] && return 0
+  ls .carry/flash*/* >/dev/null 2>&1 || return 0
+  mkdir -p "$inbox" && cp .carry/flash*/* "$inbox/"
+  for first in "$inbox"/*.part-1-of-*; do
+    [ -f "$first" ] || continue
+    n=${first##*-of-}; base=${first%.part-1-of-*}
+    for k in $(seq 1 "$n"); do
+      [ -f "$base.part-$k-of-$n" ] || { echo "flash-attn-4: part $k of $n not here yet"; return 0; }
+    done
+    for k in $(seq 1 "$n"); do cat "$base.part-$k-of-$n"; done > "$base" && rm "$base".part-*
+  done
+  # one install for the whole stack (installed apart, the CuTe DSL packages do not import)
+  python3 -m pip install -q --no-deps --no-compile --target /tmp/flash-site "$inbox"/*.whl \
+    2>&1 | grep -v WARNING | tail -3
+  echo "flash-attn-4 installed: $(ls /tmp/flash-site | grep -c -i flash) entries"
+}
+stage_flash
+[ -d /tmp/flash-site ] && export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
 RESULTS=/tmp/perf-results
 mkdir -p "$RESULTS"
 FIT=(python3 benchmarks/fit_throughput.py --steps 20 --warmup 8 --domains code_c,en_legal)
@@ -110,6 +142,43 @@ recheck)
   LIMIT=150 strategies_row --global-batch 32 --profile "$RESULTS/profile"
   STRATEGY=ddp LIMIT=150 strategies_row --global-batch 32
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
+memory)
+  timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 | tee "$OUT/liger_tests.txt"
+  timeout 420 "${FIT[@]}" --steps 15 --warmup 8 --memory-steps 1 --memory "$RESULTS/memory" \
+    --rows litgpt,fit-best,fit-best-no-tsm-ate,aquila-plain,fit-cudnn \
+    --out "$RESULTS/fit_memory.jsonl" > "$RESULTS/memory.log" 2>&1
+  grep -A30 '^device:' "$RESULTS/memory.log"; grep -m3 Error "$RESULTS/memory.log"
+  tar czf "$OUT/memory.tgz" -C "$RESULTS" memory 2>/dev/null; collect ;;
+speed)
+  timeout 560 "${FIT[@]}" --rows litgpt,fit-best,fit-liger-all,fit-liger,fit-liger-loss \
+    --profile "$RESULTS/profile" --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
+  grep -A14 '^device:' "$RESULTS/fit_b8.log"; grep -m3 Error "$RESULTS/fit_b8.log"; collect ;;
+speed16)
+  timeout 400 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-liger-all \
+    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
+  grep -A10 '^device:' "$RESULTS/fit_b16.log"; grep -m3 Error "$RESULTS/fit_b16.log"; collect
+  if [ -d /tmp/flash-site ]; then
+    timeout 60 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 | tee "$OUT/flash_tests.txt"
+    timeout 120 "${FIT[@]}" --rows litgpt,fit-best-flash --steps 10 --warmup 5 \
+      --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
+    grep -A8 '^device:' "$RESULTS/fit_flash.log"; collect
+  fi ;;
+long)  # the same 16,384 tokens per step at each length; checkpointing where memory needs it
+  for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
+    read -r seq batch mode <<< "$shape"
+    timeout 190 "${FIT[@]}" --rows litgpt,fit-best --seq-len "$seq" --batch-size "$batch" \
+      --steps 10 --warmup 5 --activation-checkpointing "$mode" \
+      --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
+    echo "seq $seq, micro-batch $batch, checkpointing $mode: rc $?"
+    grep -A6 '^device:' "$RESULTS/long_$seq.log"; grep -m3 -i "error" "$RESULTS/long_$seq.log"
+    collect
+  done ;;
+7b-1gpu)
+  timeout 560 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
+    --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
+    --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
+    > "$RESULTS/fit_7b.log" 2>&1
+  grep -A8 '^device:' "$RESULTS/fit_7b.log"; grep -m3 -i error "$RESULTS/fit_7b.log"; collect ;;
 liger-tests)
   python3 -m pytest tests/test_liger.py -v 2>&1 | tail -25 | tee "$OUT/liger_tests.txt" ;;
 liger)

@@ -4,9 +4,14 @@
 # brings torch (CUDA) and triton; these are pure Python:
 #   litgpt 0.5.13           the `litgpt` row (--no-deps: its imports are in the image)
 #   liger-kernel 0.8.5      the fit-liger* rows (--no-deps: it needs only torch and triton)
+#   torchao 0.17.0          --optimizer adamw8bit and the float8 rows (0.17.0 is the version
+#                           that ran with the image's torch 2.11 on 2026-11-27)
 #   zarr stack, jsonargparse the DomainDataModule and the CLI
-# For the Python of the GPU image (GPU_PYTHON, default 3.12: /work/.library/device/KINDS.md).
-#   bash benchmarks/perf_wheels.sh     # then carry [".whl"] (and ".carry/ao" for float8 rows)
+# FLASH=1 also puts the flash-attn-4 stack (the fit-*-flash rows) in .carry/flash1/,
+# .carry/flash2/ and .carry/flash3/, each small enough to travel with the tree (and, for
+# flash1, with .whl) under one call's 64 MiB: its CUDA 13 library wheel (about 92 MB) is cut
+# in three parts, NAME.whl.part-K-of-3. Carry flash1, flash2 and flash3 with three calls to
+# one warm machine; `device_perf.sh` joins and installs them once all parts have come.
 set -euo pipefail
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
@@ -19,6 +24,28 @@ python3 -m pip download -q --only-binary=:all: --python-version "$GPU_PYTHON" "$
 find "$wheels" -name '*.whl' ! -name 'numpy-*' ! -name 'packaging-*' ! -iname 'pyyaml-*' \
   ! -name 'typing_extensions-*' -exec cp {} .whl/ \;
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
-  "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13" "liger-kernel==0.8.5"
+  "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13" "liger-kernel==0.8.5" "torchao==0.17.0"
 rm -rf "$wheels"
+if [ "${FLASH:-0}" = 1 ]; then
+  flash=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
+    "${PLATFORMS[@]}" --platform manylinux_2_34_x86_64 -d "$flash" "flash-attn-4==4.0.0b36" \
+    "nvidia-cutlass-dsl==4.8.1" "nvidia-cutlass-dsl-libs-base==4.8.1" \
+    "nvidia-cutlass-dsl-libs-core==4.8.1" "nvidia-cutlass-dsl-libs-cu13==4.8.1" \
+    "quack-kernels==0.6.5" "apache-tvm-ffi==0.1.15.post2" "torch-c-dlpack-ext==0.1.5"
+  rm -rf .carry/flash1 .carry/flash2 .carry/flash3
+  mkdir -p .carry/flash1 .carry/flash2 .carry/flash3
+  for wheel in "$flash"/*.whl; do  # the large one in three parts, the rest with the first
+    if [ "$(stat -c %s "$wheel")" -gt 30000000 ]; then
+      split -n 3 -d -a 1 "$wheel" "$wheel.part"
+      for k in 1 2 3; do
+        mv "$wheel.part$((k - 1))" ".carry/flash$k/$(basename "$wheel").part-$k-of-3"
+      done
+    else
+      mv "$wheel" .carry/flash1/
+    fi
+  done
+  rm -rf "$flash"
+  du -sh .carry/flash1 .carry/flash2 .carry/flash3
+fi
 echo ".whl: $(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1)"
