@@ -1,6 +1,9 @@
 """loss_impl='chunked': the output head and cross-entropy a chunk of tokens at a time give the
 standard path's loss, per-sample losses and gradients, without full-vocabulary logits."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -150,19 +153,12 @@ def test_loss_impl_and_chunk_size_are_validated():
 
 def _peak_bytes_of(step) -> int:
     """Peak of the bytes torch allocates on the CPU while ``step()`` runs, above what was
-    allocated before it (the profiler's memory timeline, as ``export_memory_timeline``
-    reads it)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
-        step()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, live)
-    return peak
+    allocated before it: ``benchmarks/head_loss_memory.py``'s measure, loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_loss_memory.py"
+    spec = importlib.util.spec_from_file_location("head_loss_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_bytes(step)
 
 
 def test_compiled_chunked_loss_never_holds_a_full_vocabulary_of_logits():
