@@ -306,8 +306,7 @@ class AquilaLM(LightningModule):
     def _adamw8bit(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """torchao's 8-bit AdamW over ``groups``. DeepSpeed flattens and partitions the
         parameters and their optimizer state itself, so it is refused there."""
-        trainer = self._trainer
-        if trainer is not None and "deepspeed" in type(trainer.strategy).__name__.lower():
+        if self._under_deepspeed():
             raise ValueError("optimizer='adamw8bit' is for single devices and the FSDP2/TP "
                              "strategies (aquila_fsdp, aquila_tp_fsdp); DeepSpeed partitions "
                              "its own optimizer state: use optimizer='adamw' there")
@@ -324,7 +323,7 @@ class AquilaLM(LightningModule):
             return False
         if trainer is None:
             return True
-        if "deepspeed" in type(trainer.strategy).__name__.lower():
+        if self._under_deepspeed():
             return False
         return getattr(trainer.precision_plugin, "scaler", None) is None
 
@@ -339,9 +338,14 @@ class AquilaLM(LightningModule):
         runs once per optimizer step, after the last micro-batch, as zeroing should.
         DeepSpeed's engine owns its gradients and is left alone."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if "deepspeed" not in type(strategy).__name__.lower():
+        if not self._under_deepspeed():
             optimizer.zero_grad(set_to_none=True)
+
+    def _under_deepspeed(self) -> bool:
+        """Whether the attached trainer's strategy is DeepSpeed's (by name, so that
+        deepspeed, an optional extra, is never imported to ask)."""
+        trainer = self._trainer
+        return trainer is not None and "deepspeed" in type(trainer.strategy).__name__.lower()
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
