@@ -26,6 +26,8 @@ from lightning_aquila.model.model import (
     KERNEL_IMPLS,
     LOSS_IMPLS,
     check_choice,
+    liger_option,
+    require_liger,
 )
 from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
 from lightning_aquila.strategies.parallelize import prepare_model
@@ -149,11 +151,9 @@ class AquilaLM(LightningModule):
         if torchao_user and importlib.util.find_spec("torchao") is None:
             raise ImportError(f"{torchao_user} needs torchao "
                               "(`pip install 'lightning-aquila[torchao]'`)")
-        liger_user = ("kernels='liger'" if kernels == "liger"
-                      else "loss_impl='liger'" if loss_impl == "liger" else None)
-        if liger_user and importlib.util.find_spec("liger_kernel") is None:
-            raise ImportError(f"{liger_user} needs liger-kernel "
-                              "(`pip install 'lightning-aquila[liger]'`)")
+        liger_user = liger_option(kernels, loss_impl)
+        if liger_user:
+            require_liger(liger_user)
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
                              f"got {loss_chunk_size}")

@@ -8,6 +8,7 @@ with ``-1`` heads, so the local head count follows whatever the projections prod
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -65,16 +66,31 @@ def load_flash_attn() -> Callable[..., Any]:
     return flash_attn_func
 
 
+def liger_option(kernels: str, loss_impl: str) -> str | None:
+    """The option that asks for Liger-Kernel (named in its error lines), or ``None``."""
+    if kernels == "liger":
+        return "kernels='liger'"
+    return "loss_impl='liger'" if loss_impl == "liger" else None
+
+
+def _liger_missing(option: str) -> str:
+    return f"{option} needs liger-kernel and triton (`pip install 'lightning-aquila[liger]'`)"
+
+
+def require_liger(option: str) -> None:
+    """One line naming ``option`` where liger-kernel is not installed, found without
+    importing it (and Triton with it): for checks before a model is built."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError(_liger_missing(option))
+
+
 def load_liger(option: str) -> ModuleType:
     """``lightning_aquila.model.liger`` (Liger-Kernel's kernels), imported only when
     ``option`` asks for it: liger-kernel and Triton are an optional extra."""
     try:
         from lightning_aquila.model import liger
     except ImportError as error:
-        raise ImportError(
-            f"{option} needs liger-kernel and triton (`pip install 'lightning-aquila[liger]'`): "
-            f"{error}"
-        ) from error
+        raise ImportError(f"{_liger_missing(option)}: {error}") from error
     return liger
 
 
@@ -114,7 +130,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._liger_rms_norm is not None:
-            check_triton_device("kernels='liger'", x)
             return self._liger_rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -255,7 +270,6 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, -1, head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, head_dim)
         if self._liger_rope is not None:
-            check_triton_device("kernels='liger'", q)
             q, k = self._liger_rope(q, k, cos, sin)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -284,7 +298,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._liger_silu_mul is not None:
-            check_triton_device("kernels='liger'", x)
             return self.down_proj(self._liger_silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -324,7 +337,6 @@ class OutputHead(nn.Linear):
         if labels is None:
             return super().forward(x)
         if self._liger_loss is not None:
-            check_triton_device("loss_impl='liger'", x)
             return self._liger_loss(x, self.weight, labels)
         return chunked_linear_cross_entropy(x, self.weight, labels, self.loss_chunk_size)
 
@@ -345,6 +357,7 @@ class AquilaModel(nn.Module):
         super().__init__()
         self.config = config
         self.kernels = check_choice("kernels", kernels, KERNEL_IMPLS)
+        self._liger_option = liger_option(kernels, loss_impl)
         self.rope_scaling = rope_scaling_key(config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, attention, kernels)
@@ -364,6 +377,8 @@ class AquilaModel(nn.Module):
                 f"sequence length {seq_len} exceeds max_seq_len={self.config.max_seq_len} "
                 f"of model {self.config.name!r}"
             )
+        if self._liger_option is not None:  # once per forward, not in every kernel's module
+            check_triton_device(self._liger_option, input_ids)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta,
                                 x.device, x.dtype, self.rope_scaling)
