@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.head_gradients import assert_head_gradient_scales_with_the_loss
 
 from lightning_aquila import AquilaLM
 from lightning_aquila.model import AquilaConfig, AquilaModel
@@ -65,12 +66,7 @@ def test_chunked_gradient_scales_with_the_incoming_gradient():
     """Gradient accumulation divides the loss before backward; the precomputed gradients
     must follow that factor exactly."""
     _, chunked = _pair()
-    ids, labels = _batch()
-    chunked(ids, labels=labels)[0].backward()
-    once = chunked.lm_head.weight.grad.clone()
-    chunked.zero_grad()
-    (0.25 * chunked(ids, labels=labels)[0]).backward()
-    torch.testing.assert_close(chunked.lm_head.weight.grad, 0.25 * once, rtol=1e-6, atol=0)
+    assert_head_gradient_scales_with_the_loss(chunked, *_batch())
 
 
 def test_chunked_sample_loss_of_the_training_step_equals_the_standard_one():

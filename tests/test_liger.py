@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from helpers.head_gradients import assert_head_gradient_scales_with_the_loss
 from torch.utils.checkpoint import checkpoint
 
 from lightning_aquila import AquilaLM
@@ -98,12 +99,7 @@ def test_liger_loss_gradient_scales_with_the_incoming_gradient():
     """Gradient accumulation divides the loss before backward; Liger's precomputed
     gradients must follow that factor."""
     _, fast = _pair(AquilaConfig.from_name("aquila2-tiny"), loss_impl="liger")
-    ids, labels = _batch()
-    fast(ids, labels=labels)[0].backward()
-    once = fast.lm_head.weight.grad.clone()
-    fast.zero_grad()
-    (0.25 * fast(ids, labels=labels)[0]).backward()
-    torch.testing.assert_close(fast.lm_head.weight.grad, 0.25 * once, rtol=1e-6, atol=0)
+    assert_head_gradient_scales_with_the_loss(fast, *_batch())
 
 
 def test_liger_loss_without_gradients_gives_the_same_losses():
