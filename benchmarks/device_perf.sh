@@ -13,6 +13,12 @@
 # now). Build the carry here with `FLASH=1 bash benchmarks/perf_wheels.sh`; every call waits
 # for nothing, so send the next one as soon as one returns (/tmp lives while the machine is
 # warm). Each phase keeps the peer in its own call, and ends inside 10 minutes.
+#   bash benchmarks/device_perf.sh detached SECONDS   # all of issue 29's one-GPU work as one
+#       sitting (the `sitting` phase) in a process session of its own, so it goes on between
+#       calls: the first call starts it; every call stages the flash parts it carries, waits up
+#       to SECONDS and returns what has been written. Carry [".whl", ".carry/flash1"], then
+#       [".carry/flash2"], then [".carry/flash3"], and send each call as soon as one returns.
+#   The phases below are the same work in single calls:
 #   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: liger GPU tests, then
 #       litgpt, fit-best, fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
 #   bash benchmarks/device_perf.sh speed    # carry .carry/flash2: micro-batch 8, litgpt and
@@ -33,7 +39,7 @@
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
 set -uo pipefail
-PHASE=${1:?memory, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck, liger-tests, liger}
+PHASE=${1:?detached, sitting, memory, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck, liger-tests, liger}
 SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
   python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl \
@@ -191,6 +197,56 @@ liger)
     --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1 &
   JOBS+=($!)
   wait_side_by_side; collect ;;
+sitting)  # issue 29, the wanted rows first; each row is written the moment it ends
+  timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 > "$RESULTS/liger_tests.log"
+  timeout 600 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn,fit-liger-all,fit-liger,fit-liger-loss \
+    --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
+    --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
+  timeout 400 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-cudnn,fit-liger-all \
+    --memory-steps 1 --memory "$RESULTS/memory_b16" \
+    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
+  for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
+    read -r seq batch mode <<< "$shape"
+    timeout 200 "${FIT[@]}" --rows litgpt,fit-best --seq-len "$seq" --batch-size "$batch" \
+      --steps 10 --warmup 5 --activation-checkpointing "$mode" \
+      --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
+  done
+  for _ in $(seq 1 60); do [ -d /tmp/flash-site ] && break; sleep 5; done
+  if [ -d /tmp/flash-site ]; then
+    export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
+    timeout 120 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 > "$RESULTS/flash_tests.log"
+    timeout 240 "${FIT[@]}" --rows litgpt,fit-best-flash,fit-flash \
+      --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
+  fi
+  timeout 500 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
+    --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
+    --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
+    > "$RESULTS/fit_7b.log" 2>&1
+  echo "sitting ended" ;;
+detached)
+  WAIT=${2:?seconds to wait}
+  PIDFILE=/tmp/perf-sitting.pid
+  if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+    echo "sitting $(cat "$PIDFILE") still running"
+  elif [ -f "$PIDFILE" ]; then
+    echo "sitting $(cat "$PIDFILE") has ended"
+  else
+    setsid nohup bash "$0" sitting > "$RESULTS/sitting.log" 2>&1 < /dev/null &
+    echo $! > "$PIDFILE"; echo "started sitting $(cat "$PIDFILE")"
+  fi
+  START=$SECONDS
+  while kill -0 "$(cat "$PIDFILE")" 2>/dev/null && [ $((SECONDS - START)) -lt "$WAIT" ]; do
+    sleep 5
+  done
+  for log in "$RESULTS"/*.log; do
+    echo "== $(basename "$log")"; grep -E '^\| |^device:|rror|passed|failed|skipped' "$log" | tail -24
+  done
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  # the snapshots that say where the fit path's memory goes: litgpt and fit-best, micro-batch 8
+  tar czf "$OUT/memory.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls memory/litgpt.* \
+    memory/fit-best.* memory/fit-cudnn.* 2>/dev/null) 2>/dev/null
+  tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null
+  cp "$RESULTS"/*.log "$OUT/" 2>/dev/null; collect ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 exit 0
