@@ -17,7 +17,7 @@
 #       sitting (the `sitting` phase) in a process session of its own, so it goes on between
 #       calls: the first call starts it; every call stages the flash parts it carries, waits up
 #       to SECONDS and returns what has been written. Carry [".whl", ".carry/flash1"], then
-#       [".carry/flash2"], then [".carry/flash3"], and send each call as soon as one returns.
+#       [".carry/flash2", ".carry/ao"], and send each call as soon as one returns.
 #   The phases below are the same work in single calls:
 #   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: liger GPU tests, then
 #       litgpt, fit-best, fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
@@ -44,13 +44,16 @@ SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
   python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl \
     $(ls .carry/ao/*.whl 2>/dev/null) 2>&1 | grep -v WARNING | tail -3
+elif [ ! -d "$SITE/torchao" ] && ls .carry/ao/*.whl >/dev/null 2>&1; then  # a later call's
+  python3 -m pip install -q --no-deps --no-compile --target "$SITE" .carry/ao/*.whl 2>&1 \
+    | grep -v WARNING | tail -3
 fi
 export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1
 stage_flash() {  # .carry/flash*/ (perf_wheels.sh FLASH=1) gather here; once whole, one install
   local inbox=/tmp/flash-in first base n k
   [ -d /tmp/flash-site ] && return 0
   ls .carry/flash*/* >/dev/null 2>&1 || return 0
-  mkdir -p "$inbox" && cp .carry/flash*/* "$inbox/"
+  mkdir -p "$inbox" && cp -n .carry/flash*/* "$inbox/"
   for first in "$inbox"/*.part-1-of-*; do
     [ -f "$first" ] || continue
     n=${first##*-of-}; base=${first%.part-1-of-*}
@@ -59,10 +62,13 @@ stage_flash() {  # .carry/flash*/ (perf_wheels.sh FLASH=1) gather here; once who
     done
     for k in $(seq 1 "$n"); do cat "$base.part-$k-of-$n"; done > "$base" && rm "$base".part-*
   done
-  # one install for the whole stack (installed apart, the CuTe DSL packages do not import)
-  python3 -m pip install -q --no-deps --no-compile --target /tmp/flash-site "$inbox"/*.whl \
+  # one install for the wheels (installed apart, the CuTe DSL packages do not import), then
+  # the CUDA 13 library wheel's unpacked tree (carried as tar.xz) over it
+  python3 -m pip install -q --no-deps --no-compile --target /tmp/flash-site.new "$inbox"/*.whl \
     2>&1 | grep -v WARNING | tail -3
-  echo "flash-attn-4 installed: $(ls /tmp/flash-site | grep -c -i flash) entries"
+  for packed in "$inbox"/*.tar.xz; do tar xJf "$packed" -C /tmp/flash-site.new; done
+  mv /tmp/flash-site.new /tmp/flash-site
+  echo "flash-attn-4 installed: $(ls /tmp/flash-site | grep -c -i -E 'flash|cutlass') entries"
 }
 stage_flash
 [ -d /tmp/flash-site ] && export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
@@ -199,25 +205,24 @@ liger)
   wait_side_by_side; collect ;;
 sitting)  # issue 29, the wanted rows first; each row is written the moment it ends
   timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 > "$RESULTS/liger_tests.log"
-  timeout 600 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn,fit-liger-all,fit-liger,fit-liger-loss \
+  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn,fit-liger-all,fit-liger-loss \
     --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
     --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
-  timeout 400 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-cudnn,fit-liger-all \
-    --memory-steps 1 --memory "$RESULTS/memory_b16" \
+  timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-liger-all \
     --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
+  for _ in $(seq 1 30); do [ -d /tmp/flash-site ] && break; sleep 5; done
+  if [ -d /tmp/flash-site ]; then  # beside the micro-batch-8 litgpt row above, same machine
+    export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
+    timeout 120 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 > "$RESULTS/flash_tests.log"
+    timeout 200 "${FIT[@]}" --rows fit-best-flash \
+      --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
+  fi
   for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
     read -r seq batch mode <<< "$shape"
     timeout 200 "${FIT[@]}" --rows litgpt,fit-best --seq-len "$seq" --batch-size "$batch" \
       --steps 10 --warmup 5 --activation-checkpointing "$mode" \
       --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
   done
-  for _ in $(seq 1 60); do [ -d /tmp/flash-site ] && break; sleep 5; done
-  if [ -d /tmp/flash-site ]; then
-    export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
-    timeout 120 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 > "$RESULTS/flash_tests.log"
-    timeout 240 "${FIT[@]}" --rows litgpt,fit-best-flash,fit-flash \
-      --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
-  fi
   timeout 500 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
     --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
     --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \

@@ -7,11 +7,11 @@
 #   torchao 0.17.0          --optimizer adamw8bit and the float8 rows (0.17.0 is the version
 #                           that ran with the image's torch 2.11 on 2026-11-27)
 #   zarr stack, jsonargparse the DomainDataModule and the CLI
-# FLASH=1 also puts the flash-attn-4 stack (the fit-*-flash rows) in .carry/flash1/,
-# .carry/flash2/ and .carry/flash3/, each small enough to travel with the tree (and, for
-# flash1, with .whl) under one call's 64 MiB: its CUDA 13 library wheel (about 92 MB) is cut
-# in three parts, NAME.whl.part-K-of-3. Carry flash1, flash2 and flash3 with three calls to
-# one warm machine; `device_perf.sh` joins and installs them once all parts have come.
+# torchao goes to .carry/ao/ (the second call's carry: the first is full).
+# FLASH=1 also puts the flash-attn-4 stack (the fit-*-flash rows) in .carry/flash1/ and
+# .carry/flash2/, each small enough to travel with the tree (and, for flash1, with .whl) under
+# one call's 64 MiB. Carry flash1 and flash2 with two calls to one warm machine;
+# `device_perf.sh` joins and installs them once both have come.
 set -euo pipefail
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
@@ -26,6 +26,7 @@ find "$wheels" -name '*.whl' ! -name 'numpy-*' ! -name 'packaging-*' ! -iname 'p
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
   "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13" "liger-kernel==0.8.5" "torchao==0.17.0"
 rm -rf "$wheels"
+mkdir -p .carry/ao && mv .whl/torchao-*.whl .carry/ao/  # with the second call (adamw8bit rows)
 if [ "${FLASH:-0}" = 1 ]; then
   flash=$(mktemp -d)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
@@ -34,18 +35,21 @@ if [ "${FLASH:-0}" = 1 ]; then
     "nvidia-cutlass-dsl-libs-core==4.8.1" "nvidia-cutlass-dsl-libs-cu13==4.8.1" \
     "quack-kernels==0.6.5" "apache-tvm-ffi==0.1.15.post2" "torch-c-dlpack-ext==0.1.5"
   rm -rf .carry/flash1 .carry/flash2 .carry/flash3
-  mkdir -p .carry/flash1 .carry/flash2 .carry/flash3
-  for wheel in "$flash"/*.whl; do  # the large one in three parts, the rest with the first
-    if [ "$(stat -c %s "$wheel")" -gt 30000000 ]; then
-      split -n 3 -d -a 1 "$wheel" "$wheel.part"
-      for k in 1 2 3; do
-        mv "$wheel.part$((k - 1))" ".carry/flash$k/$(basename "$wheel").part-$k-of-3"
-      done
-    else
-      mv "$wheel" .carry/flash1/
-    fi
-  done
+  mkdir -p .carry/flash1 .carry/flash2
+  # The CUDA 13 library wheel (92 MB of zip) is unpacked and packed again as tar.xz (66 MB):
+  # a wheel installed --target is its unpacked tree, so device_perf.sh extracts it over the
+  # other wheels' install. Its first 36 MB go with the small wheels and .whl, the rest with
+  # the second call, each call under the device tool's 64 MiB with the tree.
+  big=$(ls "$flash"/nvidia_cutlass_dsl_libs_cu13-*.whl)
+  name=$(basename "$big" .whl)
+  mkdir "$flash/tree" && unzip -q "$big" -d "$flash/tree"  # unzip keeps the .so modes
+  tar cf - -C "$flash/tree" . | xz -T0 -6 > "$flash/$name.tar.xz"
+  split -b 36000000 -d -a 1 "$flash/$name.tar.xz" "$flash/$name.tar.xz.part"
+  mv "$flash/$name.tar.xz.part0" ".carry/flash1/$name.tar.xz.part-1-of-2"
+  mv "$flash/$name.tar.xz.part1" ".carry/flash2/$name.tar.xz.part-2-of-2"
+  rm -rf "$big" "$flash/tree" "$flash/$name.tar.xz"
+  mv "$flash"/*.whl .carry/flash1/
   rm -rf "$flash"
-  du -sh .carry/flash1 .carry/flash2 .carry/flash3
+  du -sh .carry/flash1 .carry/flash2
 fi
 echo ".whl: $(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1)"
