@@ -204,10 +204,10 @@ liger)
   JOBS+=($!)
   wait_side_by_side; collect ;;
 sitting)  # issue 29, the wanted rows first; each row is written the moment it ends
-  timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 > "$RESULTS/liger_tests.log"
-  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn,fit-liger-all,fit-liger-loss \
+  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-liger-all,fit-cudnn,fit-liger-loss \
     --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
     --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
+  timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 > "$RESULTS/liger_tests.log"
   timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-liger-all \
     --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
   for _ in $(seq 1 30); do [ -d /tmp/flash-site ] && break; sleep 5; done
