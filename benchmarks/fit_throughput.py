@@ -245,6 +245,17 @@ def build_store(workdir: Path, domains: list[str] | None = None) -> str:
     return store
 
 
+def store_special_ids(store: str) -> dict[str, int]:
+    """The bos/eos ids of the store's tokenizer, which the model must share (the run refuses
+    to start otherwise, as ``lightning-aquila fit`` fills them from the store); the vocabulary
+    stays the preset's, so every row does litgpt's FLOPs."""
+    from lightning_aquila.datamodules.store import ShardStore
+    from lightning_aquila.datamodules.store_tokenizer import store_tokenizer
+
+    ids = store_tokenizer(ShardStore(store)).model_config()
+    return {k: ids[k] for k in ("bos_token_id", "eos_token_id")}
+
+
 def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: torch.device,
             store: str, workdir: Path) -> dict[str, Any]:
     from lightning.pytorch import Callback, Trainer
@@ -268,6 +279,8 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
             Precision.clip_gradients(self.trainer.precision_plugin, optimizer,
                                      self.trainer.gradient_clip_val, GradClipAlgorithmType.NORM)
 
+    # the store is tokenized with the bundled tokenizer: the model takes its bos/eos ids (the
+    # vocabulary stays the preset's, so the FLOPs equal litgpt's)
     options = dict(FIT_ROWS[row])
     batch_size = int(args.batch_size * options.pop("_batch_scale", 1))
     callbacks_on = options.pop("_callbacks", True)
@@ -344,7 +357,8 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
         callbacks += [TrainingStateMonitor(run_dir=str(workdir / row)),
                       AdaptiveTrainingEngine(policy=BanditMixture(update_every=10))]
     torch.manual_seed(0)
-    module = module_class(preset=args.preset, config={"max_seq_len": config.max_seq_len},
+    module = module_class(preset=args.preset, config={"max_seq_len": config.max_seq_len,
+                                                      **store_special_ids(store)},
                           learning_rate=3e-4, warmup_steps=10, **options)
     data = DomainDataModule(store, seq_len=args.seq_len, batch_size=batch_size,
                             num_workers=args.num_workers, pin_memory=cuda,
@@ -398,7 +412,8 @@ def _free(cuda: bool) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="aquila2-1b")
+    parser.add_argument("--preset", default=None,
+                        help="default aquila2-1b (aquila2-tiny with --tiny)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
@@ -435,9 +450,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.warmup = 15, 8
     if args.tiny:
-        args.preset, args.seq_len, args.batch_size = "aquila2-tiny", 64, 2
+        args.preset = args.preset or "aquila2-tiny"
+        args.seq_len, args.batch_size = 64, 2
         args.steps, args.warmup, args.compile, args.num_workers = 2, 3, False, 0
         args.domains = args.domains or "en_legal,code_python"
+    args.preset = args.preset or "aquila2-1b"
     names = args.rows.split(",") if args.rows else list(QUICK_ROWS if args.quick
                                                         else DEFAULT_ROWS)
     unknown = [n for n in names if n not in FIT_ROWS and n not in PLAIN_ROWS]

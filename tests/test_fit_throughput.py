@@ -1,5 +1,6 @@
 """benchmarks/fit_throughput.py runs end to end on CPU (the GPU session only measures)."""
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -97,3 +98,23 @@ def test_an_unknown_activation_checkpointing_mode_is_refused_before_any_row_runs
     with pytest.raises(SystemExit):
         _benchmark().parse_args(["--activation-checkpointing", "most"])
     assert "activation_checkpointing='most' is not one of" in capsys.readouterr().err
+
+
+def test_fit_rows_take_the_store_tokenizers_special_ids_when_the_preset_has_aquila2s(
+        monkeypatch):
+    """The benchmark's store is tokenized with the bundled tokenizer (bos 8190), while the
+    1B preset carries Aquila2's ids (bos 100006): the fit rows must take the store's ids, or
+    the run's tokenizer check refuses every fit row (as it did on the GPU on 2026-12-07). A
+    tiny shape with Aquila2's vocabulary stands in for the 1B preset."""
+    from lightning_aquila.model import config as model_config
+
+    aquila_ids = model_config.AquilaConfig.from_name("aquila2-1b")
+    tiny = dataclasses.replace(
+        model_config.PRESETS["aquila2-tiny"], name="aquila2-tiny-aquila-vocab",
+        vocab_size=aquila_ids.vocab_size, bos_token_id=aquila_ids.bos_token_id,
+        eos_token_id=aquila_ids.eos_token_id)
+    monkeypatch.setitem(model_config.PRESETS, tiny.name, tiny)
+    rows = _benchmark().main(["--device", "cpu", "--tiny", "--preset", tiny.name,
+                              "--rows", "fit-best"])
+    assert rows[0].get("tokens_per_sec", 0) > 0, rows[0]
+    assert rows[0]["preset"] == tiny.name
