@@ -19,27 +19,23 @@
 #       to SECONDS and returns what has been written. Carry [".whl", ".carry/flash1"], then
 #       [".carry/flash2", ".carry/ao"], and send each call as soon as one returns.
 #   The phases below are the same work in single calls:
-#   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: liger GPU tests, then
-#       litgpt, fit-best, fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
+#   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: litgpt, fit-best,
+#       fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
 #   bash benchmarks/device_perf.sh speed    # carry .carry/flash2: micro-batch 8, litgpt and
-#       the fit-best / fit-liger* rows
-#   bash benchmarks/device_perf.sh speed16  # carry .carry/flash3: micro-batch 16, litgpt,
-#       fit-best, fit-liger-all; then flash-attn-4 (installed once its 3 parts came): its GPU
-#       equality test and fit-best-flash beside litgpt at micro-batch 8
+#       fit-best, profiled
+#   bash benchmarks/device_perf.sh speed16  # carry .carry/flash3: micro-batch 16, litgpt and
+#       fit-best; then flash-attn-4 (installed once its 3 parts came): its GPU equality test
+#       and fit-best-flash beside litgpt at micro-batch 8
 #   bash benchmarks/device_perf.sh long     # seq 8,192 / 16,384 / 32,768: litgpt and fit-best
 #   bash benchmarks/device_perf.sh 7b-1gpu  # aquila2-7b, adamw8bit, full checkpointing
 #       (an H200: run with needs_h200; an H100 is not expected to hold it)
-#   bash benchmarks/device_perf.sh liger-tests  # issue 29 (carry .whl from
-#       benchmarks/perf_wheels.sh): tests/test_liger.py, its GPU parity tests included
-#   bash benchmarks/device_perf.sh liger      # issue 29, on 2+ GPUs: litgpt and the fit path
-#       with and without Liger's kernels, micro-batch 8 on GPU 0 and 16 on GPU 1
 # one-gpu, each GPU a process with compiled litgpt in it: GPU 0 the fit path at micro-batch 8,
 # its TSM+ATE overhead row and clipping as a separate pass, profiled; GPU 1 litgpt and the fit path at micro-batch 16
 # (the same work for both); GPU 2 the float8 rows; GPU 3 the 1-GPU baseline of the scaling
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
 set -uo pipefail
-PHASE=${1:?detached, sitting, memory, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck, liger-tests, liger}
+PHASE=${1:?detached, sitting, memory, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck}
 SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
   python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl \
@@ -155,18 +151,17 @@ recheck)
   STRATEGY=ddp LIMIT=150 strategies_row --global-batch 32
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
 memory)
-  timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 | tee "$OUT/liger_tests.txt"
   timeout 420 "${FIT[@]}" --steps 15 --warmup 8 --memory-steps 1 --memory "$RESULTS/memory" \
     --rows litgpt,fit-best,fit-best-no-tsm-ate,aquila-plain,fit-cudnn \
     --out "$RESULTS/fit_memory.jsonl" > "$RESULTS/memory.log" 2>&1
   grep -A30 '^device:' "$RESULTS/memory.log"; grep -m3 Error "$RESULTS/memory.log"
   tar czf "$OUT/memory.tgz" -C "$RESULTS" memory 2>/dev/null; collect ;;
 speed)
-  timeout 560 "${FIT[@]}" --rows litgpt,fit-best,fit-liger-all,fit-liger,fit-liger-loss \
+  timeout 560 "${FIT[@]}" --rows litgpt,fit-best \
     --profile "$RESULTS/profile" --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
   grep -A14 '^device:' "$RESULTS/fit_b8.log"; grep -m3 Error "$RESULTS/fit_b8.log"; collect ;;
 speed16)
-  timeout 400 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-liger-all \
+  timeout 400 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best \
     --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
   grep -A10 '^device:' "$RESULTS/fit_b16.log"; grep -m3 Error "$RESULTS/fit_b16.log"; collect
   if [ -d /tmp/flash-site ]; then
@@ -191,24 +186,11 @@ long)  # the same 16,384 tokens per step at each length; checkpointing where mem
     --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
     > "$RESULTS/fit_7b.log" 2>&1
   grep -A8 '^device:' "$RESULTS/fit_7b.log"; grep -m3 -i error "$RESULTS/fit_7b.log"; collect ;;
-liger-tests)
-  python3 -m pytest tests/test_liger.py -v 2>&1 | tail -25 | tee "$OUT/liger_tests.txt" ;;
-liger)
-  # the rows most wanted first: a row cut off by the limit writes nothing
-  LIGER_ROWS=litgpt,fit-liger-all,fit-best,fit-liger,fit-liger-loss,fit-cudnn-liger,fit-cudnn
-  CUDA_VISIBLE_DEVICES=0 timeout 560 "${FIT[@]}" --rows "$LIGER_ROWS" \
-    --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1 &
-  JOBS=($!)
-  CUDA_VISIBLE_DEVICES=1 timeout 560 "${FIT[@]}" --batch-size 16 --rows "$LIGER_ROWS" \
-    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1 &
-  JOBS+=($!)
-  wait_side_by_side; collect ;;
 sitting)  # issue 29, the wanted rows first; each row is written the moment it ends
-  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-liger-all,fit-cudnn,fit-liger-loss \
+  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn \
     --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
     --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
-  timeout 150 python3 -m pytest tests/test_liger.py -q 2>&1 | tail -8 > "$RESULTS/liger_tests.log"
-  timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-liger-all \
+  timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best \
     --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
   for _ in $(seq 1 30); do [ -d /tmp/flash-site ] && break; sleep 5; done
   if [ -d /tmp/flash-site ]; then  # beside the micro-batch-8 litgpt row above, same machine

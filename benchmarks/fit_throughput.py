@@ -13,8 +13,7 @@ bf16 autocast) for ``--warmup`` untimed and ``--steps`` timed optimizer steps:
   bandit policy) at their default intervals, gradient clipping at 1.0, a CSV logger. Each
   row changes one lever (``FIT_ROWS``): per-block vs whole-model compile, fused AdamW,
   attention kernel, standard vs chunked loss, a larger micro-batch, TSM+ATE off (the overhead
-  row is ``fit-best`` against ``fit-best-no-tsm-ate``), Liger-Kernel's Triton kernels
-  (``fit-liger*``: ``kernels``/``loss_impl: liger``).
+  row is ``fit-best`` against ``fit-best-no-tsm-ate``).
 
 MFU = tokens/s · (6·N + 12·L·H·T) / ``--peak-tflops`` (989: H100 dense bf16), N the
 parameters without the input embedding (``AquilaConfig.flops_per_token``). Peak memory is
@@ -111,12 +110,6 @@ FIT_ROWS: dict[str, dict[str, Any]] = {
     # torchao float8 projections (the head stays bf16), on the standard-loss row
     "fit-float8": {**BEST, "loss_impl": "standard", "float8": "tensorwise"},
     "fit-float8-rowwise": {**BEST, "loss_impl": "standard", "float8": "rowwise"},
-    # Liger-Kernel (the liger extra): its RMSNorm/SwiGLU/RoPE kernels, its fused loss, both,
-    # on fit-best (chunked loss) and on fit-cudnn (standard loss, the 1-GPU config's)
-    "fit-liger": {**BEST, "kernels": "liger"},
-    "fit-liger-loss": {**BEST, "loss_impl": "liger"},
-    "fit-liger-all": {**BEST, "kernels": "liger", "loss_impl": "liger"},
-    "fit-cudnn-liger": {**BEST, "loss_impl": "standard", "kernels": "liger"},
 }
 PLAIN_ROWS = ("litgpt", "aquila-plain", "litgpt-eager", "aquila-plain-eager")
 DEFAULT_ROWS = ("litgpt", "aquila-plain", *FIT_ROWS)
@@ -299,11 +292,6 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
         if importlib.util.find_spec("torchao") is None:
             raise Skipped("torchao is not installed (adamw8bit needs it)")
         options["fused_optimizer"] = False  # torch's fused AdamW kernel; AdamW8bit has none
-    if "liger" in (options.get("kernels"), options["loss_impl"]):
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise Skipped("liger-kernel is not installed (the liger rows need it)")
-        if device.type != "cuda":
-            raise Skipped("the liger rows need a GPU (Triton kernels)")
     if device.type != "cuda":
         options.update(compile=options["compile"] and args.compile, fused_optimizer=False)
         if strategy != "auto":

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # .whl/: the wheels the fit-path rows (benchmarks/fit_throughput.py, device_perf.sh) need that
 # the GPU image lacks, downloaded here since the GPU machine reaches no registry. The image
-# brings torch (CUDA) and triton; these are pure Python:
+# brings torch (CUDA); these are pure Python:
 #   litgpt 0.5.13           the `litgpt` row (--no-deps: its imports are in the image)
-#   liger-kernel 0.8.5      the fit-liger* rows (--no-deps: it needs only torch and triton)
 #   torchao 0.17.0          --optimizer adamw8bit and the float8 rows (0.17.0 is the version
 #                           that ran with the image's torch 2.11 on 2026-11-27)
 #   zarr stack, jsonargparse the DomainDataModule and the CLI
@@ -24,7 +23,7 @@ python3 -m pip download -q --only-binary=:all: --python-version "$GPU_PYTHON" "$
 find "$wheels" -name '*.whl' ! -name 'numpy-*' ! -name 'packaging-*' ! -iname 'pyyaml-*' \
   ! -name 'typing_extensions-*' -exec cp {} .whl/ \;
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
-  "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13" "liger-kernel==0.8.5" "torchao==0.17.0"
+  "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13" "torchao==0.17.0"
 rm -rf "$wheels"
 mkdir -p .carry/ao && mv .whl/torchao-*.whl .carry/ao/  # with the second call (adamw8bit rows)
 if [ "${FLASH:-0}" = 1 ]; then

@@ -21,14 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_aquila.export import TOKENIZER_KEY
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
 from lightning_aquila.model.float8 import FLOAT8_RECIPES
-from lightning_aquila.model.model import (
-    ATTENTION_IMPLS,
-    KERNEL_IMPLS,
-    LOSS_IMPLS,
-    check_choice,
-    liger_option,
-    require_liger,
-)
+from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
 from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
 from lightning_aquila.strategies.parallelize import prepare_model
 
@@ -86,12 +79,7 @@ class AquilaLM(LightningModule):
             or ``flash`` (flash-attn-4, the ``flash`` extra).
         loss_impl: ``standard`` (full logits, fp32 cross-entropy) or ``chunked`` (head and
             cross-entropy ``loss_chunk_size`` tokens at a time: full-vocabulary fp32 logits
-            never exist, which frees several GiB for a larger micro-batch) or ``liger``
-            (the same in Liger-Kernel's fused Triton kernel, the ``liger`` extra, CUDA; not
-            inside ``torch.compile`` graphs: it reads the token count to the host).
-        kernels: ``torch`` (RMSNorm, SwiGLU and RoPE as plain PyTorch, which
-            ``torch.compile`` fuses) or ``liger`` (Liger-Kernel's Triton kernels for the
-            three, the ``liger`` extra, CUDA).
+            never exist, which frees several GiB for a larger micro-batch).
         fused_optimizer: AdamW's fused CUDA kernel (one launch for all parameters); default:
             on when the parameters are on CUDA, no GradScaler is in use and the strategy is
             not DeepSpeed (which brings its own optimizer handling).
@@ -121,7 +109,6 @@ class AquilaLM(LightningModule):
         attention: str = "auto",
         loss_impl: str = "standard",
         loss_chunk_size: int = 4096,
-        kernels: str = "torch",
         fused_optimizer: bool | None = None,
         float8: str | None = None,
     ) -> None:
@@ -129,17 +116,9 @@ class AquilaLM(LightningModule):
         if compile not in (False, True, "blocks", "model"):
             raise ValueError(f"compile={compile!r} is not one of [False, True, 'blocks', "
                              "'model']")
-        checkpointing = activation_checkpointing_mode(activation_checkpointing)
+        activation_checkpointing_mode(activation_checkpointing)
         check_choice("attention", attention, ATTENTION_IMPLS)
         check_choice("loss_impl", loss_impl, LOSS_IMPLS)
-        check_choice("kernels", kernels, KERNEL_IMPLS)
-        if kernels == "liger" and checkpointing == "op":
-            # op mode keeps the projections' outputs for the recompute; Liger's RoPE rotates
-            # q and k in place inside a Triton kernel, unseen by autograd, so the kept q and k
-            # would come back already rotated and be rotated twice
-            raise ValueError("kernels='liger' does not combine with activation_checkpointing="
-                             "'op' (Liger's RoPE rotates the kept q/k in place); use 'full', "
-                             "'every_N' or kernels='torch'")
         check_choice("optimizer", optimizer, OPTIMIZERS)
         if optimizer == "adamw8bit" and fused_optimizer:
             raise ValueError("fused_optimizer=True is torch.optim.AdamW's fused kernel; "
@@ -151,9 +130,6 @@ class AquilaLM(LightningModule):
         if torchao_user and importlib.util.find_spec("torchao") is None:
             raise ImportError(f"{torchao_user} needs torchao "
                               "(`pip install 'lightning-aquila[torchao]'`)")
-        liger_user = liger_option(kernels, loss_impl)
-        if liger_user:
-            require_liger(liger_user)
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
                              f"got {loss_chunk_size}")
@@ -170,8 +146,7 @@ class AquilaLM(LightningModule):
             return
         hp = self.hparams
         kernels = {"attention": hp.attention, "loss_impl": hp.loss_impl,
-                   "loss_chunk_size": hp.loss_chunk_size,
-                   "kernels": hp.get("kernels", "torch")}
+                   "loss_chunk_size": hp.loss_chunk_size}
         if hp.init_from:
             self.model = import_hf(hp.init_from, context=hp.config, **kernels)
             self.config = self.model.config

@@ -12,13 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-
-# Without a GPU, Triton kernels (Liger-Kernel's, tests/test_liger.py) run on CPU tensors under
-# Triton's interpreter. ``triton.jit`` reads this when a kernel is defined, and importing
-# lightning imports triton, so it is set here, before any test module imports either.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,7 @@ def _step_memory():
 
 def test_fit_benchmark_smoke_runs_plain_and_fit_rows_and_skips_missing_kernels(capsys):
     rows = _benchmark().main(["--device", "cpu", "--tiny",
-                              "--rows", "aquila-plain,fit-best,fit-flash,fit-float8,"
-                              "fit-liger-all"])
+                              "--rows", "aquila-plain,fit-best,fit-flash,fit-float8"])
     by_name = {row["row"]: row for row in rows}
     assert by_name["aquila-plain"]["tokens_per_sec"] > 0
     assert by_name["fit-best"]["tokens_per_sec"] > 0 and by_name["fit-best"]["tsm_ate"]
@@ -38,8 +37,6 @@ def test_fit_benchmark_smoke_runs_plain_and_fit_rows_and_skips_missing_kernels(c
     assert "tokens_per_sec" in flash or "flash-attn-4" in flash["skipped"]
     float8 = by_name["fit-float8"]  # emulated on the CPU: it runs, slowly
     assert float8.get("tokens_per_sec", 0) > 0 or "torchao" in float8.get("skipped", "")
-    liger = by_name["fit-liger-all"]  # Triton kernels: a GPU row
-    assert "liger" in liger["skipped"]
     assert "| fit-best |" in capsys.readouterr().out
 
 

@@ -141,7 +141,7 @@ def test_compiled_chunked_loss_runs_its_loop_outside_the_graph_and_gives_the_eag
 
 def test_loss_impl_and_chunk_size_are_validated():
     with pytest.raises(ValueError, match=r"loss_impl='fused' is not one of \['standard', "
-                                         r"'chunked', 'liger'\]"):
+                                         r"'chunked'\]"):
         AquilaLM(preset="aquila2-tiny", loss_impl="fused")
     with pytest.raises(ValueError, match="loss_chunk_size must be a positive"):
         AquilaLM(preset="aquila2-tiny", loss_impl="chunked", loss_chunk_size=0)

@@ -4,8 +4,8 @@ With Aquila2's 100,008-token vocabulary the standard head materialises ``B·T·V
 and their fp32 copy for the loss: 6.5 GB of fp32 alone at 8 × 2048 tokens. Here the tokens go
 through the head ``chunk_size`` at a time; each chunk's logits live only while its loss and
 its gradients are computed, and the gradients with respect to the hidden states and the head
-weight are produced in the forward pass (the approach of Liger-Kernel's fused linear
-cross-entropy), so backward only scales them.
+weight are produced in the forward pass (as fused linear cross-entropy kernels do), so
+backward only scales them.
 
 Why hand-written: Liger-Kernel and Cut Cross-Entropy do this in Triton, on CUDA only; the
 Step output contract needs the per-token losses next to the differentiable mean, and the

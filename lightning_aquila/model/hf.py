@@ -266,8 +266,8 @@ def import_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
               context: Mapping[str, Any] | None = None, **kernels: Any) -> AquilaModel:
     """Load a Hugging Face Llama or BAAI Aquila2 directory as an AquilaModel; ``context``
     replaces any of :data:`CONTEXT_FIELDS` of its config (the other fields are the
-    checkpoint's); ``kernels`` (``attention``, ``loss_impl``, ``loss_chunk_size``,
-    ``kernels``) go to ``AquilaModel``."""
+    checkpoint's); ``kernels`` (``attention``, ``loss_impl``, ``loss_chunk_size``) go to
+    ``AquilaModel``."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():

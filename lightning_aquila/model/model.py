@@ -8,13 +8,10 @@ with ``-1`` heads, so the local head count follows whatever the projections prod
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -34,13 +31,8 @@ from lightning_aquila.model.head_loss import (
 #: backend on Hopper); ``flash`` is flash-attn-4 (the ``flash`` extra), on CUDA fp16/bf16.
 ATTENTION_IMPLS = ("auto", "sdpa", "cudnn", "flash")
 #: ``loss_impl``: ``standard`` computes the full logits then an fp32 cross-entropy;
-#: ``chunked`` never materialises full-vocabulary logits (``head_loss.py``); ``liger`` does
-#: the same in Liger-Kernel's fused Triton kernel (``liger.py``, the ``liger`` extra, CUDA).
-LOSS_IMPLS = ("standard", "chunked", "liger")
-#: ``kernels``: who computes RMSNorm, SwiGLU's ``silu(gate) * up`` and RoPE: ``torch`` (the
-#: code below, which ``torch.compile`` fuses) or ``liger`` (Liger-Kernel's Triton kernels,
-#: ``liger.py``, the ``liger`` extra, CUDA).
-KERNEL_IMPLS = ("torch", "liger")
+#: ``chunked`` never materialises full-vocabulary logits (``head_loss.py``).
+LOSS_IMPLS = ("standard", "chunked")
 
 _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -66,42 +58,6 @@ def load_flash_attn() -> Callable[..., Any]:
     return flash_attn_func
 
 
-def liger_option(kernels: str, loss_impl: str) -> str | None:
-    """The option that asks for Liger-Kernel (named in its error lines), or ``None``."""
-    if kernels == "liger":
-        return "kernels='liger'"
-    return "loss_impl='liger'" if loss_impl == "liger" else None
-
-
-def _liger_missing(option: str) -> str:
-    return f"{option} needs liger-kernel and triton (`pip install 'lightning-aquila[liger]'`)"
-
-
-def require_liger(option: str) -> None:
-    """One line naming ``option`` where liger-kernel is not installed, found without
-    importing it (and Triton with it): for checks before a model is built."""
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ImportError(_liger_missing(option))
-
-
-def load_liger(option: str) -> ModuleType:
-    """``lightning_aquila.model.liger`` (Liger-Kernel's kernels), imported only when
-    ``option`` asks for it: liger-kernel and Triton are an optional extra."""
-    try:
-        from lightning_aquila.model import liger
-    except ImportError as error:
-        raise ImportError(f"{_liger_missing(option)}: {error}") from error
-    return liger
-
-
-def check_triton_device(option: str, x: torch.Tensor) -> None:
-    """Liger's Triton kernels run on CUDA tensors, or on the CPU only under Triton's
-    interpreter (``TRITON_INTERPRET=1``, the parity tests); else one line naming ``option``."""
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{option} runs Triton kernels on CUDA; this model is on "
-                           f"{x.device.type} (use the default there)")
-
-
 @torch.compiler.disable
 def _flash(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor) -> torch.Tensor:
@@ -111,26 +67,16 @@ def _flash(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor,
     return out[0] if isinstance(out, tuple) else out  # (out, lse) in 4.0 betas
 
 
-def _liger_kernel(kernels: str, name: str) -> Callable[..., Any] | None:
-    """The function ``name`` of ``liger.py`` where ``kernels`` is ``liger``, else ``None``
-    (a function, not the module, so the model stays picklable and deep-copyable)."""
-    check_choice("kernels", kernels, KERNEL_IMPLS)
-    return getattr(load_liger("kernels='liger'"), name) if kernels == "liger" else None
-
-
 class RMSNorm(nn.Module):
     """Normalises in fp32 and casts back before the scale, as Llama/Aquila do, so bf16
     training and the Hugging Face reference agree to the last bit in fp32."""
 
-    def __init__(self, size: int, eps: float, kernels: str = "torch") -> None:
+    def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
-        self._liger_rms_norm = _liger_kernel(kernels, "rms_norm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._liger_rms_norm is not None:
-            return self._liger_rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -251,12 +197,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: AquilaConfig, impl: str = "auto", kernels: str = "torch") -> None:
+    def __init__(self, config: AquilaConfig, impl: str = "auto") -> None:
         super().__init__()
         self.config = config
         self.impl = check_choice("attention", impl, ATTENTION_IMPLS)
         self._flash_fn = load_flash_attn() if impl == "flash" else None
-        self._liger_rope = _liger_kernel(kernels, "rope")
         kv_size = config.num_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
@@ -269,10 +214,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, -1, head_dim)
         k = self.k_proj(x).view(batch, seq_len, -1, head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, head_dim)
-        if self._liger_rope is not None:
-            q, k = self._liger_rope(q, k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         low_precision = q.dtype in (torch.float16, torch.bfloat16)
         if self._flash_fn is not None and q.is_cuda and low_precision:
             out = _flash(self._flash_fn, q, k, v)
@@ -289,27 +231,23 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: AquilaConfig, kernels: str = "torch") -> None:
+    def __init__(self, config: AquilaConfig) -> None:
         super().__init__()
-        self._liger_silu_mul = _liger_kernel(kernels, "silu_mul")
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._liger_silu_mul is not None:
-            return self.down_proj(self._liger_silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, config: AquilaConfig, attention: str = "auto",
-                 kernels: str = "torch") -> None:
+    def __init__(self, config: AquilaConfig, attention: str = "auto") -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.hidden_size, config.norm_eps, kernels)
-        self.attention = Attention(config, attention, kernels)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, kernels)
-        self.mlp = MLP(config, kernels)
+        self.attention_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attention = Attention(config, attention)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -317,9 +255,9 @@ class Block(nn.Module):
 
 
 class OutputHead(nn.Linear):
-    """The vocabulary projection. Called with labels it returns the chunked (or Liger's
-    fused) loss instead of the logits, so that loss still runs inside this module's
-    ``forward``, where FSDP2 has gathered the weight."""
+    """The vocabulary projection. Called with labels it returns the chunked loss instead of
+    the logits, so that loss still runs inside this module's ``forward``, where FSDP2 has
+    gathered the weight."""
 
     def __init__(self, hidden_size: int, vocab_size: int, loss_impl: str = "standard",
                  loss_chunk_size: int = 4096) -> None:
@@ -329,15 +267,11 @@ class OutputHead(nn.Linear):
             raise ValueError(f"loss_chunk_size must be a positive number of tokens, "
                              f"got {loss_chunk_size}")
         self.loss_chunk_size = loss_chunk_size
-        self._liger_loss = (load_liger("loss_impl='liger'").linear_cross_entropy
-                            if loss_impl == "liger" else None)
 
     def forward(self, x: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if labels is None:
             return super().forward(x)
-        if self._liger_loss is not None:
-            return self._liger_loss(x, self.weight, labels)
         return chunked_linear_cross_entropy(x, self.weight, labels, self.loss_chunk_size)
 
 
@@ -345,24 +279,19 @@ class AquilaModel(nn.Module):
     """``forward(input_ids (B, T)) -> logits (B, T, vocab_size)``, or with ``labels`` (B, T)
     ``-> (token-mean loss, per-token fp32 losses (B, T), 0 where a label is -100)``.
 
-    ``attention``, ``loss_impl``, ``loss_chunk_size`` and ``kernels`` choose kernels, not
-    architecture (``ATTENTION_IMPLS``, ``LOSS_IMPLS``, ``KERNEL_IMPLS``): every choice
-    computes the same function, so they live here and not in ``AquilaConfig``, checkpoints
-    and exports.
+    ``attention``, ``loss_impl`` and ``loss_chunk_size`` choose kernels, not architecture
+    (``ATTENTION_IMPLS``, ``LOSS_IMPLS``): every choice computes the same function, so they
+    live here and not in ``AquilaConfig``, checkpoints and exports.
     """
 
     def __init__(self, config: AquilaConfig, attention: str = "auto",
-                 loss_impl: str = "standard", loss_chunk_size: int = 4096,
-                 kernels: str = "torch") -> None:
+                 loss_impl: str = "standard", loss_chunk_size: int = 4096) -> None:
         super().__init__()
         self.config = config
-        self.kernels = check_choice("kernels", kernels, KERNEL_IMPLS)
-        self._liger_option = liger_option(kernels, loss_impl)
         self.rope_scaling = rope_scaling_key(config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, attention, kernels)
-                                    for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps, kernels)
+        self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = OutputHead(config.hidden_size, config.vocab_size, loss_impl,
                                   loss_chunk_size)
         if not any(p.is_meta for p in self.parameters()):
@@ -377,8 +306,6 @@ class AquilaModel(nn.Module):
                 f"sequence length {seq_len} exceeds max_seq_len={self.config.max_seq_len} "
                 f"of model {self.config.name!r}"
             )
-        if self._liger_option is not None:  # once per forward, not in every kernel's module
-            check_triton_device(self._liger_option, input_ids)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta,
                                 x.device, x.dtype, self.rope_scaling)
@@ -387,7 +314,7 @@ class AquilaModel(nn.Module):
         x = self.norm(x)
         if labels is None:
             return self.lm_head(x)
-        if self.lm_head.loss_impl != "standard":
+        if self.lm_head.loss_impl == "chunked":
             return self.lm_head(x, labels)
         # The head called with one input, as tensor-parallel plans expect (its logits may be
         # a vocabulary-sharded DTensor that token_cross_entropy handles).

@@ -104,15 +104,9 @@ def prepare_model(model: AquilaModel, *, mesh: DeviceMesh | None = None,
         tp_mesh = mesh["tensor_parallel"]
         if tp_mesh.size() > 1:
             if model.lm_head.loss_impl != "standard":
-                raise ValueError(f"loss_impl={model.lm_head.loss_impl!r} does not combine with "
-                                 "tensor parallelism; "
+                raise ValueError("loss_impl='chunked' does not combine with tensor parallelism; "
                                  "its loss_parallel already keeps the logits sharded: use "
                                  "loss_impl='standard'")
-            if model.kernels != "torch":
-                # LigerRMSNorm gathers a sequence-sharded DTensor whole and returns a plain
-                # tensor, which the sequence-parallel plan does not expect
-                raise ValueError(f"kernels={model.kernels!r} does not combine with tensor "
-                                 "parallelism: use kernels='torch'")
             apply_tensor_parallel(model, tp_mesh, sequence_parallel=plan.sequence_parallel,
                                   loss_parallel=plan.loss_parallel)
     if float8:

@@ -1,4 +1,4 @@
-"""A check that the fused losses (chunked, Liger's) share: their gradients are computed in
+"""A check for a fused head loss (``loss_impl='chunked'``): its gradients are computed in
 forward and only scaled in backward, so that scaling must follow the incoming gradient."""
 
 from __future__ import annotations
