@@ -2,7 +2,7 @@
 the device: making a device tensor from Python values (``torch.tensor(x, device=cuda)``
 copies from pageable memory behind all queued work) and reading a device value back
 (``.item()``, ``.tolist()``). Either drains the GPU's queue once per step (measured on an
-H100: 7.2% of a 1B step idle against litgpt's 1.2%,
+H200: 7.2% of a 1B step idle against litgpt's 1.2%,
 benchmarks/results/fit_path_h200x4_2026-11-27_notes.md). Where
 they happen is the same on the CPU, so this runs a real fit with the TSM and ATE at their
 default intervals and records both ops, with the code that called them, over steps that log
