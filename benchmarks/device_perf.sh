@@ -21,11 +21,11 @@
 #   The phases below are the same work in single calls:
 #   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: litgpt, fit-best,
 #       fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
-#   bash benchmarks/device_perf.sh speed    # carry .carry/flash2: micro-batch 8, litgpt and
-#       fit-best, profiled
-#   bash benchmarks/device_perf.sh speed16  # carry .carry/flash3: micro-batch 16, litgpt and
-#       fit-best; then flash-attn-4 (installed once its 3 parts came): its GPU equality test
-#       and fit-best-flash beside litgpt at micro-batch 8
+#   bash benchmarks/device_perf.sh speed    # carry .carry/flash2 .carry/ao: micro-batch 8,
+#       litgpt and fit-best, profiled
+#   bash benchmarks/device_perf.sh speed16  # micro-batch 16, litgpt and fit-best; then
+#       flash-attn-4 (installed once both parts came): its GPU equality test and
+#       fit-best-flash beside litgpt at micro-batch 8
 #   bash benchmarks/device_perf.sh long     # seq 8,192 / 16,384 / 32,768: litgpt and fit-best
 #   bash benchmarks/device_perf.sh 7b-1gpu  # aquila2-7b, adamw8bit, full checkpointing
 #       (an H200: run with needs_h200; an H100 is not expected to hold it)
