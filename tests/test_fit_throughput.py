@@ -115,3 +115,18 @@ def test_fit_rows_take_the_store_tokenizers_special_ids_when_the_preset_has_aqui
                               "--rows", "fit-best"])
     assert rows[0].get("tokens_per_sec", 0) > 0, rows[0]
     assert rows[0]["preset"] == tiny.name
+
+
+def test_every_row_the_gpu_scripts_ask_for_exists():
+    """A row name the benchmark does not know stops its whole process before any row runs,
+    which on the GPU costs the call: every ``--rows`` list in benchmarks/device_perf.sh must
+    name known rows (rows were renamed and removed before)."""
+    import re
+
+    benchmark = _benchmark()
+    known = {*benchmark.PLAIN_ROWS, *benchmark.FIT_ROWS}
+    script = (REPO / "benchmarks" / "device_perf.sh").read_text()
+    lists = re.findall(r"--rows ([A-Za-z0-9,-]+)", script)
+    assert len(lists) >= 10
+    unknown = {name for names in lists for name in names.split(",")} - known
+    assert not unknown, f"device_perf.sh asks for unknown rows {sorted(unknown)}"
