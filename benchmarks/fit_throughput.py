@@ -272,8 +272,6 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
             Precision.clip_gradients(self.trainer.precision_plugin, optimizer,
                                      self.trainer.gradient_clip_val, GradClipAlgorithmType.NORM)
 
-    # the store is tokenized with the bundled tokenizer: the model takes its bos/eos ids (the
-    # vocabulary stays the preset's, so the FLOPs equal litgpt's)
     options = dict(FIT_ROWS[row])
     batch_size = int(args.batch_size * options.pop("_batch_scale", 1))
     callbacks_on = options.pop("_callbacks", True)
