@@ -18,12 +18,11 @@
 #       calls: the first call starts it; every call stages the flash parts it carries, waits up
 #       to SECONDS and returns what has been written. Carry [".whl", ".carry/flash1"], then
 #       [".carry/flash2", ".carry/ao"], and send each call as soon as one returns.
-#   The phases below are the same work in single calls:
-#   bash benchmarks/device_perf.sh memory   # carry .whl .carry/flash1: litgpt, fit-best,
-#       fit-best-no-tsm-ate, aquila-plain, fit-cudnn at micro-batch 8, --memory
-#   bash benchmarks/device_perf.sh speed    # carry .carry/flash2 .carry/ao: micro-batch 8,
-#       litgpt and fit-best, profiled
-#   bash benchmarks/device_perf.sh speed16  # micro-batch 16, litgpt and fit-best; then
+#   The phases below are the same work in single calls (the functions rows_*):
+#   bash benchmarks/device_perf.sh speed    # carry .whl .carry/flash1: micro-batch 8, litgpt,
+#       fit-best and fit-cudnn, profiled, with memory per phase and snapshots
+#   bash benchmarks/device_perf.sh speed16  # carry .carry/flash2 .carry/ao: micro-batch 16,
+#       litgpt and fit-best; then
 #       flash-attn-4 (installed once both parts came): its GPU equality test and
 #       fit-best-flash beside litgpt at micro-batch 8
 #   bash benchmarks/device_perf.sh long     # seq 8,192 / 16,384 / 32,768: litgpt and fit-best
@@ -35,7 +34,7 @@
 # table (strategies.py single, compiled), which `fsdp` divides by, then the FSDP fit row.
 # Results and logs go to $OUT.
 set -uo pipefail
-PHASE=${1:?detached, sitting, memory, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck}
+PHASE=${1:?detached, sitting, speed, speed16, long, 7b-1gpu (one GPU); one-gpu, fsdp, 7b, recheck}
 SITE=/tmp/perf-site
 if [ ! -d "$SITE" ]; then
   python3 -m pip install -q --no-deps --no-compile --target "$SITE" .whl/*.whl \
@@ -66,8 +65,13 @@ stage_flash() {  # .carry/flash*/ (perf_wheels.sh FLASH=1) gather here; once who
   mv /tmp/flash-site.new /tmp/flash-site
   echo "flash-attn-4 installed: $(ls /tmp/flash-site | grep -c -i -E 'flash|cutlass') entries"
 }
+use_flash() {  # flash-attn-4 importable once installed (a sitting started before it came)
+  [ -d /tmp/flash-site ] || return 1
+  case ":$PYTHONPATH:" in *:/tmp/flash-site:*) return 0 ;; esac
+  export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
+}
 stage_flash
-[ -d /tmp/flash-site ] && export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
+use_flash
 RESULTS=/tmp/perf-results
 mkdir -p "$RESULTS"
 FIT=(python3 benchmarks/fit_throughput.py --steps 20 --warmup 8 --domains code_c,en_legal)
@@ -92,6 +96,45 @@ wait_side_by_side() {  # for the one-GPU jobs in JOBS, collecting as they go; th
     [ -f "$RESULTS/$log.log" ] && grep -A14 '^device:' "$RESULTS/$log.log"
   done
   grep -A6 '^| strategy' "$RESULTS/gpu3.log"
+}
+# Issue 29's one-GPU work, one function per piece; the phases below run one each, the sitting
+# all of them in order. Each writes its rows to $RESULTS as they end.
+rows_b8() {  # micro-batch 8: the peer, the fit path, its standard-loss twin; profiled, memory phases
+  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn \
+    --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
+    --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
+}
+rows_b16() {
+  timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best \
+    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
+}
+rows_flash() {  # beside rows_b8's litgpt row, same machine; needs both flash parts staged
+  use_flash || { echo "flash-attn-4 not installed: its rows skipped"; return 0; }
+  timeout 120 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 > "$RESULTS/flash_tests.log"
+  timeout 200 "${FIT[@]}" --rows fit-best-flash \
+    --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
+}
+rows_long() {  # the same 16,384 tokens per step at each length; checkpointing where memory needs it
+  local shape seq batch mode
+  for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
+    read -r seq batch mode <<< "$shape"
+    timeout 200 "${FIT[@]}" --rows litgpt,fit-best --seq-len "$seq" --batch-size "$batch" \
+      --steps 10 --warmup 5 --activation-checkpointing "$mode" \
+      --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
+  done
+}
+rows_7b() {  # an H200 holds it; an H100 may not
+  timeout 500 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
+    --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
+    --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
+    > "$RESULTS/fit_7b.log" 2>&1
+}
+summary() {  # the tables and errors of the logs named
+  local log
+  for log in "$@"; do
+    [ -f "$RESULTS/$log" ] || continue
+    echo "== $log"; grep -E '^\| |^device:|rror|passed|failed|skipped' "$RESULTS/$log" | tail -24
+  done
 }
 nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader
 
@@ -150,65 +193,18 @@ recheck)
   LIMIT=150 strategies_row --global-batch 32 --profile "$RESULTS/profile"
   STRATEGY=ddp LIMIT=150 strategies_row --global-batch 32
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null; collect ;;
-memory)
-  timeout 420 "${FIT[@]}" --steps 15 --warmup 8 --memory-steps 1 --memory "$RESULTS/memory" \
-    --rows litgpt,fit-best,fit-best-no-tsm-ate,aquila-plain,fit-cudnn \
-    --out "$RESULTS/fit_memory.jsonl" > "$RESULTS/memory.log" 2>&1
-  grep -A30 '^device:' "$RESULTS/memory.log"; grep -m3 Error "$RESULTS/memory.log"
-  tar czf "$OUT/memory.tgz" -C "$RESULTS" memory 2>/dev/null; collect ;;
 speed)
-  timeout 560 "${FIT[@]}" --rows litgpt,fit-best \
-    --profile "$RESULTS/profile" --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
-  grep -A14 '^device:' "$RESULTS/fit_b8.log"; grep -m3 Error "$RESULTS/fit_b8.log"; collect ;;
+  rows_b8; summary fit_b8.log; tar czf "$OUT/memory.tgz" -C "$RESULTS" memory 2>/dev/null; collect ;;
 speed16)
-  timeout 400 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best \
-    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
-  grep -A10 '^device:' "$RESULTS/fit_b16.log"; grep -m3 Error "$RESULTS/fit_b16.log"; collect
-  if [ -d /tmp/flash-site ]; then
-    timeout 60 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 | tee "$OUT/flash_tests.txt"
-    timeout 120 "${FIT[@]}" --rows litgpt,fit-best-flash --steps 10 --warmup 5 \
-      --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
-    grep -A8 '^device:' "$RESULTS/fit_flash.log"; collect
-  fi ;;
-long)  # the same 16,384 tokens per step at each length; checkpointing where memory needs it
-  for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
-    read -r seq batch mode <<< "$shape"
-    timeout 190 "${FIT[@]}" --rows litgpt,fit-best --seq-len "$seq" --batch-size "$batch" \
-      --steps 10 --warmup 5 --activation-checkpointing "$mode" \
-      --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
-    echo "seq $seq, micro-batch $batch, checkpointing $mode: rc $?"
-    grep -A6 '^device:' "$RESULTS/long_$seq.log"; grep -m3 -i "error" "$RESULTS/long_$seq.log"
-    collect
-  done ;;
+  rows_b16; rows_flash; summary fit_b16.log flash_tests.log fit_flash.log; collect ;;
+long)
+  rows_long; summary long_8192.log long_16384.log long_32768.log; collect ;;
 7b-1gpu)
-  timeout 560 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
-    --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
-    --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
-    > "$RESULTS/fit_7b.log" 2>&1
-  grep -A8 '^device:' "$RESULTS/fit_7b.log"; grep -m3 -i error "$RESULTS/fit_7b.log"; collect ;;
-sitting)  # issue 29, the wanted rows first; each row is written the moment it ends
-  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn \
-    --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
-    --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
-  timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best \
-    --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
-  for _ in $(seq 1 30); do [ -d /tmp/flash-site ] && break; sleep 5; done
-  if [ -d /tmp/flash-site ]; then  # beside the micro-batch-8 litgpt row above, same machine
-    export PYTHONPATH=$PYTHONPATH:/tmp/flash-site:/tmp/flash-site/nvidia_cutlass_dsl/dsl_packages
-    timeout 120 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 > "$RESULTS/flash_tests.log"
-    timeout 200 "${FIT[@]}" --rows fit-best-flash \
-      --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
-  fi
-  for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
-    read -r seq batch mode <<< "$shape"
-    timeout 200 "${FIT[@]}" --rows litgpt,fit-best --seq-len "$seq" --batch-size "$batch" \
-      --steps 10 --warmup 5 --activation-checkpointing "$mode" \
-      --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
-  done
-  timeout 500 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
-    --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
-    --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
-    > "$RESULTS/fit_7b.log" 2>&1
+  rows_7b; summary fit_7b.log; collect ;;
+sitting)  # issue 29, the wanted rows first
+  rows_b8; rows_b16
+  for _ in $(seq 1 30); do [ -d /tmp/flash-site ] && break; sleep 5; done  # a later call's part
+  rows_flash; rows_long; rows_7b
   echo "sitting ended" ;;
 detached)
   WAIT=${2:?seconds to wait}
@@ -225,9 +221,7 @@ detached)
   while kill -0 "$(cat "$PIDFILE")" 2>/dev/null && [ $((SECONDS - START)) -lt "$WAIT" ]; do
     sleep 5
   done
-  for log in "$RESULTS"/*.log; do
-    echo "== $(basename "$log")"; grep -E '^\| |^device:|rror|passed|failed|skipped' "$log" | tail -24
-  done
+  summary $(cd "$RESULTS" && ls ./*.log 2>/dev/null)
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
   # the snapshots that say where the fit path's memory goes: litgpt and fit-best, micro-batch 8
   tar czf "$OUT/memory.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls memory/litgpt.* \

@@ -23,9 +23,10 @@ python3 -m pip download -q --only-binary=:all: --python-version "$GPU_PYTHON" "$
 find "$wheels" -name '*.whl' ! -name 'numpy-*' ! -name 'packaging-*' ! -iname 'pyyaml-*' \
   ! -name 'typing_extensions-*' -exec cp {} .whl/ \;
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
-  "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13" "torchao==0.17.0"
+  "${PLATFORMS[@]}" -d .whl "litgpt==0.5.13"
 rm -rf "$wheels"
-mkdir -p .carry/ao && mv .whl/torchao-*.whl .carry/ao/  # with the second call (adamw8bit rows)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
+  "${PLATFORMS[@]}" -d .carry/ao "torchao==0.17.0"  # with the second call (adamw8bit rows)
 if [ "${FLASH:-0}" = 1 ]; then
   flash=$(mktemp -d)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" \
