@@ -19,12 +19,12 @@
 #       to SECONDS and returns what has been written. Carry [".whl", ".carry/flash1"], then
 #       [".carry/flash2", ".carry/ao"], and send each call as soon as one returns.
 #   The phases below are the same work in single calls (the functions rows_*):
-#   bash benchmarks/device_perf.sh speed    # carry .whl .carry/flash1: micro-batch 8, litgpt,
-#       fit-best and fit-cudnn, profiled, with memory per phase and snapshots
+#   bash benchmarks/device_perf.sh speed    # carry .whl .carry/flash1: micro-batch 8, litgpt
+#       and fit-best, profiled, with memory per phase and snapshots
 #   bash benchmarks/device_perf.sh speed16  # carry .carry/flash2 .carry/ao: micro-batch 16,
-#       litgpt and fit-best; then
-#       flash-attn-4 (installed once both parts came): its GPU equality test and
-#       fit-best-flash beside litgpt at micro-batch 8
+#       litgpt, fit-best and fit-cudnn; then
+#       flash-attn-4 (installed once both parts came): its GPU equality test, and
+#       litgpt and fit-best-flash at micro-batch 8
 #   bash benchmarks/device_perf.sh long     # seq 8,192 / 16,384 / 32,768: litgpt and fit-best
 #   bash benchmarks/device_perf.sh 7b-1gpu  # aquila2-7b, adamw8bit, full checkpointing
 #       (an H200: run with needs_h200; an H100 is not expected to hold it)
@@ -76,8 +76,9 @@ RESULTS=/tmp/perf-results
 mkdir -p "$RESULTS"
 FIT=(python3 benchmarks/fit_throughput.py --steps 20 --warmup 8 --domains code_c,en_legal)
 STRATEGIES=(python3 benchmarks/strategies.py --compile --steps 20 --warmup 5)
-collect() {  # after every run: what a call killed at its limit has written still comes back
-  cp "$RESULTS"/*.jsonl "$OUT/" 2>/dev/null
+collect() {  # after every run: what a call killed at its limit has written still comes back.
+  # Few files: the device tool returns at most 8 (each rows file is named in its rows' "row")
+  cat "$RESULTS"/*.jsonl > "$OUT/rows.jsonl" 2>/dev/null
   tail -c 20000 "$RESULTS"/*.log > "$OUT/logs.txt" 2>/dev/null
 }
 strategies_row() {  # one STRATEGY row (aquila_fsdp) on all 4 GPUs, stopped after LIMIT seconds
@@ -99,22 +100,22 @@ wait_side_by_side() {  # for the one-GPU jobs in JOBS, collecting as they go; th
 }
 # Issue 29's one-GPU work, one function per piece; the phases below run one each, the sitting
 # all of them in order. Each writes its rows to $RESULTS as they end.
-rows_b8() {  # micro-batch 8: the peer, the fit path, its standard-loss twin; profiled, memory phases
-  timeout 540 "${FIT[@]}" --rows litgpt,fit-best,fit-cudnn \
+rows_b8() {  # micro-batch 8: the peer and the fit path, profiled, memory per phase
+  timeout 420 "${FIT[@]}" --rows litgpt,fit-best \
     --profile "$RESULTS/profile" --memory-steps 1 --memory "$RESULTS/memory" \
     --out "$RESULTS/fit_b8.jsonl" > "$RESULTS/fit_b8.log" 2>&1
 }
-rows_b16() {
-  timeout 360 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best \
+rows_b16() {  # fit-cudnn: the 1-GPU config's standard loss, against fit-best's chunked one
+  timeout 480 "${FIT[@]}" --batch-size 16 --rows litgpt,fit-best,fit-cudnn \
     --out "$RESULTS/fit_b16.jsonl" > "$RESULTS/fit_b16.log" 2>&1
 }
-rows_flash() {  # beside rows_b8's litgpt row, same machine; needs both flash parts staged
+rows_flash() {  # its own litgpt row beside it; needs both flash parts staged
   use_flash || { echo "flash-attn-4 not installed: its rows skipped"; return 0; }
   timeout 120 python3 -m pytest tests -q -m gpu -k flash 2>&1 | tail -5 > "$RESULTS/flash_tests.log"
-  timeout 200 "${FIT[@]}" --rows fit-best-flash \
+  timeout 300 "${FIT[@]}" --rows litgpt,fit-best-flash \
     --out "$RESULTS/fit_flash.jsonl" > "$RESULTS/fit_flash.log" 2>&1
 }
-rows_long() {  # the same 16,384 tokens per step at each length; checkpointing where memory needs it
+rows_long() {  # 16,384 tokens per step (32,768 at the longest); checkpointing where memory needs it
   local shape seq batch mode
   for shape in "8192 2 none" "16384 1 op" "32768 1 full"; do
     read -r seq batch mode <<< "$shape"
@@ -201,10 +202,12 @@ long)
   rows_long; summary long_8192.log long_16384.log long_32768.log; collect ;;
 7b-1gpu)
   rows_7b; summary fit_7b.log; collect ;;
-sitting)  # issue 29, the wanted rows first
-  rows_b8; rows_b16
-  for _ in $(seq 1 30); do [ -d /tmp/flash-site ] && break; sleep 5; done  # a later call's part
-  rows_flash; rows_long; rows_7b
+sitting)  # issue 29, the wanted rows first; flash after the long rows, by when the second
+  # call's part has come and been unpacked (on 2026-12-07 a 150 s wait after rows_b16 was
+  # too short and the flash row was skipped)
+  rows_b8; rows_b16; rows_long
+  for _ in $(seq 1 60); do [ -d /tmp/flash-site ] && break; sleep 5; done
+  rows_flash; rows_7b
   echo "sitting ended" ;;
 detached)
   WAIT=${2:?seconds to wait}
@@ -225,9 +228,10 @@ detached)
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
   # the snapshots that say where the fit path's memory goes: litgpt and fit-best, micro-batch 8
   tar czf "$OUT/memory.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls memory/litgpt.* \
-    memory/fit-best.* memory/fit-cudnn.* 2>/dev/null) 2>/dev/null
+    memory/fit-best.* 2>/dev/null) 2>/dev/null
   tar czf "$OUT/profile.tgz" -C "$RESULTS" profile 2>/dev/null
-  cp "$RESULTS"/*.log "$OUT/" 2>/dev/null; collect ;;
+  tar czf "$OUT/logs.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls ./*.log 2>/dev/null) 2>/dev/null
+  collect ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 exit 0

@@ -78,7 +78,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: AquilaLM arguments of each fit row. ``fit-blocks`` is the path as it was (per-block
 #: compile, unfused AdamW, PyTorch's SDPA choice, full logits); each later row moves one
-#: lever; ``fit-best`` is the combination the 1B config ships.
+#: lever; ``fit-best`` adds the chunked loss, which keeps the fit path under litgpt's memory
+#: (configs/aquila2-1b-1gpu.yaml ships the standard loss: ``fit-cudnn``).
 BEST = {"compile": "model", "fused_optimizer": True, "attention": "cudnn",
         "loss_impl": "chunked"}
 FIT_ROWS: dict[str, dict[str, Any]] = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,58 @@ def print_profiles(rows: list[dict[str, Any]], label: str = "row") -> None:
               f"{p['d2h_copies_per_step']} |")
 
 
+def _kernel_name(name: str) -> str:
+    """A kernel's name to compare by: inductor's Triton kernels without their number,
+    PyTorch's multi-tensor kernels by their functor (AdamW's step and a norm are otherwise
+    one truncated name), anything else cut at 100 characters."""
+    if "multi_tensor_apply_kernel" in name:
+        functor = re.findall(r"(\w+Functor)\b", name)
+        return f"multi_tensor_apply_kernel<{functor[0] if functor else '?'}>"
+    return re.sub(r"^(triton_\w+?)_\d+$", r"\1", name)[:100]
+
+
+def kernel_times(path: str | Path, steps: int) -> dict[str, tuple[float, float]]:
+    """GPU ms and launches per step of each kernel (copies and memsets too) in a saved
+    trace, by :func:`_kernel_name`, so that two compiles of one graph compare."""
+    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as file:
+        trace = json.load(file)
+    times: dict[str, list[float]] = {}
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        if e.get("ph") == "X" and e.get("cat") in GPU_WORK:
+            name = _kernel_name(e["name"])
+            entry = times.setdefault(name, [0.0, 0.0])
+            entry[0] += e.get("dur", 0) / 1e3 / steps
+            entry[1] += 1 / steps
+    return {name: (ms, launches) for name, (ms, launches) in times.items()}
+
+
+def print_kernel_diff(base: str | Path, other: str | Path, steps: int, top: int = 25) -> None:
+    """The kernels whose GPU time per step differs most between two traces (``other`` minus
+    ``base``): where a row does more GPU work than its peer, this names the work."""
+    a, b = kernel_times(base, steps), kernel_times(other, steps)
+    total_a, total_b = sum(ms for ms, _ in a.values()), sum(ms for ms, _ in b.values())
+    print(f"| kernel | {Path(base).name} ms/step | {Path(other).name} ms/step | difference | "
+          "launches/step |\n|---|---:|---:|---:|---:|")
+    print(f"| (all, overlaps counted twice) | {total_a:.2f} | {total_b:.2f} | "
+          f"{total_b - total_a:+.2f} | |")
+    names = sorted(set(a) | set(b), key=lambda n: -abs(b.get(n, (0, 0))[0] - a.get(n, (0, 0))[0]))
+    for name in names[:top]:
+        (ms_a, n_a), (ms_b, n_b) = a.get(name, (0.0, 0.0)), b.get(name, (0.0, 0.0))
+        print(f"| `{name}` | {ms_a:.2f} | {ms_b:.2f} | {ms_b - ms_a:+.2f} | {n_a:g} / {n_b:g} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Summarise saved --profile traces.")
     parser.add_argument("traces", nargs="+", type=Path)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps in each trace")
+    parser.add_argument("--diff", action="store_true",
+                        help="two traces: the kernels whose GPU time differs most")
     args = parser.parse_args()
+    if args.diff:
+        if len(args.traces) != 2:
+            parser.error(f"--diff takes two traces, got {len(args.traces)}")
+        print_kernel_diff(*args.traces, steps=args.steps)
+        return
     print_profiles([{"trace": t.name, "profile": summarise_trace(t, args.steps)}
                     for t in args.traces], label="trace")
 

@@ -130,3 +130,41 @@ def test_every_row_the_gpu_scripts_ask_for_exists():
     assert len(lists) >= 10
     unknown = {name for names in lists for name in names.split(",")} - known
     assert not unknown, f"device_perf.sh asks for unknown rows {sorted(unknown)}"
+
+
+def test_kernel_diff_names_the_kernels_whose_gpu_time_differs_most(tmp_path, capsys):
+    """``step_profile.py --diff``: per-step GPU time by kernel in two traces; inductor's kernel
+    numbers and PyTorch's multi-tensor templates collapse into comparable names, and host
+    events are not counted."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import json
+
+    import step_profile
+
+    def kernel(name, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": 0, "dur": dur}
+
+    adam = ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::"
+            "(anonymous namespace)::FusedOptimizerTensorListMetadata<4>, at::native::(anonymous "
+            "namespace)::FusedAdamMathFunctor<float, 4, ...>>")
+    norm = adam.replace("FusedAdamMathFunctor", "LpNormFunctor")
+    base = [kernel("triton_red_fused_mean_3", 2000), kernel(adam, 6000),
+            kernel("cudaLaunchKernel", 9000, cat="cuda_runtime")]
+    other = [kernel("triton_red_fused_mean_7", 2000), kernel(adam, 7000),
+             kernel(norm, 1000), kernel(norm, 1000)]
+    paths = []
+    for name, events in (("base", base), ("other", other)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"traceEvents": events}))
+    times = step_profile.kernel_times(paths[1], steps=2)
+    assert times == {"triton_red_fused_mean": (1.0, 0.5),
+                     "multi_tensor_apply_kernel<FusedAdamMathFunctor>": (3.5, 0.5),
+                     "multi_tensor_apply_kernel<LpNormFunctor>": (1.0, 1.0)}
+    step_profile.print_kernel_diff(*paths, steps=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| (all, overlaps counted twice) | 4.00 | 5.50 | +1.50 | |"
+    assert lines[3] == ("| `multi_tensor_apply_kernel<LpNormFunctor>` | 0.00 | 1.00 | +1.00 "
+                        "| 0 / 1 |")
+    assert lines[4].startswith("| `multi_tensor_apply_kernel<FusedAdamMathFunctor>` | 3.00 | "
+                               "3.50 | +0.50 |")
+    assert lines[-1].startswith("| `triton_red_fused_mean` | 1.00 | 1.00 | +0.00 |")
