@@ -83,6 +83,13 @@ def _compiled_chunk() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return torch.compile(_chunk_loss_and_grad)
 
 
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total + part`` in fp32, ``part`` (the first chunk's) cast when there is no total
+    yet: one fp32 pass fewer than adding it to zeros (on an H100 at 1B, the four chunks'
+    additions took 3.4 ms of a 197 ms step, docs/benchmarks.md)."""
+    return part.float() if total is None else total.add_(part)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``(mean token loss, per-token losses)`` of ``cross_entropy(x @ weight.T, labels)``.
 
@@ -102,8 +109,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe_labels = torch.where(valid, labels, 0)
         losses = torch.empty(tokens, dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x, dtype=dtype) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad \
-            else None
+        grad_w = None  # fp32, from the first chunk's product on (no zeros to add it to)
         for start in range(0, tokens, chunk_size):
             end = min(start + chunk_size, tokens)
             xc = x[start:end].to(dtype)
@@ -111,7 +117,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 losses[start:end], grad_logits = _compiled_chunk()(
                     xc @ w.t(), safe_labels[start:end], valid[start:end], count, dtype)
                 grad_x[start:end] = grad_logits @ w
-                grad_w.add_(grad_logits.t() @ xc)
+                grad_w = _accumulate(grad_w, grad_logits.t() @ xc)
                 continue
             logits = (xc @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
@@ -127,7 +133,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_((mask / count)[:, None])
             grad_logits = grad_logits.to(dtype)
             grad_x[start:end] = grad_logits @ w
-            grad_w.add_(grad_logits.t() @ xc)
+            grad_w = _accumulate(grad_w, grad_logits.t() @ xc)
+        if need_grad and grad_w is None:  # no tokens
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
         mean = losses.sum() / count
         ctx.mark_non_differentiable(losses)
         if need_grad:
