@@ -22,6 +22,7 @@ from lightning_aquila.export import TOKENIZER_KEY
 from lightning_aquila.model import AquilaConfig, AquilaModel, import_hf
 from lightning_aquila.model.float8 import FLOAT8_RECIPES
 from lightning_aquila.model.model import ATTENTION_IMPLS, LOSS_IMPLS, check_choice
+from lightning_aquila.squared_norms import squared_norms
 from lightning_aquila.strategies.activation_checkpoint import activation_checkpointing_mode
 from lightning_aquila.strategies.parallelize import prepare_model
 
@@ -352,7 +353,8 @@ class AquilaLM(LightningModule):
                  if p.grad is not None]
         if value and algorithm == GradClipAlgorithmType.NORM and grads and not any(
                 isinstance(g, DTensor) for g in grads):
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            # the monitor took these gradients' norms a moment ago: squared_norms reuses them
+            norm = squared_norms(grads).sum().sqrt().float()
             # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); divide by its
             # inverse (a non-finite norm gives non-finite updates, as it does there)
             optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)

@@ -213,6 +213,49 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path):
         assert (got - want).abs().max().item() <= 1e-6
 
 
+class _NormPasses(Callback):
+    """Counts ``aten._foreach_norm`` calls from each step's backward to its end (the monitor's
+    gradient norm, the clip, the optimizer step), through a dispatch mode: every caller's."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = []
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket == torch.ops.aten._foreach_norm:
+                    counts[-1] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Count()
+
+    def on_after_backward(self, trainer, pl_module):
+        self.counts.append(0)
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.mode.__exit__(None, None, None)
+
+
+def test_the_monitor_and_the_fused_clip_read_the_gradients_once_per_step(tmp_path):
+    """The TrainingStateMonitor takes the gradient norm (its non-finite check, every step) and
+    AquilaLM's clip needs it again at once: one pass over the gradients serves both, and the
+    clip still holds the norm to its limit."""
+    from lightning_aquila.callbacks import TrainingStateMonitor
+
+    torch.manual_seed(0)
+    lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
+    passes, norms = _NormPasses(), _GradNormAfterStep()
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed",
+                       gradient_clip_val=1e-3,
+                       callbacks=[TrainingStateMonitor(grad_norm_every_n_steps=1), passes,
+                                  norms])
+    trainer.fit(lm, CountingData())
+    assert passes.counts == [1, 1, 1]
+    assert max(norms.norms) <= 1e-3 * (1 + 1e-4)
+
+
 def test_clipping_by_value_under_fused_adamw_clips_the_gradients(tmp_path):
     lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
     grads = _GradNormAfterStep()

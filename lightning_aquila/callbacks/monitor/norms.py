@@ -1,6 +1,7 @@
 """Sums of squares of (possibly sharded) tensors, for gradient norms and weight statistics:
-one multi-tensor kernel per device and dtype, reduced over the shards of a DTensor (never
-gathered), and read by the host without stalling the device (``HostRead``)."""
+each local tensor's from ``lightning_aquila.squared_norms`` (one multi-tensor kernel per
+device and dtype, shared with AquilaLM's clipping), reduced over the shards of a DTensor
+(never gathered), and read by the host without stalling the device (``HostRead``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
+
+from lightning_aquila.squared_norms import squared_norms
 
 
 def shard_spec(tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]] | None:
@@ -70,12 +73,15 @@ def squares_on_device(
     """
     groups: dict[Any, list[tuple[Hashable, torch.Tensor]]] = {}
     for key, local, spec in pieces:
-        groups.setdefault(spec, []).append((key, local.detach()))
+        # gradients as they are (no detached alias), so that the clip's read of the same
+        # gradients finds them in squared_norms' memory
+        local = local.detach() if local.requires_grad else local
+        groups.setdefault(spec, []).append((key, local))
     totals: dict[Hashable, torch.Tensor] = {}
     for spec, items in groups.items():
         keys = list(dict.fromkeys(key for key, _ in items))
         index = {key: i for i, key in enumerate(keys)}
-        values = _squared_norms([local for _, local in items])
+        values = squared_norms([local for _, local in items])
         positions = _index_on(tuple(index[key] for key, _ in items), values.device)
         sums = torch.zeros(len(keys), dtype=torch.float64, device=values.device)
         sums.index_add_(0, positions, values)
@@ -85,30 +91,6 @@ def squares_on_device(
         for key, value in zip(keys, sums.unbind()):
             totals[key] = totals[key] + value if key in totals else value
     return totals
-
-
-def _squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's sum of squares (fp32 accumulation, returned as float64), with one
-    multi-tensor kernel per device and dtype (``torch._foreach_norm``, as PyTorch's own
-    ``clip_grad_norm_`` does) instead of a few kernels per tensor: a 1B model has ~150
-    parameters, and at every step the launches add up."""
-    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        by_kind.setdefault((tensor.device, tensor.dtype), []).append(i)
-    parts = []
-    for (_, dtype), positions in by_kind.items():
-        batch = [tensors[i] for i in positions]
-        # bf16/fp16 accumulate in fp32, without a cast copy of the tensors
-        wide = {} if dtype in (torch.float64, torch.float32) else {"dtype": torch.float32}
-        parts.append(torch.stack(torch._foreach_norm(batch, 2, **wide)).double())
-    squares = torch.cat(parts).square()
-    order = [i for positions in by_kind.values() for i in positions]
-    if order == sorted(order):
-        return squares
-    place = [0] * len(order)
-    for j, i in enumerate(order):
-        place[i] = j
-    return squares[torch.tensor(place, device=squares.device)]
 
 
 def sum_of_squares(
