@@ -13,8 +13,8 @@
 # now). Build the carry here with `FLASH=1 bash benchmarks/perf_wheels.sh`; every call waits
 # for nothing, so send the next one as soon as one returns (/tmp lives while the machine is
 # warm). Each phase keeps the peer in its own call, and ends inside 10 minutes.
-#   bash benchmarks/device_perf.sh detached SECONDS   # all of issue 29's one-GPU work as one
-#       sitting (the `sitting` phase) in a process session of its own, so it goes on between
+#   bash benchmarks/device_perf.sh detached SECONDS   # issue 29's one-GPU rows still wanted as
+#       one sitting (the `sitting` phase) in a process session of its own, so it goes on between
 #       calls: the first call starts it; every call stages the flash parts it carries, waits up
 #       to SECONDS and returns what has been written. Carry [".whl", ".carry/flash1"], then
 #       [".carry/flash2", ".carry/ao"], and send each call as soon as one returns.
@@ -202,10 +202,10 @@ long)
   rows_long; summary long_8192.log long_16384.log long_32768.log; collect ;;
 7b-1gpu)
   rows_7b; summary fit_7b.log; collect ;;
-sitting)  # issue 29, the wanted rows first; flash after the long rows, by when the second
-  # call's part has come and been unpacked (on 2026-12-07 a 150 s wait after rows_b16 was
-  # too short and the flash row was skipped)
-  rows_b8; rows_b16; rows_long
+sitting)  # issue 29's rows still wanted, the speed rows first (the long rows were measured
+  # on 2026-12-07: phase `long`). flash-attn-4 waits up to 5 minutes for the second call's
+  # part (on 2026-12-07 a 150 s wait was too short and its row was skipped)
+  rows_b8; rows_b16
   for _ in $(seq 1 60); do [ -d /tmp/flash-site ] && break; sleep 5; done
   rows_flash; rows_7b
   echo "sitting ended" ;;
