@@ -88,15 +88,21 @@ def _merged_ms(ranges: list[tuple[float, float]]) -> float:
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def _complete_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events with a duration (``"ph": "X"``) of a Chrome trace ``torch.profiler``
+    exported (gzipped or not; a bare list of events or under ``traceEvents``)."""
+    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as file:
+        trace = json.load(file)
+    return [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
+            if e.get("ph") == "X"]
+
+
 def summarise_trace(path: str | Path, steps: int, wall: float | None = None) -> dict[str, Any]:
     """Per profiled step, from a Chrome trace that ``torch.profiler`` exported: wall time
     (``wall`` seconds, or the trace's span), time the GPU worked (overlaps merged), the part
     of it only communication (NCCL) ran, host waits on the GPU, and the ten kernels with the
     most GPU time."""
-    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as file:
-        trace = json.load(file)
-    events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace)
-              if e.get("ph") == "X"]
+    events = _complete_events(path)
     work = [e for e in events if e.get("cat") in GPU_WORK]
     spans = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in work]
     is_comm = ["nccl" in e["name"].lower() for e in work]
@@ -154,11 +160,9 @@ def _kernel_name(name: str) -> str:
 def kernel_times(path: str | Path, steps: int) -> dict[str, tuple[float, float]]:
     """GPU ms and launches per step of each kernel (copies and memsets too) in a saved
     trace, by :func:`_kernel_name`, so that two compiles of one graph compare."""
-    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as file:
-        trace = json.load(file)
     times: dict[str, list[float]] = {}
-    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
-        if e.get("ph") == "X" and e.get("cat") in GPU_WORK:
+    for e in _complete_events(path):
+        if e.get("cat") in GPU_WORK:
             name = _kernel_name(e["name"])
             entry = times.setdefault(name, [0.0, 0.0])
             entry[0] += e.get("dur", 0) / 1e3 / steps
