@@ -331,16 +331,20 @@ class AquilaLM(LightningModule):
         gradients in its own step (fused AdamW) because a GradScaler would have scaled them.
         Under bf16 there is no GradScaler and nothing to unscale, so clip norms here.
 
-        For fused AdamW on plain (unsharded) parameters the clip needs no multiply pass of
-        its own: the fused kernel divides each gradient by ``optimizer.grad_scale`` as it
-        reads it, and writes the result back to ``.grad`` (the hook GradScaler uses), so the
-        clip factor goes there. That saves one read of every gradient per step
-        (docs/benchmarks.md). The update is ``clip_grad_norm_``'s to rounding. Sharded
-        (DTensor) parameters, other optimizers and clipping by value take Lightning's
-        path."""
+        The norm comes from ``squared_norms``: the TrainingStateMonitor took the same
+        gradients' norms a moment ago (``on_before_optimizer_step``), so the clip reads no
+        gradient to get it. For fused AdamW on plain (unsharded) parameters the clip needs no
+        multiply pass either: the fused kernel divides each gradient by
+        ``optimizer.grad_scale`` as it reads it, and writes the result back to ``.grad`` (the
+        hook GradScaler uses), so the clip factor goes there. Other optimizers (unfused AdamW,
+        ``adamw8bit``) get ``clip_grad_norm_``'s one multiply. Either way the update is
+        ``clip_grad_norm_``'s to rounding (docs/benchmarks.md). Sharded gradients (DTensor,
+        Lightning's FSDPStrategy), a GradScaler (fp16), DeepSpeed and clipping by value take
+        Lightning's path."""
         plugin = self.trainer.precision_plugin
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if not fused or getattr(plugin, "scaler", None) is not None:
+        # FSDP1's flat gradient shards are plain tensors: a local norm would be wrong there
+        flat_shards = "fsdp" in type(self.trainer.strategy).__name__.lower()
+        if getattr(plugin, "scaler", None) is not None or self._under_deepspeed() or flat_shards:
             super().configure_gradient_clipping(optimizer, gradient_clip_val,
                                                 gradient_clip_algorithm)
             return
@@ -348,15 +352,33 @@ class AquilaLM(LightningModule):
             self.trainer.gradient_clip_val or 0.0)
         algorithm = GradClipAlgorithmType(
             gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
-        optimizer.grad_scale = None  # set anew every step, or not at all
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if fused:
+            optimizer.grad_scale = None  # set anew every step, or not at all
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         if value and algorithm == GradClipAlgorithmType.NORM and grads and not any(
                 isinstance(g, DTensor) for g in grads):
-            # the monitor took these gradients' norms a moment ago: squared_norms reuses them
             norm = squared_norms(grads).sum().sqrt().float()
-            # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); divide by its
-            # inverse (a non-finite norm gives non-finite updates, as it does there)
-            optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)
+            # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)) (a non-finite
+            # norm gives non-finite updates, as it does there)
+            if fused:  # the fused step divides by grad_scale: the factor's inverse
+                optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)
+            else:
+                _scale_in_place(grads, torch.clamp(value / (norm + 1e-6), max=1.0))
+            return
+        if not fused:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                gradient_clip_algorithm)
             return
         Precision.clip_gradients(plugin, optimizer, value, algorithm)
+
+
+def _scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every tensor by a 0-dim ``factor`` without a host sync: one multi-tensor
+    multiply per device and dtype (as ``clip_grad_norm_`` does), the factor cast to each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    for (device, dtype), group in groups.items():
+        torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))

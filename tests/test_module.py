@@ -256,6 +256,47 @@ def test_the_monitor_and_the_fused_clip_read_the_gradients_once_per_step(tmp_pat
     assert max(norms.norms) <= 1e-3 * (1 + 1e-4)
 
 
+def test_the_monitor_and_an_unfused_clip_read_the_gradients_once_per_step(tmp_path):
+    """Optimizers without a fused step (unfused AdamW here; ``adamw8bit`` likewise) clip by
+    one multiply, with the norm the monitor already took: one pass to get it, not two."""
+    from lightning_aquila.callbacks import TrainingStateMonitor
+
+    torch.manual_seed(0)
+    lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=False)
+    passes, norms = _NormPasses(), _GradNormAfterStep()
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, gradient_clip_val=1e-3,
+                       callbacks=[TrainingStateMonitor(grad_norm_every_n_steps=1), passes,
+                                  norms])
+    trainer.fit(lm, CountingData())
+    assert passes.counts == [1, 1, 1]
+    assert max(norms.norms) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("limit", [1e-3, 1e6])
+def test_the_unfused_clip_gives_clip_grad_norm_s_gradients(limit):
+    """Against ``torch.nn.utils.clip_grad_norm_`` on float64 copies of the same gradients:
+    clipped (a small limit) and left alone (a large one), fp32 and bf16 gradients mixed."""
+    lm = _built()
+    lm.trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         accelerator="cpu", gradient_clip_val=limit)
+    params = list(lm.model.parameters())
+    generator = torch.Generator().manual_seed(1)
+    for i, p in enumerate(params):
+        if i % 3 == 0:
+            p.data = p.data.bfloat16()
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+    copies = [p.detach().double() for p in params]  # in float64: the reference's own norm
+    for copy, p in zip(copies, params):               # is not rounded to bf16
+        copy.grad = p.grad.double()
+    torch.nn.utils.clip_grad_norm_(copies, limit)
+    want = [copy.grad.to(p.dtype) for copy, p in zip(copies, params)]
+    optimizer = torch.optim.AdamW(params, fused=False)
+    lm.configure_gradient_clipping(optimizer, limit, "norm")
+    for p, expected in zip(params, want):
+        tolerance = 1e-2 if p.grad.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(p.grad, expected, rtol=tolerance, atol=tolerance * limit)
+
+
 def test_clipping_by_value_under_fused_adamw_clips_the_gradients(tmp_path):
     lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
     grads = _GradNormAfterStep()
