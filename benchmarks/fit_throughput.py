@@ -101,6 +101,9 @@ FIT_ROWS: dict[str, dict[str, Any]] = {
     "fit-best-flash": {**BEST, "attention": "flash"},
     "fit-best-big-batch": {**BEST, "_batch_scale": 1.5},
     "fit-best-no-tsm-ate": {**BEST, "_callbacks": False},
+    # no gradient clipping, as litgpt's loop: what the clip costs (at 7B with adamw8bit the
+    # fit row idled in the optimizer after the clip's launches, docs/benchmarks.md)
+    "fit-best-no-clip": {**BEST, "_clip": False},
     "fit-cudnn-no-tsm-ate": {**BEST, "loss_impl": "standard", "_callbacks": False},
     # gradient clipping as a separate multiply over every gradient (Lightning's
     # clip_grad_norm_), against fit-cudnn's clip inside the fused AdamW step
@@ -276,6 +279,7 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
     options = dict(FIT_ROWS[row])
     batch_size = int(args.batch_size * options.pop("_batch_scale", 1))
     callbacks_on = options.pop("_callbacks", True)
+    gradient_clip_val = 1.0 if options.pop("_clip", True) else None
     module_class = ClipByMultiply if options.pop("_clip_by_multiply", False) else AquilaLM
     strategy = options.pop("_strategy", "auto")
     if options["attention"] == "flash":
@@ -354,7 +358,7 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
         accelerator=device.type, devices=1, strategy=strategy,
         precision="bf16-mixed" if args.bf16 else "32-true",
         max_steps=first + memory.steps,
-        gradient_clip_val=1.0, log_every_n_steps=10,
+        gradient_clip_val=gradient_clip_val, log_every_n_steps=10,
         limit_val_batches=0, logger=CSVLogger(str(workdir / "logs"), name=row),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(workdir / row),
@@ -362,7 +366,8 @@ def fit_row(row: str, config: AquilaConfig, args: argparse.Namespace, device: to
     trainer.fit(module, data)
     result = _result(row, config, args, batch_size, clock.seconds,
                      clock.losses[args.warmup:timed_end], clock.peak)
-    result.update(options, tsm_ate=callbacks_on, strategy=strategy, profile=profiler.summary,
+    result.update(options, tsm_ate=callbacks_on, gradient_clip_val=gradient_clip_val,
+                  strategy=strategy, profile=profiler.summary,
                   memory=memory.summary)
     del trainer, module, data
     return result

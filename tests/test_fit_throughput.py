@@ -81,7 +81,7 @@ def test_activation_checkpointing_and_adamw8bit_reach_plain_and_fit_rows():
     and records them, the litgpt peer included (adamw8bit needs torchao, the peer litgpt;
     without them the rows say so)."""
     rows = _benchmark().main(["--device", "cpu", "--tiny",
-                              "--rows", "litgpt,aquila-plain,fit-best",
+                              "--rows", "litgpt,aquila-plain,fit-best,fit-best-no-clip",
                               "--activation-checkpointing", "full", "--optimizer", "adamw8bit"])
     for row in rows:
         if "skipped" in row:
@@ -89,6 +89,8 @@ def test_activation_checkpointing_and_adamw8bit_reach_plain_and_fit_rows():
             continue
         assert row["tokens_per_sec"] > 0
         assert row["activation_checkpointing"] == "full" and row["optimizer"] == "adamw8bit"
+        if row["row"].startswith("fit-"):  # the no-clip row is the 7B sitting's clip check
+            assert row["gradient_clip_val"] == (None if row["row"].endswith("no-clip") else 1.0)
 
 
 def test_an_unknown_activation_checkpointing_mode_is_refused_before_any_row_runs(capsys):
