@@ -132,6 +132,10 @@ rows_7b() {  # peak 71.3 GiB on an H100 (2026-12-07); every row profiled: the fi
     --memory-steps 1 --memory "$RESULTS/memory_7b" --profile "$RESULTS/profile_7b" \
     --out "$RESULTS/fit_7b.jsonl" > "$RESULTS/fit_7b.log" 2>&1
 }
+pack_profiles() {  # the traces of the profiled rows (1B and 7B) as one file
+  tar czf "$OUT/profile.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d profile profile_7b \
+    2>/dev/null) 2>/dev/null
+}
 summary() {  # the tables and errors of the logs named
   local log
   for log in "$@"; do
@@ -158,8 +162,7 @@ one-gpu)
     > "$RESULTS/gpu3.log" 2>&1 &
   JOBS+=($!)
   wait_side_by_side
-  tar czf "$OUT/profile.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d profile profile_7b \
-    2>/dev/null) 2>/dev/null; collect ;;
+  pack_profiles; collect ;;
 fsdp)
   LIMIT=150 strategies_row --global-batch 32
   for mode in none op; do  # 7B, seq 4,096, micro-batch 2: the issue's row used full
@@ -196,16 +199,16 @@ recheck)
   wait_side_by_side
   LIMIT=150 strategies_row --global-batch 32 --profile "$RESULTS/profile"
   STRATEGY=ddp LIMIT=150 strategies_row --global-batch 32
-  tar czf "$OUT/profile.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d profile profile_7b \
-    2>/dev/null) 2>/dev/null; collect ;;
+  pack_profiles; collect ;;
 speed)
-  rows_b8; summary fit_b8.log; tar czf "$OUT/memory.tgz" -C "$RESULTS" memory 2>/dev/null; collect ;;
+  rows_b8; summary fit_b8.log; tar czf "$OUT/memory.tgz" -C "$RESULTS" memory 2>/dev/null
+  pack_profiles; collect ;;
 speed16)
   rows_b16; rows_flash; summary fit_b16.log flash_tests.log fit_flash.log; collect ;;
 long)
   rows_long; summary long_8192.log long_16384.log long_32768.log; collect ;;
 7b-1gpu)
-  rows_7b; summary fit_7b.log; collect ;;
+  rows_7b; summary fit_7b.log; pack_profiles; collect ;;
 sitting)  # issue 29's rows still wanted (micro-batch 16, flash and the long rows were measured
   # on 2026-12-07: phases speed16 and long): the 7B with and without clipping beside litgpt,
   # all profiled, the clip reusing the monitor's norm; then micro-batch 8 again
@@ -231,8 +234,7 @@ detached)
   # the snapshots that say where the fit path's memory goes: litgpt and fit-best, micro-batch 8
   tar czf "$OUT/memory.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls memory/litgpt.* \
     memory/fit-best.* 2>/dev/null) 2>/dev/null
-  tar czf "$OUT/profile.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d profile profile_7b \
-    2>/dev/null) 2>/dev/null
+  pack_profiles
   tar czf "$OUT/logs.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls ./*.log 2>/dev/null) 2>/dev/null
   collect ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -337,14 +338,14 @@ class AquilaLM(LightningModule):
         multiply pass either: the fused kernel divides each gradient by
         ``optimizer.grad_scale`` as it reads it, and writes the result back to ``.grad`` (the
         hook GradScaler uses), so the clip factor goes there. Other optimizers (unfused AdamW,
-        ``adamw8bit``) get ``clip_grad_norm_``'s one multiply. Either way the update is
-        ``clip_grad_norm_``'s to rounding (docs/benchmarks.md). Sharded gradients (DTensor,
-        Lightning's FSDPStrategy), a GradScaler (fp16), DeepSpeed and clipping by value take
-        Lightning's path."""
+        ``adamw8bit``) get PyTorch's ``clip_grads_with_norm_``: the multiply alone. Either
+        way the update is ``clip_grad_norm_``'s to rounding (docs/benchmarks.md). Sharded
+        gradients (DTensor, Lightning's FSDPStrategy), a GradScaler (fp16), DeepSpeed and
+        clipping by value take Lightning's path."""
         plugin = self.trainer.precision_plugin
         # FSDP1's flat gradient shards are plain tensors: a local norm would be wrong there
-        flat_shards = "fsdp" in type(self.trainer.strategy).__name__.lower()
-        if getattr(plugin, "scaler", None) is not None or self._under_deepspeed() or flat_shards:
+        if (getattr(plugin, "scaler", None) is not None or self._under_deepspeed()
+                or isinstance(self.trainer.strategy, FSDPStrategy)):
             super().configure_gradient_clipping(optimizer, gradient_clip_val,
                                                 gradient_clip_algorithm)
             return
@@ -355,30 +356,19 @@ class AquilaLM(LightningModule):
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         if fused:
             optimizer.grad_scale = None  # set anew every step, or not at all
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        grads = [p.grad for p in params]
         if value and algorithm == GradClipAlgorithmType.NORM and grads and not any(
                 isinstance(g, DTensor) for g in grads):
             norm = squared_norms(grads).sum().sqrt().float()
-            # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)) (a non-finite
-            # norm gives non-finite updates, as it does there)
-            if fused:  # the fused step divides by grad_scale: the factor's inverse
+            if fused:  # the fused step divides by grad_scale: clip_grad_norm_'s factor,
+                # min(1, max_norm / (norm + 1e-6)), inverted (a non-finite norm gives
+                # non-finite updates, as it does there)
                 optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)
             else:
-                _scale_in_place(grads, torch.clamp(value / (norm + 1e-6), max=1.0))
+                torch.nn.utils.clip_grads_with_norm_(params, value, norm)
             return
-        if not fused:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val,
-                                                gradient_clip_algorithm)
-            return
+        # by value, sharded or nothing to clip: the precision plugin's clip, minus mixed
+        # precision's refusal for fused optimizers (there is no GradScaler here)
         Precision.clip_gradients(plugin, optimizer, value, algorithm)
-
-
-def _scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
-    """Multiply every tensor by a 0-dim ``factor`` without a host sync: one multi-tensor
-    multiply per device and dtype (as ``clip_grad_norm_`` does), the factor cast to each."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    for (device, dtype), group in groups.items():
-        torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
