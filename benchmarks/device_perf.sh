@@ -132,6 +132,11 @@ rows_7b() {  # peak 71.3 GiB on an H100 (2026-12-07); every row profiled: the fi
     --memory-steps 1 --memory "$RESULTS/memory_7b" --profile "$RESULTS/profile_7b" \
     --out "$RESULTS/fit_7b.jsonl" > "$RESULTS/fit_7b.log" 2>&1
 }
+rows_optimizer() {  # the 8-bit AdamW step alone at 7B shapes: torchao's against ours
+  # (compiled once), our layout and litgpt's; host and wall time
+  timeout 300 python3 benchmarks/optimizer_host.py --preset aquila2-7b \
+    --out "$RESULTS/optimizer_host.jsonl" > "$RESULTS/optimizer_host.log" 2>&1
+}
 pack_profiles() {  # the traces of the profiled rows (1B and 7B) as one file
   tar czf "$OUT/profile.tgz" -C "$RESULTS" $(cd "$RESULTS" && ls -d profile profile_7b \
     2>/dev/null) 2>/dev/null
@@ -208,11 +213,12 @@ speed16)
 long)
   rows_long; summary long_8192.log long_16384.log long_32768.log; collect ;;
 7b-1gpu)
-  rows_7b; summary fit_7b.log; pack_profiles; collect ;;
+  rows_7b; rows_optimizer; summary fit_7b.log optimizer_host.log; pack_profiles; collect ;;
 sitting)  # issue 29's rows still wanted (micro-batch 16, flash and the long rows were measured
   # on 2026-12-07: phases speed16 and long): the 7B with and without clipping beside litgpt,
-  # all profiled, the clip reusing the monitor's norm; then micro-batch 8 again
-  rows_7b; rows_b8
+  # all profiled, the clip reusing the monitor's norm, AdamW8bit compiled once; the 8-bit
+  # step alone, torchao's and ours; then micro-batch 8 again
+  rows_7b; rows_optimizer; rows_b8
   echo "sitting ended" ;;
 detached)
   WAIT=${2:?seconds to wait}

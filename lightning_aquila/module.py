@@ -30,7 +30,8 @@ from lightning_aquila.strategies.parallelize import prepare_model
 __all__ = ["OPTIMIZERS", "AquilaLM", "warmup_cosine"]
 
 #: ``optimizer``: ``adamw`` keeps its two moments in fp32 (8 bytes per parameter);
-#: ``adamw8bit`` is torchao's ``AdamW8bit``, moments quantised blockwise to 8 bits (about 2
+#: ``adamw8bit`` is torchao's ``AdamW8bit`` (its update compiled once:
+#: ``lightning_aquila.adamw8bit``), moments quantised blockwise to 8 bits (about 2
 #: bytes per parameter), which also shards under FSDP2 and tensor parallelism.
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -58,7 +59,8 @@ class AquilaLM(LightningModule):
             trainer's ``max_steps``). Defaults follow Aquila2/Llama-2 pretraining.
         weight_decay, betas, eps: AdamW; norms and other 1-D parameters are not decayed.
         optimizer: ``adamw`` (``torch.optim.AdamW``, fp32 moments) or ``adamw8bit``
-            (``torchao.optim.AdamW8bit``, the ``torchao`` extra: moments quantised to 8 bits
+            (torchao's ``AdamW8bit`` with its update compiled once,
+            ``lightning_aquila.adamw8bit``; the ``torchao`` extra: moments quantised to 8 bits
             in blocks of 256 values, 6 bytes per parameter less than ``adamw``; tensors under
             4,096 values keep fp32 moments). For models whose fp32 optimizer state does not
             fit the GPUs (docs/benchmarks.md, "Scaling"); not under DeepSpeed.
@@ -287,7 +289,7 @@ class AquilaLM(LightningModule):
             raise ValueError("optimizer='adamw8bit' is for single devices and the FSDP2/TP "
                              "strategies (aquila_fsdp, aquila_tp_fsdp); DeepSpeed partitions "
                              "its own optimizer state: use optimizer='adamw' there")
-        from torchao.optim import AdamW8bit
+        from lightning_aquila.adamw8bit import AdamW8bit
 
         hp = self.hparams
         return AdamW8bit(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
