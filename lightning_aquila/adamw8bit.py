@@ -11,6 +11,10 @@ update, the state and the checkpoint format are torchao's (the same function, th
 ``OptimState8bit`` moments), and the results are bitwise those of ``torchao.optim.AdamW8bit``
 (``tests/test_optimizer_8bit.py``).
 
+It also takes a clip factor into the update (``grad_divisor``, as fused AdamW takes
+``grad_scale``): AquilaLM's clip by norm then costs no multiply pass over the gradients (at
+7B, 349 small launches queued between the backward and the optimizer, docs/benchmarks.md).
+
 Import this module only where torchao is installed (the ``torchao`` extra).
 """
 
@@ -27,15 +31,31 @@ from torchao.optim.adam import single_param_adam
 __all__ = ["AdamW8bit"]
 
 
+def _divided_adam(p: torch.Tensor, grad: torch.Tensor, divisor: torch.Tensor | None,
+                  *args: Any) -> None:
+    """torchao's update of one parameter, its gradient divided by ``divisor`` first (in
+    fp32, fused into the update's kernel: ``.grad`` itself is left as it is)."""
+    if divisor is not None:
+        grad = grad.float() / divisor
+    single_param_adam(p, grad, *args)
+
+
 class AdamW8bit(torchao.optim.AdamW8bit):
     """``torchao.optim.AdamW8bit`` whose ``step`` calls one compiled update for all its
-    parameters (the constructor's arguments are torchao's)."""
+    parameters (the constructor's arguments are torchao's).
 
+    ``grad_divisor``: ``None``, or a 0-dim tensor on the parameters' device that every
+    gradient is divided by inside the update, until it is set again (``AquilaLM`` sets it
+    before every step: its clip factor, ``max(1, norm / max_norm)``, for unsharded
+    gradients; sharded ones it clips Lightning's way).
+    """
+
+    grad_divisor: torch.Tensor | None = None
     _update: Callable[..., None] | None = None  # built on the first step; not pickled
 
     def _compiled_update(self) -> Callable[..., None]:
         if self._update is None:
-            self._update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            self._update = torch.compile(_divided_adam, fullgraph=True, dynamic=False)
         return self._update
 
     @torch.no_grad()
@@ -44,7 +64,7 @@ class AdamW8bit(torchao.optim.AdamW8bit):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update = self._compiled_update()
+        update, divisor = self._compiled_update(), getattr(self, "grad_divisor", None)
         # one static-shape graph per distinct parameter shape and group: a fixed number for a
         # given model, more than dynamo's default cache limit for a large one (as in torchao)
         with disable_cache_limit():
@@ -68,7 +88,7 @@ class AdamW8bit(torchao.optim.AdamW8bit):
                     state["step"] += 1
                     # p.detach(): a DTensor parameter without its .grad (torchao does the
                     # same, for FSDP2 under torch.compile); the gradient goes separately
-                    update(p.detach(), p.grad, state["step"], state["exp_avg"],
+                    update(p.detach(), p.grad, divisor, state["step"], state["exp_avg"],
                            state["exp_avg_sq"], state.get("max_exp_avg_sq"), group["lr"],
                            group["betas"][0], group["betas"][1], group["weight_decay"],
                            group["eps"], self.is_adamw,

@@ -339,9 +339,11 @@ class AquilaLM(LightningModule):
         gradient to get it. For fused AdamW on plain (unsharded) parameters the clip needs no
         multiply pass either: the fused kernel divides each gradient by
         ``optimizer.grad_scale`` as it reads it, and writes the result back to ``.grad`` (the
-        hook GradScaler uses), so the clip factor goes there. Other optimizers (unfused AdamW,
-        ``adamw8bit``) get PyTorch's ``clip_grads_with_norm_``: the multiply alone. Either
-        way the update is ``clip_grad_norm_``'s to rounding (docs/benchmarks.md). Sharded
+        hook GradScaler uses), so the clip factor goes there; ``adamw8bit``
+        (``lightning_aquila.adamw8bit``) likewise takes it as ``grad_divisor`` and divides
+        inside its update, leaving ``.grad`` as it is. Other optimizers (unfused AdamW) get
+        PyTorch's ``clip_grads_with_norm_``: the multiply alone. Either way the update is
+        ``clip_grad_norm_``'s to rounding (docs/benchmarks.md). Sharded
         gradients (DTensor, Lightning's FSDPStrategy), a GradScaler (fp16), DeepSpeed and
         clipping by value take Lightning's path."""
         plugin = self.trainer.precision_plugin
@@ -356,18 +358,24 @@ class AquilaLM(LightningModule):
         algorithm = GradClipAlgorithmType(
             gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        divides = hasattr(optimizer, "grad_divisor")  # lightning_aquila.adamw8bit.AdamW8bit
         if fused:
             optimizer.grad_scale = None  # set anew every step, or not at all
+        if divides:
+            optimizer.grad_divisor = None
         params = [p for group in optimizer.param_groups for p in group["params"]
                   if p.grad is not None]
         grads = [p.grad for p in params]
         if value and algorithm == GradClipAlgorithmType.NORM and grads and not any(
                 isinstance(g, DTensor) for g in grads):
             norm = squared_norms(grads).sum().sqrt().float()
-            if fused:  # the fused step divides by grad_scale: clip_grad_norm_'s factor,
-                # min(1, max_norm / (norm + 1e-6)), inverted (a non-finite norm gives
-                # non-finite updates, as it does there)
+            # the fused step divides by grad_scale, AdamW8bit by grad_divisor:
+            # clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), inverted (a
+            # non-finite norm gives non-finite updates, as it does there)
+            if fused:
                 optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)
+            elif divides:
+                optimizer.grad_divisor = torch.clamp((norm + 1e-6) / value, min=1.0)
             else:
                 torch.nn.utils.clip_grads_with_norm_(params, value, norm)
             return

@@ -142,6 +142,74 @@ def test_adamw8bit_builds_its_compiled_update_once_and_matches_torchao_bitwise(m
         == "OptimState8bit"
 
 
+def test_adamw8bit_divides_the_gradients_by_grad_divisor_inside_its_update(monkeypatch):
+    """``grad_divisor`` (the clip factor AquilaLM sets) gives the update of gradients divided
+    beforehand, bitwise in fp32, and leaves ``.grad`` undivided; ``None`` divides nothing."""
+    from lightning_aquila.adamw8bit import AdamW8bit
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    results = []
+    for divide_inside in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 96)), torch.nn.Parameter(torch.randn(32))]
+        # eps of the gradients' order: Adam's update then depends on their scale
+        optimizer = AdamW8bit(params, lr=1e-2, eps=0.5, block_size=64)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(3):
+            divisor = torch.tensor(4.0 + step)
+            grads = [torch.randn(p.shape, generator=generator) for p in params]
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad.clone() if divide_inside else grad / divisor
+            optimizer.grad_divisor = divisor if divide_inside else None
+            optimizer.step()
+            if divide_inside:
+                assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_aquila_lm_clips_adamw8bit_inside_its_update(tmp_path, monkeypatch):
+    """With ``optimizer='adamw8bit'`` AquilaLM's clip by norm goes into the update as
+    ``grad_divisor`` (no multiply pass), ``norm / max_norm`` of the step's gradients; the
+    parameters after three clipped steps are those of the multiply pass
+    (``clip_grads_with_norm_``, what an optimizer without ``grad_divisor`` gets) up to the
+    8-bit moments' rounding (a gradient one ulp apart can move a moment one code, about
+    lr/127 of the update). eps is of the clipped gradients' order so that the update depends
+    on their scale: unclipped, it would move by about half a step (1.5e-3)."""
+    from lightning_aquila.adamw8bit import AdamW8bit
+
+    class GradNorm(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in pl_module.parameters()
+                             if p.grad is not None])).item()
+
+    monkeypatch.setattr(torch, "compile", torch.compile)  # restored after the test
+    eager_torchao_optimizer()
+    params = {}
+    for inside in (True, False):
+        if not inside:
+            monkeypatch.delattr(AdamW8bit, "grad_divisor")
+        torch.manual_seed(0)
+        lm = AquilaLM(preset="aquila2-tiny", learning_rate=3e-3, warmup_steps=1,
+                      decay_steps=100, optimizer="adamw8bit", eps=1e-6)
+        norm = GradNorm()
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, default_root_dir=tmp_path,
+                          gradient_clip_val=1e-3, callbacks=[norm])
+        trainer.fit(lm, CountingData())
+        divisor = getattr(trainer.optimizers[0], "grad_divisor", None)
+        if inside:  # the last step's clip factor
+            assert divisor.item() == pytest.approx(norm.norm / 1e-3, rel=1e-4)
+            assert divisor.item() > 10
+        else:
+            assert divisor is None
+        params[inside] = [p.detach().clone() for p in lm.parameters()]
+    moved = max((a - b).abs().max().item() for a, b in zip(params[True], params[False]))
+    assert moved <= 1e-4
+
+
 def test_adamw8bit_refuses_the_fused_kernel_it_does_not_have():
     with pytest.raises(ValueError, match="adamw8bit' has none"):
         AquilaLM(preset="aquila2-tiny", optimizer="adamw8bit", fused_optimizer=True)
