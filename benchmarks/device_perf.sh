@@ -133,7 +133,9 @@ rows_7b() {  # peak 71.3 GiB on an H100 (2026-12-07); every row profiled: the fi
     --out "$RESULTS/fit_7b.jsonl" > "$RESULTS/fit_7b.log" 2>&1
 }
 rows_optimizer() {  # the 8-bit AdamW step alone at 7B shapes: torchao's against ours
-  # (compiled once), our layout and litgpt's; host and wall time
+  # (compiled once), our layout and litgpt's; host and wall time; then its GPU test
+  timeout 120 python3 -m pytest tests -q -m gpu -k adamw8bit 2>&1 | tail -5 \
+    > "$RESULTS/adamw8bit_tests.log"
   timeout 300 python3 benchmarks/optimizer_host.py --preset aquila2-7b \
     --out "$RESULTS/optimizer_host.jsonl" > "$RESULTS/optimizer_host.log" 2>&1
 }
@@ -213,7 +215,8 @@ speed16)
 long)
   rows_long; summary long_8192.log long_16384.log long_32768.log; collect ;;
 7b-1gpu)
-  rows_7b; rows_optimizer; summary fit_7b.log optimizer_host.log; pack_profiles; collect ;;
+  rows_7b; rows_optimizer; summary fit_7b.log adamw8bit_tests.log optimizer_host.log
+  pack_profiles; collect ;;
 sitting)  # issue 29's rows still wanted (micro-batch 16, flash and the long rows were measured
   # on 2026-12-07: phases speed16 and long): the 7B with and without clipping beside litgpt,
   # all profiled, the clip reusing the monitor's norm, AdamW8bit compiled once; the 8-bit

@@ -210,6 +210,39 @@ def test_aquila_lm_clips_adamw8bit_inside_its_update(tmp_path, monkeypatch):
     assert moved <= 1e-4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_adamw8bit_matches_torchao_on_the_gpu():
+    """Compiled, on CUDA, bf16 parameters: ours (its update compiled once) against torchao's
+    AdamW8bit, bitwise after four steps; a clip factor as ``grad_divisor`` against gradients
+    divided beforehand, to bf16 rounding (one unit in the last place of a parameter, and
+    lr/10 for the moments' 8-bit rounding: undivided, they move by about lr a step)."""
+    from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+    from lightning_aquila.adamw8bit import AdamW8bit
+
+    def run(optimizer_class, divisor: float | None, divide_first: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(0.02 * torch.randn(s, device="cuda").bfloat16())
+                  for s in ((256, 512), (512,), (1024, 256))]
+        optimizer = optimizer_class(params, lr=1e-2, eps=0.5)
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                grad = torch.randn(p.shape, device="cuda", generator=generator)
+                p.grad = (grad / divisor if divide_first else grad).to(p.dtype)
+            if divisor is not None and not divide_first:
+                optimizer.grad_divisor = torch.tensor(divisor, device="cuda")
+            optimizer.step()
+        return [p.detach().float() for p in params]
+
+    ours, theirs = run(AdamW8bit, None, False), run(TorchaoAdamW8bit, None, False)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    inside, first = run(AdamW8bit, 8.0, False), run(AdamW8bit, 8.0, True)
+    for a, b in zip(inside, first, strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-3)
+
+
 def test_adamw8bit_refuses_the_fused_kernel_it_does_not_have():
     with pytest.raises(ValueError, match="adamw8bit' has none"):
         AquilaLM(preset="aquila2-tiny", optimizer="adamw8bit", fused_optimizer=True)
