@@ -136,7 +136,7 @@ rows_optimizer() {  # the 8-bit AdamW step alone at 7B shapes: torchao's against
   # (compiled once), our layout and litgpt's; host and wall time; then its GPU test
   timeout 120 python3 -m pytest tests -q -m gpu -k adamw8bit 2>&1 | tail -5 \
     > "$RESULTS/adamw8bit_tests.log"
-  timeout 300 python3 benchmarks/optimizer_host.py --preset aquila2-7b \
+  timeout 420 python3 benchmarks/optimizer_host.py --preset aquila2-7b --steps 5 --warmup 2 \
     --out "$RESULTS/optimizer_host.jsonl" > "$RESULTS/optimizer_host.log" 2>&1
 }
 pack_profiles() {  # the traces of the profiled rows (1B and 7B) as one file
