@@ -1,22 +1,17 @@
 """benchmarks/fit_throughput.py runs end to end on CPU (the GPU session only measures)."""
 
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.benchmark_script import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "fit_throughput", REPO / "benchmarks" / "fit_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fit_throughput"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fit_throughput.py")
 
 
 def _step_memory():

@@ -1,27 +1,20 @@
 """benchmarks/optimizer_host.py: its two layouts describe the same model (ours and litgpt's
 tensor split of one preset), and it runs on the CPU (the GPU sitting only measures)."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.benchmark_script import load_benchmark
 
 from lightning_aquila.model import AquilaConfig
 
-REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("torchao", reason="the benchmark times torchao's AdamW8bit")
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "optimizer_host", REPO / "benchmarks" / "optimizer_host.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["optimizer_host"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("optimizer_host.py")
 
 
 @pytest.mark.parametrize("preset", ["aquila2-7b", "aquila2-1b"])
