@@ -132,6 +132,18 @@ rows_7b() {  # peak 71.3 GiB on an H100 (2026-12-07); every row profiled: the fi
     --memory-steps 1 --memory "$RESULTS/memory_7b" --profile "$RESULTS/profile_7b" \
     --out "$RESULTS/fit_7b.jsonl" > "$RESULTS/fit_7b.log" 2>&1
 }
+rows_7b_h200() {  # on an H200 only (141 GB): the 7B without activation checkpointing (what
+  # the memory buys), per-op checkpointing if that runs out of memory; unprofiled
+  nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || return 0
+  local mode
+  for mode in none op; do
+    timeout 540 "${FIT[@]}" --preset aquila2-7b --rows fit-best,litgpt --seq-len 4096 \
+      --batch-size 1 --steps 5 --warmup 3 --optimizer adamw8bit --activation-checkpointing "$mode" \
+      --memory-steps 1 --memory "$RESULTS/memory_7b_$mode" \
+      --out "$RESULTS/fit_7b_h200.jsonl" > "$RESULTS/fit_7b_h200_$mode.log" 2>&1
+    grep -q "OutOfMemory\|out of memory" "$RESULTS/fit_7b_h200_$mode.log" || break
+  done
+}
 rows_optimizer() {  # the 8-bit AdamW step alone at 7B shapes: torchao's against ours
   # (compiled once), our layout and litgpt's; host and wall time; then its GPU test
   timeout 120 python3 -m pytest tests -q -m gpu -k adamw8bit 2>&1 | tail -5 \
@@ -220,8 +232,9 @@ long)
 sitting)  # issue 29's rows still wanted (micro-batch 16, flash and the long rows were measured
   # on 2026-12-07: phases speed16 and long): the 7B with and without clipping beside litgpt,
   # all profiled, the clip reusing the monitor's norm, AdamW8bit compiled once; the 8-bit
-  # step alone, torchao's and ours; then micro-batch 8 again
-  rows_7b; rows_optimizer; rows_b8
+  # step alone, torchao's and ours; then micro-batch 8 again; on an H200, the 7B without
+  # checkpointing
+  rows_7b; rows_optimizer; rows_b8; rows_7b_h200
   echo "sitting ended" ;;
 detached)
   WAIT=${2:?seconds to wait}
