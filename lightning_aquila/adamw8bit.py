@@ -64,7 +64,7 @@ class AdamW8bit(torchao.optim.AdamW8bit):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update, divisor = self._compiled_update(), getattr(self, "grad_divisor", None)
+        update, divisor = self._compiled_update(), self.grad_divisor
         # one static-shape graph per distinct parameter shape and group: a fixed number for a
         # given model, more than dynamo's default cache limit for a large one (as in torchao)
         with disable_cache_limit():

@@ -357,25 +357,22 @@ class AquilaLM(LightningModule):
             self.trainer.gradient_clip_val or 0.0)
         algorithm = GradClipAlgorithmType(
             gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        divides = hasattr(optimizer, "grad_divisor")  # lightning_aquila.adamw8bit.AdamW8bit
-        if fused:
-            optimizer.grad_scale = None  # set anew every step, or not at all
-        if divides:
-            optimizer.grad_divisor = None
+        # where the step divides every gradient by a factor it is given: fused AdamW's
+        # grad_scale, lightning_aquila.adamw8bit.AdamW8bit's grad_divisor (else multiply)
+        factor_attr = ("grad_scale" if getattr(optimizer, "_step_supports_amp_scaling", False)
+                       else "grad_divisor" if hasattr(optimizer, "grad_divisor") else None)
+        if factor_attr:
+            setattr(optimizer, factor_attr, None)  # set anew every step, or not at all
         params = [p for group in optimizer.param_groups for p in group["params"]
                   if p.grad is not None]
         grads = [p.grad for p in params]
         if value and algorithm == GradClipAlgorithmType.NORM and grads and not any(
                 isinstance(g, DTensor) for g in grads):
             norm = squared_norms(grads).sum().sqrt().float()
-            # the fused step divides by grad_scale, AdamW8bit by grad_divisor:
-            # clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), inverted (a
-            # non-finite norm gives non-finite updates, as it does there)
-            if fused:
-                optimizer.grad_scale = torch.clamp((norm + 1e-6) / value, min=1.0)
-            elif divides:
-                optimizer.grad_divisor = torch.clamp((norm + 1e-6) / value, min=1.0)
+            # clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), inverted for the
+            # step to divide by (a non-finite norm gives non-finite updates, as it does there)
+            if factor_attr:
+                setattr(optimizer, factor_attr, torch.clamp((norm + 1e-6) / value, min=1.0))
             else:
                 torch.nn.utils.clip_grads_with_norm_(params, value, norm)
             return

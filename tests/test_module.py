@@ -257,8 +257,8 @@ def test_the_monitor_and_the_fused_clip_read_the_gradients_once_per_step(tmp_pat
 
 
 def test_the_monitor_and_an_unfused_clip_read_the_gradients_once_per_step(tmp_path):
-    """Optimizers without a fused step (unfused AdamW here; ``adamw8bit`` likewise) clip by
-    one multiply, with the norm the monitor already took: one pass to get it, not two."""
+    """Optimizers that take no clip factor into their step (unfused AdamW) clip by one
+    multiply, with the norm the monitor already took: one pass to get it, not two."""
     from lightning_aquila.callbacks import TrainingStateMonitor
 
     torch.manual_seed(0)
