@@ -297,6 +297,38 @@ def test_the_unfused_clip_gives_clip_grad_norm_s_gradients(limit):
         torch.testing.assert_close(p.grad, expected, rtol=tolerance, atol=tolerance * limit)
 
 
+@pytest.mark.parametrize("limit", [1e-3, 1e6])
+@pytest.mark.parametrize("optimizer_name", ["fused_adamw", "adamw8bit"])
+def test_the_clip_factor_handed_to_the_step_is_clip_grad_norm_s(limit, optimizer_name):
+    """Where the step divides the gradients itself (fused AdamW's ``grad_scale``, adamw8bit's
+    ``grad_divisor``) the clip hands it ``clip_grad_norm_``'s factor inverted: the norm over
+    the limit where the norm is larger, exactly 1 where it is not (a factor under 1 would
+    scale small gradients up), and leaves ``.grad`` unread by any multiply."""
+    lm = _built()
+    lm.trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         accelerator="cpu", gradient_clip_val=limit)
+    params = list(lm.model.parameters())
+    generator = torch.Generator().manual_seed(1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    grads = [p.grad.clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads])).item()
+    if optimizer_name == "fused_adamw":
+        optimizer, attribute = torch.optim.AdamW(params, fused=True), "grad_scale"
+    else:
+        pytest.importorskip("torchao", reason="optimizer='adamw8bit' needs the torchao extra")
+        from lightning_aquila.adamw8bit import AdamW8bit
+
+        optimizer, attribute = AdamW8bit(params), "grad_divisor"
+    lm.configure_gradient_clipping(optimizer, limit, "norm")
+    factor = getattr(optimizer, attribute)
+    assert norm > 1e-3 and norm < 1e6
+    assert factor.item() == pytest.approx(max(1.0, norm / limit), rel=1e-5)
+    if limit > norm:
+        assert factor.item() == 1.0
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+
+
 def test_clipping_by_value_under_fused_adamw_clips_the_gradients(tmp_path):
     lm = AquilaLM(preset="aquila2-tiny", warmup_steps=1, fused_optimizer=True)
     grads = _GradNormAfterStep()
