@@ -272,14 +272,19 @@ def test_the_monitor_and_an_unfused_clip_read_the_gradients_once_per_step(tmp_pa
     assert max(norms.norms) == pytest.approx(1e-3, rel=1e-4)
 
 
+def _clipping_at(limit: float) -> tuple[AquilaLM, list[torch.nn.Parameter]]:
+    """An AquilaLM whose trainer clips at ``limit``, and its parameters (no gradients yet)."""
+    lm = _built()
+    lm.trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         accelerator="cpu", gradient_clip_val=limit)
+    return lm, list(lm.model.parameters())
+
+
 @pytest.mark.parametrize("limit", [1e-3, 1e6])
 def test_the_unfused_clip_gives_clip_grad_norm_s_gradients(limit):
     """Against ``torch.nn.utils.clip_grad_norm_`` on float64 copies of the same gradients:
     clipped (a small limit) and left alone (a large one), fp32 and bf16 gradients mixed."""
-    lm = _built()
-    lm.trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False,
-                         accelerator="cpu", gradient_clip_val=limit)
-    params = list(lm.model.parameters())
+    lm, params = _clipping_at(limit)
     generator = torch.Generator().manual_seed(1)
     for i, p in enumerate(params):
         if i % 3 == 0:
@@ -303,11 +308,8 @@ def test_the_clip_factor_handed_to_the_step_is_clip_grad_norm_s(limit, optimizer
     """Where the step divides the gradients itself (fused AdamW's ``grad_scale``, adamw8bit's
     ``grad_divisor``) the clip hands it ``clip_grad_norm_``'s factor inverted: the norm over
     the limit where the norm is larger, exactly 1 where it is not (a factor under 1 would
-    scale small gradients up), and leaves ``.grad`` unread by any multiply."""
-    lm = _built()
-    lm.trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False,
-                         accelerator="cpu", gradient_clip_val=limit)
-    params = list(lm.model.parameters())
+    scale small gradients up), and leaves ``.grad`` untouched (no multiply pass)."""
+    lm, params = _clipping_at(limit)
     generator = torch.Generator().manual_seed(1)
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)

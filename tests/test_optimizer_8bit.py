@@ -173,9 +173,8 @@ def test_aquila_lm_clips_adamw8bit_inside_its_update(tmp_path, monkeypatch):
     ``grad_divisor`` (no multiply pass), ``norm / max_norm`` of the step's gradients; the
     parameters after three clipped steps are those of torchao's own AdamW8bit after the
     multiply pass (``clip_grads_with_norm_``, what an optimizer without ``grad_divisor`` gets)
-    up to the
-    8-bit moments' rounding (a gradient one ulp apart can move a moment one code, about
-    lr/127 of the update). eps is of the clipped gradients' order so that the update depends
+    up to the 8-bit moments' rounding (a gradient one ulp apart can move a moment one code,
+    about lr/127 of the update). eps is of the clipped gradients' order so that the update depends
     on their scale: unclipped, it would move by about half a step (1.5e-3)."""
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
 
